@@ -1,0 +1,82 @@
+//! Generated images kept on disk from `Generated` until delivery, so a
+//! restart in Sending resends the same image instead of generating again.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::domain::{ImageRef, RequestId};
+
+/// A folder of images, one file per request.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    dir: PathBuf,
+}
+
+impl ImageStore {
+    /// # Errors
+    /// When the folder cannot be created.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        Ok(ImageStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Writes the image and syncs it before returning, so the `Generated`
+    /// event appended next never names a file the disk does not have.
+    ///
+    /// # Errors
+    /// Any I/O error (disk full, permissions).
+    pub fn keep(&self, id: RequestId, bytes: &[u8], format: &str) -> std::io::Result<ImageRef> {
+        let file = format!("{id}.{format}");
+        let tmp = self.dir.join(format!("{file}.tmp"));
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.dir.join(&file))?;
+        // Make the rename itself durable.
+        fs::File::open(&self.dir)?.sync_all()?;
+        Ok(ImageRef {
+            file,
+            bytes: bytes.len() as u64,
+            format: format.to_owned(),
+        })
+    }
+
+    /// The kept bytes, or None when the file is gone or not the size recorded.
+    ///
+    /// # Errors
+    /// I/O errors other than "not found".
+    pub fn load(&self, image: &ImageRef) -> std::io::Result<Option<Vec<u8>>> {
+        // The name comes from our own log; still refuse anything that could
+        // leave the folder.
+        if image.file.contains(['/', '\\']) || image.file.starts_with('.') {
+            return Ok(None);
+        }
+        match fs::read(self.dir.join(&image.file)) {
+            Ok(bytes) if bytes.len() as u64 == image.bytes => Ok(Some(bytes)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes a kept image; a missing file is fine.
+    ///
+    /// # Errors
+    /// I/O errors other than "not found".
+    pub fn remove(&self, image: &ImageRef) -> std::io::Result<()> {
+        if image.file.contains(['/', '\\']) {
+            return Ok(());
+        }
+        match fs::remove_file(self.dir.join(&image.file)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}

@@ -1,0 +1,424 @@
+//! The core that every adapter drives: decide → append → apply under one
+//! lock (so a decision always sees the state it changes), durability waits
+//! outside it (so concurrent waits share flushes), start-up from checkpoint
+//! plus tail, the recovery rule, and the per-model runners.
+
+pub mod clock;
+pub mod images;
+pub mod runner;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use images::ImageStore;
+pub use runner::{
+    Deliverer, Delivery, DeliveryFailure, Enhancement, Enhancer, GeneratedImage, GenerationFailure,
+    Generator, Runner, StepOutcome,
+};
+
+use crate::domain::{
+    Command, Event, Limits, ModelName, Origin, Prompt, Refusal, Rejection, RequestId,
+    SchedulingFacts, Stage, decide,
+};
+use crate::projection::{LiveState, ReplayReport, Violation, replay_into};
+use crate::store::{Corrupt, EventStore, NewEvent, Recorded, StoreError};
+
+/// Events between checkpoints: start-up replays at most this many.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
+const CHECKPOINT_VERSION: u16 = 1;
+
+/// Why the core could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("refused: {0}")]
+    Refused(#[from] Refusal),
+    #[error("no unfinished request {0}")]
+    NotFound(RequestId),
+    /// A decided event did not apply: a bug, never expected.
+    #[error("internal invariant broken: {0}")]
+    Invariant(Violation),
+}
+
+/// Why a new request was not accepted.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AcceptError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A new request as intake hands it over (already parsed and validated).
+#[derive(Clone, Debug)]
+pub struct NewRequest {
+    pub model: ModelName,
+    pub prompt: Prompt,
+    pub origin: Origin,
+}
+
+/// The answer to an accepted (or already accepted) request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// Newly queued and on disk.
+    Queued {
+        id: RequestId,
+        position: usize,
+        seq: u64,
+    },
+    /// The same update or message made this request before.
+    Duplicate { id: RequestId },
+}
+
+/// What opening found.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    /// The checkpoint's seq, when one was used.
+    pub checkpoint_seq: Option<u64>,
+    /// Why a checkpoint was present but not used.
+    pub checkpoint_problem: Option<String>,
+    /// Events replayed after the checkpoint.
+    pub tail_events: u64,
+    pub corrupt: Vec<Corrupt>,
+    pub violations: Vec<Violation>,
+}
+
+#[derive(Serialize)]
+struct CheckpointRef<'a> {
+    v: u16,
+    state: &'a LiveState,
+}
+
+#[derive(Deserialize)]
+struct CheckpointOwned {
+    v: u16,
+    state: LiveState,
+}
+
+/// The request core over an [`EventStore`].
+pub struct Core<S: EventStore> {
+    store: S,
+    state: Mutex<LiveState>,
+    clock: Arc<dyn Clock>,
+    checkpoint_every: u64,
+    last_checkpoint: AtomicU64,
+}
+
+impl<S: EventStore> Core<S> {
+    /// Loads the last checkpoint and replays only the tail after it, so
+    /// start-up time follows the checkpoint interval, not the history.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the log cannot be read at all.
+    pub fn open(store: S, clock: Arc<dyn Clock>) -> Result<(Self, OpenReport), StoreError> {
+        Self::open_with(store, clock, DEFAULT_CHECKPOINT_EVERY)
+    }
+
+    /// As [`Core::open`], with a checkpoint every `checkpoint_every` events.
+    ///
+    /// # Errors
+    /// As [`Core::open`].
+    pub fn open_with(
+        store: S,
+        clock: Arc<dyn Clock>,
+        checkpoint_every: u64,
+    ) -> Result<(Self, OpenReport), StoreError> {
+        let mut report = OpenReport::default();
+        let mut state = LiveState::default();
+        match store.load_checkpoint() {
+            Ok(Some((seq, bytes))) => match serde_json::from_slice::<CheckpointOwned>(&bytes) {
+                Ok(cp)
+                    if cp.v == CHECKPOINT_VERSION
+                        && seq == cp.state.last_seq
+                        && seq <= store.last_seq() =>
+                {
+                    state = cp.state;
+                    report.checkpoint_seq = Some(seq);
+                }
+                Ok(cp) => {
+                    report.checkpoint_problem = Some(format!(
+                        "checkpoint v{} at seq {seq} does not fit the log",
+                        cp.v
+                    ));
+                }
+                Err(e) => report.checkpoint_problem = Some(format!("checkpoint unreadable: {e}")),
+            },
+            Ok(None) => {}
+            Err(e) => report.checkpoint_problem = Some(e.to_string()),
+        }
+        if let Some(problem) = &report.checkpoint_problem {
+            tracing::warn!(%problem, "replaying the whole log instead");
+        }
+        let from = state.last_seq + 1;
+        let ReplayReport {
+            applied,
+            corrupt,
+            violations,
+        } = replay_into(&mut state, store.read_from(from))?;
+        for c in &corrupt {
+            tracing::error!(seq = c.seq, reason = %c.reason, "skipping an unreadable event");
+        }
+        for v in &violations {
+            tracing::error!(violation = %v, "skipping an event that breaks a rule");
+        }
+        report.tail_events = applied;
+        report.corrupt = corrupt;
+        report.violations = violations;
+        let last_checkpoint = report.checkpoint_seq.unwrap_or(0);
+        let core = Core {
+            store,
+            state: Mutex::new(state),
+            clock,
+            checkpoint_every: checkpoint_every.max(1),
+            last_checkpoint: AtomicU64::new(last_checkpoint),
+        };
+        if report.tail_events >= core.checkpoint_every || report.checkpoint_problem.is_some() {
+            core.checkpoint()?;
+        }
+        Ok((core, report))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LiveState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
+    }
+
+    /// Reads the live state under the lock.
+    pub fn read<R>(&self, f: impl FnOnce(&LiveState) -> R) -> R {
+        f(&self.lock())
+    }
+
+    /// A copy of the live state (for tests and checks).
+    pub fn snapshot(&self) -> LiveState {
+        self.lock().clone()
+    }
+
+    /// Accepts a new request: intake idempotency, then the limits, then a
+    /// `Queued` event that is on disk before this returns.
+    ///
+    /// # Errors
+    /// [`AcceptError::Rejected`] for a limit, [`AcceptError::Store`] when it
+    /// could not be made durable (the user must not be told "queued").
+    pub async fn accept(&self, req: NewRequest, limits: &Limits) -> Result<Admitted, AcceptError> {
+        let now = self.clock.now();
+        let (rec, position) = {
+            let mut state = self.lock();
+            // The duplicate check and the write happen under the same lock,
+            // and the intake keys are written in the same batch as the event.
+            if let Some(u) = req.origin.update_id
+                && let Some(id) = self.store.find_update(u)?
+            {
+                return Ok(Admitted::Duplicate { id });
+            }
+            if let Some(m) = req.origin.message_id
+                && let Some(id) = self.store.find_message(req.origin.chat_id, m)?
+            {
+                return Ok(Admitted::Duplicate { id });
+            }
+            state.admit(req.origin.user_id, limits, now)?;
+            let id = RequestId::new_at(now);
+            let event = Event::Queued {
+                model: req.model,
+                prompt: req.prompt,
+                origin: req.origin,
+            };
+            let rec = self
+                .append_locked(&mut state, id, event, now)
+                .map_err(|e| match e {
+                    CoreError::Store(s) => AcceptError::Store(s),
+                    other => AcceptError::Store(StoreError::Write(other.to_string())),
+                })?;
+            let position = state.position(id).unwrap_or(0);
+            (rec, position)
+        };
+        self.store.wait_durable(rec.seq).await?;
+        self.maybe_checkpoint();
+        Ok(Admitted::Queued {
+            id: rec.request_id,
+            position,
+            seq: rec.seq,
+        })
+    }
+
+    /// Runs a lifecycle command on an unfinished request. Start goes through
+    /// [`Core::start_next`], which supplies the scheduling facts.
+    ///
+    /// # Errors
+    /// [`CoreError::NotFound`], [`CoreError::Refused`] or a store error.
+    pub async fn execute(&self, id: RequestId, command: Command) -> Result<Recorded, CoreError> {
+        let now = self.clock.now();
+        let rec = {
+            let mut state = self.lock();
+            let req = state.request(id).ok_or(CoreError::NotFound(id))?;
+            let command = match command {
+                Command::Start(_) => Command::Start(SchedulingFacts {
+                    at_head: state.head(&req.model) == Some(id),
+                    model_idle: state.in_flight(&req.model).is_none(),
+                }),
+                other => other,
+            };
+            let event = decide(req.stage, command)?;
+            self.append_locked(&mut state, id, event, now)?
+        };
+        if rec.event.must_be_durable() {
+            self.store.wait_durable(rec.seq).await?;
+        }
+        self.maybe_checkpoint();
+        Ok(rec)
+    }
+
+    /// The scheduler's core: starts the head of `model`'s queue when nothing
+    /// of that model is in flight. None when there is nothing to start.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn start_next(&self, model: &ModelName) -> Result<Option<Recorded>, CoreError> {
+        let head = {
+            let state = self.lock();
+            if state.in_flight(model).is_some() {
+                return Ok(None);
+            }
+            state.head(model)
+        };
+        match head {
+            None => Ok(None),
+            // A cancel may slip in between; then try again next wake-up.
+            Some(id) => match self
+                .execute(
+                    id,
+                    Command::Start(SchedulingFacts {
+                        at_head: true,
+                        model_idle: true,
+                    }),
+                )
+                .await
+            {
+                Ok(rec) => Ok(Some(rec)),
+                Err(CoreError::Refused(_) | CoreError::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// Cancels every queued request of `user` (optionally only ids starting
+    /// with `prefix`); returns the cancelled ids.
+    ///
+    /// # Errors
+    /// A store error; requests cancelled before it stay cancelled.
+    pub async fn cancel_queued(
+        &self,
+        user: crate::domain::UserId,
+        prefix: Option<&str>,
+    ) -> Result<Vec<RequestId>, CoreError> {
+        let ids: Vec<RequestId> = self.read(|s| {
+            s.requests()
+                .filter(|r| r.origin.user_id == user && r.stage == Stage::Queued)
+                .filter(|r| {
+                    prefix.is_none_or(|p| r.id.to_string().starts_with(&p.to_ascii_lowercase()))
+                })
+                .map(|r| r.id)
+                .collect()
+        });
+        let mut done = Vec::new();
+        for id in ids {
+            match self.execute(id, Command::Cancel).await {
+                Ok(_) => done.push(id),
+                Err(CoreError::Refused(_) | CoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    /// The recovery rule, run once at start: every in-flight request gets a
+    /// `Resumed` event and its runner starts its stage over (Sending resends
+    /// the kept image, or regenerates when it is gone). Queued requests stay
+    /// where they are, so FIFO and one-at-a-time hold across restarts.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn recover(&self) -> Result<Vec<Recorded>, CoreError> {
+        let in_flight: Vec<RequestId> =
+            self.read(|s| s.lanes().filter_map(|(_, lane)| lane.in_flight).collect());
+        let mut out = Vec::new();
+        for id in in_flight {
+            out.push(self.execute(id, Command::Resume).await?);
+        }
+        Ok(out)
+    }
+
+    fn append_locked(
+        &self,
+        state: &mut LiveState,
+        id: RequestId,
+        event: Event,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Recorded, CoreError> {
+        let mut recs = self.store.append(vec![NewEvent {
+            request_id: id,
+            at,
+            event,
+        }])?;
+        let rec = recs
+            .pop()
+            .ok_or_else(|| StoreError::Write("append returned nothing".into()))?;
+        if let Err(v) = state.apply(&rec) {
+            // decide() allowed it, so this is a bug; the event is in the log
+            // and replay will report the same violation.
+            tracing::error!(violation = %v, "a decided event did not apply");
+            return Err(CoreError::Invariant(v));
+        }
+        Ok(rec)
+    }
+
+    /// Writes a checkpoint of the live state now.
+    ///
+    /// # Errors
+    /// A store error.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let (seq, bytes) = {
+            let state = self.lock();
+            let bytes = serde_json::to_vec(&CheckpointRef {
+                v: CHECKPOINT_VERSION,
+                state: &state,
+            })
+            .map_err(|e| StoreError::Write(e.to_string()))?;
+            (state.last_seq, bytes)
+        };
+        self.store.save_checkpoint(seq, &bytes)?;
+        self.last_checkpoint.fetch_max(seq, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn maybe_checkpoint(&self) {
+        let last = self.store.last_seq();
+        if last.saturating_sub(self.last_checkpoint.load(Ordering::Acquire))
+            >= self.checkpoint_every
+            && let Err(e) = self.checkpoint()
+        {
+            // Not fatal: start-up replays a longer tail.
+            tracing::warn!(error = %e, "checkpoint failed");
+        }
+    }
+
+    /// Rebuilds the live state from the whole log, ignoring checkpoints.
+    ///
+    /// # Errors
+    /// A store error.
+    pub fn rebuild_from_log(&self) -> Result<(LiveState, ReplayReport), StoreError> {
+        let mut state = LiveState::default();
+        let report = replay_into(&mut state, self.store.read_from(1))?;
+        Ok((state, report))
+    }
+}

@@ -1,0 +1,253 @@
+//! One runner per model: takes the head of its queue when the model is idle
+//! and carries the request through enhance → generate → deliver, appending
+//! each transition before acting on it. The outside steps are traits that
+//! the services and the bot implement; `try_execute_step` is the one-step
+//! function tests drive deterministically; `run` loops it, woken by events.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::{Core, CoreError, ImageStore};
+use crate::domain::{Command, FailureKind, ModelName, RequestId, Stage};
+use crate::projection::ActiveRequest;
+use crate::store::EventStore;
+
+/// The prompt to generate from. `fallback` is why the original is used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enhancement {
+    pub prompt: String,
+    pub fallback: Option<String>,
+}
+
+/// Improves a prompt. Never fails: a failure gives back the original prompt.
+pub trait Enhancer: Send + Sync + 'static {
+    fn enhance(&self, prompt: &str) -> impl Future<Output = Enhancement> + Send;
+}
+
+/// An image from a worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeneratedImage {
+    pub bytes: Vec<u8>,
+    /// `png`, `jpeg` or `webp`.
+    pub format: String,
+    pub attempts: u32,
+}
+
+/// A worker failure after its retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenerationFailure {
+    pub kind: FailureKind,
+    pub reason: String,
+    pub attempts: u32,
+}
+
+/// Asks a model's worker for an image.
+pub trait Generator: Send + Sync + 'static {
+    fn generate(
+        &self,
+        model: &ModelName,
+        prompt: &str,
+    ) -> impl Future<Output = Result<GeneratedImage, GenerationFailure>> + Send;
+}
+
+/// Telegram took the image.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Delivery {
+    pub message_id: Option<i32>,
+}
+
+/// Telegram will not take the image (after its own retries).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryFailure {
+    pub reason: String,
+}
+
+/// Sends the image to the user.
+pub trait Deliverer: Send + Sync + 'static {
+    fn deliver(
+        &self,
+        request: &ActiveRequest,
+        image: &[u8],
+        format: &str,
+    ) -> impl Future<Output = Result<Delivery, DeliveryFailure>> + Send;
+}
+
+/// What one step did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Nothing to do for this model.
+    EmptyQueue,
+    /// The request moved on; `event` is the event appended.
+    Progressed {
+        id: RequestId,
+        event: &'static str,
+        stage: Stage,
+    },
+}
+
+/// The runner of one model.
+pub struct Runner<S: EventStore, E, G, D> {
+    core: Arc<Core<S>>,
+    model: ModelName,
+    enhancer: Arc<E>,
+    generator: Arc<G>,
+    deliverer: Arc<D>,
+    images: Arc<ImageStore>,
+}
+
+impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> {
+    pub fn new(
+        core: Arc<Core<S>>,
+        model: ModelName,
+        enhancer: Arc<E>,
+        generator: Arc<G>,
+        deliverer: Arc<D>,
+        images: Arc<ImageStore>,
+    ) -> Self {
+        Runner {
+            core,
+            model,
+            enhancer,
+            generator,
+            deliverer,
+            images,
+        }
+    }
+
+    pub fn model(&self) -> &ModelName {
+        &self.model
+    }
+
+    /// Does the next thing for this model: start the head of the queue if
+    /// idle, else run the in-flight request's current stage once.
+    ///
+    /// # Errors
+    /// A store error (the request stays where it was and can be retried).
+    pub async fn try_execute_step(&self) -> Result<StepOutcome, CoreError> {
+        let current = self.core.read(|s| {
+            s.in_flight(&self.model)
+                .and_then(|id| s.request(id).cloned())
+        });
+        let Some(req) = current else {
+            return Ok(match self.core.start_next(&self.model).await? {
+                Some(rec) => StepOutcome::Progressed {
+                    id: rec.request_id,
+                    event: rec.event.name(),
+                    stage: Stage::Enhancing,
+                },
+                None => StepOutcome::EmptyQueue,
+            });
+        };
+        let command = match req.stage {
+            Stage::Enhancing => {
+                let e = self.enhancer.enhance(req.prompt.as_str()).await;
+                Command::FinishEnhancing {
+                    prompt: e.prompt,
+                    fallback: e.fallback,
+                }
+            }
+            Stage::Generating => {
+                let prompt = req
+                    .enhanced_prompt
+                    .as_deref()
+                    .unwrap_or(req.prompt.as_str());
+                match self.generator.generate(&self.model, prompt).await {
+                    Ok(img) => match self.images.keep(req.id, &img.bytes, &img.format) {
+                        Ok(image) => Command::FinishGenerating {
+                            image,
+                            attempts: img.attempts,
+                        },
+                        Err(e) => {
+                            tracing::error!(request_id = %req.id, error = %e, "could not keep the image");
+                            Command::Fail {
+                                kind: FailureKind::Internal,
+                                reason: format!("could not keep the image: {}", e.kind()),
+                                attempts: img.attempts,
+                            }
+                        }
+                    },
+                    Err(f) => Command::Fail {
+                        kind: f.kind,
+                        reason: f.reason,
+                        attempts: f.attempts,
+                    },
+                }
+            }
+            Stage::Sending => {
+                let kept = match &req.image {
+                    Some(image) => self
+                        .images
+                        .load(image)
+                        .map(|b| b.map(|b| (b, image.format.clone()))),
+                    None => Ok(None),
+                };
+                match kept {
+                    Ok(Some((bytes, format))) => {
+                        match self.deliverer.deliver(&req, &bytes, &format).await {
+                            Ok(d) => Command::FinishSending {
+                                message_id: d.message_id,
+                            },
+                            Err(f) => Command::Fail {
+                                kind: FailureKind::Delivery,
+                                reason: f.reason,
+                                attempts: 0,
+                            },
+                        }
+                    }
+                    // The image is gone (or unreadable): generate it again.
+                    Ok(None) | Err(_) => Command::Regenerate,
+                }
+            }
+            // The projection only names Enhancing/Generating/Sending as in flight.
+            Stage::Queued | Stage::Done | Stage::Failed | Stage::Cancelled => {
+                return Err(CoreError::NotFound(req.id));
+            }
+        };
+        let rec = self.core.execute(req.id, command).await?;
+        let stage = self.core.read(|s| s.request(req.id).map(|r| r.stage));
+        Ok(StepOutcome::Progressed {
+            id: req.id,
+            event: rec.event.name(),
+            stage: stage.unwrap_or(match rec.event {
+                crate::domain::Event::Delivered { .. } => Stage::Done,
+                crate::domain::Event::Cancelled => Stage::Cancelled,
+                _ => Stage::Failed,
+            }),
+        })
+    }
+
+    /// Steps until there is nothing to do, then sleeps until the log grows;
+    /// returns when `shutdown` turns true. A step cut short by shutdown
+    /// leaves its request in its stage, to be resumed after restart.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut appended = self.core.store().subscribe();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            appended.borrow_and_update();
+            let step = tokio::select! {
+                r = self.try_execute_step() => r,
+                _ = shutdown.changed() => return,
+            };
+            match step {
+                Ok(StepOutcome::Progressed { .. }) => {}
+                Ok(StepOutcome::EmptyQueue) => {
+                    tokio::select! {
+                        r = appended.changed() => if r.is_err() { return },
+                        _ = shutdown.changed() => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(model = %self.model, error = %e, "runner step failed; retrying in 1 s");
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {},
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The event log: the only module that knows sled. Append-only records with a
+//! global strictly increasing sequence number, an index by request, intake
+//! (idempotency) keys written in the same batch as the `Queued` event,
+//! subscriptions, group-committed durability, checkpoints and small metadata.
+
+pub mod codec;
+mod sled_store;
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::domain::{ChatId, Event, RequestId};
+pub use codec::DecodeError;
+pub use sled_store::SledStore;
+
+/// An event about to be appended; the store gives it its sequence number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub request_id: RequestId,
+    pub at: DateTime<Utc>,
+    pub event: Event,
+}
+
+/// An event as it stands in the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub seq: u64,
+    pub request_id: RequestId,
+    pub at: DateTime<Utc>,
+    pub event: Event,
+}
+
+/// A failure of the storage itself (as opposed to a domain refusal).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("the event log could not be opened: {0}")]
+    Open(String),
+    #[error("the event log could not be written: {0}")]
+    Write(String),
+    #[error("the event log could not be flushed to disk: {0}")]
+    Flush(String),
+    #[error("the event log could not be read: {0}")]
+    Read(String),
+    #[error("the event log is closed")]
+    Closed,
+}
+
+/// A record that exists but cannot be read: reported with its seq, skipped
+/// by readers, and nothing before or after it is lost.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("event {seq} is unreadable: {reason}")]
+pub struct Corrupt {
+    pub seq: u64,
+    pub reason: DecodeError,
+}
+
+/// One item of a log scan.
+pub type ReadItem = Result<Recorded, ReadError>;
+
+/// Why a log scan could not yield a record.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Corrupt(#[from] Corrupt),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The storage behind the core. Small on purpose: a PostgreSQL backend (for
+/// several replicas) implements the same methods without the domain changing.
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` atomically (all or none), in order, giving each the
+    /// next sequence number; writes the request index and, for `Queued`, the
+    /// intake keys in the same atomic write. Returns once written (not yet
+    /// durable: see [`EventStore::wait_durable`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Write`] when nothing was written.
+    fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Recorded>, StoreError>;
+
+    /// Resolves once every event up to `seq` is on disk. Concurrent waiters
+    /// share flushes (group commit).
+    ///
+    /// # Errors
+    /// [`StoreError::Flush`] when the disk refused.
+    fn wait_durable(&self, seq: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every record from `seq` on, oldest first.
+    fn read_from(&self, seq: u64) -> Box<dyn Iterator<Item = ReadItem> + Send + '_>;
+
+    /// Every record of one request, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`].
+    fn events_of(&self, id: RequestId) -> Result<Vec<ReadItem>, StoreError>;
+
+    /// The request already created by Telegram update `update_id`, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`].
+    fn find_update(&self, update_id: u32) -> Result<Option<RequestId>, StoreError>;
+
+    /// The request already created by that chat's message, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`].
+    fn find_message(&self, chat: ChatId, message_id: i32) -> Result<Option<RequestId>, StoreError>;
+
+    /// The highest sequence number written (0 for an empty log).
+    fn last_seq(&self) -> u64;
+
+    /// Changes to [`EventStore::last_seq`]; never blocks writers.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+
+    /// Stores a checkpoint of the projections covering events up to `seq`.
+    ///
+    /// # Errors
+    /// [`StoreError::Write`].
+    fn save_checkpoint(&self, seq: u64, state: &[u8]) -> Result<(), StoreError>;
+
+    /// The last checkpoint and the seq it covers. A damaged checkpoint is
+    /// reported as an error so the caller can fall back to a full replay.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`].
+    fn load_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+
+    /// Small named values outside the event log (e.g. the Telegram offset).
+    ///
+    /// # Errors
+    /// [`StoreError::Write`].
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
+
+    /// # Errors
+    /// [`StoreError::Read`].
+    fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// How many flushes have reached the disk (to observe group commit).
+    fn flush_count(&self) -> u64;
+}

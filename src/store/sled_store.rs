@@ -1,0 +1,394 @@
+//! The sled 0.34 backend: one tree with prefixed keys so an event, its index
+//! entry and its intake keys go to disk in one atomic batch, plus a flusher
+//! thread that turns many durability waits into one fsync (group commit).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+use super::{Corrupt, EventStore, NewEvent, ReadError, ReadItem, Recorded, StoreError, codec};
+use crate::domain::{ChatId, Event, RequestId};
+
+const EVENT: u8 = b'e';
+const INDEX: u8 = b'i';
+const UPDATE: u8 = b'u';
+const MESSAGE: u8 = b'm';
+const CHECKPOINT: &[u8] = b"c/checkpoint";
+const META: u8 = b'k';
+
+fn event_key(seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = EVENT;
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn index_key(id: RequestId, seq: u64) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[0] = INDEX;
+    k[1..17].copy_from_slice(id.as_bytes());
+    k[17..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn update_key(update_id: u32) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[0] = UPDATE;
+    k[1..].copy_from_slice(&update_id.to_be_bytes());
+    k
+}
+
+fn message_key(chat: ChatId, message_id: i32) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = MESSAGE;
+    k[1..9].copy_from_slice(&chat.0.to_be_bytes());
+    k[9..].copy_from_slice(&message_id.to_be_bytes());
+    k
+}
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the log down with it: the guarded
+    // values stay consistent because every update is a single assignment.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the flusher has achieved so far, broadcast to durability waiters.
+#[derive(Clone, Debug, Default)]
+struct Durable {
+    /// Every event up to here is on disk.
+    flushed: u64,
+    /// The latest failed flush covered events up to here, with `error`.
+    failed_through: u64,
+    /// How many flushes have failed, so a waiter only hears of failures of
+    /// flushes that started after it asked.
+    failures: u64,
+    error: Option<Arc<str>>,
+}
+
+#[derive(Default)]
+struct FlushRequest {
+    requested: u64,
+    shutdown: bool,
+}
+
+struct Inner {
+    db: sled::Db,
+    /// Held while a batch is given seqs and written, so seq order is log order.
+    append: Mutex<u64>,
+    /// The highest seq fully written (read by the flusher before each fsync).
+    written: AtomicU64,
+    flush_request: Mutex<FlushRequest>,
+    flush_wake: Condvar,
+    durable: watch::Sender<Durable>,
+    appended: watch::Sender<u64>,
+    flushes: AtomicU64,
+}
+
+/// The sled event store. Opening takes sled's process lock on the directory.
+pub struct SledStore {
+    inner: Arc<Inner>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the log in `dir`.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`], e.g. when another process holds the directory.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+            .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
+        let last = match db.scan_prefix([EVENT]).keys().next_back() {
+            None => 0,
+            Some(Ok(key)) => seq_of(&key).unwrap_or(0),
+            Some(Err(e)) => return Err(StoreError::Open(e.to_string())),
+        };
+        let inner = Arc::new(Inner {
+            db,
+            append: Mutex::new(last),
+            written: AtomicU64::new(last),
+            flush_request: Mutex::new(FlushRequest {
+                requested: last,
+                shutdown: false,
+            }),
+            flush_wake: Condvar::new(),
+            durable: watch::channel(Durable {
+                flushed: last,
+                ..Durable::default()
+            })
+            .0,
+            appended: watch::channel(last).0,
+            flushes: AtomicU64::new(0),
+        });
+        let for_thread = Arc::clone(&inner);
+        let flusher = std::thread::Builder::new()
+            .name("easel-flusher".into())
+            .spawn(move || flusher_loop(&for_thread))
+            .map_err(|e| StoreError::Open(format!("cannot start the flusher thread: {e}")))?;
+        Ok(SledStore {
+            inner,
+            flusher: Some(flusher),
+        })
+    }
+
+    /// The raw sled handle, for tests that damage records on purpose.
+    #[doc(hidden)]
+    pub fn raw_insert_for_tests(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.inner
+            .db
+            .insert(event_key(seq), bytes)
+            .map(|_| ())
+            .map_err(|e| StoreError::Write(e.to_string()))
+    }
+}
+
+/// One fsync serves every append written before it started: waiters that
+/// arrive during a flush are served by the next one, together.
+fn flusher_loop(inner: &Inner) {
+    let mut flushed = inner.written.load(Ordering::Acquire);
+    loop {
+        {
+            let mut req = lock(&inner.flush_request);
+            while req.requested <= flushed && !req.shutdown {
+                req = inner
+                    .flush_wake
+                    .wait(req)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if req.shutdown && req.requested <= flushed {
+                break;
+            }
+        }
+        let target = inner.written.load(Ordering::Acquire);
+        match inner.db.flush() {
+            Ok(_) => {
+                flushed = target;
+                inner.flushes.fetch_add(1, Ordering::Relaxed);
+                inner.durable.send_modify(|d| d.flushed = target);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "flushing the event log failed");
+                // Waiters up to `target` hear of the failure; the request is
+                // then forgotten so a failing disk does not make this loop
+                // spin: the next waiter asks again and the flush is retried.
+                let msg: Arc<str> = Arc::from(e.to_string());
+                inner.durable.send_modify(|d| {
+                    d.failed_through = target;
+                    d.failures += 1;
+                    d.error = Some(msg);
+                });
+                let mut req = lock(&inner.flush_request);
+                if req.requested <= target {
+                    req.requested = flushed;
+                }
+            }
+        }
+    }
+    if let Err(e) = inner.db.flush() {
+        tracing::error!(error = %e, "final flush of the event log failed");
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        lock(&self.inner.flush_request).shutdown = true;
+        self.inner.flush_wake.notify_all();
+        if let Some(handle) = self.flusher.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn decode_at(key: &[u8], value: &[u8]) -> ReadItem {
+    let seq = seq_of(key).unwrap_or(0);
+    codec::decode(value).map_err(|reason| ReadError::Corrupt(Corrupt { seq, reason }))
+}
+
+fn read_err(e: sled::Error) -> StoreError {
+    StoreError::Read(e.to_string())
+}
+
+fn id_at(value: Option<sled::IVec>) -> Option<RequestId> {
+    let bytes: [u8; 16] = value?.as_ref().try_into().ok()?;
+    Some(RequestId(uuid::Uuid::from_bytes(bytes)))
+}
+
+impl EventStore for SledStore {
+    fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Recorded>, StoreError> {
+        let inner = &self.inner;
+        let mut last = lock(&inner.append);
+        let mut batch = sled::Batch::default();
+        let mut out = Vec::with_capacity(events.len());
+        for (i, e) in events.into_iter().enumerate() {
+            let rec = Recorded {
+                seq: *last + 1 + i as u64,
+                request_id: e.request_id,
+                at: e.at,
+                event: e.event,
+            };
+            let bytes = codec::encode(&rec).map_err(|e| StoreError::Write(e.to_string()))?;
+            batch.insert(&event_key(rec.seq), bytes);
+            batch.insert(&index_key(rec.request_id, rec.seq), &[]);
+            if let Event::Queued { origin, .. } = &rec.event {
+                let id = rec.request_id.as_bytes().to_vec();
+                if let Some(u) = origin.update_id {
+                    batch.insert(&update_key(u), id.clone());
+                }
+                if let Some(m) = origin.message_id {
+                    batch.insert(&message_key(origin.chat_id, m), id);
+                }
+            }
+            out.push(rec);
+        }
+        inner
+            .db
+            .apply_batch(batch)
+            .map_err(|e| StoreError::Write(e.to_string()))?;
+        *last += out.len() as u64;
+        inner.written.store(*last, Ordering::Release);
+        inner.appended.send_replace(*last);
+        Ok(out)
+    }
+
+    async fn wait_durable(&self, seq: u64) -> Result<(), StoreError> {
+        let mut rx = self.inner.durable.subscribe();
+        let failures_before = {
+            let d = rx.borrow();
+            if d.flushed >= seq {
+                return Ok(());
+            }
+            d.failures
+        };
+        {
+            let mut req = lock(&self.inner.flush_request);
+            if req.shutdown {
+                return Err(StoreError::Closed);
+            }
+            req.requested = req.requested.max(seq);
+        }
+        self.inner.flush_wake.notify_one();
+        let d = rx
+            .wait_for(|d| {
+                d.flushed >= seq || (d.failures > failures_before && d.failed_through >= seq)
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?
+            .clone();
+        if d.flushed >= seq {
+            Ok(())
+        } else {
+            Err(StoreError::Flush(
+                d.error.as_deref().unwrap_or("unknown").to_owned(),
+            ))
+        }
+    }
+
+    fn read_from(&self, seq: u64) -> Box<dyn Iterator<Item = ReadItem> + Send + '_> {
+        let iter = self.inner.db.range(event_key(seq)..=event_key(u64::MAX));
+        Box::new(iter.map(|kv| match kv {
+            Ok((k, v)) => decode_at(&k, &v),
+            Err(e) => Err(ReadError::Store(read_err(e))),
+        }))
+    }
+
+    fn events_of(&self, id: RequestId) -> Result<Vec<ReadItem>, StoreError> {
+        let mut prefix = [0u8; 17];
+        prefix[0] = INDEX;
+        prefix[1..].copy_from_slice(id.as_bytes());
+        let mut out = Vec::new();
+        for key in self.inner.db.scan_prefix(prefix).keys() {
+            let key = key.map_err(read_err)?;
+            let Some(seq) = seq_of(&key) else { continue };
+            let ek = event_key(seq);
+            match self.inner.db.get(ek).map_err(read_err)? {
+                Some(v) => out.push(decode_at(&ek, &v)),
+                None => out.push(Err(ReadError::Store(StoreError::Read(format!(
+                    "index names event {seq}, which is missing"
+                ))))),
+            }
+        }
+        Ok(out)
+    }
+
+    fn find_update(&self, update_id: u32) -> Result<Option<RequestId>, StoreError> {
+        Ok(id_at(
+            self.inner.db.get(update_key(update_id)).map_err(read_err)?,
+        ))
+    }
+
+    fn find_message(&self, chat: ChatId, message_id: i32) -> Result<Option<RequestId>, StoreError> {
+        Ok(id_at(
+            self.inner
+                .db
+                .get(message_key(chat, message_id))
+                .map_err(read_err)?,
+        ))
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.inner.written.load(Ordering::Acquire)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.appended.subscribe()
+    }
+
+    fn save_checkpoint(&self, seq: u64, state: &[u8]) -> Result<(), StoreError> {
+        let mut payload = Vec::with_capacity(state.len() + 8);
+        payload.extend_from_slice(&seq.to_be_bytes());
+        payload.extend_from_slice(state);
+        let sealed = codec::seal(&payload).map_err(|e| StoreError::Write(e.to_string()))?;
+        self.inner
+            .db
+            .insert(CHECKPOINT, sealed)
+            .map_err(|e| StoreError::Write(e.to_string()))?;
+        Ok(())
+    }
+
+    fn load_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let Some(bytes) = self.inner.db.get(CHECKPOINT).map_err(read_err)? else {
+            return Ok(None);
+        };
+        let payload =
+            codec::unseal(&bytes).map_err(|e| StoreError::Read(format!("checkpoint: {e}")))?;
+        let seq = seq_of(payload.get(..8).unwrap_or_default())
+            .ok_or_else(|| StoreError::Read("checkpoint: too short".into()))?;
+        Ok(Some((seq, payload[8..].to_vec())))
+    }
+
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut key = vec![META, b'/'];
+        key.extend_from_slice(name.as_bytes());
+        self.inner
+            .db
+            .insert(key, value)
+            .map(|_| ())
+            .map_err(|e| StoreError::Write(e.to_string()))
+    }
+
+    fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut key = vec![META, b'/'];
+        key.extend_from_slice(name.as_bytes());
+        Ok(self
+            .inner
+            .db
+            .get(key)
+            .map_err(read_err)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn flush_count(&self) -> u64 {
+        self.inner.flushes.load(Ordering::Relaxed)
+    }
+}
