@@ -127,47 +127,7 @@ impl<S: EventStore> Core<S> {
         clock: Arc<dyn Clock>,
         checkpoint_every: u64,
     ) -> Result<(Self, OpenReport), StoreError> {
-        let mut report = OpenReport::default();
-        let mut state = LiveState::default();
-        match store.load_checkpoint() {
-            Ok(Some((seq, bytes))) => match serde_json::from_slice::<CheckpointOwned>(&bytes) {
-                Ok(cp)
-                    if cp.v == CHECKPOINT_VERSION
-                        && seq == cp.state.last_seq
-                        && seq <= store.last_seq() =>
-                {
-                    state = cp.state;
-                    report.checkpoint_seq = Some(seq);
-                }
-                Ok(cp) => {
-                    report.checkpoint_problem = Some(format!(
-                        "checkpoint v{} at seq {seq} does not fit the log",
-                        cp.v
-                    ));
-                }
-                Err(e) => report.checkpoint_problem = Some(format!("checkpoint unreadable: {e}")),
-            },
-            Ok(None) => {}
-            Err(e) => report.checkpoint_problem = Some(e.to_string()),
-        }
-        if let Some(problem) = &report.checkpoint_problem {
-            tracing::warn!(%problem, "replaying the whole log instead");
-        }
-        let from = state.last_seq + 1;
-        let ReplayReport {
-            applied,
-            corrupt,
-            violations,
-        } = replay_into(&mut state, store.read_from(from))?;
-        for c in &corrupt {
-            tracing::error!(seq = c.seq, reason = %c.reason, "skipping an unreadable event");
-        }
-        for v in &violations {
-            tracing::error!(violation = %v, "skipping an event that breaks a rule");
-        }
-        report.tail_events = applied;
-        report.corrupt = corrupt;
-        report.violations = violations;
+        let (state, report) = load_state(&store)?;
         let last_checkpoint = report.checkpoint_seq.unwrap_or(0);
         let core = Core {
             store,
@@ -412,6 +372,14 @@ impl<S: EventStore> Core<S> {
         }
     }
 
+    /// The state a fresh start would have: the last checkpoint plus the tail.
+    ///
+    /// # Errors
+    /// A store error.
+    pub fn rebuild_from_checkpoint(&self) -> Result<(LiveState, OpenReport), StoreError> {
+        load_state(&self.store)
+    }
+
     /// Rebuilds the live state from the whole log, ignoring checkpoints.
     ///
     /// # Errors
@@ -421,4 +389,50 @@ impl<S: EventStore> Core<S> {
         let report = replay_into(&mut state, self.store.read_from(1))?;
         Ok((state, report))
     }
+}
+
+/// Start-up: the last usable checkpoint, then every event after it.
+fn load_state<S: EventStore>(store: &S) -> Result<(LiveState, OpenReport), StoreError> {
+    let mut report = OpenReport::default();
+    let mut state = LiveState::default();
+    match store.load_checkpoint() {
+        Ok(Some((seq, bytes))) => match serde_json::from_slice::<CheckpointOwned>(&bytes) {
+            Ok(cp)
+                if cp.v == CHECKPOINT_VERSION
+                    && seq == cp.state.last_seq
+                    && seq <= store.last_seq() =>
+            {
+                state = cp.state;
+                report.checkpoint_seq = Some(seq);
+            }
+            Ok(cp) => {
+                report.checkpoint_problem = Some(format!(
+                    "checkpoint v{} at seq {seq} does not fit the log",
+                    cp.v
+                ));
+            }
+            Err(e) => report.checkpoint_problem = Some(format!("checkpoint unreadable: {e}")),
+        },
+        Ok(None) => {}
+        Err(e) => report.checkpoint_problem = Some(e.to_string()),
+    }
+    if let Some(problem) = &report.checkpoint_problem {
+        tracing::warn!(%problem, "replaying the whole log instead");
+    }
+    let from = state.last_seq + 1;
+    let ReplayReport {
+        applied,
+        corrupt,
+        violations,
+    } = replay_into(&mut state, store.read_from(from))?;
+    for c in &corrupt {
+        tracing::error!(seq = c.seq, reason = %c.reason, "skipping an unreadable event");
+    }
+    for v in &violations {
+        tracing::error!(violation = %v, "skipping an event that breaks a rule");
+    }
+    report.tail_events = applied;
+    report.corrupt = corrupt;
+    report.violations = violations;
+    Ok((state, report))
 }

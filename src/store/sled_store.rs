@@ -104,11 +104,7 @@ impl SledStore {
     /// # Errors
     /// [`StoreError::Open`], e.g. when another process holds the directory.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(64 * 1024 * 1024)
-            .open()
-            .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
+        let db = open_db(dir)?;
         let last = match db.scan_prefix([EVENT]).keys().next_back() {
             None => 0,
             Some(Ok(key)) => seq_of(&key).unwrap_or(0),
@@ -134,7 +130,7 @@ impl SledStore {
         let for_thread = Arc::clone(&inner);
         let flusher = std::thread::Builder::new()
             .name("easel-flusher".into())
-            .spawn(move || flusher_loop(&for_thread))
+            .spawn(move || flusher_loop(&for_thread, last))
             .map_err(|e| StoreError::Open(format!("cannot start the flusher thread: {e}")))?;
         Ok(SledStore {
             inner,
@@ -153,10 +149,45 @@ impl SledStore {
     }
 }
 
+/// How long to wait for sled's file lock. After the last handle in this
+/// process is dropped, sled's own I/O threads can hold the database for a
+/// few milliseconds more; another process holding it is reported at once
+/// the wait is over.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let result = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .open();
+        match result {
+            Ok(db) => return Ok(db),
+            // sled reports the lock as an `Other` I/O error with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(StoreError::Open(format!(
+                    "{} is in use by another process (is `easel run` running?)",
+                    dir.display()
+                )));
+            }
+            Err(e) => return Err(StoreError::Open(format!("{}: {e}", dir.display()))),
+        }
+    }
+}
+
 /// One fsync serves every append written before it started: waiters that
 /// arrive during a flush are served by the next one, together.
-fn flusher_loop(inner: &Inner) {
-    let mut flushed = inner.written.load(Ordering::Acquire);
+fn flusher_loop(inner: &Inner, opened_at: u64) {
+    // Start from what was on disk at open, not from `written`: appends may
+    // land before this thread first runs, and they are not flushed yet.
+    let mut flushed = opened_at;
     loop {
         {
             let mut req = lock(&inner.flush_request);

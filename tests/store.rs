@@ -1,0 +1,267 @@
+//! The sled event log: order, index, intake keys, subscriptions, durability
+//! with group commit, checkpoints, and damaged records.
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use easel::domain::{ChatId, Event, Limits, RequestId};
+use easel::engine::{Admitted, Core};
+use easel::store::{EventStore, NewEvent, ReadError, SledStore};
+
+fn queued(update: u32) -> NewEvent {
+    let r = common::request("flux", i64::from(update), "a fox");
+    let mut origin = r.origin;
+    origin.update_id = Some(update);
+    origin.message_id = Some(update as i32);
+    NewEvent {
+        request_id: RequestId::new_at(Utc::now()),
+        at: Utc::now(),
+        event: Event::Queued {
+            model: r.model,
+            prompt: r.prompt,
+            origin,
+        },
+    }
+}
+
+#[tokio::test]
+async fn appends_get_strictly_increasing_seqs_and_read_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.last_seq(), 0);
+    let mut rx = store.subscribe();
+    let a = store.append(vec![queued(1), queued(2)]).unwrap();
+    let b = store.append(vec![queued(3)]).unwrap();
+    assert_eq!(
+        a.iter().chain(&b).map(|r| r.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    // Subscribers see the new last seq without polling.
+    assert!(rx.has_changed().unwrap());
+    assert_eq!(*rx.borrow_and_update(), 3);
+
+    let from2: Vec<u64> = store.read_from(2).map(|r| r.unwrap().seq).collect();
+    assert_eq!(from2, vec![2, 3]);
+    // Index by request and the intake keys.
+    let of_first = store.events_of(a[0].request_id).unwrap();
+    assert_eq!(of_first.len(), 1);
+    assert_eq!(of_first[0].as_ref().unwrap(), &a[0]);
+    assert_eq!(store.find_update(2).unwrap(), Some(a[1].request_id));
+    assert_eq!(
+        store.find_message(ChatId(3), 3).unwrap(),
+        Some(b[0].request_id)
+    );
+    assert_eq!(store.find_update(99).unwrap(), None);
+
+    store.wait_durable(3).await.unwrap();
+    drop(store);
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.last_seq(), 3);
+    assert_eq!(store.append(vec![queued(4)]).unwrap()[0].seq, 4);
+}
+
+#[tokio::test]
+async fn durability_waits_share_one_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    // 64 acceptances written, then 64 concurrent waits: the flusher reads the
+    // highest written seq before its fsync, so one flush serves them all
+    // (a second may start if a waiter arrives mid-flush).
+    let recs: Vec<u64> = (0..64)
+        .map(|i| store.append(vec![queued(i)]).unwrap()[0].seq)
+        .collect();
+    let before = store.flush_count();
+    let waits = recs.into_iter().map(|seq| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.wait_durable(seq).await })
+    });
+    for w in waits {
+        w.await.unwrap().unwrap();
+    }
+    let flushes = store.flush_count() - before;
+    assert!(
+        (1..=2).contains(&flushes),
+        "64 waits took {flushes} flushes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_durable_acceptances_all_land_with_fewer_flushes_than_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Arc::new(
+        Core::open(SledStore::open(dir.path()).unwrap(), common::clock())
+            .unwrap()
+            .0,
+    );
+    let limits = Limits {
+        max_pending: 1000,
+        rate: easel::domain::RateLimit {
+            count: 1000,
+            window_secs: 60,
+        },
+    };
+    let before = core.store().flush_count();
+    let tasks: Vec<_> = (0..64)
+        .map(|u| {
+            let core = Arc::clone(&core);
+            tokio::spawn(async move {
+                core.accept(common::request("flux", u, "a fox"), &limits)
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Admitted::Queued { id, .. } => ids.push(id),
+            other => panic!("{other:?}"),
+        }
+    }
+    let flushes = core.store().flush_count() - before;
+    assert!(flushes < 64, "64 acceptances cost {flushes} flushes");
+    // FIFO positions are a permutation 1..=64.
+    let mut positions: Vec<usize> = ids
+        .iter()
+        .map(|id| core.read(|s| s.position(*id).unwrap()))
+        .collect();
+    positions.sort_unstable();
+    assert_eq!(positions, (1..=64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_damaged_record_is_reported_with_its_seq_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = common::clock();
+    let limits = Limits {
+        max_pending: 10,
+        ..Limits::default()
+    };
+    let mut ids = Vec::new();
+    {
+        let core = common::open_core(dir.path(), Arc::clone(&clock));
+        for u in 1..=4 {
+            let Admitted::Queued { id, .. } = core
+                .accept(common::request("flux", u, "p"), &limits)
+                .await
+                .unwrap()
+            else {
+                panic!()
+            };
+            ids.push(id);
+        }
+        // A torn record (cut short) and an undecodable one.
+        let good = easel::store::codec::encode(&core.store().read_from(2).next().unwrap().unwrap())
+            .unwrap();
+        core.store()
+            .raw_insert_for_tests(2, &good[..good.len() / 2])
+            .unwrap();
+        core.store()
+            .raw_insert_for_tests(
+                3,
+                &easel::store::codec::seal(b"{\"v\":1,\"nonsense\":true}").unwrap(),
+            )
+            .unwrap();
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    let items: Vec<_> = store.read_from(1).collect();
+    assert_eq!(items.len(), 4);
+    assert!(items[0].is_ok() && items[3].is_ok());
+    match (&items[1], &items[2]) {
+        (Err(ReadError::Corrupt(a)), Err(ReadError::Corrupt(b))) => {
+            assert_eq!((a.seq, b.seq), (2, 3));
+            assert!(a.reason.to_string().contains("checksum"), "{}", a.reason);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The core opens, reports both, and keeps everything else.
+    let (core, report) = Core::open(store, clock).unwrap();
+    assert_eq!(
+        report.corrupt.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert!(core.read(|s| s.request(ids[0]).is_some() && s.request(ids[3]).is_some()));
+    assert!(core.read(|s| s.request(ids[1]).is_none()));
+    // New appends continue after the damaged ones.
+    let Admitted::Queued { seq, .. } = core
+        .accept(common::request("flux", 9, "p"), &limits)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(seq, 5);
+}
+
+#[tokio::test]
+async fn start_up_uses_the_checkpoint_and_replays_only_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = common::clock();
+    let limits = Limits {
+        max_pending: 1000,
+        rate: easel::domain::RateLimit {
+            count: 1000,
+            window_secs: 60,
+        },
+    };
+    let live = {
+        let store = SledStore::open(dir.path()).unwrap();
+        let (core, _) = Core::open_with(store, Arc::clone(&clock) as _, 10).unwrap();
+        for u in 0..25 {
+            core.accept(common::request("sdxl", u, "p"), &limits)
+                .await
+                .unwrap();
+        }
+        core.snapshot()
+    };
+    let (core, report) = Core::open_with(
+        SledStore::open(dir.path()).unwrap(),
+        Arc::clone(&clock) as _,
+        10,
+    )
+    .unwrap();
+    let cp = report.checkpoint_seq.expect("a checkpoint was used");
+    assert!(cp >= 20, "checkpoint at {cp}");
+    assert_eq!(report.tail_events, 25 - cp);
+    assert_eq!(core.snapshot(), live);
+
+    // A damaged checkpoint falls back to a full replay with the same result.
+    core.store().save_checkpoint(25, b"not json").unwrap();
+    let (state, report) = core.rebuild_from_checkpoint().unwrap();
+    assert!(report.checkpoint_problem.is_some());
+    assert_eq!(report.tail_events, 25);
+    assert_eq!(state, live);
+}
+
+#[tokio::test]
+async fn a_redelivered_update_never_makes_a_second_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = common::clock();
+    let limits = Limits::default();
+    let req = common::request("flux", 5, "a fox");
+    let first = {
+        let core = common::open_core(dir.path(), Arc::clone(&clock));
+        let Admitted::Queued { id, .. } = core.accept(req.clone(), &limits).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            core.accept(req.clone(), &limits).await.unwrap(),
+            Admitted::Duplicate { id }
+        );
+        id
+    };
+    // After a restart too, by update id and by chat + message id.
+    let core = common::open_core(dir.path(), clock);
+    assert_eq!(
+        core.accept(req.clone(), &limits).await.unwrap(),
+        Admitted::Duplicate { id: first }
+    );
+    let mut same_message = req;
+    same_message.origin.update_id = Some(4_000_000);
+    assert_eq!(
+        core.accept(same_message, &limits).await.unwrap(),
+        Admitted::Duplicate { id: first }
+    );
+    assert_eq!(core.store().last_seq(), 1);
+}
