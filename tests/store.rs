@@ -265,3 +265,60 @@ async fn a_redelivered_update_never_makes_a_second_request() {
     );
     assert_eq!(core.store().last_seq(), 1);
 }
+
+/// Start-up reads the checkpoint and a tail bounded by the checkpoint
+/// interval, whatever the history: finished requests leave no live state.
+#[tokio::test]
+async fn start_up_work_does_not_grow_with_finished_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = common::clock();
+    let limits = Limits {
+        max_pending: 10,
+        rate: easel::domain::RateLimit {
+            count: 100_000,
+            window_secs: 60,
+        },
+    };
+    {
+        let (core, _) = Core::open_with(
+            SledStore::open(dir.path()).unwrap(),
+            Arc::clone(&clock) as _,
+            100,
+        )
+        .unwrap();
+        for u in 0..1500 {
+            let Admitted::Queued { id, .. } = core
+                .accept(common::request("flux", u % 7, "p"), &limits)
+                .await
+                .unwrap()
+            else {
+                panic!()
+            };
+            core.execute(id, easel::domain::Command::Cancel)
+                .await
+                .unwrap();
+        }
+        assert_eq!(core.store().last_seq(), 3000);
+    }
+    let (core, report) = Core::open_with(SledStore::open(dir.path()).unwrap(), clock, 100).unwrap();
+    assert!(report.checkpoint_seq.is_some());
+    assert!(
+        report.tail_events < 100,
+        "replayed {} events at start",
+        report.tail_events
+    );
+    assert_eq!(core.read(|s| s.requests().count()), 0);
+    // What is left is bounded by users, not by history: at most 256 recent
+    // acceptance times per user (the rate-limit memory), empty queues.
+    for u in 0..7 {
+        let load = core
+            .read(|s| s.user(easel::domain::UserId(u)).cloned())
+            .unwrap();
+        assert_eq!(load.pending, 0);
+        assert!(load.recent.len() <= easel::domain::admission::MAX_RECENT_PER_USER);
+    }
+    assert!(core.read(|s| {
+        s.lanes()
+            .all(|(_, l)| l.queue.is_empty() && l.in_flight.is_none())
+    }));
+}

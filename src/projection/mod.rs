@@ -137,7 +137,7 @@ impl LiveState {
         }
         let result = self.apply_event(rec);
         self.last_seq = rec.seq;
-        if rec.seq % USER_SWEEP_EVERY == 0 {
+        if rec.seq.is_multiple_of(USER_SWEEP_EVERY) {
             self.sweep_users(rec.at);
         }
         result
