@@ -11,7 +11,9 @@
 //!   from checkpoint + tail, the recovery rule, and the per-model scheduler
 //!   with its one-step function and the step traits adapters implement.
 
+pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod projection;
+pub mod services;
 pub mod store;

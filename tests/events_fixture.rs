@@ -67,6 +67,7 @@ fn expected() -> Vec<Recorded> {
                     format: "png".into(),
                 },
                 attempts: 2,
+                statuses: Vec::new(),
             },
         ),
         r(
@@ -121,6 +122,7 @@ fn expected() -> Vec<Recorded> {
                     format: "jpeg".into(),
                 },
                 attempts: 1,
+                statuses: Vec::new(),
             },
         ),
         r(11, 2, "2026-11-25T10:01:50Z", Event::Regenerating),
@@ -132,6 +134,7 @@ fn expected() -> Vec<Recorded> {
                 kind: FailureKind::Rejected,
                 reason: "451 from the worker".into(),
                 attempts: 1,
+                statuses: Vec::new(),
             },
         ),
         r(

@@ -39,6 +39,7 @@ fn commands() -> Vec<(Command, &'static str)> {
             Command::FinishGenerating {
                 image: image(),
                 attempts: 1,
+                statuses: Vec::new(),
             },
             "generated",
         ),
@@ -53,6 +54,7 @@ fn commands() -> Vec<(Command, &'static str)> {
                 kind: FailureKind::Unavailable,
                 reason: "down".into(),
                 attempts: 4,
+                statuses: Vec::new(),
             },
             "fail",
         ),
@@ -166,6 +168,7 @@ async fn given_a_log_when_an_illegal_command_then_nothing_is_written() {
             Command::FinishGenerating {
                 image: image(),
                 attempts: 1,
+                statuses: Vec::new(),
             },
         )
         .await;
@@ -222,6 +225,7 @@ async fn given_a_log_when_an_illegal_command_then_nothing_is_written() {
             kind: FailureKind::Refused,
             reason: "401".into(),
             attempts: 1,
+            statuses: Vec::new(),
         },
     )
     .await

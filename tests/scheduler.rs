@@ -302,12 +302,14 @@ impl Generator for GatedGenerator {
                     kind: FailureKind::Unavailable,
                     reason: "gate closed".into(),
                     attempts: 1,
+                    statuses: Vec::new(),
                 })?;
         }
         Ok(GeneratedImage {
             bytes: PNG.to_vec(),
             format: "png".into(),
             attempts: 1,
+            statuses: Vec::new(),
         })
     }
 }

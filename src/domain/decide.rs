@@ -25,6 +25,7 @@ pub enum Command {
     FinishGenerating {
         image: ImageRef,
         attempts: u32,
+        statuses: Vec<String>,
     },
     FinishSending {
         message_id: Option<i32>,
@@ -33,6 +34,7 @@ pub enum Command {
         kind: FailureKind,
         reason: String,
         attempts: u32,
+        statuses: Vec<String>,
     },
     Cancel,
     Resume,
@@ -69,16 +71,26 @@ pub fn decide(stage: Stage, command: Command) -> Result<Event, Refusal> {
             Event::Started
         }
         Command::FinishEnhancing { prompt, fallback } => Event::Enhanced { prompt, fallback },
-        Command::FinishGenerating { image, attempts } => Event::Generated { image, attempts },
+        Command::FinishGenerating {
+            image,
+            attempts,
+            statuses,
+        } => Event::Generated {
+            image,
+            attempts,
+            statuses,
+        },
         Command::FinishSending { message_id } => Event::Delivered { message_id },
         Command::Fail {
             kind,
             reason,
             attempts,
+            statuses,
         } => Event::Failed {
             kind,
             reason,
             attempts,
+            statuses,
         },
         Command::Cancel => Event::Cancelled,
         Command::Resume => Event::Resumed { stage },

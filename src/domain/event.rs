@@ -85,7 +85,13 @@ pub enum Event {
         fallback: Option<String>,
     },
     /// The worker answered with an image, kept on disk (Generating → Sending).
-    Generated { image: ImageRef, attempts: u32 },
+    /// `statuses` is what each attempt got (e.g. `503`, `timeout`, `200`).
+    Generated {
+        image: ImageRef,
+        attempts: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        statuses: Vec<String>,
+    },
     /// Telegram has the image (Sending → Done).
     Delivered { message_id: Option<i32> },
     /// Failed for good.
@@ -93,6 +99,8 @@ pub enum Event {
         kind: FailureKind,
         reason: String,
         attempts: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        statuses: Vec<String>,
     },
     /// Cancelled by its user while still queued.
     Cancelled,

@@ -33,6 +33,8 @@ pub struct GeneratedImage {
     /// `png`, `jpeg` or `webp`.
     pub format: String,
     pub attempts: u32,
+    /// What each attempt got, for the audit (e.g. `503`, `timeout`, `200`).
+    pub statuses: Vec<String>,
 }
 
 /// A worker failure after its retries.
@@ -41,6 +43,8 @@ pub struct GenerationFailure {
     pub kind: FailureKind,
     pub reason: String,
     pub attempts: u32,
+    /// What each attempt got, for the audit.
+    pub statuses: Vec<String>,
 }
 
 /// Asks a model's worker for an image.
@@ -158,6 +162,7 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                         Ok(image) => Command::FinishGenerating {
                             image,
                             attempts: img.attempts,
+                            statuses: img.statuses,
                         },
                         Err(e) => {
                             tracing::error!(request_id = %req.id, error = %e, "could not keep the image");
@@ -165,6 +170,7 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                                 kind: FailureKind::Internal,
                                 reason: format!("could not keep the image: {}", e.kind()),
                                 attempts: img.attempts,
+                                statuses: img.statuses,
                             }
                         }
                     },
@@ -172,6 +178,7 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                         kind: f.kind,
                         reason: f.reason,
                         attempts: f.attempts,
+                        statuses: f.statuses,
                     },
                 }
             }
@@ -193,6 +200,7 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                                 kind: FailureKind::Delivery,
                                 reason: f.reason,
                                 attempts: 0,
+                                statuses: Vec::new(),
                             },
                         }
                     }

@@ -74,6 +74,7 @@ impl RequestRecord {
                 kind,
                 reason,
                 attempts,
+                ..
             } => {
                 self.attempts = self.attempts.max(*attempts);
                 self.error = Some(format!("{}: {reason}", kind.as_str()));

@@ -88,11 +88,13 @@ impl Generator for ScriptedGenerator {
                 kind,
                 reason: "scripted failure".into(),
                 attempts: 1,
+                statuses: Vec::new(),
             }),
             _ => Ok(GeneratedImage {
                 bytes: PNG.to_vec(),
                 format: "png".into(),
                 attempts: 1,
+                statuses: Vec::new(),
             }),
         }
     }

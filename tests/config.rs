@@ -1,0 +1,282 @@
+//! Typed settings: defaults, every validation sentence, easel.toml with an
+//! extra model, the environment winning, and no secret in any printout.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use easel::config::{Protocol, Settings};
+
+fn settings(vars: &[(&str, &str)], toml: Option<&str>) -> Result<Settings, String> {
+    let env: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Settings::from_sources(|k| env.get(k).cloned(), toml).map_err(|e| e.to_string())
+}
+
+#[test]
+fn defaults_need_nothing() {
+    let s = settings(&[], None).unwrap();
+    assert!(s.models.is_empty());
+    assert!(s.llm.is_none());
+    assert!(s.telegram_token.is_none());
+    assert_eq!(s.telegram_api_url.to_string(), "https://api.telegram.org/");
+    assert_eq!(s.data_dir, std::path::PathBuf::from("./data"));
+    assert_eq!(
+        (
+            s.limits.rate.count,
+            s.limits.rate.window_secs,
+            s.limits.max_pending
+        ),
+        (5, 60, 3)
+    );
+    assert_eq!(s.worker_timeout, Duration::from_secs(120));
+    assert_eq!(s.connect_timeout, Duration::from_secs(30));
+    assert_eq!(s.llm_timeout, Duration::from_secs(30));
+    assert_eq!(s.retry_base, Duration::from_millis(1000));
+    assert!(s.allowed_users.is_empty());
+    assert_eq!(s.log_filter, "info");
+}
+
+#[test]
+fn both_built_in_models_and_the_llm() {
+    let s = settings(
+        &[
+            ("FLUX_WORKER_URL", "http://127.0.0.1:9001/flux"),
+            ("SDXL_WORKER_URL", "https://sdxl.example/generate"),
+            ("SDXL_API_KEY", "sk-real-key-123"),
+            ("LLM_API_URL", "http://127.0.0.1:9003/v1"),
+            ("LLM_MODEL", "llama3"),
+            ("EASEL_RATE_LIMIT", " 10/30 "),
+            ("EASEL_ALLOWED_USERS", "1, 22 ,333"),
+            ("EASEL_RETRY_BASE_MS", "5"),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.models.len(), 2);
+    assert_eq!(s.models[0].protocol, Protocol::FluxGet);
+    assert!(s.models[0].key.is_none());
+    assert_eq!(s.models[1].protocol, Protocol::SdxlPost);
+    assert!(s.models[1].key.is_some());
+    assert_eq!(s.llm.as_ref().unwrap().model, "llama3");
+    assert_eq!((s.limits.rate.count, s.limits.rate.window_secs), (10, 30));
+    assert_eq!(
+        s.allowed_users.into_iter().collect::<Vec<_>>(),
+        vec![1, 22, 333]
+    );
+    assert_eq!(s.retry_base, Duration::from_millis(5));
+}
+
+#[test]
+fn each_problem_is_one_sentence_naming_the_variable() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("FLUX_WORKER_URL", "ftp://host/x")],
+            "FLUX_WORKER_URL must start with http:// or https://",
+        ),
+        (
+            &[("FLUX_WORKER_URL", "not a url")],
+            "FLUX_WORKER_URL is not a valid URL.",
+        ),
+        (
+            &[("SDXL_WORKER_URL", "http://h/x")],
+            "SDXL_API_KEY is not set.",
+        ),
+        (
+            &[
+                ("SDXL_WORKER_URL", "http://h/x"),
+                ("SDXL_API_KEY", "changeme"),
+            ],
+            "SDXL_API_KEY is empty or a placeholder",
+        ),
+        (
+            &[
+                ("SDXL_WORKER_URL", "http://h/x"),
+                ("SDXL_API_KEY", "your-key-here"),
+            ],
+            "SDXL_API_KEY is empty or a placeholder",
+        ),
+        (
+            &[
+                ("SDXL_WORKER_URL", "http://h/x"),
+                ("SDXL_API_KEY", "xxxxxxxx"),
+            ],
+            "SDXL_API_KEY is empty or a placeholder",
+        ),
+        (
+            &[("SDXL_WORKER_URL", "http://h/x"), ("SDXL_API_KEY", "  ")],
+            "SDXL_API_KEY is empty or a placeholder",
+        ),
+        (
+            &[("EASEL_RATE_LIMIT", "5/abc")],
+            "EASEL_RATE_LIMIT must be N/SECONDS",
+        ),
+        (
+            &[("EASEL_RATE_LIMIT", "5")],
+            "EASEL_RATE_LIMIT must be N/SECONDS",
+        ),
+        (
+            &[("EASEL_RATE_LIMIT", "0/60")],
+            "EASEL_RATE_LIMIT must be N/SECONDS",
+        ),
+        (
+            &[("EASEL_WORKER_TIMEOUT_SECS", "abc")],
+            "EASEL_WORKER_TIMEOUT_SECS must be a whole number",
+        ),
+        (
+            &[("EASEL_MAX_PENDING_PER_USER", "-1")],
+            "EASEL_MAX_PENDING_PER_USER must be a whole number",
+        ),
+        (
+            &[("EASEL_ALLOWED_USERS", "1,bob")],
+            "EASEL_ALLOWED_USERS must be comma-separated Telegram user ids; \"bob\"",
+        ),
+        (
+            &[("TELEGRAM_API_URL", "telegram")],
+            "TELEGRAM_API_URL is not a valid URL.",
+        ),
+        (
+            &[("TELEGRAM_BOT_TOKEN", "changeme")],
+            "TELEGRAM_BOT_TOKEN is empty or a placeholder",
+        ),
+        (
+            &[("LLM_API_URL", "http://h/v1"), ("LLM_API_KEY", "xxx")],
+            "LLM_API_KEY is a placeholder",
+        ),
+        (
+            &[
+                ("LLM_API_URL", "http://h/v1"),
+                ("EASEL_LLM_USER_TEMPLATE", "improve this"),
+            ],
+            "must contain {prompt}",
+        ),
+    ];
+    for (vars, expected) in cases {
+        let err = settings(vars, None).expect_err(expected);
+        assert!(
+            err.contains(expected),
+            "{vars:?}: got {err:?}, want {expected:?}"
+        );
+    }
+    // Several problems are all reported.
+    let err = settings(
+        &[("FLUX_WORKER_URL", "ftp://x"), ("EASEL_RATE_LIMIT", "x")],
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("FLUX_WORKER_URL") && err.contains("EASEL_RATE_LIMIT"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_token_is_refused_without_printing_it() {
+    let err = settings(&[("TELEGRAM_BOT_TOKEN", "supersecretvalue")], None).unwrap_err();
+    assert!(err.contains("TELEGRAM_BOT_TOKEN"));
+    assert!(!err.contains("supersecretvalue"), "{err}");
+}
+
+const TOML: &str = r#"
+EASEL_RATE_LIMIT = "2/10"
+EASEL_MAX_PENDING_PER_USER = 7
+FLUX_WORKER_URL = "http://127.0.0.1:1/from-file"
+
+[[models]]
+name = "Kandinsky"
+url = "http://127.0.0.1:9005/k"
+protocol = "sdxl-post"
+key_env = "KANDINSKY_KEY"
+
+[[models]]
+name = "tiny"
+url = "http://127.0.0.1:9006/t"
+protocol = "flux-get"
+
+[[models]]
+name = "later"
+protocol = "flux-get"
+"#;
+
+#[test]
+fn easel_toml_adds_models_and_the_environment_wins() {
+    let s = settings(
+        &[
+            ("KANDINSKY_KEY", "k-123456"),
+            ("FLUX_WORKER_URL", "http://127.0.0.1:2/from-env"),
+            ("EASEL_RATE_LIMIT", "3/30"),
+        ],
+        Some(TOML),
+    )
+    .unwrap();
+    let names: Vec<&str> = s.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, vec!["flux", "kandinsky", "tiny"]);
+    assert_eq!(
+        s.models[0].url.expose().as_str(),
+        "http://127.0.0.1:2/from-env"
+    );
+    assert_eq!(s.models[1].protocol, Protocol::SdxlPost);
+    assert!(s.models[1].key.is_some());
+    assert_eq!(s.models[2].protocol, Protocol::FluxGet);
+    assert_eq!(
+        s.disabled_models
+            .iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>(),
+        vec!["sdxl", "later"]
+    );
+    assert_eq!((s.limits.rate.count, s.limits.rate.window_secs), (3, 30));
+    assert_eq!(s.limits.max_pending, 7);
+}
+
+#[test]
+fn easel_toml_problems_are_named() {
+    let err = settings(&[], Some(TOML)).unwrap_err();
+    assert!(err.contains("KANDINSKY_KEY is not set."), "{err}");
+    let err = settings(
+        &[],
+        Some("[[models]]\nname = \"m\"\nurl = \"http://h\"\nprotocol = \"carrier-pigeon\""),
+    )
+    .unwrap_err();
+    assert!(err.contains("use flux-get or sdxl-post"), "{err}");
+    let err = settings(
+        &[],
+        Some("[[models]]\nname = \"m\"\nurl = \"http://h\"\nprotocol = \"sdxl-post\""),
+    )
+    .unwrap_err();
+    assert!(err.contains("needs key_env"), "{err}");
+    let err = settings(&[], Some("this is = = not toml")).unwrap_err();
+    assert!(err.contains("easel.toml is not valid TOML"), "{err}");
+}
+
+#[test]
+fn no_secret_in_debug_or_display() {
+    let secrets = [
+        "123456:AAHsecretTelegramToken",
+        "sk-sdxl-secret-key",
+        "llm-secret-key",
+        "k-kandinsky-secret",
+        "querysecret",
+    ];
+    let s = settings(
+        &[
+            ("TELEGRAM_BOT_TOKEN", secrets[0]),
+            ("SDXL_WORKER_URL", "https://user:pw@sdxl.example/gen"),
+            ("SDXL_API_KEY", secrets[1]),
+            ("LLM_API_URL", "http://127.0.0.1:9/v1"),
+            ("LLM_API_KEY", secrets[2]),
+            ("KANDINSKY_KEY", secrets[3]),
+            ("FLUX_WORKER_URL", "http://127.0.0.1:1/flux?key=querysecret"),
+        ],
+        Some(TOML),
+    )
+    .unwrap();
+    let printed = format!("{s:?}\n{s}\n{s:#?}");
+    for secret in secrets.iter().chain(&["user:pw", "pw@"]) {
+        assert!(!printed.contains(secret), "{secret} printed in:\n{printed}");
+    }
+    // The values are there for the code that needs them.
+    assert_eq!(s.secrets().len(), 4);
+    assert!(printed.contains("http://127.0.0.1:1/flux?…"));
+}
