@@ -395,26 +395,22 @@ impl Settings {
             }
         };
 
-        let number = |var: &str,
-                      default: u64,
-                      min: u64,
-                      max: u64,
-                      problems: &mut Vec<String>|
-         -> u64 {
-            match non_empty(var) {
-                None => default,
-                Some(raw) => match raw.trim().parse::<u64>() {
-                    Ok(n) if (min..=max).contains(&n) => n,
-                    _ => {
-                        problems.push(format!(
-                            "{var} must be a whole number from {min} to {max} (got \"{}\").",
-                            raw.trim()
-                        ));
-                        default
-                    }
-                },
-            }
-        };
+        let number =
+            |var: &str, default: u64, min: u64, max: u64, problems: &mut Vec<String>| -> u64 {
+                match non_empty(var) {
+                    None => default,
+                    Some(raw) => match raw.trim().parse::<u64>() {
+                        Ok(n) if (min..=max).contains(&n) => n,
+                        _ => {
+                            problems.push(format!(
+                                "{var} must be a whole number from {min} to {max} (got \"{}\").",
+                                raw.trim()
+                            ));
+                            default
+                        }
+                    },
+                }
+            };
         let worker_timeout = Duration::from_secs(number(
             "EASEL_WORKER_TIMEOUT_SECS",
             120,
