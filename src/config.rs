@@ -126,6 +126,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub llm_timeout: Duration,
     pub retry_base: Duration,
+    /// How long delivered originals are kept for the 📄 Original button.
+    pub originals_ttl: Duration,
     pub log_filter: String,
 }
 
@@ -434,6 +436,9 @@ impl Settings {
             600_000,
             &mut problems,
         ));
+        let originals_ttl = Duration::from_secs(
+            3600 * number("EASEL_ORIGINALS_TTL_HOURS", 24, 1, 720, &mut problems),
+        );
         let max_pending = number("EASEL_MAX_PENDING_PER_USER", 3, 1, 1000, &mut problems) as u32;
 
         let rate = match non_empty("EASEL_RATE_LIMIT") {
@@ -491,6 +496,7 @@ impl Settings {
                 connect_timeout,
                 llm_timeout,
                 retry_base,
+                originals_ttl,
                 log_filter,
             }),
             _ => Err(ConfigError(problems)),

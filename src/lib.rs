@@ -11,9 +11,11 @@
 //!   from checkpoint + tail, the recovery rule, and the per-model scheduler
 //!   with its one-step function and the step traits adapters implement.
 
+pub mod app;
 pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod projection;
 pub mod services;
 pub mod store;
+pub mod telegram;

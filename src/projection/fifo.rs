@@ -70,6 +70,15 @@ impl FifoQueue {
         self.waiting.values().copied()
     }
 
+    /// Waiting requests after arrival number `after` (all when None), in
+    /// queue order, with their arrival numbers: a cursor for long walks.
+    pub fn iter_after(&self, after: Option<u64>) -> impl Iterator<Item = (u64, RequestId)> + '_ {
+        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        self.waiting
+            .range((start, std::ops::Bound::Unbounded))
+            .map(|(a, id)| (*a, *id))
+    }
+
     /// Adds `id` at the back. A request already waiting is left where it is.
     pub fn push(&mut self, id: RequestId) {
         if self.arrival_of.contains_key(&id) {

@@ -138,6 +138,18 @@ pub trait EventStore: Send + Sync + 'static {
     /// [`StoreError::Read`].
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// Every meta value whose name starts with `prefix`.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`].
+    fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Removes a meta value (absent is fine).
+    ///
+    /// # Errors
+    /// [`StoreError::Write`].
+    fn delete_meta(&self, name: &str) -> Result<(), StoreError>;
+
     /// How many flushes have reached the disk (to observe group commit).
     fn flush_count(&self) -> u64;
 }

@@ -419,6 +419,28 @@ impl EventStore for SledStore {
             .map(|v| v.to_vec()))
     }
 
+    fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut key = vec![META, b'/'];
+        key.extend_from_slice(prefix.as_bytes());
+        let mut out = Vec::new();
+        for kv in self.inner.db.scan_prefix(key) {
+            let (k, v) = kv.map_err(read_err)?;
+            let name = String::from_utf8_lossy(&k[2..]).into_owned();
+            out.push((name, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn delete_meta(&self, name: &str) -> Result<(), StoreError> {
+        let mut key = vec![META, b'/'];
+        key.extend_from_slice(name.as_bytes());
+        self.inner
+            .db
+            .remove(key)
+            .map(|_| ())
+            .map_err(|e| StoreError::Write(e.to_string()))
+    }
+
     fn flush_count(&self) -> u64 {
         self.inner.flushes.load(Ordering::Relaxed)
     }

@@ -1,0 +1,302 @@
+//! Wiring of `easel run`: settings → open the log → recover → one runner
+//! per model → status board → long polling, and an orderly stop on the
+//! shutdown signal (in-flight steps are cut at a step boundary and resumed
+//! after the next start; the log is checkpointed and flushed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use teloxide::prelude::Requester;
+use teloxide::types::BotCommand;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::domain::{Command, FailureKind};
+use crate::engine::{Core, ImageStore, Runner, SystemClock};
+use crate::services::{ImageWorkers, LlmEnhancer, MAX_CONNECTIONS, http_client};
+use crate::store::SledStore;
+use crate::telegram::{Intake, StatusBoard, TelegramApi, TelegramDeliverer, poll};
+
+/// Why `easel run` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration: exit code 2.
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// A running bot.
+pub struct App {
+    pub core: Arc<Core<SledStore>>,
+    /// The bot's @username, as Telegram told us.
+    pub username: String,
+    poller: JoinHandle<()>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// The data dir's event log folder.
+pub fn log_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("log")
+}
+
+/// The data dir's kept images.
+pub fn images_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("images")
+}
+
+/// Starts everything; the bot then runs until `shutdown` turns true.
+///
+/// # Errors
+/// [`StartError::Config`] for a missing or refused token, else what failed.
+pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<App, StartError> {
+    let token = settings.telegram_token.clone().ok_or_else(|| {
+        StartError::Config("TELEGRAM_BOT_TOKEN is not set; `easel run` needs the bot token.".into())
+    })?;
+    let settings = Arc::new(settings);
+    tracing::info!("starting easel\n{settings}");
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "could not create the data dir {}",
+            settings.data_dir.display()
+        )
+    })?;
+    let store = SledStore::open(&log_dir(&settings.data_dir)).map_err(anyhow::Error::from)?;
+    let (core, report) = Core::open(store, Arc::new(SystemClock)).map_err(anyhow::Error::from)?;
+    tracing::info!(
+        checkpoint = ?report.checkpoint_seq,
+        tail = report.tail_events,
+        corrupt = report.corrupt.len(),
+        "event log opened"
+    );
+    let core = Arc::new(core);
+    fail_unconfigured(&core, &settings).await?;
+    let resumed = core
+        .recover()
+        .await
+        .context("recovering unfinished requests")?;
+    for r in &resumed {
+        tracing::info!(request_id = %r.request_id, event = ?r.event, "resuming");
+    }
+
+    let images = Arc::new(
+        ImageStore::open(&images_dir(&settings.data_dir)).context("opening the image folder")?,
+    );
+    let client = http_client(&settings).context("building the HTTP client")?;
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let generator = Arc::new(ImageWorkers::new(
+        client.clone(),
+        &settings,
+        Arc::clone(&permits),
+    ));
+    let enhancer = Arc::new(LlmEnhancer::new(client, &settings, permits));
+
+    let api = Arc::new(
+        TelegramApi::new(
+            token,
+            settings.telegram_api_url.expose().clone(),
+            shutdown.clone(),
+        )
+        .context("building the Telegram client")?,
+    );
+    let username = who_am_i(&api, shutdown.clone()).await?;
+    tracing::info!(%username, "connected to Telegram");
+    let commands = vec![
+        BotCommand::new("image", "/image=<model>=<prompt> — make an image"),
+        BotCommand::new("queue", "your requests and their place in line"),
+        BotCommand::new("cancel", "cancel your queued requests"),
+        BotCommand::new("help", "how to use this bot"),
+    ];
+    if let Err(e) = api.bot().set_my_commands(commands).await {
+        tracing::warn!(error = %api.describe(&e), "setMyCommands failed");
+    }
+
+    let (board, board_task) =
+        StatusBoard::spawn(Arc::clone(&core), Arc::clone(&api), shutdown.clone());
+    let deliverer = Arc::new(TelegramDeliverer::new(Arc::clone(&api)));
+    let mut workers = vec![board_task];
+    for model in &settings.models {
+        let runner = Runner::new(
+            Arc::clone(&core),
+            model.name.clone(),
+            Arc::clone(&enhancer),
+            Arc::clone(&generator),
+            Arc::clone(&deliverer),
+            Arc::clone(&images),
+        );
+        let rx = shutdown.clone();
+        workers.push(tokio::spawn(async move { runner.run(rx).await }));
+    }
+    workers.push(tokio::spawn(janitor(
+        Arc::clone(&core),
+        Arc::clone(&images),
+        settings.originals_ttl,
+        shutdown.clone(),
+    )));
+
+    let intake = Arc::new(Intake {
+        core: Arc::clone(&core),
+        api,
+        settings,
+        board,
+        images,
+        username: username.clone(),
+    });
+    let poller = tokio::spawn(poll::poll(intake, shutdown));
+    Ok(App {
+        core,
+        username,
+        poller,
+        workers,
+    })
+}
+
+impl App {
+    /// Waits for the shutdown signal's effect: polling stops, runners stop
+    /// at a step boundary (bounded wait), then a checkpoint is written and
+    /// the log flushed when the core is dropped.
+    ///
+    /// # Errors
+    /// When the final checkpoint cannot be written.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let _ = self.poller.await;
+        for w in self.workers {
+            if tokio::time::timeout(Duration::from_secs(5), w)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "a task did not stop within 5 s; its request resumes at the next start"
+                );
+            }
+        }
+        self.core
+            .checkpoint()
+            .context("writing the final checkpoint")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Runs the bot until `shutdown`.
+///
+/// # Errors
+/// As [`start`] and [`App::wait`].
+pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
+    start(settings, shutdown).await?.wait().await?;
+    Ok(())
+}
+
+/// getMe, retried while Telegram cannot be reached; a refused token is a
+/// configuration error.
+async fn who_am_i(
+    api: &TelegramApi,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<String, StartError> {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match api.bot().get_me().await {
+            Ok(me) => return Ok(me.user.username.clone().unwrap_or_default()),
+            Err(teloxide::RequestError::Api(e)) => {
+                return Err(StartError::Config(format!(
+                    "Telegram refused TELEGRAM_BOT_TOKEN ({e}); check the token from @BotFather."
+                )));
+            }
+            Err(e) => {
+                tracing::warn!(error = %api.describe(&e), "Telegram is not reachable yet");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return Err(StartError::Other(anyhow::anyhow!("stopped before Telegram answered"))),
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Requests left for a model that is no longer configured would wait
+/// forever: they fail at start with a clear reason.
+async fn fail_unconfigured(core: &Core<SledStore>, settings: &Settings) -> anyhow::Result<()> {
+    let orphans: Vec<_> = core.read(|s| {
+        s.requests()
+            .filter(|r| settings.model(&r.model).is_none())
+            .map(|r| (r.id, r.model.clone()))
+            .collect()
+    });
+    for (id, model) in orphans {
+        tracing::warn!(request_id = %id, %model, "model no longer configured; failing its request");
+        core.execute(
+            id,
+            Command::Fail {
+                kind: FailureKind::NotConfigured,
+                reason: format!("model {model} is not configured any more"),
+                attempts: 0,
+                statuses: Vec::new(),
+            },
+        )
+        .await
+        .context("failing a request of an unconfigured model")?;
+    }
+    Ok(())
+}
+
+/// Deletes kept images older than the originals' lifetime (never those of
+/// unfinished requests), at start and then hourly, so disk use stays bounded.
+async fn janitor(
+    core: Arc<Core<SledStore>>,
+    images: Arc<ImageStore>,
+    ttl: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        match sweep_images(&core, &images, ttl) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "expired originals removed"),
+            Err(e) => tracing::warn!(error = %e, "could not sweep kept images"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One janitor pass; returns how many files were removed.
+///
+/// # Errors
+/// When the folder cannot be read.
+pub fn sweep_images(
+    core: &Core<SledStore>,
+    images: &ImageStore,
+    ttl: Duration,
+) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(images.dir())? {
+        let entry = entry?;
+        let path = entry.path();
+        let Ok(age) = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default())
+        else {
+            continue;
+        };
+        if age < ttl {
+            continue;
+        }
+        let active = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.split('.').next())
+            .and_then(|s| s.parse().ok())
+            .map(crate::domain::RequestId)
+            .is_some_and(|id| core.read(|s| s.request(id).is_some()));
+        if !active && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,219 @@
+//! The Bot API client: teloxide's `Bot` pointed at `TELEGRAM_API_URL`, one
+//! overall pace for every call (well under Telegram's 30/s), 429 handling
+//! (wait `retry_after`, then resend), "message is not modified" as success,
+//! and errors described without the token (it is part of every URL).
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use teloxide::ApiError;
+use teloxide::RequestError;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Overall pace of Bot API calls: 25/s, under Telegram's 30/s.
+pub const CALL_INTERVAL: Duration = Duration::from_millis(40);
+/// Long-poll timeout; the client timeout below is larger.
+pub const POLL_TIMEOUT_SECS: u32 = 25;
+
+/// How hard to try.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Replies and edits: a few tries, then give up (nothing is lost).
+    Reply,
+    /// Images: 429 and network errors are retried until shutdown.
+    Deliver,
+}
+
+/// Why a call did not succeed, already scrubbed of the token.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{text}")]
+pub struct TgError {
+    pub kind: TgErrorKind,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TgErrorKind {
+    /// Telegram refused the call (400, 403, …): retrying will not help.
+    Api,
+    /// Could not reach Telegram (after the retries of the policy).
+    Network,
+    /// 429 more often than the policy allows.
+    RateLimited,
+    ShuttingDown,
+}
+
+/// A minimal pacing gate: each call takes the next free slot.
+struct Pace {
+    next: Mutex<Instant>,
+}
+
+impl Pace {
+    async fn wait(&self) {
+        let slot = {
+            let mut next = self
+                .next
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let slot = (*next).max(Instant::now());
+            *next = slot + CALL_INTERVAL;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+pub struct TelegramApi {
+    bot: teloxide::Bot,
+    token: SecretString,
+    pace: Pace,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl TelegramApi {
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(
+        token: SecretString,
+        api_url: reqwest::Url,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, reqwest::Error> {
+        // teloxide's default client times out after 17 s; uploads and the
+        // long poll need more.
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(u64::from(POLL_TIMEOUT_SECS) + 35))
+            .pool_max_idle_per_host(5)
+            .tcp_nodelay(true)
+            .build()?;
+        let bot = teloxide::Bot::with_client(token.expose_secret(), client).set_api_url(api_url);
+        Ok(TelegramApi {
+            bot,
+            token,
+            pace: Pace {
+                next: Mutex::new(Instant::now()),
+            },
+            shutdown,
+        })
+    }
+
+    pub fn bot(&self) -> &teloxide::Bot {
+        &self.bot
+    }
+
+    /// Formats an error without the token or any URL.
+    pub fn describe(&self, e: &RequestError) -> String {
+        let text = match e {
+            RequestError::Network(inner) => {
+                let mut cause: &dyn std::error::Error = inner.as_ref();
+                let mut text = if inner.is_timeout() {
+                    "timed out".to_owned()
+                } else {
+                    "network error".to_owned()
+                };
+                while let Some(next) = cause.source() {
+                    cause = next;
+                    text = format!("network error: {cause}");
+                }
+                text
+            }
+            RequestError::InvalidJson { .. } => {
+                "Telegram's answer was not the expected JSON".to_owned()
+            }
+            other => other.to_string(),
+        };
+        scrub(&text, self.token.expose_secret())
+    }
+
+    /// Runs `call` (built anew for each try) at the overall pace, following
+    /// `policy` on 429 and network errors. "message is not modified" is Ok(None).
+    ///
+    /// # Errors
+    /// A [`TgError`] when the call cannot succeed under the policy.
+    pub async fn run<T, F, Fut>(
+        &self,
+        what: &'static str,
+        policy: Policy,
+        mut call: F,
+    ) -> Result<Option<T>, TgError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, RequestError>>,
+    {
+        let mut network_failures = 0u32;
+        let mut rate_limits = 0u32;
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            if *shutdown.borrow() && policy == Policy::Deliver {
+                return Err(TgError {
+                    kind: TgErrorKind::ShuttingDown,
+                    text: "shutting down".into(),
+                });
+            }
+            self.pace.wait().await;
+            let wait = match call().await {
+                Ok(v) => return Ok(Some(v)),
+                Err(RequestError::Api(ApiError::MessageNotModified)) => return Ok(None),
+                Err(RequestError::RetryAfter(secs)) => {
+                    rate_limits += 1;
+                    tracing::warn!(
+                        call = what,
+                        retry_after = secs.seconds(),
+                        "Telegram asked us to slow down"
+                    );
+                    if policy == Policy::Reply && rate_limits > 5 {
+                        return Err(TgError {
+                            kind: TgErrorKind::RateLimited,
+                            text: "rate limited by Telegram".into(),
+                        });
+                    }
+                    secs.duration().max(Duration::from_millis(100))
+                }
+                Err(
+                    e @ (RequestError::Network(_)
+                    | RequestError::Io(_)
+                    | RequestError::InvalidJson { .. }),
+                ) => {
+                    network_failures += 1;
+                    let text = self.describe(&e);
+                    tracing::warn!(call = what, error = %text, attempt = network_failures, "Telegram call failed");
+                    if policy == Policy::Reply && network_failures >= 3 {
+                        return Err(TgError {
+                            kind: TgErrorKind::Network,
+                            text,
+                        });
+                    }
+                    Duration::from_secs(1u64 << network_failures.min(5))
+                }
+                Err(e) => {
+                    return Err(TgError {
+                        kind: TgErrorKind::Api,
+                        text: self.describe(&e),
+                    });
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed(), if policy == Policy::Deliver => {}
+            }
+        }
+    }
+}
+
+/// Removes `token` (and its bot-id-free half) from `text`.
+pub fn scrub(text: &str, token: &str) -> String {
+    if token.is_empty() {
+        return text.to_owned();
+    }
+    let mut out = text.replace(token, "[token]");
+    if let Some((_, secret_half)) = token.split_once(':')
+        && secret_half.len() >= 8
+    {
+        out = out.replace(secret_half, "[token]");
+    }
+    out
+}

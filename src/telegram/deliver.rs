@@ -1,0 +1,213 @@
+//! Delivery of a finished image: `sendPhoto` from memory with the prompt as
+//! caption (cut to 1024 UTF-16 units on a character boundary; the full text
+//! follows when cut), or `sendDocument` when the image is beyond a photo's
+//! limits; 429 waits and resends, never drops. Buttons: 🔁 Again, 📄 Original.
+
+use std::sync::Arc;
+
+use teloxide::payloads::{SendDocumentSetters, SendMessageSetters, SendPhotoSetters};
+use teloxide::prelude::Requester;
+use teloxide::types::{
+    ChatId, InlineKeyboardButton, InlineKeyboardMarkup, InputFile, MessageId, ReplyParameters,
+};
+
+use super::api::{Policy, TelegramApi, TgErrorKind};
+use super::words;
+use crate::engine::{Deliverer, Delivery, DeliveryFailure};
+use crate::projection::ActiveRequest;
+
+/// Telegram's caption limit, in UTF-16 code units.
+pub const CAPTION_UNITS: usize = 1024;
+/// Telegram's message limit, in UTF-16 code units.
+pub const MESSAGE_UNITS: usize = 4096;
+/// The largest photo (Telegram says 10 MB; counted in bytes to be safe).
+pub const MAX_PHOTO_BYTES: usize = 10_000_000;
+
+/// `text` cut to at most `max_units` UTF-16 code units on a character
+/// boundary, with "…" when cut; and whether it was cut.
+pub fn fit_utf16(text: &str, max_units: usize) -> (String, bool) {
+    if text.encode_utf16().count() <= max_units {
+        return (text.to_owned(), false);
+    }
+    let budget = max_units.saturating_sub(1);
+    let mut units = 0;
+    let mut end = 0;
+    for (i, c) in text.char_indices() {
+        if units + c.len_utf16() > budget {
+            break;
+        }
+        units += c.len_utf16();
+        end = i + c.len_utf8();
+    }
+    (format!("{}…", &text[..end]), true)
+}
+
+/// Whether Telegram takes these bytes as a photo: ≤ 10 MB, width + height
+/// ≤ 10000, aspect ratio ≤ 20. Unknown dimensions: try as a photo.
+pub fn fits_as_photo(bytes: &[u8]) -> bool {
+    if bytes.len() > MAX_PHOTO_BYTES {
+        return false;
+    }
+    match imagesize::blob_size(bytes) {
+        Ok(size) => {
+            let (w, h) = (size.width, size.height);
+            w > 0 && h > 0 && w + h <= 10_000 && w.max(h) <= 20 * w.min(h)
+        }
+        Err(_) => true,
+    }
+}
+
+pub fn keyboard(id: crate::domain::RequestId) -> InlineKeyboardMarkup {
+    InlineKeyboardMarkup::new(vec![vec![
+        InlineKeyboardButton::callback(words::again_button(), format!("again:{id}")),
+        InlineKeyboardButton::callback(words::original_button(), format!("orig:{id}")),
+    ]])
+}
+
+pub struct TelegramDeliverer {
+    api: Arc<TelegramApi>,
+}
+
+impl TelegramDeliverer {
+    pub fn new(api: Arc<TelegramApi>) -> Self {
+        TelegramDeliverer { api }
+    }
+
+    async fn send_document(
+        &self,
+        chat: ChatId,
+        file: InputFile,
+        caption: &str,
+        reply: Option<ReplyParameters>,
+        markup: InlineKeyboardMarkup,
+    ) -> Result<Option<teloxide::types::Message>, super::api::TgError> {
+        let bot = self.api.bot().clone();
+        self.api
+            .run("sendDocument", Policy::Deliver, || {
+                let mut r = bot
+                    .send_document(chat, file.clone())
+                    .caption(caption.to_owned())
+                    .reply_markup(markup.clone());
+                if let Some(p) = reply.clone() {
+                    r = r.reply_parameters(p);
+                }
+                r.into_future()
+            })
+            .await
+    }
+}
+
+impl Deliverer for TelegramDeliverer {
+    async fn deliver(
+        &self,
+        request: &ActiveRequest,
+        image: &[u8],
+        format: &str,
+    ) -> Result<Delivery, DeliveryFailure> {
+        let chat = ChatId(request.origin.chat_id.0);
+        let prompt = request
+            .enhanced_prompt
+            .as_deref()
+            .unwrap_or(request.prompt.as_str());
+        let (caption, cut) = fit_utf16(prompt, CAPTION_UNITS);
+        let reply = request
+            .origin
+            .message_id
+            .map(|m| ReplyParameters::new(MessageId(m)).allow_sending_without_reply());
+        let markup = keyboard(request.id);
+        let bytes = bytes::Bytes::copy_from_slice(image);
+        let file = InputFile::memory(bytes).file_name(format!("easel-{}.{format}", request.id));
+        let bot = self.api.bot().clone();
+
+        let sent = if fits_as_photo(image) {
+            let photo = self
+                .api
+                .run("sendPhoto", Policy::Deliver, || {
+                    let mut r = bot
+                        .send_photo(chat, file.clone())
+                        .caption(caption.clone())
+                        .reply_markup(markup.clone());
+                    if let Some(p) = reply.clone() {
+                        r = r.reply_parameters(p);
+                    }
+                    r.into_future()
+                })
+                .await;
+            match photo {
+                // Telegram refused it as a photo (dimensions, processing):
+                // the original bytes go as a document instead of failing.
+                Err(e) if e.kind == TgErrorKind::Api => {
+                    tracing::info!(request_id = %request.id, error = %e, "photo refused; sending as a document");
+                    self.send_document(chat, file.clone(), &caption, reply.clone(), markup.clone())
+                        .await
+                }
+                other => other,
+            }
+        } else {
+            self.send_document(chat, file.clone(), &caption, reply.clone(), markup.clone())
+                .await
+        };
+        let message = match sent {
+            Ok(m) => m,
+            Err(e) => return Err(DeliveryFailure { reason: e.text }),
+        };
+        if cut {
+            let (full, _) = fit_utf16(
+                &format!("{}\n{prompt}", words::full_prompt_follows()),
+                MESSAGE_UNITS,
+            );
+            let bot = self.api.bot().clone();
+            let mid = message.as_ref().map(|m| m.id);
+            let follow = self
+                .api
+                .run("sendMessage", Policy::Reply, || {
+                    let mut r = bot.send_message(chat, full.clone());
+                    if let Some(id) = mid {
+                        r = r.reply_parameters(
+                            ReplyParameters::new(id).allow_sending_without_reply(),
+                        );
+                    }
+                    r.into_future()
+                })
+                .await;
+            if let Err(e) = follow {
+                // The image is delivered; a lost follow-up is only logged.
+                tracing::warn!(request_id = %request.id, error = %e, "could not send the full prompt");
+            }
+        }
+        Ok(Delivery {
+            message_id: message.map(|m| m.id.0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn captions_are_cut_in_utf16_units() {
+        assert_eq!(fit_utf16("short", 1024), ("short".to_owned(), false));
+        let (cut, was_cut) = fit_utf16(&"a".repeat(1025), 1024);
+        assert!(was_cut);
+        assert_eq!(cut.encode_utf16().count(), 1024);
+        // An emoji is two units: never split in half.
+        let (cut, _) = fit_utf16(&"🦊".repeat(600), 1024);
+        assert_eq!(cut, format!("{}…", "🦊".repeat(511)));
+    }
+
+    proptest! {
+        #[test]
+        fn fit_never_exceeds_and_is_a_prefix(s in any::<String>(), max in 1usize..64) {
+            let (out, cut) = fit_utf16(&s, max);
+            prop_assert!(out.encode_utf16().count() <= max);
+            if cut {
+                let body = out.strip_suffix('…').unwrap();
+                prop_assert!(s.starts_with(body));
+            } else {
+                prop_assert_eq!(out, s);
+            }
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! Intake: one Telegram update in, replies out. Admission runs in the order
+//! of the contract: allowlist → validation → limits (from the projections)
+//! → durable `Queued` → only then the "Queued for …" reply. Redelivered
+//! updates find their request instead of making a second one.
+
+use std::sync::Arc;
+
+use teloxide::payloads::{AnswerCallbackQuerySetters, SendDocumentSetters, SendMessageSetters};
+use teloxide::prelude::Requester;
+use teloxide::types::{
+    CallbackQuery, ChatId as TgChatId, InputFile, Message, MessageId, ReplyParameters, Update,
+    UpdateKind,
+};
+
+use super::api::{Policy, TelegramApi};
+use super::parse::{Input, parse};
+use super::status::StatusBoard;
+use super::words;
+use crate::config::Settings;
+use crate::domain::ids::InvalidPrompt;
+use crate::domain::{ChatId, Event, ModelName, Origin, Prompt, Rejection, RequestId, UserId};
+use crate::engine::{AcceptError, Admitted, Core, ImageStore, NewRequest};
+use crate::store::{EventStore, SledStore};
+
+pub struct Intake {
+    pub core: Arc<Core<SledStore>>,
+    pub api: Arc<TelegramApi>,
+    pub settings: Arc<Settings>,
+    pub board: StatusBoard,
+    pub images: Arc<ImageStore>,
+    /// Our @username, without the `@`.
+    pub username: String,
+}
+
+/// Where a reply goes.
+#[derive(Clone, Copy)]
+struct Reply {
+    chat: i64,
+    to_message: Option<i32>,
+}
+
+impl Intake {
+    fn model_names(&self) -> Vec<String> {
+        self.settings
+            .models
+            .iter()
+            .map(|m| m.name.to_string())
+            .collect()
+    }
+
+    fn allowed(&self, user: i64) -> bool {
+        self.settings.allowed_users.is_empty() || self.settings.allowed_users.contains(&user)
+    }
+
+    /// Handles one update. Never fails: problems become replies or logs.
+    pub async fn handle(&self, update: Update) {
+        let update_id = update.id.0;
+        match update.kind {
+            UpdateKind::Message(msg) => self.message(update_id, &msg).await,
+            UpdateKind::CallbackQuery(q) => self.callback(update_id, &q).await,
+            _ => {}
+        }
+    }
+
+    async fn send(&self, to: Reply, text: String) -> Option<Message> {
+        let bot = self.api.bot().clone();
+        let result = self
+            .api
+            .run("sendMessage", Policy::Reply, || {
+                let mut r = bot.send_message(TgChatId(to.chat), text.clone());
+                if let Some(m) = to.to_message {
+                    r = r.reply_parameters(
+                        ReplyParameters::new(MessageId(m)).allow_sending_without_reply(),
+                    );
+                }
+                r.into_future()
+            })
+            .await;
+        match result {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not reply");
+                None
+            }
+        }
+    }
+
+    async fn message(&self, update_id: u32, msg: &Message) {
+        let Some(text) = msg.text() else { return };
+        let Some(user) = msg.from.as_ref() else {
+            return;
+        };
+        let user_id = i64::try_from(user.id.0).unwrap_or(i64::MAX);
+        let to = Reply {
+            chat: msg.chat.id.0,
+            to_message: Some(msg.id.0),
+        };
+        let input = parse(text, Some(&self.username));
+        if input == Input::NotForUs {
+            // In a private chat plain text gets a hint; in groups, silence.
+            if msg.chat.is_private() && self.allowed(user_id) {
+                self.send(to, words::usage(&self.model_names())).await;
+            }
+            return;
+        }
+        // The allowlist comes before anything is recorded.
+        if !self.allowed(user_id) {
+            self.send(to, words::not_allowed()).await;
+            return;
+        }
+        match input {
+            Input::Image { model, prompt } => {
+                let origin = Origin {
+                    user_id: UserId(user_id),
+                    chat_id: ChatId(msg.chat.id.0),
+                    message_id: Some(msg.id.0),
+                    update_id: Some(update_id),
+                };
+                self.image(to, origin, &model, &prompt).await;
+            }
+            Input::ImageUsage => {
+                self.send(to, words::usage(&self.model_names())).await;
+            }
+            Input::Start | Input::Help => {
+                self.send(to, words::help(&self.model_names())).await;
+            }
+            Input::Queue => {
+                let text = self.queue_text(UserId(user_id));
+                self.send(to, text).await;
+            }
+            Input::Cancel(prefix) => {
+                let text = match self
+                    .core
+                    .cancel_queued(UserId(user_id), prefix.as_deref())
+                    .await
+                {
+                    Ok(ids) if ids.is_empty() && prefix.is_some() => {
+                        words::nothing_to_cancel_with(prefix.as_deref().unwrap_or_default())
+                    }
+                    Ok(ids) => words::cancelled(ids.len()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cancel failed");
+                        words::busy()
+                    }
+                };
+                self.send(to, text).await;
+            }
+            Input::UnknownCommand(_) => {
+                self.send(to, words::unknown_command()).await;
+            }
+            Input::NotForUs => {}
+        }
+    }
+
+    /// Validation, limits, the durable `Queued` event, then the reply.
+    async fn image(
+        &self,
+        to: Reply,
+        origin: Origin,
+        model: &str,
+        prompt: &str,
+    ) -> Option<RequestId> {
+        let models = self.model_names();
+        let Ok(name) = ModelName::parse(model) else {
+            self.send(to, words::unknown_model(model, &models)).await;
+            return None;
+        };
+        if self.settings.model(&name).is_none() {
+            let text = if self.settings.disabled_models.contains(&name) {
+                words::not_configured(name.as_str())
+            } else {
+                words::unknown_model(model, &models)
+            };
+            self.send(to, text).await;
+            return None;
+        }
+        let prompt = match Prompt::parse(prompt) {
+            Ok(p) => p,
+            Err(InvalidPrompt::Empty) => {
+                self.send(to, words::empty_prompt()).await;
+                return None;
+            }
+            Err(InvalidPrompt::TooLong { chars }) => {
+                self.send(
+                    to,
+                    words::prompt_too_long(chars, crate::domain::ids::MAX_PROMPT_CHARS),
+                )
+                .await;
+                return None;
+            }
+        };
+        let chat = origin.chat_id.0;
+        match self
+            .core
+            .accept(
+                NewRequest {
+                    model: name.clone(),
+                    prompt,
+                    origin,
+                },
+                &self.settings.limits,
+            )
+            .await
+        {
+            Ok(Admitted::Queued { id, position, .. }) => {
+                let wait = self.core.read(|s| s.estimated_wait(&name, position));
+                let text = words::queued(name.as_str(), position, wait);
+                if let Some(m) = self.send(to, text.clone()).await {
+                    self.board.register(id, chat, m.id.0, name, text);
+                }
+                Some(id)
+            }
+            Ok(Admitted::Duplicate { id }) => {
+                // A redelivered update: the request exists. If the crash came
+                // before its status reply, send that reply now.
+                if !self.board.has(id) {
+                    let text = self.core.read(|s| {
+                        s.request(id).map(|r| {
+                            let p = s.position(id);
+                            words::status(r.model.as_str(), r.stage, p, None)
+                        })
+                    });
+                    if let Some(text) = text
+                        && let Some(m) = self.send(to, text.clone()).await
+                    {
+                        self.board.register(id, chat, m.id.0, name, text);
+                    }
+                }
+                Some(id)
+            }
+            Err(AcceptError::Rejected(Rejection::RateLimited { retry_after_secs })) => {
+                self.send(to, words::rate_limited(retry_after_secs)).await;
+                None
+            }
+            Err(AcceptError::Rejected(Rejection::TooManyPending { max, .. })) => {
+                self.send(to, words::too_many_pending(max)).await;
+                None
+            }
+            Err(AcceptError::Store(e)) => {
+                tracing::error!(error = %e, "could not record a request");
+                self.send(to, words::busy()).await;
+                None
+            }
+        }
+    }
+
+    fn queue_text(&self, user: UserId) -> String {
+        let lines: Vec<String> = self.core.read(|s| {
+            let mut mine: Vec<_> = s.requests().filter(|r| r.origin.user_id == user).collect();
+            mine.sort_by_key(|r| r.queued_at);
+            mine.iter()
+                .map(|r| {
+                    let position = s.position(r.id);
+                    let wait = position.and_then(|p| s.estimated_wait(&r.model, p));
+                    let short = r.id.to_string();
+                    words::queue_line(
+                        &short[short.len() - 8..],
+                        r.model.as_str(),
+                        r.stage,
+                        position,
+                        wait,
+                    )
+                })
+                .collect()
+        });
+        if lines.is_empty() {
+            words::no_requests()
+        } else {
+            format!("{}\n{}", words::queue_header(), lines.join("\n"))
+        }
+    }
+
+    async fn answer(&self, query: &CallbackQuery, text: String) {
+        let bot = self.api.bot().clone();
+        let id = query.id.clone();
+        let _ = self
+            .api
+            .run("answerCallbackQuery", Policy::Reply, || {
+                bot.answer_callback_query(id.clone())
+                    .text(words::short(&text))
+                    .into_future()
+            })
+            .await;
+    }
+
+    async fn callback(&self, update_id: u32, query: &CallbackQuery) {
+        let user_id = i64::try_from(query.from.id.0).unwrap_or(i64::MAX);
+        if !self.allowed(user_id) {
+            self.answer(query, words::not_allowed()).await;
+            return;
+        }
+        let Some(chat) = query.message.as_ref().map(|m| m.chat().id.0) else {
+            self.answer(query, words::unknown_button()).await;
+            return;
+        };
+        let data = query.data.as_deref().unwrap_or_default();
+        let (action, id) = match data.split_once(':') {
+            Some((a, id)) => (a, id.parse().ok().map(RequestId)),
+            None => (data, None),
+        };
+        let Some(id) = id else {
+            self.answer(query, words::unknown_button()).await;
+            return;
+        };
+        let events: Vec<_> = match self.core.store().events_of(id) {
+            Ok(events) => events.into_iter().filter_map(Result::ok).collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "could not read a request for a button");
+                self.answer(query, words::busy()).await;
+                return;
+            }
+        };
+        match action {
+            "again" => {
+                let Some(Event::Queued { model, prompt, .. }) = events.first().map(|r| &r.event)
+                else {
+                    self.answer(query, words::unknown_button()).await;
+                    return;
+                };
+                let origin = Origin {
+                    user_id: UserId(user_id),
+                    chat_id: ChatId(chat),
+                    message_id: None,
+                    update_id: Some(update_id),
+                };
+                self.answer(query, words::again_button()).await;
+                let to = Reply {
+                    chat,
+                    to_message: query.message.as_ref().map(|m| m.id().0),
+                };
+                self.image(to, origin, model.as_str(), prompt.as_str())
+                    .await;
+            }
+            "orig" => {
+                let image = events.iter().rev().find_map(|r| match &r.event {
+                    Event::Generated { image, .. } => Some(image.clone()),
+                    _ => None,
+                });
+                let bytes = image
+                    .as_ref()
+                    .and_then(|i| self.images.load(i).ok().flatten());
+                let (Some(image), Some(bytes)) = (image, bytes) else {
+                    self.answer(query, words::original_expired()).await;
+                    return;
+                };
+                self.answer(query, words::original_sending()).await;
+                let bot = self.api.bot().clone();
+                let file = InputFile::memory(bytes::Bytes::from(bytes))
+                    .file_name(format!("easel-{id}.{}", image.format));
+                let reply = query
+                    .message
+                    .as_ref()
+                    .map(|m| ReplyParameters::new(m.id()).allow_sending_without_reply());
+                let sent = self
+                    .api
+                    .run("sendDocument", Policy::Reply, || {
+                        let mut r = bot.send_document(TgChatId(chat), file.clone());
+                        if let Some(p) = reply.clone() {
+                            r = r.reply_parameters(p);
+                        }
+                        r.into_future()
+                    })
+                    .await;
+                if let Err(e) = sent {
+                    tracing::warn!(error = %e, "could not send an original");
+                }
+            }
+            _ => self.answer(query, words::unknown_button()).await,
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The only module that knows teloxide: the Bot API client, parsing,
+//! intake and admission replies, status messages, delivery, long polling,
+//! and every user-facing text (`words`).
+
+pub mod api;
+pub mod deliver;
+pub mod intake;
+pub mod parse;
+pub mod poll;
+pub mod status;
+pub mod words;
+
+pub use api::TelegramApi;
+pub use deliver::TelegramDeliverer;
+pub use intake::Intake;
+pub use status::StatusBoard;

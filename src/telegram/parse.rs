@@ -1,0 +1,190 @@
+//! Parsing a Telegram message into what the user asked for (§2). Pure:
+//! no bot, no I/O; anything unexpected is a value, never an error.
+
+/// What a message asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// `/image=<model>=<prompt>`: model lowercased, prompt trimmed, control
+    /// characters (other than newline and tab) removed. Either may be empty;
+    /// admission says what is wrong.
+    Image { model: String, prompt: String },
+    /// `/image` alone or malformed.
+    ImageUsage,
+    /// `/queue` or `/status`.
+    Queue,
+    /// `/cancel` or `/cancel <id-prefix>`.
+    Cancel(Option<String>),
+    /// `/start`.
+    Start,
+    /// `/help`.
+    Help,
+    /// Another `/command` addressed to us.
+    UnknownCommand(String),
+    /// Plain text, or a command addressed to another bot.
+    NotForUs,
+}
+
+/// Parses `text`. `bot_username` (without `@`) lets `/image@ourbot=…` through
+/// and makes `/image@otherbot=…` someone else's business.
+pub fn parse(text: &str, bot_username: Option<&str>) -> Input {
+    let text = text.trim_start();
+    let Some(rest) = text.strip_prefix('/') else {
+        return Input::NotForUs;
+    };
+    let name_len = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(rest.len());
+    let (name, mut rest) = rest.split_at(name_len);
+    if name.is_empty() {
+        return Input::NotForUs;
+    }
+    if let Some(after_at) = rest.strip_prefix('@') {
+        let user_len = after_at
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after_at.len());
+        let (user, after) = after_at.split_at(user_len);
+        match bot_username {
+            Some(me) if me.eq_ignore_ascii_case(user) => {}
+            // Addressed to another bot, or we do not know our name yet.
+            Some(_) => return Input::NotForUs,
+            None => {}
+        }
+        rest = after;
+    }
+    let name = name.to_ascii_lowercase();
+    match name.as_str() {
+        "image" => parse_image(rest),
+        "queue" | "status" => Input::Queue,
+        "cancel" => {
+            let arg = rest
+                .split_whitespace()
+                .next()
+                .map(|s| s.trim_matches(|c: char| c == '<' || c == '>').to_owned());
+            Input::Cancel(arg.filter(|a| !a.is_empty()))
+        }
+        "start" => Input::Start,
+        "help" => Input::Help,
+        _ => Input::UnknownCommand(name),
+    }
+}
+
+fn parse_image(rest: &str) -> Input {
+    // `/image=model=prompt`; spaces around the `=` signs are forgiven.
+    let Some(after) = rest.trim_start().strip_prefix('=') else {
+        return Input::ImageUsage;
+    };
+    let Some((model, prompt)) = after.split_once('=') else {
+        return Input::ImageUsage;
+    };
+    let model = model.trim();
+    if model.contains(char::is_whitespace) {
+        return Input::ImageUsage;
+    }
+    Input::Image {
+        model: model.to_lowercase(),
+        prompt: strip_controls(prompt).trim().to_owned(),
+    }
+}
+
+/// Removes control characters except newline and tab.
+fn strip_controls(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn image(model: &str, prompt: &str) -> Input {
+        Input::Image {
+            model: model.into(),
+            prompt: prompt.into(),
+        }
+    }
+
+    #[test]
+    fn the_table_of_section_2() {
+        let bot = Some("easel_bot");
+        let cases: Vec<(&str, Input)> = vec![
+            (
+                "/image=flux=a red fox in snow",
+                image("flux", "a red fox in snow"),
+            ),
+            ("/image=FLUX=a fox", image("flux", "a fox")),
+            ("/image=SdXl=a fox", image("sdxl", "a fox")),
+            ("  /image=flux=  a fox  ", image("flux", "a fox")),
+            ("/image=flux=a=b=c", image("flux", "a=b=c")),
+            (
+                "/image=flux=line one\nline two",
+                image("flux", "line one\nline two"),
+            ),
+            (
+                "/image=flux=روباه قرمز در برف 🦊",
+                image("flux", "روباه قرمز در برف 🦊"),
+            ),
+            ("/image@easel_bot=flux=a fox", image("flux", "a fox")),
+            ("/image@EASEL_BOT=flux=a fox", image("flux", "a fox")),
+            ("/image@other_bot=flux=a fox", Input::NotForUs),
+            ("/image = flux = a fox", image("flux", "a fox")),
+            ("/image=flux=a\u{0}b\u{7}c\td", image("flux", "abc\td")),
+            ("/image=flux=", image("flux", "")),
+            ("/image=flux=   \n ", image("flux", "")),
+            ("/image==a fox", image("", "a fox")),
+            ("/image=unknown=a fox", image("unknown", "a fox")),
+            ("/image", Input::ImageUsage),
+            ("/image@easel_bot", Input::ImageUsage),
+            ("/image flux a fox", Input::ImageUsage),
+            ("/image=flux", Input::ImageUsage),
+            ("/image=fl ux=a fox", Input::ImageUsage),
+            ("/queue", Input::Queue),
+            ("/status", Input::Queue),
+            ("/cancel", Input::Cancel(None)),
+            ("/cancel 019abc", Input::Cancel(Some("019abc".into()))),
+            (
+                "/cancel@easel_bot  019abc  ",
+                Input::Cancel(Some("019abc".into())),
+            ),
+            ("/start", Input::Start),
+            ("/help", Input::Help),
+            ("/HELP", Input::Help),
+            ("/frobnicate", Input::UnknownCommand("frobnicate".into())),
+            ("hello", Input::NotForUs),
+            ("", Input::NotForUs),
+            ("/", Input::NotForUs),
+            ("/ image=flux=x", Input::NotForUs),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse(text, bot), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_50000_character_message() {
+        let text = format!("/image=flux={}", "ا".repeat(50_000));
+        match parse(&text, None) {
+            Input::Image { prompt, .. } => assert_eq!(prompt.chars().count(), 50_000),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in any::<String>()) {
+            let _ = parse(&s, Some("easel_bot"));
+        }
+
+        #[test]
+        fn any_prompt_survives(model in "[a-zA-Z0-9_-]{1,12}", prompt in "\\PC{0,300}") {
+            match parse(&format!("/image={model}={prompt}"), None) {
+                Input::Image { model: m, prompt: p } => {
+                    prop_assert_eq!(m, model.to_lowercase());
+                    prop_assert_eq!(p, prompt.trim());
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Long polling with a durable offset. teloxide keeps its offset in memory
+//! only; here the last handled `update_id` is saved after each batch, and
+//! the first `getUpdates` after a start passes `saved + 1`, which confirms
+//! everything before it to Telegram. Updates redelivered after a crash are
+//! harmless: intake finds their requests by update id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use teloxide::payloads::GetUpdatesSetters;
+use teloxide::prelude::Requester;
+use teloxide::types::AllowedUpdate;
+use tokio::sync::watch;
+
+use super::api::POLL_TIMEOUT_SECS;
+use super::intake::Intake;
+use crate::store::EventStore;
+
+const OFFSET_KEY: &str = "telegram/offset";
+/// Updates of one batch handled at once.
+const CONCURRENCY: usize = 16;
+
+/// The last handled update id, if any.
+pub fn saved_offset(store: &impl EventStore) -> Option<u32> {
+    let bytes = store.get_meta(OFFSET_KEY).ok().flatten()?;
+    Some(u32::from_be_bytes(bytes.as_slice().try_into().ok()?))
+}
+
+/// Polls until `shutdown`; returns after the batch in hand is handled.
+pub async fn poll(intake: Arc<Intake>, mut shutdown: watch::Receiver<bool>) {
+    let mut offset: i32 =
+        saved_offset(intake.core.store()).map_or(0, |u| (u as i32).wrapping_add(1));
+    let mut failures = 0u32;
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let bot = intake.api.bot().clone();
+        let request = bot
+            .get_updates()
+            .offset(offset)
+            .timeout(POLL_TIMEOUT_SECS)
+            .allowed_updates(vec![AllowedUpdate::Message, AllowedUpdate::CallbackQuery]);
+        let result = tokio::select! {
+            r = request.into_future() => r,
+            _ = shutdown.changed() => return,
+        };
+        let updates = match result {
+            Ok(updates) => {
+                failures = 0;
+                updates
+            }
+            Err(teloxide::RequestError::RetryAfter(secs)) => {
+                tracing::warn!(retry_after = secs.seconds(), "getUpdates rate limited");
+                sleep_or_stop(secs.duration(), &mut shutdown).await;
+                continue;
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = Duration::from_secs(1u64 << failures.min(5));
+                tracing::warn!(error = %intake.api.describe(&e), ?wait, "getUpdates failed");
+                sleep_or_stop(wait, &mut shutdown).await;
+                continue;
+            }
+        };
+        let Some(last) = updates.last().map(|u| u.id.0) else {
+            continue;
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for update in updates {
+            let intake = Arc::clone(&intake);
+            let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
+                return;
+            };
+            tasks.spawn(async move {
+                intake.handle(update).await;
+                drop(permit);
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        if let Err(e) = intake
+            .core
+            .store()
+            .put_meta(OFFSET_KEY, &last.to_be_bytes())
+        {
+            tracing::warn!(error = %e, "could not save the Telegram offset");
+        }
+        offset = (last as i32).wrapping_add(1);
+    }
+}
+
+async fn sleep_or_stop(wait: Duration, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        _ = shutdown.changed() => {}
+    }
+}

@@ -1,0 +1,209 @@
+//! Every text a Telegram user sees, in one place: plain English, never an
+//! internal URL, a key or a stack trace.
+
+use std::time::Duration;
+
+use crate::domain::{FailureKind, Stage};
+
+pub fn help(models: &[String]) -> String {
+    let example = models.first().map_or("flux", String::as_str);
+    format!(
+        "I turn a description into an image.\n\n\
+         Write /image=<model>=<what you want to see>, for example:\n\
+         /image={example}=a red fox in the snow, golden hour\n\n\
+         Models: {}\n\n\
+         /queue shows your requests and their place in line.\n\
+         /cancel cancels your requests that have not started; /cancel <id> cancels one.\n\n\
+         I improve your prompt before drawing; the image comes with the prompt I used.",
+        list(models)
+    )
+}
+
+pub fn usage(models: &[String]) -> String {
+    let example = models.first().map_or("flux", String::as_str);
+    format!(
+        "Write /image=<model>=<prompt>, for example:\n/image={example}=a red fox in the snow\n\nModels: {}",
+        list(models)
+    )
+}
+
+fn list(models: &[String]) -> String {
+    if models.is_empty() {
+        "none is configured right now".into()
+    } else {
+        models.join(", ")
+    }
+}
+
+pub fn unknown_command() -> String {
+    "I don't know that command. /help shows what I can do.".into()
+}
+
+pub fn not_allowed() -> String {
+    "Sorry, this bot is private.".into()
+}
+
+pub fn unknown_model(asked: &str, models: &[String]) -> String {
+    let asked: String = asked.chars().take(32).collect();
+    format!(
+        "There is no model called \"{asked}\". Available: {}.",
+        list(models)
+    )
+}
+
+pub fn not_configured(model: &str) -> String {
+    format!("Image generation is not configured for {model} right now.")
+}
+
+pub fn empty_prompt() -> String {
+    "The prompt is empty. Write what you want to see after the second =.".into()
+}
+
+pub fn prompt_too_long(chars: usize, max: usize) -> String {
+    format!("The prompt has {chars} characters; the limit is {max}. Please shorten it.")
+}
+
+pub fn rate_limited(retry_after_secs: u64) -> String {
+    format!("You're sending requests too fast. Please try again in {retry_after_secs} s.")
+}
+
+pub fn too_many_pending(max: u32) -> String {
+    format!("You already have {max} requests waiting. Please wait for one to finish, or /cancel.")
+}
+
+pub fn busy() -> String {
+    "Sorry, I couldn't take that request right now. Please try again in a minute.".into()
+}
+
+fn eta(wait: Option<Duration>) -> String {
+    match wait {
+        None => String::new(),
+        Some(d) if d.as_secs() < 60 => format!(" (about {} s)", d.as_secs().max(1)),
+        Some(d) => format!(" (about {} min)", d.as_secs().div_ceil(60)),
+    }
+}
+
+pub fn queued(model: &str, position: usize, wait: Option<Duration>) -> String {
+    format!("Queued for {model} — position {position}{}", eta(wait))
+}
+
+/// The status message of an unfinished request.
+pub fn status(
+    model: &str,
+    stage: Stage,
+    position: Option<usize>,
+    wait: Option<Duration>,
+) -> String {
+    match stage {
+        Stage::Queued => queued(model, position.unwrap_or(1), wait),
+        Stage::Enhancing => format!("{model}: Enhancing prompt…"),
+        Stage::Generating => format!("{model}: Generating…"),
+        Stage::Sending => format!("{model}: Sending…"),
+        Stage::Done => format!("{model}: Done ✅"),
+        Stage::Failed => format!("{model}: Failed."),
+        Stage::Cancelled => format!("{model}: Cancelled."),
+    }
+}
+
+pub fn failed(model: &str, kind: FailureKind) -> String {
+    let why = match kind {
+        FailureKind::Rejected => {
+            "the model's content filter rejected this prompt. Try rephrasing it."
+        }
+        FailureKind::Unavailable => {
+            "the image service is unavailable right now. Please try again later."
+        }
+        FailureKind::TimedOut => {
+            "the image service took too long to answer. Please try again later."
+        }
+        FailureKind::BadAnswer => {
+            "the image service answered with something that is not an image. Please try again."
+        }
+        FailureKind::Refused => {
+            "the image service refused the request. The bot's operator has been told."
+        }
+        FailureKind::NotConfigured => {
+            "image generation is not configured for this model right now."
+        }
+        FailureKind::Delivery => "Telegram would not take the image.",
+        FailureKind::Internal => "something went wrong on our side. Please try again.",
+    };
+    format!("{model}: Failed — {why}")
+}
+
+pub fn cancelled_one(model: &str) -> String {
+    format!("{model}: Cancelled.")
+}
+
+pub fn cancelled(n: usize) -> String {
+    match n {
+        0 => {
+            "You have no queued requests to cancel (requests that have started can't be cancelled)."
+                .into()
+        }
+        1 => "Cancelled 1 queued request.".into(),
+        n => format!("Cancelled {n} queued requests."),
+    }
+}
+
+pub fn nothing_to_cancel_with(prefix: &str) -> String {
+    let prefix: String = prefix.chars().take(40).collect();
+    format!("None of your queued requests has an id starting with \"{prefix}\".")
+}
+
+pub fn no_requests() -> String {
+    "You have no requests in progress. /help shows how to make one.".into()
+}
+
+/// One line of `/queue`.
+pub fn queue_line(
+    short_id: &str,
+    model: &str,
+    stage: Stage,
+    position: Option<usize>,
+    wait: Option<Duration>,
+) -> String {
+    match (stage, position) {
+        (Stage::Queued, Some(p)) => {
+            format!("• {short_id} {model}: queued, position {p}{}", eta(wait))
+        }
+        (stage, _) => format!("• {short_id} {model}: {stage}"),
+    }
+}
+
+pub fn queue_header() -> String {
+    "Your requests:".into()
+}
+
+pub fn full_prompt_follows() -> String {
+    "Full prompt:".into()
+}
+
+pub fn again_button() -> String {
+    "🔁 Again".into()
+}
+
+pub fn original_button() -> String {
+    "📄 Original".into()
+}
+
+pub fn again_queued(model: &str, position: usize) -> String {
+    format!("Again: queued for {model}, position {position}")
+}
+
+pub fn original_expired() -> String {
+    "The original file has expired; use 🔁 Again to make a new image.".into()
+}
+
+pub fn original_sending() -> String {
+    "Sending the original file…".into()
+}
+
+pub fn unknown_button() -> String {
+    "This button no longer works.".into()
+}
+
+/// Callback answers are at most 200 characters.
+pub fn short(text: &str) -> String {
+    text.chars().take(200).collect()
+}
