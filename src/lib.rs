@@ -13,6 +13,7 @@
 
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod domain;
 pub mod engine;
 pub mod projection;

@@ -288,11 +288,17 @@ impl Board {
         if let Some(text) = self.finals.get(&id) {
             return Some(text.clone());
         }
-        self.core.read(|s| {
+        let live = self.core.read(|s| {
             let req = s.request(id)?;
             let position = s.position(id);
             let wait = position.and_then(|p| s.estimated_wait(&req.model, p));
             Some(words::status(req.model.as_str(), req.stage, position, wait))
+        });
+        // The projection can be ahead of the events this board has read:
+        // a request that just finished is read from the log.
+        live.or_else(|| {
+            let model = self.entries.get(&id)?.model.clone();
+            self.final_from_log(id, &model)
         })
     }
 
@@ -361,11 +367,11 @@ impl Board {
             return;
         };
         let Some(text) = self.text_for(id) else {
-            // Finished without a final text we know: stop tracking.
+            // Gone without a final text (not in the log): stop tracking.
             self.forget(id);
             return;
         };
-        let finished = self.finals.contains_key(&id);
+        let finished = self.finals.contains_key(&id) || self.core.read(|s| s.request(id).is_none());
         if text == entry.last_text {
             if finished {
                 self.forget(id);

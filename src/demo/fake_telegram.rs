@@ -1,0 +1,512 @@
+//! A FAKE Telegram Bot API server on loopback, speaking the real JSON shapes
+//! (`{"ok": true, "result": …}`, errors with `error_code`, `description` and
+//! `parameters.retry_after`): getMe, getUpdates long polling with offsets,
+//! sendMessage, editMessageText ("message is not modified" included),
+//! sendPhoto and sendDocument (multipart), answerCallbackQuery,
+//! setMyCommands. It records every call so tests and the demo can check
+//! what users saw and how fast the bot called.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The bot's identity in the fake.
+pub const BOT_ID: u64 = 4242;
+pub const BOT_USERNAME: &str = "easel_demo_bot";
+
+/// One Bot API call the bot made.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub method: String,
+    pub chat_id: Option<i64>,
+    /// The message created or edited.
+    pub message_id: Option<i32>,
+    pub text: Option<String>,
+    pub caption: Option<String>,
+    /// Size of an uploaded photo or document.
+    pub file_len: Option<usize>,
+    pub reply_markup: Option<Value>,
+    pub at: Instant,
+}
+
+/// A failure to answer the next call(s) of a method with.
+#[derive(Clone, Debug)]
+pub enum Failure {
+    /// 429 with `parameters.retry_after`.
+    RetryAfter(u32),
+    /// Any other error status and description.
+    Status(u16, String),
+}
+
+#[derive(Default)]
+struct Inner {
+    pending: Vec<Value>,
+    next_update_id: u32,
+    next_message_id: i32,
+    calls: Vec<Call>,
+    /// Current text (or caption) of each message, for "not modified".
+    messages: HashMap<(i64, i32), String>,
+    failures: HashMap<String, VecDeque<Failure>>,
+    token: String,
+    history: HashMap<u32, Value>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Bumped whenever an update is queued, to wake long polls.
+    updates: watch::Sender<u64>,
+}
+
+/// A running fake Bot API server.
+pub struct FakeTelegram {
+    pub url: String,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeTelegram {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn ok(result: Value) -> Response {
+    axum::Json(json!({ "ok": true, "result": result })).into_response()
+}
+
+fn error(status: u16, description: &str, retry_after: Option<u32>) -> Response {
+    let mut body = json!({ "ok": false, "error_code": status, "description": description });
+    if let Some(secs) = retry_after {
+        body["parameters"] = json!({ "retry_after": secs });
+    }
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn chat_json(chat: i64) -> Value {
+    if chat < 0 {
+        json!({ "id": chat, "type": "supergroup", "title": "easel group" })
+    } else {
+        json!({ "id": chat, "type": "private", "first_name": format!("user{chat}") })
+    }
+}
+
+fn bot_user() -> Value {
+    json!({ "id": BOT_ID, "is_bot": true, "first_name": "easel", "username": BOT_USERNAME })
+}
+
+impl FakeTelegram {
+    /// Starts the fake; `token` is the only one it accepts.
+    ///
+    /// # Errors
+    /// When no loopback port can be bound.
+    pub async fn start(token: &str) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                next_update_id: 100_000,
+                next_message_id: 1,
+                token: token.to_owned(),
+                ..Inner::default()
+            }),
+            updates: watch::channel(0).0,
+        });
+        let router = Router::new()
+            .fallback(handle)
+            .with_state(Arc::clone(&shared));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(FakeTelegram {
+            url: format!("http://{addr}"),
+            shared,
+            task,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push_update(&self, make: impl FnOnce(u32, &mut Inner) -> Value) -> u32 {
+        let id = {
+            let mut inner = self.lock();
+            inner.next_update_id += 1;
+            let id = inner.next_update_id;
+            let update = make(id, &mut inner);
+            inner.history.insert(id, update.clone());
+            inner.pending.push(update);
+            id
+        };
+        self.shared.updates.send_modify(|v| *v += 1);
+        id
+    }
+
+    /// User `user` writes `text` in `chat` (a private chat when equal).
+    /// Returns (update id, message id).
+    pub fn user_sends(&self, user: i64, chat: i64, text: &str) -> (u32, i32) {
+        let mut message_id = 0;
+        let update_id = self.push_update(|id, inner| {
+            inner.next_message_id += 1;
+            message_id = inner.next_message_id;
+            json!({
+                "update_id": id,
+                "message": {
+                    "message_id": message_id,
+                    "date": now_unix(),
+                    "chat": chat_json(chat),
+                    "from": { "id": user, "is_bot": false, "first_name": format!("user{user}") },
+                    "text": text,
+                }
+            })
+        });
+        (update_id, message_id)
+    }
+
+    /// Sends the exact same update again (Telegram's at-least-once
+    /// delivery). It is only seen by a poll whose offset does not yet
+    /// confirm it, as with the real server.
+    pub fn redeliver(&self, update_id: u32) -> bool {
+        let update = self.lock().history.get(&update_id).cloned();
+        let Some(update) = update else { return false };
+        self.lock().pending.push(update);
+        self.shared.updates.send_modify(|v| *v += 1);
+        true
+    }
+
+    /// The same message (same chat and message id) under a new update id.
+    pub fn redeliver_as_new_update(&self, update_id: u32) -> Option<u32> {
+        let update = self.lock().history.get(&update_id).cloned()?;
+        Some(self.push_update(|id, _| {
+            let mut u = update;
+            u["update_id"] = json!(id);
+            u
+        }))
+    }
+
+    /// User `user` presses a button with `data` under message `message_id`.
+    pub fn user_presses(&self, user: i64, chat: i64, message_id: i32, data: &str) -> u32 {
+        self.push_update(|id, _| {
+            json!({
+                "update_id": id,
+                "callback_query": {
+                    "id": format!("cb{id}"),
+                    "from": { "id": user, "is_bot": false, "first_name": format!("user{user}") },
+                    "message": {
+                        "message_id": message_id,
+                        "date": now_unix(),
+                        "chat": chat_json(chat),
+                        "from": bot_user(),
+                        "text": "image",
+                    },
+                    "chat_instance": "fake",
+                    "data": data,
+                }
+            })
+        })
+    }
+
+    /// The next `times` calls of `method` fail with `failure`.
+    pub fn fail_next(&self, method: &str, times: usize, failure: Failure) {
+        let mut inner = self.lock();
+        let queue = inner.failures.entry(method.to_owned()).or_default();
+        for _ in 0..times {
+            queue.push_back(failure.clone());
+        }
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.lock().calls.clone()
+    }
+
+    /// Texts sent to `chat` with sendMessage, in order.
+    pub fn texts_to(&self, chat: i64) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.method == "sendMessage" && c.chat_id == Some(chat))
+            .filter_map(|c| c.text)
+            .collect()
+    }
+
+    /// The current text of a message (after edits).
+    pub fn message_text(&self, chat: i64, message_id: i32) -> Option<String> {
+        self.lock().messages.get(&(chat, message_id)).cloned()
+    }
+
+    /// Waits until `check` holds for the calls, up to `deadline`.
+    pub async fn wait_for(
+        &self,
+        deadline: Duration,
+        mut check: impl FnMut(&[Call]) -> bool,
+    ) -> bool {
+        let until = Instant::now() + deadline;
+        loop {
+            if check(&self.lock().calls) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Reads the call's parameters from JSON, a form, or multipart.
+async fn params(req: Request) -> (HashMap<String, Value>, Option<usize>) {
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let query: HashMap<String, Value> = req
+        .uri()
+        .query()
+        .map(|q| {
+            url_pairs(q)
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = query;
+    let mut file_len = None;
+    if content_type.starts_with("multipart/form-data") {
+        if let Ok(mut multipart) = axum::extract::Multipart::from_request(req, &()).await {
+            while let Ok(Some(field)) = multipart.next_field().await {
+                let name = field.name().unwrap_or_default().to_owned();
+                let is_file = field.file_name().is_some();
+                let Ok(bytes) = field.bytes().await else {
+                    break;
+                };
+                if is_file {
+                    file_len = Some(bytes.len());
+                } else {
+                    let text = String::from_utf8_lossy(&bytes).into_owned();
+                    out.insert(
+                        name,
+                        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                    );
+                }
+            }
+        }
+    } else if let Ok(bytes) = axum::body::to_bytes(req.into_body(), 64 * 1024 * 1024).await
+        && let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(&bytes)
+    {
+        out.extend(map);
+    }
+    (out, file_len)
+}
+
+fn lower_first(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(c) => c.to_ascii_lowercase().to_string() + chars.as_str(),
+        None => String::new(),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = s.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn url_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(&v.replace('+', " "))))
+        .collect()
+}
+
+fn as_i64(v: Option<&Value>) -> Option<i64> {
+    match v? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    let path = percent_decode(req.uri().path());
+    let mut parts = path.rsplit('/');
+    // teloxide writes method names in PascalCase (`SendMessage`); the Bot
+    // API is case-insensitive about them.
+    let method = lower_first(parts.next().unwrap_or_default());
+    let token = parts
+        .next()
+        .and_then(|p| p.strip_prefix("bot"))
+        .unwrap_or_default()
+        .to_owned();
+    {
+        let inner = shared.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if token != inner.token {
+            return error(401, "Unauthorized", None);
+        }
+    }
+    let (p, file_len) = params(req).await;
+    if method == "getUpdates" {
+        return get_updates(&shared, &p).await;
+    }
+    let mut inner = shared.inner.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(failure) = inner
+        .failures
+        .get_mut(&method)
+        .and_then(VecDeque::pop_front)
+    {
+        inner.calls.push(Call {
+            method: format!("{method} (failed)"),
+            chat_id: as_i64(p.get("chat_id")),
+            message_id: None,
+            text: None,
+            caption: None,
+            file_len,
+            reply_markup: None,
+            at: Instant::now(),
+        });
+        return match failure {
+            Failure::RetryAfter(secs) => error(
+                429,
+                &format!("Too Many Requests: retry after {secs}"),
+                Some(secs),
+            ),
+            Failure::Status(code, description) => error(code, &description, None),
+        };
+    }
+    let chat_id = as_i64(p.get("chat_id"));
+    let text = p.get("text").and_then(Value::as_str).map(str::to_owned);
+    let caption = p.get("caption").and_then(Value::as_str).map(str::to_owned);
+    let reply_markup = p.get("reply_markup").cloned();
+    let mut call = Call {
+        method: method.clone(),
+        chat_id,
+        message_id: None,
+        text: text.clone(),
+        caption: caption.clone(),
+        file_len,
+        reply_markup: reply_markup.clone(),
+        at: Instant::now(),
+    };
+    let response = match method.as_str() {
+        "getMe" => ok(json!({
+            "id": BOT_ID, "is_bot": true, "first_name": "easel", "username": BOT_USERNAME,
+            "can_join_groups": true, "can_read_all_group_messages": false, "supports_inline_queries": false,
+            "can_connect_to_business": false, "has_main_web_app": false,
+        })),
+        "setMyCommands" | "deleteWebhook" | "answerCallbackQuery" => ok(json!(true)),
+        "sendMessage" | "sendPhoto" | "sendDocument" => {
+            let Some(chat) = chat_id else {
+                return error(400, "Bad Request: chat_id is empty", None);
+            };
+            inner.next_message_id += 1;
+            let id = inner.next_message_id;
+            call.message_id = Some(id);
+            let shown = text.clone().or(caption.clone()).unwrap_or_default();
+            inner.messages.insert((chat, id), shown);
+            let mut message = json!({ "message_id": id, "date": now_unix(), "chat": chat_json(chat), "from": bot_user() });
+            match method.as_str() {
+                "sendMessage" => message["text"] = json!(text),
+                "sendPhoto" => {
+                    message["photo"] = json!([{ "file_id": format!("photo{id}"), "file_unique_id": format!("up{id}"), "width": 64, "height": 64, "file_size": file_len }]);
+                }
+                _ => {
+                    message["document"] = json!({ "file_id": format!("doc{id}"), "file_unique_id": format!("ud{id}"), "file_name": "image.png", "file_size": file_len });
+                }
+            }
+            if let Some(c) = &caption {
+                message["caption"] = json!(c);
+            }
+            if let Some(m) = &reply_markup {
+                message["reply_markup"] = m.clone();
+            }
+            ok(message)
+        }
+        "editMessageText" => {
+            let (Some(chat), Some(id)) = (chat_id, as_i64(p.get("message_id"))) else {
+                return error(
+                    400,
+                    "Bad Request: message identifier is not specified",
+                    None,
+                );
+            };
+            let id = id as i32;
+            call.message_id = Some(id);
+            let new_text = text.clone().unwrap_or_default();
+            match inner.messages.get(&(chat, id)) {
+                None => error(400, "Bad Request: message to edit not found", None),
+                Some(current) if *current == new_text => error(
+                    400,
+                    "Bad Request: message is not modified: specified new message content and reply markup are exactly the same as a current content and reply markup of the message",
+                    None,
+                ),
+                Some(_) => {
+                    inner.messages.insert((chat, id), new_text.clone());
+                    ok(
+                        json!({ "message_id": id, "date": now_unix(), "edit_date": now_unix(), "chat": chat_json(chat), "from": bot_user(), "text": new_text }),
+                    )
+                }
+            }
+        }
+        _ => error(404, "Not Found", None),
+    };
+    inner.calls.push(call);
+    response
+}
+
+async fn get_updates(shared: &Shared, p: &HashMap<String, Value>) -> Response {
+    let offset = as_i64(p.get("offset")).unwrap_or(0);
+    let timeout = as_i64(p.get("timeout")).unwrap_or(0).clamp(0, 50) as u64;
+    let mut rx = shared.updates.subscribe();
+    let until = Instant::now() + Duration::from_secs(timeout);
+    loop {
+        {
+            let mut inner = shared.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            // An offset confirms every update before it: Telegram forgets them.
+            inner
+                .pending
+                .retain(|u| u["update_id"].as_i64().unwrap_or(0) >= offset);
+            if !inner.pending.is_empty() || Instant::now() >= until {
+                let mut batch = inner.pending.clone();
+                batch.sort_by_key(|u| u["update_id"].as_i64().unwrap_or(0));
+                return ok(Value::Array(batch));
+            }
+        }
+        if tokio::time::timeout_at(until, rx.changed()).await.is_err() {
+            continue;
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! spawn_app(): the real bot on a temporary data dir, wired to fakes.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use easel::app;
+use easel::config::Settings;
+use easel::demo::fake_services::{FakeLlm, FakeWorker};
+use easel::demo::fake_telegram::{Call, FakeTelegram};
+use easel::engine::Core;
+use easel::store::SledStore;
+use tokio::sync::watch;
+
+pub const TOKEN: &str = "123456:TEST-secret-token-abcdefghij";
+pub const SDXL_KEY: &str = "sk-test-sdxl-key-0000";
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Running {
+    pub core: Arc<Core<SledStore>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct TestApp {
+    pub tg: FakeTelegram,
+    pub flux: FakeWorker,
+    pub sdxl: FakeWorker,
+    pub llm: FakeLlm,
+    pub dir: tempfile::TempDir,
+    pub env: HashMap<String, String>,
+    pub bot: Option<Running>,
+}
+
+pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
+    let tg = FakeTelegram::start(TOKEN).await.unwrap();
+    let flux = FakeWorker::flux(Duration::from_millis(20)).await.unwrap();
+    let sdxl = FakeWorker::sdxl(SDXL_KEY, Duration::from_millis(20))
+        .await
+        .unwrap();
+    let llm = FakeLlm::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env: HashMap<String, String> = [
+        ("TELEGRAM_BOT_TOKEN", TOKEN.to_owned()),
+        ("TELEGRAM_API_URL", tg.url.clone()),
+        ("FLUX_WORKER_URL", flux.url.clone()),
+        ("SDXL_WORKER_URL", sdxl.url.clone()),
+        ("SDXL_API_KEY", SDXL_KEY.to_owned()),
+        ("LLM_API_URL", llm.url.clone()),
+        ("EASEL_DATA_DIR", dir.path().display().to_string()),
+        ("EASEL_RETRY_BASE_MS", "5".to_owned()),
+        ("EASEL_WORKER_TIMEOUT_SECS", "5".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (k, v) in extra {
+        env.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let mut app = TestApp {
+        tg,
+        flux,
+        sdxl,
+        llm,
+        dir,
+        env,
+        bot: None,
+    };
+    app.start().await;
+    app
+}
+
+impl TestApp {
+    pub fn core(&self) -> &Arc<Core<SledStore>> {
+        &self.bot.as_ref().expect("the bot is running").core
+    }
+
+    pub async fn start(&mut self) {
+        let env = self.env.clone();
+        let settings =
+            Settings::from_sources(|k| env.get(k).cloned(), None).expect("test settings");
+        let (stop, rx) = watch::channel(false);
+        let running = app::start(settings, rx).await.expect("the bot starts");
+        let core = Arc::clone(&running.core);
+        let task = tokio::spawn(async move {
+            running.wait().await.expect("clean stop");
+        });
+        self.bot = Some(Running { core, stop, task });
+    }
+
+    /// Stops the bot as SIGTERM would and waits (bounded) for it.
+    pub async fn stop(&mut self) {
+        let Some(Running { core, stop, task }) = self.bot.take() else {
+            return;
+        };
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("stops within 10 s")
+            .unwrap();
+        drop(core);
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start().await;
+    }
+
+    pub fn photo_calls(&self, chat: i64) -> Vec<Call> {
+        self.tg
+            .calls()
+            .into_iter()
+            .filter(|c| {
+                (c.method == "sendPhoto" || c.method == "sendDocument") && c.chat_id == Some(chat)
+            })
+            .collect()
+    }
+
+    /// Waits for `n` images (photo or document) in `chat`.
+    pub async fn images_to(&self, chat: i64, n: usize) -> bool {
+        self.tg
+            .wait_for(WAIT, |calls| {
+                calls
+                    .iter()
+                    .filter(|c| {
+                        (c.method == "sendPhoto" || c.method == "sendDocument")
+                            && c.chat_id == Some(chat)
+                    })
+                    .count()
+                    >= n
+            })
+            .await
+    }
+
+    /// Waits for a sendMessage to `chat` containing `needle`.
+    pub async fn text_to(&self, chat: i64, needle: &str) -> bool {
+        self.tg
+            .wait_for(WAIT, |calls| {
+                calls.iter().any(|c| {
+                    c.method == "sendMessage"
+                        && c.chat_id == Some(chat)
+                        && c.text.as_deref().is_some_and(|t| t.contains(needle))
+                })
+            })
+            .await
+    }
+
+    /// Waits until the `nth` status message (sendMessage starting "Queued")
+    /// in `chat` reads something ending with `suffix`.
+    pub async fn status_ends_with(&self, chat: i64, nth: usize, suffix: &str) -> bool {
+        let until = tokio::time::Instant::now() + WAIT;
+        loop {
+            let status = self
+                .tg
+                .calls()
+                .into_iter()
+                .filter(|c| c.method == "sendMessage" && c.chat_id == Some(chat))
+                .filter(|c| c.text.as_deref().is_some_and(|t| t.contains("Queued for")))
+                .nth(nth);
+            if let Some(id) = status.and_then(|c| c.message_id)
+                && self
+                    .tg
+                    .message_text(chat, id)
+                    .is_some_and(|t| t.ends_with(suffix))
+            {
+                return true;
+            }
+            if tokio::time::Instant::now() > until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
