@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod engine;
+pub mod ops;
 pub mod projection;
 pub mod services;
 pub mod store;

@@ -1,0 +1,98 @@
+//! Operator views over the log: audit records, verification of every
+//! transition and invariant, and the tables people read.
+
+use std::collections::HashMap;
+
+use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+
+use crate::domain::RequestId;
+use crate::projection::{LiveState, RequestRecord, Violation, replay_into};
+use crate::store::{Corrupt, ReadItem, Recorded, StoreError};
+
+/// What `--verify` found.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub events: u64,
+    pub state: LiveState,
+    pub violations: Vec<Violation>,
+    pub corrupt: Vec<Corrupt>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty() && self.corrupt.is_empty()
+    }
+}
+
+/// Replays `items` from scratch, checking every transition against the
+/// lifecycle and the §1 invariants (FIFO and one at a time per model).
+///
+/// # Errors
+/// When the store itself cannot be read.
+pub fn verify(items: impl Iterator<Item = ReadItem>) -> Result<VerifyReport, StoreError> {
+    let mut state = LiveState::default();
+    let report = replay_into(&mut state, items)?;
+    Ok(VerifyReport {
+        events: report.applied + report.violations.len() as u64,
+        state,
+        violations: report.violations,
+        corrupt: report.corrupt,
+    })
+}
+
+/// Every request's audit record, oldest first, folded from `items`.
+///
+/// # Errors
+/// When the store itself cannot be read.
+pub fn records(items: impl Iterator<Item = ReadItem>) -> Result<Vec<RequestRecord>, StoreError> {
+    let mut events: HashMap<RequestId, Vec<Recorded>> = HashMap::new();
+    let mut order = Vec::new();
+    for item in items {
+        match item {
+            Ok(rec) => {
+                let list = events.entry(rec.request_id).or_default();
+                if list.is_empty() {
+                    order.push(rec.request_id);
+                }
+                list.push(rec);
+            }
+            Err(crate::store::ReadError::Corrupt(_)) => {}
+            Err(crate::store::ReadError::Store(e)) => return Err(e),
+        }
+    }
+    Ok(order.into_iter().filter_map(|id| RequestRecord::from_events(events.get(&id)?)).collect())
+}
+
+/// `text` cut to `max` characters with "…".
+pub fn elide(text: &str, max: usize) -> String {
+    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if flat.chars().count() <= max {
+        flat
+    } else {
+        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+/// A table of requests for people.
+pub fn table(records: &[RequestRecord], prompt_width: usize) -> String {
+    let mut table = Table::new();
+    table.load_style(UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Disabled);
+    table.set_header(vec!["id", "user", "model", "status", "tries", "created", "took", "prompt", "error"]);
+    for r in records {
+        let id = r.id.to_string();
+        let took = (r.updated_at - r.created_at).num_milliseconds() as f64 / 1000.0;
+        table.add_row(vec![
+            id[id.len() - 8..].to_owned(),
+            r.user_id.0.to_string(),
+            r.model.to_string(),
+            r.status.to_string(),
+            r.attempts.to_string(),
+            r.created_at.format("%H:%M:%S").to_string(),
+            format!("{took:.1}s"),
+            elide(&r.prompt, prompt_width),
+            elide(r.error.as_deref().unwrap_or(""), 40),
+        ]);
+    }
+    table.to_string()
+}
