@@ -10,7 +10,11 @@ use easel::app::{self, StartError};
 use easel::config::Settings;
 
 #[derive(Parser)]
-#[command(name = "easel", version, about = "A Telegram bot that turns prompts into images; every request an event-sourced state machine.")]
+#[command(
+    name = "easel",
+    version,
+    about = "A Telegram bot that turns prompts into images; every request an event-sourced state machine."
+)]
 struct Cli {
     /// Data directory (event log, kept images). Default: EASEL_DATA_DIR, then ./data.
     #[arg(long, global = true, env = "EASEL_DATA_DIR")]
@@ -32,12 +36,19 @@ enum Command {
 }
 
 fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("could not start the runtime: {e}"))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("could not start the runtime: {e}"))
 }
 
 fn main() -> ExitCode {

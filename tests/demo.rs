@@ -14,7 +14,12 @@ fn easel_demo_runs_and_verifies_its_log() {
         .output()
         .expect("run easel demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "exit {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(started.elapsed() < Duration::from_secs(60));
     for needle in [
         "every transition legal; FIFO and one-at-a-time hold: OK",

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -293,19 +293,20 @@ async fn params(req: Request) -> (HashMap<String, Value>, Option<usize>) {
     let mut out = query;
     let mut file_len = None;
     if content_type.starts_with("multipart/form-data") {
-        if let Ok(mut multipart) = axum::extract::Multipart::from_request(req, &()).await {
-            while let Ok(Some(field)) = multipart.next_field().await {
-                let name = field.name().unwrap_or_default().to_owned();
-                let is_file = field.file_name().is_some();
-                let Ok(bytes) = field.bytes().await else {
-                    break;
-                };
-                if is_file {
-                    file_len = Some(bytes.len());
+        let boundary = content_type
+            .split("boundary=")
+            .nth(1)
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_owned();
+        if let Ok(body) = axum::body::to_bytes(req.into_body(), 64 * 1024 * 1024).await {
+            for part in multipart_parts(&body, &boundary) {
+                if part.file {
+                    file_len = Some(part.body.len());
                 } else {
-                    let text = String::from_utf8_lossy(&bytes).into_owned();
+                    let text = String::from_utf8_lossy(part.body).into_owned();
                     out.insert(
-                        name,
+                        part.name,
                         serde_json::from_str(&text).unwrap_or(Value::String(text)),
                     );
                 }
@@ -317,6 +318,52 @@ async fn params(req: Request) -> (HashMap<String, Value>, Option<usize>) {
         out.extend(map);
     }
     (out, file_len)
+}
+
+struct Part<'a> {
+    name: String,
+    file: bool,
+    body: &'a [u8],
+}
+
+/// A small multipart/form-data reader: enough for what teloxide sends.
+fn multipart_parts<'a>(body: &'a [u8], boundary: &str) -> Vec<Part<'a>> {
+    let delimiter = format!("--{boundary}");
+    let d = delimiter.as_bytes();
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + d.len() <= body.len() {
+        if &body[i..i + d.len()] == d {
+            starts.push(i);
+            i += d.len();
+        } else {
+            i += 1;
+        }
+    }
+    let mut parts = Vec::new();
+    for pair in starts.windows(2) {
+        let chunk = &body[pair[0] + d.len()..pair[1]];
+        let Some(split) = chunk.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let headers = String::from_utf8_lossy(&chunk[..split]);
+        let mut content = &chunk[split + 4..];
+        if content.ends_with(b"\r\n") {
+            content = &content[..content.len() - 2];
+        }
+        let name = headers
+            .split("name=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_default()
+            .to_owned();
+        parts.push(Part {
+            name,
+            file: headers.contains("filename="),
+            body: content,
+        });
+    }
+    parts
 }
 
 fn lower_first(s: &str) -> String {

@@ -32,11 +32,26 @@ struct User {
 }
 
 const USERS: [User; 5] = [
-    User { id: 501, name: "alice" },
-    User { id: 502, name: "bob" },
-    User { id: 503, name: "carol" },
-    User { id: 504, name: "dave" },
-    User { id: 505, name: "erin" },
+    User {
+        id: 501,
+        name: "alice",
+    },
+    User {
+        id: 502,
+        name: "bob",
+    },
+    User {
+        id: 503,
+        name: "carol",
+    },
+    User {
+        id: 504,
+        name: "dave",
+    },
+    User {
+        id: 505,
+        name: "erin",
+    },
 ];
 
 fn name_of(id: i64) -> &'static str {
@@ -55,7 +70,10 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     let llm = FakeLlm::start().await?;
     let temp = tempfile::tempdir().context("creating a temporary data dir")?;
     let data_dir = data_dir.unwrap_or_else(|| temp.path().to_path_buf());
-    println!("easel demo: FAKE Telegram at {}, FAKE flux at {}, FAKE sdxl at {}, FAKE LLM at {}", tg.url, flux.url, sdxl.url, llm.url);
+    println!(
+        "easel demo: FAKE Telegram at {}, FAKE flux at {}, FAKE sdxl at {}, FAKE LLM at {}",
+        tg.url, flux.url, sdxl.url, llm.url
+    );
     println!("data dir: {}\n", data_dir.display());
 
     let env: HashMap<&str, String> = HashMap::from([
@@ -71,9 +89,12 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         ("EASEL_RETRY_BASE_MS", "20".to_owned()),
         ("EASEL_WORKER_TIMEOUT_SECS", "10".to_owned()),
     ]);
-    let settings = Settings::from_sources(|k| env.get(k).cloned(), None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let settings = Settings::from_sources(|k| env.get(k).cloned(), None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (stop, stop_rx) = watch::channel(false);
-    let running = app::start(settings, stop_rx).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let running = app::start(settings, stop_rx)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let core = Arc::clone(&running.core);
     let app_task = tokio::spawn(running.wait());
 
@@ -88,7 +109,10 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
                 for rec in core.store().read_from(next).filter_map(Result::ok) {
                     next = rec.seq + 1;
                     if let Event::Queued { model, origin, .. } = &rec.event {
-                        models.insert(rec.request_id, (model.to_string(), name_of(origin.user_id.0)));
+                        models.insert(
+                            rec.request_id,
+                            (model.to_string(), name_of(origin.user_id.0)),
+                        );
                     }
                     let (model, user) = models.get(&rec.request_id).cloned().unwrap_or_default();
                     let id = rec.request_id.to_string();
@@ -127,7 +151,9 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     tg.wait_for(Duration::from_secs(10), |calls| {
-        calls.iter().any(|c| c.chat_id == Some(erin) && c.text.as_deref().is_some_and(|t| t.starts_with("Queued")))
+        calls.iter().any(|c| {
+            c.chat_id == Some(erin) && c.text.as_deref().is_some_and(|t| t.starts_with("Queued"))
+        })
     })
     .await;
     tg.user_sends(erin, erin, "/cancel");
@@ -137,7 +163,15 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
     loop {
         let (accepted, unfinished) = core.read(|s| (s.last_seq, s.requests().count()));
-        if accepted > 0 && unfinished == 0 && tg.calls().iter().filter(|c| c.text.as_deref() == Some("Cancelled 1 queued request.")).count() == 1 {
+        if accepted > 0
+            && unfinished == 0
+            && tg
+                .calls()
+                .iter()
+                .filter(|c| c.text.as_deref() == Some("Cancelled 1 queued request."))
+                .count()
+                == 1
+        {
             break;
         }
         if tokio::time::Instant::now() > deadline {
@@ -158,11 +192,23 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         println!("  {}:", user.name);
         for call in tg.calls().iter().filter(|c| c.chat_id == Some(user.id)) {
             let shown = match call.method.as_str() {
-                "sendMessage" => format!("message: {}", call.text.as_deref().unwrap_or_default().replace('\n', " / ")),
-                "editMessageText" => format!("  edited: {}", call.text.as_deref().unwrap_or_default()),
+                "sendMessage" => format!(
+                    "message: {}",
+                    call.text
+                        .as_deref()
+                        .unwrap_or_default()
+                        .replace('\n', " / ")
+                ),
+                "editMessageText" => {
+                    format!("  edited: {}", call.text.as_deref().unwrap_or_default())
+                }
                 "sendPhoto" | "sendDocument" => format!(
                     "{}: {} bytes, caption: {}",
-                    if call.method == "sendPhoto" { "photo" } else { "document" },
+                    if call.method == "sendPhoto" {
+                        "photo"
+                    } else {
+                        "document"
+                    },
                     call.file_len.unwrap_or(0),
                     call.caption.as_deref().unwrap_or_default()
                 ),
@@ -175,10 +221,17 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     // The audit table and the verification, from the log on disk.
     let store = SledStore::open(&app::log_dir(&data_dir))?;
     let records = crate::ops::records(store.read_from(1))?;
-    println!("\nAudit ({} requests):\n{}", records.len(), crate::ops::table(&records, 40));
+    println!(
+        "\nAudit ({} requests):\n{}",
+        records.len(),
+        crate::ops::table(&records, 40)
+    );
     let report = crate::ops::verify(store.read_from(1))?;
     if report.ok() {
-        println!("verify: {} events replayed; every transition legal; FIFO and one-at-a-time hold: OK", report.events);
+        println!(
+            "verify: {} events replayed; every transition legal; FIFO and one-at-a-time hold: OK",
+            report.events
+        );
     } else {
         for v in &report.violations {
             println!("verify: VIOLATION {v}");
@@ -194,9 +247,13 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         "Telegram calls: {} (at most {per_second} in any second); worker calls: flux {} (max {} at once), sdxl {} (max {} at once)",
         calls.len(),
         flux.stats.calls.load(std::sync::atomic::Ordering::SeqCst),
-        flux.stats.max_in_flight.load(std::sync::atomic::Ordering::SeqCst),
+        flux.stats
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst),
         sdxl.stats.calls.load(std::sync::atomic::Ordering::SeqCst),
-        sdxl.stats.max_in_flight.load(std::sync::atomic::Ordering::SeqCst),
+        sdxl.stats
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst),
     );
     let rate_limited = tg.texts_to(dave).iter().any(|t| t.contains("too fast"));
     let expected = status(crate::domain::Stage::Done) == 4
@@ -206,7 +263,11 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         && report.ok();
     println!(
         "\n{} in {:.1} s: 4 done, 1 failed (content filter), 1 cancelled, 1 rate-limited.",
-        if expected { "Demo finished" } else { "Demo did NOT go as scripted" },
+        if expected {
+            "Demo finished"
+        } else {
+            "Demo did NOT go as scripted"
+        },
         started.elapsed().as_secs_f64()
     );
     Ok(expected)
@@ -215,7 +276,10 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
 fn max_calls_per_second(calls: &[fake_telegram::Call]) -> usize {
     let mut best = 0;
     for (i, c) in calls.iter().enumerate() {
-        let n = calls[i..].iter().take_while(|d| d.at.duration_since(c.at) < Duration::from_secs(1)).count();
+        let n = calls[i..]
+            .iter()
+            .take_while(|d| d.at.duration_since(c.at) < Duration::from_secs(1))
+            .count();
         best = best.max(n);
     }
     best

@@ -60,12 +60,18 @@ pub fn records(items: impl Iterator<Item = ReadItem>) -> Result<Vec<RequestRecor
             Err(crate::store::ReadError::Store(e)) => return Err(e),
         }
     }
-    Ok(order.into_iter().filter_map(|id| RequestRecord::from_events(events.get(&id)?)).collect())
+    Ok(order
+        .into_iter()
+        .filter_map(|id| RequestRecord::from_events(events.get(&id)?))
+        .collect())
 }
 
 /// `text` cut to `max` characters with "…".
 pub fn elide(text: &str, max: usize) -> String {
-    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if flat.chars().count() <= max {
         flat
     } else {
@@ -77,8 +83,12 @@ pub fn elide(text: &str, max: usize) -> String {
 /// A table of requests for people.
 pub fn table(records: &[RequestRecord], prompt_width: usize) -> String {
     let mut table = Table::new();
-    table.load_style(UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Disabled);
-    table.set_header(vec!["id", "user", "model", "status", "tries", "created", "took", "prompt", "error"]);
+    table
+        .load_style(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Disabled);
+    table.set_header(vec![
+        "id", "user", "model", "status", "tries", "created", "took", "prompt", "error",
+    ]);
     for r in records {
         let id = r.id.to_string();
         let took = (r.updated_at - r.created_at).num_milliseconds() as f64 / 1000.0;

@@ -146,6 +146,33 @@ impl TestApp {
             .await
     }
 
+    /// Waits (bounded) until `check` holds.
+    pub async fn eventually(&self, check: impl Fn(&Self) -> bool) -> bool {
+        let until = tokio::time::Instant::now() + WAIT;
+        while !check(self) {
+            if tokio::time::Instant::now() > until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Waits until some message in `chat` (as it reads now) ends with `suffix`.
+    pub async fn any_message_ends_with(&self, chat: i64, suffix: &str) -> bool {
+        self.eventually(|a| {
+            a.tg.calls()
+                .iter()
+                .filter(|c| c.chat_id == Some(chat))
+                .filter_map(|c| c.message_id)
+                .any(|id| {
+                    a.tg.message_text(chat, id)
+                        .is_some_and(|t| t.ends_with(suffix))
+                })
+        })
+        .await
+    }
+
     /// Waits until the `nth` status message (sendMessage starting "Queued")
     /// in `chat` reads something ending with `suffix`.
     pub async fn status_ends_with(&self, chat: i64, nth: usize, suffix: &str) -> bool {

@@ -40,3 +40,497 @@ async fn both_models_end_to_end() {
     assert!(app.status_ends_with(bob, 0, "Done ✅").await);
     app.stop().await;
 }
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use easel::demo::fake_telegram::Failure;
+use easel::store::EventStore;
+use helpers::{SDXL_KEY, TOKEN, WAIT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_across_users_and_one_at_a_time() {
+    let mut app = spawn_app(&[]).await;
+    let users = [2001, 2002, 2003, 2004];
+    for (i, u) in users.iter().enumerate() {
+        app.tg
+            .user_sends(*u, *u, &format!("/image=flux=picture number {i}"));
+        // Acceptance order is the order the bot handled them; spacing the
+        // messages makes that the order they were sent.
+        assert!(app.text_to(*u, "Queued for flux").await);
+    }
+    for u in users {
+        assert!(app.images_to(u, 1).await);
+    }
+    let prompts = app.flux.stats.prompts.lock().unwrap().clone();
+    let order: Vec<usize> = prompts
+        .iter()
+        .map(|p| {
+            users
+                .iter()
+                .position(|u| p.contains(&format!("number {}", u - 2001)))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(order, vec![0, 1, 2, 3], "{prompts:?}");
+    assert_eq!(app.flux.stats.max_in_flight.load(Ordering::SeqCst), 1);
+    // Positions were told as numbers.
+    assert!(app.tg.texts_to(2004)[0].starts_with("Queued for flux — position "));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flux_and_sdxl_run_at_the_same_time() {
+    let mut app = spawn_app(&[]).await;
+    app.tg.user_sends(3001, 3001, "/image=flux=a slow river");
+    app.tg.user_sends(3002, 3002, "/image=sdxl=a slow mountain");
+    let until = tokio::time::Instant::now() + WAIT;
+    let mut overlapped = false;
+    while tokio::time::Instant::now() < until && !overlapped {
+        overlapped = app.flux.stats.in_flight.load(Ordering::SeqCst) == 1
+            && app.sdxl.stats.in_flight.load(Ordering::SeqCst) == 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        overlapped,
+        "the two models never generated at the same time"
+    );
+    assert!(app.images_to(3001, 1).await && app.images_to(3002, 1).await);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rejection_is_a_reply() {
+    let mut app = spawn_app(&[("EASEL_RATE_LIMIT", "3/60"), ("SDXL_WORKER_URL", "")]).await;
+    let u = 4001;
+    let cases = [
+        (
+            "/image=dalle=a fox",
+            "There is no model called \"dalle\". Available: flux.",
+        ),
+        ("/image=flux=   ", "The prompt is empty."),
+        ("/image", "Write /image=<model>=<prompt>"),
+        ("/image flux a fox", "Write /image=<model>=<prompt>"),
+        (
+            "/image=sdxl=a fox",
+            "Image generation is not configured for sdxl",
+        ),
+        ("/frobnicate", "I don't know that command."),
+        ("/help", "Models: flux"),
+    ];
+    for (text, reply) in cases {
+        app.tg.user_sends(u, u, text);
+        assert!(
+            app.text_to(u, reply).await,
+            "{text:?} did not get {reply:?}: {:?}",
+            app.tg.texts_to(u)
+        );
+    }
+    let long = "ب".repeat(1001);
+    app.tg.user_sends(u, u, &format!("/image=flux={long}"));
+    assert!(
+        app.text_to(u, "The prompt has 1001 characters; the limit is 1000.")
+            .await
+    );
+    // Pending cap (3), then the rate limit (3 per 60 s).
+    for i in 0..4 {
+        app.tg
+            .user_sends(u, u, &format!("/image=flux=a slow thing {i}"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        app.text_to(u, "You already have 3 requests waiting").await,
+        "{:?}",
+        app.tg.texts_to(u)
+    );
+    app.tg.user_sends(u, u, "/cancel");
+    assert!(app.text_to(u, "Cancelled").await);
+    app.tg.user_sends(u, u, "/image=flux=one more");
+    assert!(
+        app.text_to(u, "You're sending requests too fast. Please try again in")
+            .await,
+        "{:?}",
+        app.tg.texts_to(u)
+    );
+    // No rejection reached the log: only the three accepted requests did.
+    let queued = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .filter(|r| r.event.name() == "queued")
+        .count();
+    assert_eq!(queued, 3);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allowlist_comes_before_anything_is_recorded() {
+    let mut app = spawn_app(&[("EASEL_ALLOWED_USERS", "7001")]).await;
+    app.tg.user_sends(7002, 7002, "/image=flux=a fox");
+    assert!(app.text_to(7002, "Sorry, this bot is private.").await);
+    app.tg.user_sends(7001, 7001, "/image=flux=a fox");
+    assert!(app.images_to(7001, 1).await);
+    let users: Vec<i64> = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .filter_map(|r| match r.event {
+            easel::domain::Event::Queued { origin, .. } => Some(origin.user_id.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(users, vec![7001]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_all_and_cancel_by_id_prefix() {
+    let mut app = spawn_app(&[("EASEL_MAX_PENDING_PER_USER", "5")]).await;
+    // A slow request holds flux so the next ones stay queued.
+    app.tg.user_sends(5000, 5000, "/image=flux=a slow blocker");
+    assert!(app.text_to(5000, "Queued").await);
+    let u = 5001;
+    for i in 0..3 {
+        app.tg.user_sends(u, u, &format!("/image=flux=queued {i}"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        app.tg
+            .wait_for(WAIT, |c| c
+                .iter()
+                .filter(|c| c.chat_id == Some(u)
+                    && c.text.as_deref().is_some_and(|t| t.starts_with("Queued")))
+                .count()
+                == 3)
+            .await
+    );
+    let ids: Vec<String> = app.core().read(|s| {
+        s.requests()
+            .filter(|r| r.origin.user_id.0 == u)
+            .map(|r| r.id.to_string())
+            .collect()
+    });
+    assert_eq!(ids.len(), 3);
+    app.tg
+        .user_sends(u, u, &format!("/cancel {}", &ids[1][..13]));
+    assert!(app.text_to(u, "Cancelled 1 queued request.").await);
+    app.tg.user_sends(u, u, "/cancel ffffffff");
+    assert!(
+        app.text_to(
+            u,
+            "None of your queued requests has an id starting with \"ffffffff\""
+        )
+        .await
+    );
+    app.tg.user_sends(u, u, "/cancel");
+    assert!(app.text_to(u, "Cancelled 2 queued requests.").await);
+    app.tg.user_sends(u, u, "/queue");
+    assert!(app.text_to(u, "You have no requests in progress.").await);
+    // The blocker was never cancelled and arrives.
+    assert!(app.images_to(5000, 1).await);
+    assert_eq!(app.flux.stats.calls.load(Ordering::SeqCst), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn again_and_original_buttons() {
+    let mut app = spawn_app(&[]).await;
+    let u = 6001;
+    app.tg.user_sends(u, u, "/image=flux=a green owl");
+    assert!(app.images_to(u, 1).await);
+    let photo = app.photo_calls(u).remove(0);
+    let markup = photo.reply_markup.clone().unwrap();
+    let data = |i: usize| {
+        markup["inline_keyboard"][0][i]["callback_data"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let photo_id = photo.message_id.unwrap();
+
+    app.tg.user_presses(u, u, photo_id, &data(1));
+    assert!(
+        app.tg
+            .wait_for(WAIT, |c| c
+                .iter()
+                .any(|c| c.method == "sendDocument" && c.chat_id == Some(u)))
+            .await
+    );
+    let original = app
+        .tg
+        .calls()
+        .into_iter()
+        .find(|c| c.method == "sendDocument")
+        .unwrap();
+    assert_eq!(
+        original.file_len, photo.file_len,
+        "the original is the same bytes"
+    );
+
+    app.tg.user_presses(u, u, photo_id, &data(0));
+    assert!(app.images_to(u, 3).await, "Again made no second image");
+    let prompts = app.flux.stats.prompts.lock().unwrap().clone();
+    assert_eq!(prompts.len(), 2);
+    assert_eq!(prompts[0], prompts[1], "Again reuses the prompt");
+    assert!(
+        app.tg
+            .calls()
+            .iter()
+            .filter(|c| c.method == "answerCallbackQuery")
+            .count()
+            >= 2
+    );
+
+    // An expired original says so.
+    for f in std::fs::read_dir(app.dir.path().join("images")).unwrap() {
+        std::fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    let before = app
+        .tg
+        .calls()
+        .iter()
+        .filter(|c| c.method == "sendDocument")
+        .count();
+    app.tg.user_presses(u, u, photo_id, &data(1));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        app.tg
+            .calls()
+            .iter()
+            .filter(|c| c.method == "sendDocument")
+            .count(),
+        before
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_update_never_makes_a_second_request() {
+    let mut app = spawn_app(&[]).await;
+    let u = 8001;
+    let (update, _) = app.tg.user_sends(u, u, "/image=flux=a single fox");
+    assert!(app.images_to(u, 1).await);
+    // The same message under a new update id: found by chat + message id.
+    app.tg.redeliver_as_new_update(update).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // After a restart that lost the saved offset, Telegram resends the
+    // very same update: found by update id.
+    app.stop().await;
+    {
+        let store = easel::store::SledStore::open(&app.dir.path().join("log")).unwrap();
+        store.delete_meta("telegram/offset").unwrap();
+    }
+    app.tg.redeliver(update);
+    app.start().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let queued = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .filter(|r| r.event.name() == "queued")
+        .count();
+    assert_eq!(queued, 1);
+    assert_eq!(app.flux.stats.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(app.photo_calls(u).len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_queue_loses_nothing() {
+    let mut app = spawn_app(&[]).await;
+    let users = [9001, 9002, 9003];
+    for u in users {
+        app.tg
+            .user_sends(u, u, &format!("/image=flux=a slow scene for {u}"));
+        assert!(app.text_to(u, "Queued for flux").await);
+    }
+    // Stop while the first is generating and the others wait.
+    assert!(
+        app.tg
+            .wait_for(WAIT, |_| app.flux.stats.in_flight.load(Ordering::SeqCst)
+                == 1)
+            .await
+    );
+    app.restart().await;
+    for u in users {
+        assert!(app.images_to(u, 1).await, "{u} lost its image");
+    }
+    assert!(
+        app.eventually(|a| a.core().read(|s| s.requests().count()) == 0)
+            .await,
+        "requests left unfinished"
+    );
+    let prompts = app.flux.stats.prompts.lock().unwrap().clone();
+    let firsts: Vec<&String> = prompts.iter().fold(Vec::new(), |mut v, p| {
+        if !v.contains(&p) {
+            v.push(p);
+        }
+        v
+    });
+    assert_eq!(firsts.len(), 3);
+    for (p, u) in firsts.iter().zip(users) {
+        assert!(
+            p.contains(&u.to_string()),
+            "FIFO broken across the restart: {prompts:?}"
+        );
+    }
+    let resumed = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .any(|r| r.event.name() == "resumed");
+    assert!(resumed, "the in-flight request was resumed");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_caption_is_cut_and_the_full_prompt_follows() {
+    let mut app = spawn_app(&[]).await;
+    let u = 10_001;
+    let prompt = "🦊".repeat(600);
+    app.tg.user_sends(u, u, &format!("/image=flux={prompt}"));
+    assert!(app.images_to(u, 1).await);
+    let caption = app.photo_calls(u).remove(0).caption.unwrap();
+    assert!(caption.encode_utf16().count() <= 1024);
+    assert!(caption.ends_with('…'));
+    assert!(app.text_to(u, "Full prompt:").await);
+    let full = app
+        .tg
+        .texts_to(u)
+        .into_iter()
+        .find(|t| t.starts_with("Full prompt:"))
+        .unwrap();
+    assert!(full.contains(&prompt));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_or_oddly_shaped_images_go_as_documents() {
+    let mut app = spawn_app(&[]).await;
+    app.tg
+        .user_sends(11_001, 11_001, "/image=sdxl=a huge mural");
+    app.tg
+        .user_sends(11_002, 11_002, "/image=flux=a panorama of the alps");
+    assert!(app.images_to(11_001, 1).await && app.images_to(11_002, 1).await);
+    for u in [11_001, 11_002] {
+        let call = app.photo_calls(u).remove(0);
+        assert_eq!(call.method, "sendDocument", "{u}");
+    }
+    assert!(app.photo_calls(11_001)[0].file_len.unwrap() > 10_000_000);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_on_send_photo_waits_and_resends() {
+    let mut app = spawn_app(&[]).await;
+    app.tg.fail_next("sendPhoto", 1, Failure::RetryAfter(1));
+    let u = 12_001;
+    app.tg.user_sends(u, u, "/image=flux=a patient heron");
+    assert!(app.images_to(u, 1).await);
+    let calls = app.tg.calls();
+    let failed = calls
+        .iter()
+        .find(|c| c.method == "sendPhoto (failed)")
+        .expect("the 429 happened");
+    let sent = calls.iter().find(|c| c.method == "sendPhoto").unwrap();
+    assert!(
+        sent.at.duration_since(failed.at) >= Duration::from_millis(950),
+        "did not wait retry_after"
+    );
+    assert_eq!(
+        app.core()
+            .store()
+            .read_from(1)
+            .filter_map(Result::ok)
+            .filter(|r| r.event.name() == "delivered")
+            .count(),
+        1
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_long_queue_stays_inside_the_edit_limits() {
+    let mut app = spawn_app(&[]).await;
+    let users: Vec<i64> = (0..200).map(|i| 20_000 + i).collect();
+    for u in &users {
+        app.tg.user_sends(*u, *u, "/image=flux=a quick sketch");
+    }
+    let n = users.len();
+    assert!(
+        app.tg
+            .wait_for(Duration::from_secs(120), |calls| calls
+                .iter()
+                .filter(|c| c.method == "sendPhoto")
+                .count()
+                >= n)
+            .await,
+        "not all 200 delivered"
+    );
+    let calls = app.tg.calls();
+    // At most one edit per chat per second.
+    let mut last_edit: std::collections::HashMap<i64, tokio::time::Instant> = Default::default();
+    for c in calls.iter().filter(|c| c.method == "editMessageText") {
+        let chat = c.chat_id.unwrap();
+        if let Some(prev) = last_edit.insert(chat, c.at) {
+            assert!(
+                c.at.duration_since(prev) >= Duration::from_millis(990),
+                "two edits within a second in chat {chat}"
+            );
+        }
+    }
+    // Far fewer than 30 calls in any second, everything included.
+    let mut worst = 0;
+    for (i, c) in calls.iter().enumerate() {
+        let in_second = calls[i..]
+            .iter()
+            .take_while(|d| d.at.duration_since(c.at) < Duration::from_secs(1))
+            .count();
+        worst = worst.max(in_second);
+    }
+    assert!(worst < 30, "{worst} calls in one second");
+    // Not one edit per waiting request per completion (that would be ~20,000).
+    let edits = calls
+        .iter()
+        .filter(|c| c.method == "editMessageText")
+        .count();
+    assert!(edits < 2_000, "{edits} edits");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_or_internal_url_in_any_message() {
+    let mut app = spawn_app(&[]).await;
+    let u = 13_001;
+    app.tg.user_sends(u, u, "/image=flux=something nsfw");
+    app.tg
+        .user_sends(u, u, "/image=sdxl=a storm that will explode");
+    app.tg.user_sends(u, u, "/image=flux=a calm lake");
+    assert!(app.images_to(u, 1).await);
+    // The two failures are told in plain words in their status messages.
+    assert!(
+        app.any_message_ends_with(u, "Please try again later.")
+            .await
+    );
+    assert!(app.any_message_ends_with(u, "Try rephrasing it.").await);
+    for c in app.tg.calls() {
+        for text in [c.text.as_deref(), c.caption.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            for secret in [TOKEN, SDXL_KEY, "127.0.0.1", "http://", "sk-"] {
+                assert!(!text.contains(secret), "{secret:?} in a message: {text}");
+            }
+        }
+    }
+    // Nor in the event log.
+    for rec in app.core().store().read_from(1).filter_map(Result::ok) {
+        let json = serde_json::to_string(&rec).unwrap();
+        assert!(!json.contains(SDXL_KEY) && !json.contains(TOKEN), "{json}");
+    }
+    app.stop().await;
+}
