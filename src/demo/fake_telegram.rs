@@ -234,6 +234,16 @@ impl FakeTelegram {
         }
     }
 
+    /// Whether the bot has confirmed `update_id` (polled past it), i.e.
+    /// handled it: the bot moves its offset only after handling a batch.
+    pub fn confirmed(&self, update_id: u32) -> bool {
+        !self
+            .lock()
+            .pending
+            .iter()
+            .any(|u| u["update_id"].as_u64() == Some(u64::from(update_id)))
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.lock().calls.clone()

@@ -34,6 +34,7 @@ pub struct TestApp {
 }
 
 pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
+    capture_logs();
     let tg = FakeTelegram::start(TOKEN).await.unwrap();
     let flux = FakeWorker::flux(Duration::from_millis(20)).await.unwrap();
     let sdxl = FakeWorker::sdxl(SDXL_KEY, Duration::from_millis(20))
@@ -199,4 +200,43 @@ impl TestApp {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Every log line of this test binary (all levels, all crates), so tests
+/// can check that no secret is ever logged.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(
+        &LOGS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
+    .into_owned()
+}
+
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capturing subscriber once (trace level, every crate).
+pub fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
+            .with_ansi(false)
+            .with_writer(|| Capture)
+            .try_init();
+    });
 }

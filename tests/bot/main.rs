@@ -313,8 +313,8 @@ async fn a_duplicate_update_never_makes_a_second_request() {
     let (update, _) = app.tg.user_sends(u, u, "/image=flux=a single fox");
     assert!(app.images_to(u, 1).await);
     // The same message under a new update id: found by chat + message id.
-    app.tg.redeliver_as_new_update(update).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = app.tg.redeliver_as_new_update(update).unwrap();
+    assert!(app.eventually(|a| a.tg.confirmed(again)).await);
     // After a restart that lost the saved offset, Telegram resends the
     // very same update: found by update id.
     app.stop().await;
@@ -324,7 +324,7 @@ async fn a_duplicate_update_never_makes_a_second_request() {
     }
     app.tg.redeliver(update);
     app.start().await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(app.eventually(|a| a.tg.confirmed(update)).await);
     let queued = app
         .core()
         .store()
@@ -441,14 +441,16 @@ async fn a_429_on_send_photo_waits_and_resends() {
         sent.at.duration_since(failed.at) >= Duration::from_millis(950),
         "did not wait retry_after"
     );
-    assert_eq!(
-        app.core()
+    assert!(
+        app.eventually(|a| a
+            .core()
             .store()
             .read_from(1)
             .filter_map(Result::ok)
             .filter(|r| r.event.name() == "delivered")
-            .count(),
-        1
+            .count()
+            == 1)
+            .await
     );
     app.stop().await;
 }
@@ -525,6 +527,17 @@ async fn no_secret_or_internal_url_in_any_message() {
             for secret in [TOKEN, SDXL_KEY, "127.0.0.1", "http://", "sk-"] {
                 assert!(!text.contains(secret), "{secret:?} in a message: {text}");
             }
+        }
+    }
+    // Nor in any log line (trace level, every crate, all tests so far).
+    let logs = helpers::captured_logs();
+    assert!(logs.len() > 1000, "the capture works");
+    for secret in [TOKEN, SDXL_KEY, TOKEN.split_once(':').unwrap().1] {
+        if let Some(at) = logs.find(secret) {
+            panic!(
+                "{secret:?} logged: …{}…",
+                &logs[at.saturating_sub(300)..(at + 100).min(logs.len())]
+            );
         }
     }
     // Nor in the event log.

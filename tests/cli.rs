@@ -1,0 +1,152 @@
+//! The built `easel` binary: exit codes for bad configuration, and a clean
+//! stop on SIGTERM while serving FAKE Telegram and workers on loopback.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use easel::demo::fake_services::FakeWorker;
+use easel::demo::fake_telegram::FakeTelegram;
+
+fn easel() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_easel"));
+    for var in [
+        "TELEGRAM_BOT_TOKEN",
+        "FLUX_WORKER_URL",
+        "SDXL_WORKER_URL",
+        "SDXL_API_KEY",
+        "LLM_API_URL",
+        "EASEL_CONFIG",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+#[test]
+fn run_without_a_token_exits_2_with_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = easel()
+        .args(["run", "--data-dir"])
+        .arg(dir.path())
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TELEGRAM_BOT_TOKEN is not set"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_variable_not_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = easel()
+        .arg("run")
+        .current_dir(dir.path())
+        .env("TELEGRAM_BOT_TOKEN", "123:supersecret-token-value")
+        .env("FLUX_WORKER_URL", "ftp://example/flux")
+        .env("SDXL_WORKER_URL", "http://127.0.0.1:9/x")
+        .env("SDXL_API_KEY", "changeme")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("FLUX_WORKER_URL must start with http:// or https://"),
+        "{err}"
+    );
+    assert!(
+        err.contains("SDXL_API_KEY is empty or a placeholder"),
+        "{err}"
+    );
+    assert!(!err.contains("supersecret"), "{err}");
+}
+
+#[test]
+fn help_shows_an_example_for_each_command() {
+    for sub in ["run", "demo"] {
+        let out = easel().args([sub, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Example:"),
+            "{sub}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_bot_cleanly_and_the_next_start_resumes() {
+    let token = "555:SIGTERM-test-token-abcdef";
+    let tg = FakeTelegram::start(token).await.unwrap();
+    let flux = FakeWorker::flux(Duration::from_millis(10)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = || {
+        easel()
+            .arg("run")
+            .current_dir(dir.path())
+            .env("TELEGRAM_BOT_TOKEN", token)
+            .env("TELEGRAM_API_URL", &tg.url)
+            .env("FLUX_WORKER_URL", &flux.url)
+            .env("EASEL_DATA_DIR", dir.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn();
+    tg.user_sends(1, 1, "/image=flux=a quiet harbour");
+    assert!(
+        tg.wait_for(Duration::from_secs(30), |c| c
+            .iter()
+            .any(|c| c.method == "sendPhoto"))
+            .await
+    );
+    // A request that waits behind a slow one when the signal comes.
+    tg.user_sends(2, 2, "/image=flux=a slow parade");
+    tg.user_sends(3, 3, "/image=flux=a last lantern");
+    assert!(
+        tg.wait_for(Duration::from_secs(30), |_| flux
+            .stats
+            .in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1)
+            .await
+    );
+    let started = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The next start finishes what was left.
+    let mut child = spawn();
+    let all = tg
+        .wait_for(Duration::from_secs(30), |c| {
+            c.iter().filter(|c| c.method == "sendPhoto").count() >= 3
+        })
+        .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    assert!(
+        all,
+        "the requests waiting at the stop were not finished after the restart"
+    );
+}
