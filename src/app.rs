@@ -145,6 +145,17 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
         images,
         username: username.clone(),
     });
+    // Operators' read-only queries, while this process holds the log.
+    match crate::ops::server::spawn(
+        Arc::clone(&core),
+        crate::ops::source::socket_path(&intake.settings.data_dir),
+        shutdown.clone(),
+    ) {
+        Ok(task) => workers.push(task),
+        Err(e) => {
+            tracing::warn!(error = %e, "the audit socket is not available; `easel audit` works only when the bot is stopped")
+        }
+    }
     let poller = tokio::spawn(poll::poll(intake, shutdown));
     Ok(App {
         core,

@@ -33,6 +33,74 @@ enum Command {
     ///
     /// Example: easel demo
     Demo,
+    /// Request history: list, show one request, statistics.
+    #[command(subcommand)]
+    Audit(Audit),
+    /// The event log as JSON Lines on stdout, oldest first.
+    ///
+    /// Example: easel export --since 2026-11-25 > events.jsonl
+    Export {
+        /// Only events at or after this time (RFC 3339 or a date).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Rebuild every projection from the log (or an exported file) and print each model's queue.
+    ///
+    /// Example: easel replay --from events.jsonl --verify
+    Replay {
+        /// An exported JSON Lines file instead of the data dir's log.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Stop after this event.
+        #[arg(long)]
+        until_seq: Option<u64>,
+        /// Check every transition and invariant; exit 1 naming the first violation.
+        #[arg(long)]
+        verify: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum Audit {
+    /// Requests, newest first.
+    ///
+    /// Example: easel audit list --model flux --status failed --since 2026-11-25 --limit 20
+    List {
+        #[arg(long)]
+        user: Option<i64>,
+        #[arg(long)]
+        model: Option<String>,
+        /// queued, enhancing, generating, sending, done, failed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// RFC 3339 or a date.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One request and its full event timeline, by id or unique id prefix.
+    ///
+    /// Example: easel audit show 019abb1c-3a00
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counts per model and status; p50/p95 of queue wait and each stage; failure reasons.
+    ///
+    /// Example: easel audit stats --json
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_tracing(filter: &str) {
@@ -56,6 +124,107 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run => run(cli.data_dir),
         Command::Demo => demo(cli.data_dir),
+        command => operate(cli.data_dir, command),
+    }
+}
+
+/// The data dir for operator commands: the flag, then EASEL_DATA_DIR (also
+/// from .env), then ./data.
+fn data_dir(flag: Option<PathBuf>) -> PathBuf {
+    let _ = dotenvy::dotenv();
+    flag.or_else(|| std::env::var_os("EASEL_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("./data"))
+}
+
+fn operate(flag: Option<PathBuf>, command: Command) -> ExitCode {
+    use easel::ops::cli::{self, CliError, ReplayInput};
+    use easel::ops::source::{Source, SourceError};
+
+    let dir = data_dir(flag);
+    let open = || {
+        Source::open(&dir).map_err(|e| match e {
+            SourceError::Usage(m) => CliError::usage(m),
+            SourceError::Failed(m) => CliError::failed(m),
+        })
+    };
+    let time = |t: Option<String>| {
+        t.map(|t| cli::parse_time(&t))
+            .transpose()
+            .map_err(CliError::usage)
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = (|| match command {
+        Command::Audit(Audit::List {
+            user,
+            model,
+            status,
+            since,
+            until,
+            limit,
+            json,
+        }) => {
+            let status = status
+                .map(|s| {
+                    easel::domain::Stage::ALL
+                        .into_iter()
+                        .find(|st| st.as_str() == s.to_ascii_lowercase())
+                        .ok_or_else(|| CliError::usage(format!("\"{s}\" is not a status; use queued, enhancing, generating, sending, done, failed or cancelled")))
+                })
+                .transpose()?;
+            let filter = easel::ops::query::Filter {
+                user,
+                model,
+                status,
+                since: time(since)?,
+                until: time(until)?,
+                limit: Some(limit),
+            };
+            cli::audit_list(&open()?, &filter, json, &mut out)
+        }
+        Command::Audit(Audit::Show { id, json }) => cli::audit_show(&open()?, &id, json, &mut out),
+        Command::Audit(Audit::Stats { json }) => cli::audit_stats(&open()?, json, &mut out),
+        Command::Export { since } => {
+            let since = time(since)?;
+            cli::export(&open()?, since, &mut out)
+        }
+        Command::Replay {
+            from: Some(file),
+            until_seq,
+            verify,
+            json,
+        } => cli::replay(ReplayInput::File(&file), until_seq, verify, json, &mut out),
+        Command::Replay {
+            from: None,
+            until_seq,
+            verify,
+            json,
+        } => cli::replay(
+            ReplayInput::Source(&open()?),
+            until_seq,
+            verify,
+            json,
+            &mut out,
+        ),
+        Command::Run | Command::Demo => Ok(0),
+    })();
+    let flushed = std::io::Write::flush(&mut out);
+    match result {
+        Ok(code) => {
+            if let Err(e) = flushed
+                && e.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                eprintln!("easel: cannot write the output: {e}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::from(code)
+        }
+        // A closed pipe is the reader being done, not an error.
+        Err(CliError { code: 0, .. }) => ExitCode::SUCCESS,
+        Err(CliError { code, message }) => {
+            eprintln!("easel: {message}");
+            ExitCode::from(code)
+        }
     }
 }
 

@@ -13,6 +13,8 @@ pub struct RequestId(pub Uuid);
 
 impl RequestId {
     /// A fresh id. The caller passes the time so the domain stays clock-free.
+    /// Ids sort by creation millisecond; within one millisecond the order is
+    /// random, which keeps short id prefixes distinct for `/cancel <prefix>`.
     pub fn new_at(at: chrono::DateTime<chrono::Utc>) -> Self {
         let secs = u64::try_from(at.timestamp()).unwrap_or(0);
         let ts = uuid::Timestamp::from_unix(uuid::NoContext, secs, at.timestamp_subsec_nanos());

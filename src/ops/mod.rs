@@ -1,6 +1,12 @@
 //! Operator views over the log: audit records, verification of every
 //! transition and invariant, and the tables people read.
 
+pub mod cli;
+pub mod json;
+pub mod query;
+pub mod server;
+pub mod source;
+
 use std::collections::HashMap;
 
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
@@ -90,10 +96,9 @@ pub fn table(records: &[RequestRecord], prompt_width: usize) -> String {
         "id", "user", "model", "status", "tries", "created", "took", "prompt", "error",
     ]);
     for r in records {
-        let id = r.id.to_string();
         let took = (r.updated_at - r.created_at).num_milliseconds() as f64 / 1000.0;
         table.add_row(vec![
-            id[id.len() - 8..].to_owned(),
+            r.id.to_string(),
             r.user_id.0.to_string(),
             r.model.to_string(),
             r.status.to_string(),

@@ -99,6 +99,29 @@ pub enum Violation {
 }
 
 impl Violation {
+    /// The rule broken, as a stable name for `--json`.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Violation::SeqNotIncreasing { .. } => "seq_order",
+            Violation::DuplicateRequest { .. } => "duplicate_request",
+            Violation::UnknownRequest { .. } => "unknown_request",
+            Violation::Illegal { .. } => "illegal_transition",
+            Violation::NotFifo { .. } => "fifo",
+            Violation::TwoInFlight { .. } => "one_at_a_time",
+        }
+    }
+
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self {
+            Violation::SeqNotIncreasing { .. } => None,
+            Violation::DuplicateRequest { id, .. }
+            | Violation::UnknownRequest { id, .. }
+            | Violation::Illegal { id, .. }
+            | Violation::NotFifo { id, .. }
+            | Violation::TwoInFlight { id, .. } => Some(*id),
+        }
+    }
+
     pub fn seq(&self) -> u64 {
         match self {
             Violation::SeqNotIncreasing { seq, .. }

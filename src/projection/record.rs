@@ -20,7 +20,8 @@ pub struct RequestRecord {
     pub attempts: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    /// Seqs of the request's events, oldest first.
+    /// Seqs of the request's events, oldest first (not part of the JSON form).
+    #[serde(skip, default)]
     pub seqs: Vec<u64>,
 }
 

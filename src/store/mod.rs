@@ -138,6 +138,17 @@ pub trait EventStore: Send + Sync + 'static {
     /// [`StoreError::Read`].
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// Request ids in creation order (UUIDv7 order), newest first when
+    /// `newest_first`, within `[from, to]` when given, only `user`'s when
+    /// given. Served from the request index, not by reading events.
+    fn request_ids(
+        &self,
+        user: Option<crate::domain::UserId>,
+        from: Option<RequestId>,
+        to: Option<RequestId>,
+        newest_first: bool,
+    ) -> Box<dyn Iterator<Item = Result<RequestId, StoreError>> + Send + '_>;
+
     /// Every meta value whose name starts with `prefix`.
     ///
     /// # Errors

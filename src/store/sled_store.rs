@@ -18,6 +18,16 @@ const UPDATE: u8 = b'u';
 const MESSAGE: u8 = b'm';
 const CHECKPOINT: &[u8] = b"c/checkpoint";
 const META: u8 = b'k';
+const USER: u8 = b'x';
+
+/// `x/<user, sign-flipped so negative ids sort first><request id>`.
+fn user_key(user: crate::domain::UserId, id: RequestId) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[0] = USER;
+    k[1..9].copy_from_slice(&((user.0 as u64) ^ (1 << 63)).to_be_bytes());
+    k[9..].copy_from_slice(id.as_bytes());
+    k
+}
 
 fn event_key(seq: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -104,7 +114,15 @@ impl SledStore {
     /// # Errors
     /// [`StoreError::Open`], e.g. when another process holds the directory.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = open_db(dir)?;
+        Self::open_with_wait(dir, LOCK_WAIT)
+    }
+
+    /// As [`SledStore::open`], waiting at most `wait` for sled's lock.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`].
+    pub fn open_with_wait(dir: &Path, wait: std::time::Duration) -> Result<Self, StoreError> {
+        let db = open_db(dir, wait)?;
         let last = match db.scan_prefix([EVENT]).keys().next_back() {
             None => 0,
             Some(Ok(key)) => seq_of(&key).unwrap_or(0),
@@ -155,8 +173,8 @@ impl SledStore {
 /// the wait is over.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
+fn open_db(dir: &Path, wait: std::time::Duration) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + wait;
     loop {
         let result = sled::Config::new()
             .path(dir)
@@ -272,6 +290,7 @@ impl EventStore for SledStore {
             batch.insert(&event_key(rec.seq), bytes);
             batch.insert(&index_key(rec.request_id, rec.seq), &[]);
             if let Event::Queued { origin, .. } = &rec.event {
+                batch.insert(&user_key(origin.user_id, rec.request_id), &[]);
                 let id = rec.request_id.as_bytes().to_vec();
                 if let Some(u) = origin.update_id {
                     batch.insert(&update_key(u), id.clone());
@@ -417,6 +436,52 @@ impl EventStore for SledStore {
             .get(key)
             .map_err(read_err)?
             .map(|v| v.to_vec()))
+    }
+
+    fn request_ids(
+        &self,
+        user: Option<crate::domain::UserId>,
+        from: Option<RequestId>,
+        to: Option<RequestId>,
+        newest_first: bool,
+    ) -> Box<dyn Iterator<Item = Result<RequestId, StoreError>> + Send + '_> {
+        let lo = from.map_or([0u8; 16], |id| *id.as_bytes());
+        let hi = to.map_or([0xFFu8; 16], |id| *id.as_bytes());
+        // Keys: a prefix, then the 16 id bytes, then (for the event index)
+        // a seq; ids repeat in the event index and are deduplicated.
+        let (prefix, id_at): (Vec<u8>, usize) = match user {
+            Some(u) => (user_key(u, RequestId(uuid::Uuid::nil()))[..9].to_vec(), 9),
+            None => (vec![INDEX], 1),
+        };
+        let mut start = prefix.clone();
+        start.extend_from_slice(&lo);
+        let mut end = prefix;
+        end.extend_from_slice(&hi);
+        end.extend_from_slice(&[0xFF; 9]);
+        let range = self.inner.db.range(start..=end);
+        let ids =
+            move |kv: sled::Result<(sled::IVec, sled::IVec)>| -> Result<RequestId, StoreError> {
+                let (k, _) = kv.map_err(read_err)?;
+                let bytes: [u8; 16] = k
+                    .get(id_at..id_at + 16)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| StoreError::Read("malformed index key".into()))?;
+                Ok(RequestId(uuid::Uuid::from_bytes(bytes)))
+            };
+        let iter: Box<dyn Iterator<Item = Result<RequestId, StoreError>> + Send> = if newest_first {
+            Box::new(range.rev().map(ids))
+        } else {
+            Box::new(range.map(ids))
+        };
+        let mut last: Option<RequestId> = None;
+        Box::new(iter.filter(move |r| match r {
+            Ok(id) if last == Some(*id) => false,
+            Ok(id) => {
+                last = Some(*id);
+                true
+            }
+            Err(_) => true,
+        }))
     }
 
     fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

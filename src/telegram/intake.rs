@@ -253,13 +253,7 @@ impl Intake {
                     let position = s.position(r.id);
                     let wait = position.and_then(|p| s.estimated_wait(&r.model, p));
                     let short = r.id.to_string();
-                    words::queue_line(
-                        &short[short.len() - 8..],
-                        r.model.as_str(),
-                        r.stage,
-                        position,
-                        wait,
-                    )
+                    words::queue_line(&short[..18], r.model.as_str(), r.stage, position, wait)
                 })
                 .collect()
         });

@@ -1,0 +1,535 @@
+//! `easel audit`, `easel export` and `easel replay`: each writes to `out`
+//! and returns its exit code (0 ok, 1 a check failed or nothing matched);
+//! errors are one sentence with code 1 or 2 (bad usage).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::json;
+
+use super::json::{event_json, parse_event_line};
+use super::query::Filter;
+use super::source::Source;
+use super::{elide, table};
+use crate::domain::{Event, RequestId, Stage};
+use crate::projection::{LiveState, RequestRecord};
+use crate::store::Recorded;
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError {
+            code: 2,
+            message: message.into(),
+        }
+    }
+    pub fn failed(message: impl Into<String>) -> Self {
+        CliError {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+type Out<'a> = &'a mut dyn Write;
+type Res = Result<u8, CliError>;
+
+/// Writes, treating a closed pipe (`| head`) as the reader being done.
+fn w(out: Out<'_>, text: &str) -> Result<(), CliError> {
+    match out.write_all(text.as_bytes()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(CliError {
+            code: 0,
+            message: String::new(),
+        }),
+        Err(e) => Err(CliError::failed(format!("cannot write the output: {e}"))),
+    }
+}
+
+/// RFC 3339 (`2026-11-25T10:00:00Z`) or a date (`2026-11-25`, midnight UTC).
+///
+/// # Errors
+/// A sentence naming the accepted forms.
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
+        && let Some(t) = d.and_hms_opt(0, 0, 0)
+    {
+        return Ok(t.and_utc());
+    }
+    Err(format!(
+        "\"{s}\" is not a time; use RFC 3339 (2026-11-25T10:00:00Z) or a date (2026-11-25)"
+    ))
+}
+
+/// `2026-11-25 10:00:03 (5 min ago)`.
+pub fn when(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    format!("{} ({})", t.format("%Y-%m-%d %H:%M:%S"), ago(now - t))
+}
+
+fn ago(d: chrono::Duration) -> String {
+    let s = d.num_seconds();
+    match s {
+        s if s < 0 => "in the future".into(),
+        s if s < 60 => format!("{s} s ago"),
+        s if s < 3600 => format!("{} min ago", s / 60),
+        s if s < 86_400 => format!("{} h ago", s / 3600),
+        s => format!("{} d ago", s / 86_400),
+    }
+}
+
+fn secs(ms: i64) -> String {
+    format!("{:.2} s", ms as f64 / 1000.0)
+}
+
+/// The §5 request object.
+pub fn record_json(r: &RequestRecord) -> serde_json::Value {
+    json!({
+        "id": r.id.to_string(), "user_id": r.user_id.0, "chat_id": r.chat_id.0, "model": r.model.as_str(),
+        "prompt": r.prompt, "enhanced_prompt": r.enhanced_prompt, "status": r.status.as_str(),
+        "error": r.error, "attempts": r.attempts,
+        "created_at": r.created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "updated_at": r.updated_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+}
+
+fn prompt_width() -> usize {
+    let columns = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok())
+        .unwrap_or(160);
+    columns.saturating_sub(120).clamp(20, 200)
+}
+
+pub fn audit_list(src: &Source, filter: &Filter, json_out: bool, out: Out<'_>) -> Res {
+    let records = src.list(filter).map_err(CliError::failed)?;
+    if json_out {
+        for r in &records {
+            w(out, &format!("{}\n", record_json(r)))?;
+        }
+    } else if records.is_empty() {
+        w(out, "no requests match\n")?;
+    } else {
+        w(out, &format!("{}\n", table(&records, prompt_width())))?;
+    }
+    Ok(0)
+}
+
+/// The stage durations of a request, from its events.
+pub fn stage_times(events: &[Recorded]) -> Vec<(&'static str, i64)> {
+    let mut at: HashMap<&'static str, DateTime<Utc>> = HashMap::new();
+    let mut out = Vec::new();
+    for e in events {
+        let name = e.event.name();
+        let (from, label) = match &e.event {
+            Event::Started => ("queued", "queue wait"),
+            Event::Enhanced { .. } => ("started", "enhancing"),
+            Event::Generated { .. } => ("enhanced", "generating"),
+            Event::Delivered { .. } => ("generated", "sending"),
+            _ => ("", ""),
+        };
+        if let Some(t) = at.get(from) {
+            out.push((label, (e.at - *t).num_milliseconds()));
+        }
+        // A regenerated image counts its generating time from the restart.
+        let key = if matches!(e.event, Event::Regenerating) {
+            "enhanced"
+        } else {
+            name
+        };
+        at.insert(key, e.at);
+    }
+    out
+}
+
+pub fn audit_show(src: &Source, prefix: &str, json_out: bool, out: Out<'_>) -> Res {
+    let ids = src.find(prefix).map_err(CliError::usage)?;
+    let id: RequestId = match ids.as_slice() {
+        [] => {
+            return Err(CliError::failed(format!(
+                "no request id starts with \"{prefix}\""
+            )));
+        }
+        [one] => *one,
+        many => {
+            let mut msg = format!(
+                "\"{prefix}\" matches {} requests; give more of the id:",
+                many.len().min(20)
+            );
+            for id in many.iter().take(20) {
+                msg.push_str(&format!("\n  {id}"));
+            }
+            if many.len() > 20 {
+                msg.push_str("\n  …");
+            }
+            return Err(CliError::failed(msg));
+        }
+    };
+    let events = src.show(id).map_err(CliError::failed)?;
+    let record = RequestRecord::from_events(&events)
+        .ok_or_else(|| CliError::failed(format!("request {id} has no readable queued event")))?;
+    if json_out {
+        let mut obj = record_json(&record);
+        obj["events"] = serde_json::Value::Array(events.iter().map(event_json).collect());
+        w(out, &format!("{obj}\n"))?;
+        return Ok(0);
+    }
+    let now = Utc::now();
+    let mut text = format!(
+        "request   {}\nuser      {} (chat {})\nmodel     {}\nstatus    {}\nattempts  {}\ncreated   {}\nupdated   {}\nprompt    {}\n",
+        record.id,
+        record.user_id.0,
+        record.chat_id.0,
+        record.model,
+        record.status,
+        record.attempts,
+        when(record.created_at, now),
+        when(record.updated_at, now),
+        record.prompt
+    );
+    if let Some(e) = &record.enhanced_prompt {
+        text.push_str(&format!("enhanced  {e}\n"));
+    }
+    if let Some(e) = &record.error {
+        text.push_str(&format!("error     {e}\n"));
+    }
+    text.push_str("\ntimeline:\n");
+    for e in &events {
+        let detail = match &e.event {
+            Event::Enhanced {
+                fallback: Some(f), ..
+            } => format!("original prompt used: {f}"),
+            Event::Generated {
+                attempts,
+                statuses,
+                image,
+            } => {
+                format!(
+                    "{attempts} attempt(s) [{}], {} bytes {}",
+                    statuses.join(", "),
+                    image.bytes,
+                    image.format
+                )
+            }
+            Event::Failed {
+                kind,
+                reason,
+                statuses,
+                ..
+            } => format!("{}: {reason} [{}]", kind.as_str(), statuses.join(", ")),
+            Event::Resumed { stage } => format!("restart in {stage}"),
+            Event::Delivered { message_id } => format!(
+                "message {}",
+                message_id.map_or("-".into(), |m| m.to_string())
+            ),
+            _ => String::new(),
+        };
+        text.push_str(&format!(
+            "  #{:<8} {}  +{:<9} {:<12} {}\n",
+            e.seq,
+            e.at.format("%H:%M:%S%.3f"),
+            secs((e.at - record.created_at).num_milliseconds()),
+            e.event.name(),
+            elide(&detail, 120)
+        ));
+    }
+    let stages = stage_times(&events);
+    if !stages.is_empty() {
+        text.push_str("\nstages:\n");
+        for (label, ms) in stages {
+            text.push_str(&format!("  {label:<11} {}\n", secs(ms)));
+        }
+    }
+    w(out, &text)?;
+    Ok(0)
+}
+
+fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(idx).copied()
+}
+
+pub fn audit_stats(src: &Source, json_out: bool, out: Out<'_>) -> Res {
+    // Per unfinished request: model and stage; finished ones only count.
+    let mut live: HashMap<RequestId, (String, Stage)> = HashMap::new();
+    let mut counts: BTreeMap<String, BTreeMap<Stage, u64>> = BTreeMap::new();
+    let mut times: HashMap<RequestId, HashMap<&'static str, DateTime<Utc>>> = HashMap::new();
+    let mut durations: BTreeMap<&'static str, Vec<i64>> = BTreeMap::new();
+    let mut failures: HashMap<String, u64> = HashMap::new();
+    let mut total = 0u64;
+    for item in src.events(1, None) {
+        let Ok(e) = item else { continue };
+        let id = e.request_id;
+        if let Event::Queued { model, .. } = &e.event {
+            total += 1;
+            live.insert(id, (model.to_string(), Stage::Queued));
+            times.entry(id).or_default().insert("queued", e.at);
+            continue;
+        }
+        let Some(step) = e.event.step() else { continue };
+        let Some(entry) = live.get_mut(&id) else {
+            continue;
+        };
+        let Ok(to) = crate::domain::next_stage(entry.1, step) else {
+            continue;
+        };
+        entry.1 = to;
+        let t = times.entry(id).or_default();
+        let (from, label) = match &e.event {
+            Event::Started => ("queued", "queue_wait"),
+            Event::Enhanced { .. } => ("started", "enhancing"),
+            Event::Generated { .. } => ("enhanced", "generating"),
+            Event::Delivered { .. } => ("generated", "sending"),
+            _ => ("", ""),
+        };
+        if let Some(start) = t.get(from) {
+            durations
+                .entry(label)
+                .or_default()
+                .push((e.at - *start).num_milliseconds());
+        }
+        let key = if matches!(e.event, Event::Regenerating) {
+            "enhanced"
+        } else {
+            e.event.name()
+        };
+        t.insert(key, e.at);
+        if let Event::Failed { kind, reason, .. } = &e.event {
+            *failures
+                .entry(format!("{}: {}", kind.as_str(), elide(reason, 80)))
+                .or_default() += 1;
+        }
+        if to.is_terminal() {
+            if let Some((model, stage)) = live.remove(&id) {
+                *counts.entry(model).or_default().entry(stage).or_default() += 1;
+            }
+            times.remove(&id);
+        }
+    }
+    for (model, stage) in live.into_values() {
+        *counts.entry(model).or_default().entry(stage).or_default() += 1;
+    }
+    for d in durations.values_mut() {
+        d.sort_unstable();
+    }
+    let mut ranked: Vec<(String, u64)> = failures.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let labels = ["queue_wait", "enhancing", "generating", "sending"];
+    if json_out {
+        let by_model: serde_json::Map<String, serde_json::Value> = counts
+            .iter()
+            .map(|(m, c)| {
+                (
+                    m.clone(),
+                    json!(
+                        c.iter()
+                            .map(|(s, n)| (s.as_str().to_owned(), *n))
+                            .collect::<BTreeMap<_, _>>()
+                    ),
+                )
+            })
+            .collect();
+        let stages: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|l| {
+                let d = durations.get(l).map(Vec::as_slice).unwrap_or_default();
+                ((*l).to_owned(), json!({ "count": d.len(), "p50_ms": percentile(d, 0.5), "p95_ms": percentile(d, 0.95) }))
+            })
+            .collect();
+        let failures: Vec<_> = ranked
+            .iter()
+            .map(|(r, n)| json!({ "reason": r, "count": n }))
+            .collect();
+        w(
+            out,
+            &format!(
+                "{}\n",
+                json!({ "requests": total, "by_model": by_model, "stages": stages, "failures": failures })
+            ),
+        )?;
+        return Ok(0);
+    }
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+    let mut header = vec!["model".to_owned()];
+    header.extend(Stage::ALL.iter().map(|s| s.as_str().to_owned()));
+    header.push("total".into());
+    t.set_header(header);
+    for (model, c) in &counts {
+        let mut row = vec![model.clone()];
+        row.extend(
+            Stage::ALL
+                .iter()
+                .map(|s| c.get(s).copied().unwrap_or(0).to_string()),
+        );
+        row.push(c.values().sum::<u64>().to_string());
+        t.add_row(row);
+    }
+    let mut text = format!("{total} requests\n{t}\n\n");
+    let mut d = comfy_table::Table::new();
+    d.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+    d.set_header(vec!["stage", "count", "p50", "p95"]);
+    for l in labels {
+        let v = durations.get(l).map(Vec::as_slice).unwrap_or_default();
+        let show = |x: Option<i64>| x.map_or("-".to_owned(), secs);
+        d.add_row(vec![
+            l.replace('_', " "),
+            v.len().to_string(),
+            show(percentile(v, 0.5)),
+            show(percentile(v, 0.95)),
+        ]);
+    }
+    text.push_str(&format!("{d}\n"));
+    if !ranked.is_empty() {
+        text.push_str("\nfailure reasons:\n");
+        for (r, n) in ranked.iter().take(20) {
+            text.push_str(&format!("  {n:>6}  {r}\n"));
+        }
+    }
+    w(out, &text)?;
+    Ok(0)
+}
+
+pub fn export(src: &Source, since: Option<DateTime<Utc>>, out: Out<'_>) -> Res {
+    for item in src.events(1, None) {
+        match item {
+            Ok(e) if since.is_none_or(|t| e.at >= t) => w(out, &format!("{}\n", event_json(&e)))?,
+            Ok(_) => {}
+            // A damaged record is reported, not exported; the rest goes on.
+            Err(e) => eprintln!("easel: skipping: {e}"),
+        }
+    }
+    Ok(0)
+}
+
+/// Where replay reads: the data dir, or an exported file.
+pub enum ReplayInput<'a> {
+    Source(&'a Source),
+    File(&'a Path),
+}
+
+pub fn replay(
+    input: ReplayInput<'_>,
+    until_seq: Option<u64>,
+    verify: bool,
+    json_out: bool,
+    out: Out<'_>,
+) -> Res {
+    let until = until_seq.unwrap_or(u64::MAX);
+    let (items, total): (Box<dyn Iterator<Item = Result<Recorded, String>>>, u64) = match input {
+        ReplayInput::Source(src) => (src.events(1, until_seq), 0),
+        ReplayInput::File(path) => {
+            let file = std::fs::File::open(path)
+                .map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?;
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let lines = std::io::BufReader::new(file)
+                .lines()
+                .enumerate()
+                .filter_map(|(n, l)| match l {
+                    Ok(l) if l.trim().is_empty() => None,
+                    Ok(l) => Some(parse_event_line(&l).map_err(|e| format!("line {}: {e}", n + 1))),
+                    Err(e) => Some(Err(format!("line {}: {e}", n + 1))),
+                });
+            (Box::new(lines), size / 200)
+        }
+    };
+    let progress = indicatif::ProgressBar::new(total);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} replaying {pos} events {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let mut state = LiveState::default();
+    let mut events = 0u64;
+    let mut first_problem: Option<(u64, Option<RequestId>, &'static str, String)> = None;
+    let mut problems = 0u64;
+    for item in items {
+        match item {
+            Ok(rec) if rec.seq > until => break,
+            Ok(rec) => {
+                events += 1;
+                if events % 4096 == 0 {
+                    progress.set_position(events);
+                }
+                if let Err(v) = state.apply(&rec) {
+                    problems += 1;
+                    if first_problem.is_none() {
+                        first_problem = Some((v.seq(), v.request_id(), v.rule(), v.to_string()));
+                    }
+                }
+            }
+            Err(e) => {
+                problems += 1;
+                if first_problem.is_none() {
+                    first_problem = Some((state.last_seq + 1, None, "unreadable", e));
+                }
+            }
+        }
+    }
+    progress.finish_and_clear();
+    if json_out {
+        let models: serde_json::Map<String, serde_json::Value> = state
+            .lanes()
+            .map(|(m, lane)| {
+                let in_flight = lane.in_flight.map(|id| {
+                    json!({ "id": id.to_string(), "stage": state.request(id).map(|r| r.stage.as_str()) })
+                });
+                (m.to_string(), json!({ "in_flight": in_flight, "queue": lane.queue.iter().map(|id| id.to_string()).collect::<Vec<_>>() }))
+            })
+            .collect();
+        let violation = first_problem
+            .as_ref()
+            .map(|(seq, id, rule, msg)| json!({ "seq": seq, "request_id": id.map(|i| i.to_string()), "rule": rule, "message": msg }));
+        let mut obj = json!({ "last_seq": state.last_seq, "events": events, "models": models });
+        if verify {
+            obj["verify"] = json!({ "ok": first_problem.is_none(), "problems": problems, "first_violation": violation });
+        }
+        w(out, &format!("{obj}\n"))?;
+    } else {
+        let mut text = format!("{events} events replayed, up to seq {}\n", state.last_seq);
+        if state.lanes().next().is_none() {
+            text.push_str("no models in the log\n");
+        }
+        for (model, lane) in state.lanes() {
+            let flight = lane.in_flight.map_or("nothing in flight".to_owned(), |id| {
+                format!(
+                    "in flight: {id} ({})",
+                    state.request(id).map_or("?", |r| r.stage.as_str())
+                )
+            });
+            text.push_str(&format!("{model}: {flight}; {} queued\n", lane.queue.len()));
+            for (i, id) in lane.queue.iter().enumerate().take(10) {
+                text.push_str(&format!("  {:>3}. {id}\n", i + 1));
+            }
+            if lane.queue.len() > 10 {
+                text.push_str(&format!("  … {} more\n", lane.queue.len() - 10));
+            }
+        }
+        if verify {
+            match &first_problem {
+                None => text
+                    .push_str("verify: OK — every transition legal, FIFO and one-at-a-time hold\n"),
+                Some((_, _, _, msg)) => text.push_str(&format!(
+                    "verify: FAILED ({problems} problem(s)); first: {msg}\n"
+                )),
+            }
+        }
+        w(out, &text)?;
+    }
+    if verify && let Some((_, _, _, msg)) = first_problem {
+        return Err(CliError::failed(format!("verification failed: {msg}")));
+    }
+    Ok(0)
+}

@@ -1,0 +1,504 @@
+//! The operator commands against a log made here (done, failed and
+//! cancelled requests): tables and --json (parsed back), every filter, id
+//! prefixes, stats, export → replay --from equal to replay of the data dir,
+//! hand-made logs that break FIFO or one-at-a-time, and every command while
+//! a running bot holds the data dir (answered over its socket).
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Duration as Span;
+use common::{RecordingDeliverer, ScriptedGenerator, UpperEnhancer};
+use easel::domain::{Command as Cmd, FailureKind, Limits, RateLimit, RequestId};
+use easel::engine::{Admitted, Clock, Core, ImageStore, Runner, StepOutcome};
+use easel::store::SledStore;
+use serde_json::Value;
+
+fn easel(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .env("COLUMNS", "200")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+struct Made {
+    dir: tempfile::TempDir,
+    done: Vec<RequestId>,
+    failed: RequestId,
+    cancelled: RequestId,
+    queued: RequestId,
+}
+
+/// Users 1–3, flux and sdxl, a day apart: 3 done, 1 failed, 1 cancelled, 1 queued.
+async fn make_log() -> Made {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = common::clock();
+    let core = Arc::new(
+        Core::open(
+            SledStore::open(&easel::app::log_dir(dir.path())).unwrap(),
+            Arc::clone(&clock) as Arc<dyn Clock>,
+        )
+        .unwrap()
+        .0,
+    );
+    let generator = Arc::new(ScriptedGenerator::default());
+    let images = Arc::new(ImageStore::open(&dir.path().join("images")).unwrap());
+    let runner = |m: &str| {
+        Runner::new(
+            Arc::clone(&core),
+            common::model(m),
+            Arc::new(UpperEnhancer),
+            Arc::clone(&generator),
+            Arc::new(RecordingDeliverer::default()),
+            Arc::clone(&images),
+        )
+    };
+    let limits = Limits {
+        max_pending: 10,
+        rate: RateLimit {
+            count: 100,
+            window_secs: 60,
+        },
+    };
+    let accept = |m: &'static str, u: i64, p: &'static str| {
+        let core = Arc::clone(&core);
+        async move {
+            match core
+                .accept(common::request(m, u, p), &limits)
+                .await
+                .unwrap()
+            {
+                Admitted::Queued { id, .. } => id,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let drain = |r: Runner<SledStore, UpperEnhancer, ScriptedGenerator, RecordingDeliverer>| async move {
+        while r.try_execute_step().await.unwrap() != StepOutcome::EmptyQueue {}
+    };
+    let a = accept("flux", 1, "a red fox").await;
+    clock.advance(Span::seconds(2));
+    let b = accept("sdxl", 2, "a lighthouse").await;
+    drain(runner("flux")).await;
+    drain(runner("sdxl")).await;
+    clock.advance(Span::days(1));
+    generator
+        .script
+        .lock()
+        .unwrap()
+        .push_back(Err(FailureKind::Rejected));
+    let failed = accept("flux", 3, "something forbidden").await;
+    drain(runner("flux")).await;
+    clock.advance(Span::seconds(5));
+    let c = accept("sdxl", 1, "a quiet harbour").await;
+    drain(runner("sdxl")).await;
+    clock.advance(Span::seconds(1));
+    let cancelled = accept("flux", 2, "never mind").await;
+    core.execute(cancelled, Cmd::Cancel).await.unwrap();
+    // One left waiting behind a started one.
+    clock.advance(Span::seconds(1));
+    let _started = accept("sdxl", 3, "a long one").await;
+    core.start_next(&common::model("sdxl")).await.unwrap();
+    clock.advance(Span::seconds(1));
+    let queued = accept("sdxl", 2, "still waiting").await;
+    drop(runner);
+    drop(core);
+    Made {
+        dir,
+        done: vec![a, b, c],
+        failed,
+        cancelled,
+        queued,
+    }
+}
+
+#[tokio::test]
+async fn audit_list_table_json_and_every_filter() {
+    let m = make_log().await;
+    let d = m.dir.path();
+    let (code, out, err) = easel(d, &["audit", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 7);
+    // Newest first, with the documented fields.
+    assert_eq!(rows[0]["id"], m.queued.to_string());
+    for key in [
+        "id",
+        "user_id",
+        "chat_id",
+        "model",
+        "prompt",
+        "enhanced_prompt",
+        "status",
+        "error",
+        "attempts",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(rows[0].get(key).is_some(), "missing {key}");
+    }
+    let failed = rows
+        .iter()
+        .find(|r| r["id"] == m.failed.to_string())
+        .unwrap();
+    assert_eq!(failed["status"], "failed");
+    assert!(failed["error"].as_str().unwrap().starts_with("rejected"));
+    let done = rows
+        .iter()
+        .find(|r| r["id"] == m.done[0].to_string())
+        .unwrap();
+    assert_eq!(
+        (
+            done["status"].as_str(),
+            done["enhanced_prompt"].as_str(),
+            done["attempts"].as_u64()
+        ),
+        (Some("done"), Some("A RED FOX"), Some(1))
+    );
+
+    let count = |args: &[&str]| {
+        let mut all = vec!["audit", "list", "--json"];
+        all.extend_from_slice(args);
+        let (code, out, err) = easel(d, &all);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        json_lines(&out)
+    };
+    assert!(count(&["--user", "2"]).iter().all(|r| r["user_id"] == 2));
+    assert_eq!(count(&["--user", "2"]).len(), 3);
+    assert_eq!(count(&["--model", "FLUX"]).len(), 3);
+    assert_eq!(count(&["--status", "done"]).len(), 3);
+    assert_eq!(
+        count(&["--status", "cancelled"])[0]["id"],
+        m.cancelled.to_string()
+    );
+    assert_eq!(count(&["--limit", "2"]).len(), 2);
+    assert_eq!(count(&["--until", "2026-11-25T23:59:59Z"]).len(), 2);
+    assert_eq!(count(&["--since", "2026-11-26"]).len(), 5);
+    assert_eq!(
+        count(&[
+            "--since",
+            "2026-11-26",
+            "--model",
+            "sdxl",
+            "--status",
+            "done"
+        ])
+        .len(),
+        1
+    );
+    assert!(count(&["--user", "99"]).is_empty());
+
+    let (code, table, _) = easel(d, &["audit", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains(&m.failed.to_string()) && table.contains("rejected"),
+        "{table}"
+    );
+    let (code, _, err) = easel(d, &["audit", "list", "--status", "sleeping"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not a status"), "{err}");
+    let (code, _, err) = easel(d, &["audit", "list", "--since", "yesterday"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("RFC 3339"), "{err}");
+}
+
+#[tokio::test]
+async fn audit_show_by_prefix_and_ambiguity() {
+    let m = make_log().await;
+    let d = m.dir.path();
+    let id = m.failed.to_string();
+    let (code, out, err) = easel(d, &["audit", "show", &id[..20], "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let obj: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(obj["id"], id);
+    let events: Vec<&str> = obj["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, vec!["queued", "started", "enhanced", "failed"]);
+    assert!(obj["events"][0]["seq"].as_u64().is_some());
+    let (code, human, _) = easel(d, &["audit", "show", &id]);
+    assert_eq!(code, 0);
+    for needle in [
+        "timeline:",
+        "stages:",
+        "queue wait",
+        "rejected",
+        "something forbidden",
+    ] {
+        assert!(human.contains(needle), "{needle} missing:\n{human}");
+    }
+    // Every id shares the time prefix "01": ambiguous, candidates listed.
+    let (code, _, err) = easel(d, &["audit", "show", &id[..2]]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("matches") && err.contains(&m.done[0].to_string()),
+        "{err}"
+    );
+    let (code, _, err) = easel(d, &["audit", "show", "ffffffff"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no request id starts with"), "{err}");
+    let (code, _, _) = easel(d, &["audit", "show", "not-hex!"]);
+    assert_eq!(code, 2);
+}
+
+#[tokio::test]
+async fn audit_stats_counts_and_percentiles() {
+    let m = make_log().await;
+    let (code, out, err) = easel(m.dir.path(), &["audit", "stats", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let s: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(s["requests"], 7);
+    assert_eq!(s["by_model"]["flux"]["done"], 1);
+    assert_eq!(s["by_model"]["flux"]["failed"], 1);
+    assert_eq!(s["by_model"]["flux"]["cancelled"], 1);
+    assert_eq!(s["by_model"]["sdxl"]["done"], 2);
+    assert_eq!(s["by_model"]["sdxl"]["enhancing"], 1);
+    assert_eq!(s["by_model"]["sdxl"]["queued"], 1);
+    assert_eq!(s["stages"]["queue_wait"]["count"], 5);
+    assert!(s["stages"]["generating"]["p95_ms"].as_i64().is_some());
+    assert_eq!(s["failures"][0]["count"], 1);
+    assert!(
+        s["failures"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("rejected")
+    );
+    let (code, human, _) = easel(m.dir.path(), &["audit", "stats"]);
+    assert_eq!(code, 0);
+    assert!(
+        human.contains("p95") && human.contains("failure reasons"),
+        "{human}"
+    );
+}
+
+#[tokio::test]
+async fn export_then_replay_from_the_file_equals_replay_of_the_data_dir() {
+    let m = make_log().await;
+    let d = m.dir.path();
+    let (code, exported, _) = easel(d, &["export"]);
+    assert_eq!(code, 0);
+    let events = json_lines(&exported);
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "strictly increasing");
+    for e in &events {
+        for key in ["seq", "request_id", "at", "type"] {
+            assert!(e.get(key).is_some());
+        }
+    }
+    let file = d.join("export.jsonl");
+    std::fs::write(&file, &exported).unwrap();
+    let (c1, from_dir, _) = easel(d, &["replay", "--verify", "--json"]);
+    let (c2, from_file, e2) = easel(
+        d,
+        &[
+            "replay",
+            "--verify",
+            "--json",
+            "--from",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!((c1, c2), (0, 0), "{e2}");
+    assert_eq!(from_dir, from_file);
+    let state: Value = serde_json::from_str(from_dir.trim()).unwrap();
+    assert_eq!(state["models"]["sdxl"]["queue"][0], m.queued.to_string());
+    assert!(state["models"]["sdxl"]["in_flight"]["id"].is_string());
+    // --until-seq: the state as of an earlier event.
+    let (_, early, _) = easel(d, &["replay", "--json", "--until-seq", "1"]);
+    let early: Value = serde_json::from_str(early.trim()).unwrap();
+    assert_eq!(early["last_seq"], 1);
+    assert_eq!(early["models"]["flux"]["queue"][0], m.done[0].to_string());
+    // --since keeps only later events.
+    let (_, later, _) = easel(d, &["export", "--since", "2026-11-26"]);
+    assert!(json_lines(&later).len() < events.len());
+}
+
+fn line(seq: u64, id: &str, t: &str, event: &str) -> String {
+    format!("{{\"seq\":{seq},\"request_id\":\"{id}\",\"at\":\"2026-11-25T10:00:{t}Z\",{event}}}")
+}
+
+fn queued(model: &str, user: i64) -> String {
+    format!(
+        "\"type\":\"queued\",\"model\":\"{model}\",\"prompt\":\"p\",\"origin\":{{\"user_id\":{user},\"chat_id\":{user},\"message_id\":null,\"update_id\":null}}"
+    )
+}
+
+#[test]
+fn verify_names_the_first_fifo_and_one_at_a_time_violations() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        "019abb1c-3a00-7000-8000-00000000000a",
+        "019abb1c-3a00-7000-8000-00000000000b",
+    );
+    let fifo = [
+        line(1, a, "01", &queued("flux", 1)),
+        line(2, b, "02", &queued("flux", 2)),
+        line(3, b, "03", "\"type\":\"started\""),
+    ];
+    let two = [
+        line(1, a, "01", &queued("flux", 1)),
+        line(2, b, "02", &queued("flux", 2)),
+        line(3, a, "03", "\"type\":\"started\""),
+        line(
+            4,
+            a,
+            "04",
+            "\"type\":\"enhanced\",\"prompt\":\"p\",\"fallback\":null",
+        ),
+        line(5, b, "05", "\"type\":\"started\""),
+    ];
+    for (lines, seq, id, rule, needle) in [
+        (&fifo[..], 3, b, "fifo", "FIFO violated"),
+        (&two[..], 5, b, "one_at_a_time", "one-at-a-time violated"),
+    ] {
+        let file = dir.path().join(format!("{rule}.jsonl"));
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let (code, _, err) = easel(
+            dir.path(),
+            &["replay", "--verify", "--from", file.to_str().unwrap()],
+        );
+        assert_eq!(code, 1);
+        assert!(
+            err.contains(&format!("seq {seq}")) && err.contains(id) && err.contains(needle),
+            "{err}"
+        );
+        let (code, out, _) = easel(
+            dir.path(),
+            &[
+                "replay",
+                "--verify",
+                "--json",
+                "--from",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code, 1);
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["verify"]["ok"], false);
+        assert_eq!(v["verify"]["first_violation"]["seq"], seq);
+        assert_eq!(v["verify"]["first_violation"]["rule"], rule);
+        assert_eq!(v["verify"]["first_violation"]["request_id"], id);
+    }
+    // An unreadable line is a failed check too, named by its line.
+    let file = dir.path().join("bad.jsonl");
+    std::fs::write(&file, format!("{}\nnot json\n", fifo[0])).unwrap();
+    let (code, _, err) = easel(
+        dir.path(),
+        &["replay", "--verify", "--from", file.to_str().unwrap()],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("line 2"), "{err}");
+}
+
+#[test]
+fn a_missing_data_dir_is_bad_usage_and_an_empty_list_is_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = easel(&dir.path().join("nothing"), &["audit", "list"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("there is no easel event log"), "{err}");
+    std::fs::create_dir_all(easel::app::log_dir(dir.path())).unwrap();
+    drop(SledStore::open(&easel::app::log_dir(dir.path())).unwrap());
+    let (code, out, _) = easel(dir.path(), &["audit", "list", "--json"]);
+    assert_eq!((code, out.as_str()), (0, ""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_works_while_the_bot_holds_the_data_dir() {
+    use easel::demo::fake_services::FakeWorker;
+    use easel::demo::fake_telegram::FakeTelegram;
+    let token = "777:OPS-test-token-abcdefgh";
+    let tg = FakeTelegram::start(token).await.unwrap();
+    let flux = FakeWorker::flux(Duration::from_millis(10)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env: std::collections::HashMap<&str, String> = [
+        ("TELEGRAM_BOT_TOKEN", token.to_owned()),
+        ("TELEGRAM_API_URL", tg.url.clone()),
+        ("FLUX_WORKER_URL", flux.url.clone()),
+        ("EASEL_DATA_DIR", dir.path().display().to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let settings = easel::config::Settings::from_sources(|k| env.get(k).cloned(), None).unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let running = easel::app::start(settings, rx).await.unwrap();
+    let task = tokio::spawn(running.wait());
+    tg.user_sends(1, 1, "/image=flux=a red kite");
+    tg.user_sends(2, 2, "/image=flux=a blue kite");
+    assert!(
+        tg.wait_for(Duration::from_secs(20), |c| c
+            .iter()
+            .filter(|c| c.method == "sendPhoto")
+            .count()
+            == 2)
+            .await
+    );
+    // The socket is owner-only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("easel.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let d = dir.path().to_path_buf();
+    let results = tokio::task::spawn_blocking(move || {
+        let list = easel(&d, &["audit", "list", "--json"]);
+        let id = json_lines(&list.1)
+            .first()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let show = easel(&d, &["audit", "show", &id[..24], "--json"]);
+        let stats = easel(&d, &["audit", "stats", "--json"]);
+        let export = easel(&d, &["export"]);
+        let replay = easel(&d, &["replay", "--verify", "--json"]);
+        (list, show, stats, export, replay)
+    })
+    .await
+    .unwrap();
+    let (list, show, stats, export, replay) = results;
+    assert_eq!(list.0, 0, "{}", list.2);
+    assert_eq!(json_lines(&list.1).len(), 2);
+    assert_eq!(show.0, 0, "{}", show.2);
+    assert!(show.1.contains("\"delivered\""));
+    assert_eq!(stats.0, 0);
+    assert!(stats.1.contains("\"done\":2"), "{}", stats.1);
+    assert_eq!(export.0, 0);
+    assert!(json_lines(&export.1).len() >= 10);
+    assert_eq!(replay.0, 0, "{}", replay.2);
+    // The bot kept serving.
+    tg.user_sends(3, 3, "/image=flux=a green kite");
+    assert!(
+        tg.wait_for(Duration::from_secs(20), |c| c
+            .iter()
+            .filter(|c| c.method == "sendPhoto")
+            .count()
+            == 3)
+            .await
+    );
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    // Stopped: the socket is gone and the same commands read the log directly.
+    assert!(!dir.path().join("easel.sock").exists());
+    let (code, out, _) = easel(dir.path(), &["audit", "list", "--json"]);
+    assert_eq!((code, json_lines(&out).len()), (0, 3));
+}
