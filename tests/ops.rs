@@ -118,7 +118,6 @@ async fn make_log() -> Made {
     core.start_next(&common::model("sdxl")).await.unwrap();
     clock.advance(Span::seconds(1));
     let queued = accept("sdxl", 2, "still waiting").await;
-    drop(runner);
     drop(core);
     Made {
         dir,

@@ -81,7 +81,7 @@ async fn both(answer: ResponseTemplate) -> Vec<(Result<GeneratedImage, Generatio
 }
 
 fn failure(r: &Result<GeneratedImage, GenerationFailure>) -> &GenerationFailure {
-    r.as_ref().err().expect("expected a failure")
+    r.as_ref().expect_err("expected a failure")
 }
 
 #[tokio::test]

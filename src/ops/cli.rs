@@ -460,7 +460,7 @@ pub fn replay(
             Ok(rec) if rec.seq > until => break,
             Ok(rec) => {
                 events += 1;
-                if events % 4096 == 0 {
+                if events.is_multiple_of(4096) {
                     progress.set_position(events);
                 }
                 if let Err(v) = state.apply(&rec) {
