@@ -103,7 +103,7 @@ pub fn table(records: &[RequestRecord], prompt_width: usize) -> String {
             r.model.to_string(),
             r.status.to_string(),
             r.attempts.to_string(),
-            r.created_at.format("%H:%M:%S").to_string(),
+            cli::when(r.created_at, chrono::Utc::now()),
             format!("{took:.1}s"),
             elide(&r.prompt, prompt_width),
             elide(r.error.as_deref().unwrap_or(""), 40),
