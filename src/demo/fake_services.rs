@@ -130,10 +130,22 @@ async fn sdxl_post(
     }
 }
 
+/// Counts a call as in flight until its handler ends or is dropped (the
+/// server drops it when the client goes away, as a real worker that stops
+/// generating for a vanished client would).
+struct InFlight<'a>(&'a WorkerStats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn answer(s: &WorkerState, prompt: String) -> Response {
     let stats = &s.stats;
     stats.calls.fetch_add(1, Ordering::SeqCst);
     let now = stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    let _in_flight = InFlight(stats);
     stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
     stats
         .prompts
@@ -172,7 +184,6 @@ async fn answer(s: &WorkerState, prompt: String) -> Response {
             ([("content-type", "image/png")], image).into_response()
         }
     };
-    stats.in_flight.fetch_sub(1, Ordering::SeqCst);
     response
 }
 

@@ -1,0 +1,264 @@
+//! Crash campaign: the built `easel` binary against FAKE Telegram, workers
+//! and LLM on loopback, a mixed two-model workload from many users, and
+//! `kill -9` at random moments (seeded; the seed is printed). After the
+//! last restart: every acknowledged request reached a terminal state,
+//! `easel replay --verify` passes over the whole history, no worker ever
+//! saw two calls of one model at once, and duplicate photos (only possible
+//! for a request in Sending at a kill) are counted and bounded.
+//!
+//! Short by default; the full campaign of docs/reliability.md:
+//! `EASEL_CAMPAIGN_KILLS=100 EASEL_CAMPAIGN_USERS=150 cargo test --release --test campaign_crash -- --nocapture`
+//! (`EASEL_CAMPAIGN_SEED=<n>` replays a run).
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use easel::demo::fake_services::{FakeLlm, FakeWorker};
+use easel::demo::fake_telegram::FakeTelegram;
+use serde_json::Value;
+
+const TOKEN: &str = "424242:CRASH-campaign-token-xyz";
+const KEY: &str = "crash-sdxl-key-123456";
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn spawn(
+    dir: &std::path::Path,
+    tg: &FakeTelegram,
+    flux: &FakeWorker,
+    sdxl: &FakeWorker,
+    llm: &FakeLlm,
+) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_easel"))
+        .arg("run")
+        .current_dir(dir)
+        .env("TELEGRAM_BOT_TOKEN", TOKEN)
+        .env("TELEGRAM_API_URL", &tg.url)
+        .env("FLUX_WORKER_URL", &flux.url)
+        .env("SDXL_WORKER_URL", &sdxl.url)
+        .env("SDXL_API_KEY", KEY)
+        .env("LLM_API_URL", &llm.url)
+        .env("EASEL_DATA_DIR", dir)
+        .env("EASEL_RATE_LIMIT", "100/60")
+        .env("EASEL_RETRY_BASE_MS", "10")
+        .env("EASEL_WORKER_TIMEOUT_SECS", "10")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start easel")
+}
+
+fn cli(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
+    let kills = env_num("EASEL_CAMPAIGN_KILLS", 6);
+    let users = env_num("EASEL_CAMPAIGN_USERS", 24) as i64;
+    let seed = env_num(
+        "EASEL_CAMPAIGN_SEED",
+        u64::from(std::process::id()) * 7919 + 17,
+    ) | 1;
+    println!("crash campaign: {kills} kills, {users} users, EASEL_CAMPAIGN_SEED={seed}");
+    let mut rng = Rng(seed);
+    let tg = FakeTelegram::start(TOKEN).await.unwrap();
+    let flux = FakeWorker::flux(Duration::from_millis(40)).await.unwrap();
+    let sdxl = FakeWorker::sdxl(KEY, Duration::from_millis(40))
+        .await
+        .unwrap();
+    let llm = FakeLlm::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+
+    // Users send their two requests (flux, then sdxl) spread over the kills.
+    let total_messages = (users * 2) as usize;
+    let mut sent = 0usize;
+    let mut child = spawn(dir.path(), &tg, &flux, &sdxl, &llm);
+    for k in 0..kills {
+        let batch = total_messages
+            .saturating_sub(sent)
+            .min((total_messages / kills.max(1) as usize).max(1) + 1);
+        for _ in 0..batch {
+            let user = 1000 + (sent as i64 / 2);
+            let model = if sent % 2 == 0 { "flux" } else { "sdxl" };
+            tg.user_sends(
+                user,
+                user,
+                &format!("/image={model}=scene {sent} for user {user}"),
+            );
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50 + rng.next() % 900)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if k % 10 == 9 {
+            println!(
+                "  {} kills so far, {:.0} s",
+                k + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        child = spawn(dir.path(), &tg, &flux, &sdxl, &llm);
+    }
+    while sent < total_messages {
+        let user = 1000 + (sent as i64 / 2);
+        let model = if sent % 2 == 0 { "flux" } else { "sdxl" };
+        tg.user_sends(
+            user,
+            user,
+            &format!("/image={model}=scene {sent} for user {user}"),
+        );
+        sent += 1;
+    }
+
+    // Let the last run finish everything, then stop it cleanly.
+    let deadline = Instant::now() + Duration::from_secs(60 + 2 * users as u64);
+    let mut finished = false;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let d = dir.path().to_path_buf();
+        let (code, out) = tokio::task::spawn_blocking(move || cli(&d, &["replay", "--json"]))
+            .await
+            .unwrap();
+        if code != 0 {
+            continue;
+        }
+        let state: Value =
+            serde_json::from_str(out.lines().next().unwrap_or("{}")).unwrap_or(Value::Null);
+        let busy = state["models"].as_object().is_some_and(|m| {
+            m.values().any(|l| {
+                !l["in_flight"].is_null() || l["queue"].as_array().is_some_and(|q| !q.is_empty())
+            })
+        });
+        let pending_updates = tg.calls().is_empty();
+        if !busy
+            && !pending_updates
+            && queued_replies(&tg).len() >= acknowledged_floor(total_messages)
+        {
+            finished = true;
+            break;
+        }
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().unwrap();
+    assert!(finished, "the last run did not finish the work in time");
+
+    // 1. The whole history verifies.
+    let (code, out) = cli(dir.path(), &["replay", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+    // 2. Every acknowledged request is in the log and finished.
+    let (code, out) = cli(
+        dir.path(),
+        &["audit", "list", "--json", "--limit", "100000"],
+    );
+    assert_eq!(code, 0);
+    let records: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut by_user_model: HashMap<(i64, String), Vec<&Value>> = HashMap::new();
+    for r in &records {
+        by_user_model
+            .entry((
+                r["user_id"].as_i64().unwrap(),
+                r["model"].as_str().unwrap().to_owned(),
+            ))
+            .or_default()
+            .push(r);
+        let status = r["status"].as_str().unwrap();
+        assert!(
+            matches!(status, "done" | "failed" | "cancelled"),
+            "unfinished: {r}"
+        );
+    }
+    let acknowledged = queued_replies(&tg);
+    for (chat, model) in &acknowledged {
+        assert!(
+            by_user_model.contains_key(&(*chat, model.clone())),
+            "acknowledged {model} request of {chat} is missing"
+        );
+    }
+    // 3. One at a time per model, as the workers saw it.
+    assert_eq!(flux.stats.max_in_flight.load(Ordering::SeqCst), 1);
+    assert_eq!(sdxl.stats.max_in_flight.load(Ordering::SeqCst), 1);
+    // 4. Duplicates only from Sending at a kill: at most one per model per kill.
+    let mut photos: HashMap<(i64, String), usize> = HashMap::new();
+    for c in tg.calls().iter().filter(|c| c.method == "sendPhoto") {
+        *photos
+            .entry((c.chat_id.unwrap(), c.caption.clone().unwrap_or_default()))
+            .or_default() += 1;
+    }
+    let duplicates: usize = photos.values().map(|n| n - 1).sum();
+    let done = records.iter().filter(|r| r["status"] == "done").count();
+    println!(
+        "crash campaign: {kills} kills in {:.0} s; {} requests ({} acknowledged, {done} done); {duplicates} duplicate photos; verify OK; max 1 worker call per model at once",
+        started.elapsed().as_secs_f64(),
+        records.len(),
+        acknowledged.len()
+    );
+    assert!(
+        duplicates as u64 <= 2 * kills,
+        "{duplicates} duplicates for {kills} kills"
+    );
+}
+
+/// (chat, model) of every "Queued for <model>" reply the users saw.
+fn queued_replies(tg: &FakeTelegram) -> Vec<(i64, String)> {
+    let mut out: Vec<(i64, String)> = tg
+        .calls()
+        .iter()
+        .filter(|c| c.method == "sendMessage")
+        .filter_map(|c| {
+            let text = c.text.as_deref()?;
+            let model = text
+                .strip_prefix("Queued for ")?
+                .split(' ')
+                .next()?
+                .to_owned();
+            Some((c.chat_id?, model))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Every message eventually gets its reply once the bot runs undisturbed.
+fn acknowledged_floor(messages: usize) -> usize {
+    messages
+}
