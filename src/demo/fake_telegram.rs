@@ -244,6 +244,11 @@ impl FakeTelegram {
             .any(|u| u["update_id"].as_u64() == Some(u64::from(update_id)))
     }
 
+    /// Updates not yet confirmed by the bot's polling.
+    pub fn pending_updates(&self) -> usize {
+        self.lock().pending.len()
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.lock().calls.clone()
@@ -436,34 +441,42 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         }
     }
     let (p, file_len) = params(req).await;
+    // A scripted failure answers first, for every method.
+    let failed = {
+        let mut inner = shared.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let failure = inner
+            .failures
+            .get_mut(&method)
+            .and_then(VecDeque::pop_front);
+        if failure.is_some() {
+            inner.calls.push(Call {
+                method: format!("{method} (failed)"),
+                chat_id: as_i64(p.get("chat_id")),
+                message_id: None,
+                text: None,
+                caption: None,
+                file_len,
+                reply_markup: None,
+                at: Instant::now(),
+            });
+        }
+        failure
+    };
+    match failed {
+        Some(Failure::RetryAfter(secs)) => {
+            return error(
+                429,
+                &format!("Too Many Requests: retry after {secs}"),
+                Some(secs),
+            );
+        }
+        Some(Failure::Status(code, description)) => return error(code, &description, None),
+        None => {}
+    }
     if method == "getUpdates" {
         return get_updates(&shared, &p).await;
     }
     let mut inner = shared.inner.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(failure) = inner
-        .failures
-        .get_mut(&method)
-        .and_then(VecDeque::pop_front)
-    {
-        inner.calls.push(Call {
-            method: format!("{method} (failed)"),
-            chat_id: as_i64(p.get("chat_id")),
-            message_id: None,
-            text: None,
-            caption: None,
-            file_len,
-            reply_markup: None,
-            at: Instant::now(),
-        });
-        return match failure {
-            Failure::RetryAfter(secs) => error(
-                429,
-                &format!("Too Many Requests: retry after {secs}"),
-                Some(secs),
-            ),
-            Failure::Status(code, description) => error(code, &description, None),
-        };
-    }
     let chat_id = as_i64(p.get("chat_id"));
     let text = p.get("text").and_then(Value::as_str).map(str::to_owned);
     let caption = p.get("caption").and_then(Value::as_str).map(str::to_owned);

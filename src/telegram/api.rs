@@ -173,11 +173,7 @@ impl TelegramApi {
                     }
                     secs.duration().max(Duration::from_millis(100))
                 }
-                Err(
-                    e @ (RequestError::Network(_)
-                    | RequestError::Io(_)
-                    | RequestError::InvalidJson { .. }),
-                ) => {
+                Err(e) if transient(&e) => {
                     network_failures += 1;
                     let text = self.describe(&e);
                     tracing::warn!(call = what, error = %text, attempt = network_failures, "Telegram call failed");
@@ -201,6 +197,28 @@ impl TelegramApi {
                 _ = shutdown.changed(), if policy == Policy::Deliver => {}
             }
         }
+    }
+}
+
+/// Errors worth retrying: the network, unparsable answers (a proxy's HTML
+/// page), and Telegram's own 5xx ("Internal Server Error", "Bad Gateway"…),
+/// which teloxide reports as an unknown API error.
+fn transient(e: &RequestError) -> bool {
+    match e {
+        RequestError::Network(_) | RequestError::Io(_) | RequestError::InvalidJson { .. } => true,
+        RequestError::Api(ApiError::Unknown(text)) => {
+            let t = text.to_ascii_lowercase();
+            [
+                "internal server error",
+                "bad gateway",
+                "gateway timeout",
+                "service unavailable",
+                "timed out",
+            ]
+            .iter()
+            .any(|w| t.contains(w))
+        }
+        _ => false,
     }
 }
 

@@ -37,6 +37,7 @@ pub async fn poll(intake: Arc<Intake>, mut shutdown: watch::Receiver<bool>) {
             return;
         }
         let bot = intake.api.bot().clone();
+        tracing::debug!(offset, "polling getUpdates");
         let request = bot
             .get_updates()
             .offset(offset)

@@ -1,0 +1,153 @@
+//! Fault campaign (short form, in every `cargo test`): Telegram failing on
+//! getUpdates, sendMessage, editMessageText and sendPhoto; one worker down
+//! while the other model serves; hostile messages. The bot keeps serving,
+//! loses no accepted request, and the affected user gets a clear message.
+
+#[path = "bot/helpers.rs"]
+mod helpers;
+
+use std::time::Duration;
+
+use easel::demo::fake_telegram::Failure;
+use easel::store::EventStore;
+use helpers::spawn_app;
+
+fn finished(app: &helpers::TestApp) -> usize {
+    app.core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .filter(|r| matches!(r.event.name(), "delivered" | "failed" | "cancelled"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_failing_on_every_method_loses_nothing() {
+    let mut app = spawn_app(&[]).await;
+    app.tg.fail_next("getUpdates", 1, Failure::RetryAfter(1));
+    // teloxide itself pauses 10 s after any 5xx, so one of each is enough.
+    app.tg.fail_next(
+        "getUpdates",
+        1,
+        Failure::Status(500, "Internal Server Error".into()),
+    );
+    app.tg
+        .fail_next("sendMessage", 1, Failure::Status(502, "Bad Gateway".into()));
+    app.tg
+        .fail_next("editMessageText", 2, Failure::RetryAfter(1));
+    app.tg.fail_next(
+        "editMessageText",
+        1,
+        Failure::Status(500, "Internal Server Error".into()),
+    );
+    app.tg.fail_next("sendPhoto", 1, Failure::RetryAfter(1));
+    app.tg
+        .fail_next("sendPhoto", 1, Failure::Status(502, "Bad Gateway".into()));
+    let users = [31_001, 31_002, 31_003];
+    for (i, u) in users.iter().enumerate() {
+        let model = if i % 2 == 0 { "flux" } else { "sdxl" };
+        app.tg
+            .user_sends(*u, *u, &format!("/image={model}=a lantern {i}"));
+    }
+    let all = app
+        .tg
+        .wait_for(Duration::from_secs(120), |calls| {
+            users.iter().all(|u| {
+                calls
+                    .iter()
+                    .any(|c| c.method == "sendPhoto" && c.chat_id == Some(*u))
+            })
+        })
+        .await;
+    assert!(all, "not every user got an image: {:#?}", app.tg.calls());
+    assert!(app.eventually(|a| finished(a) == 3).await);
+    // 5xx on sendPhoto was retried as a photo, not given up or degraded.
+    assert!(
+        users
+            .iter()
+            .all(|u| app.photo_calls(*u)[0].method == "sendPhoto")
+    );
+    assert_eq!(
+        app.tg
+            .calls()
+            .iter()
+            .filter(|c| c.method.ends_with("(failed)"))
+            .count(),
+        8
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_fails_its_requests_clearly_while_the_other_model_serves() {
+    // sdxl points at a port where nothing listens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/generate");
+    let mut app = spawn_app(&[("SDXL_WORKER_URL", url.as_str())]).await;
+    app.tg.user_sends(32_001, 32_001, "/image=sdxl=a castle");
+    app.tg.user_sends(32_002, 32_002, "/image=flux=a meadow");
+    app.tg.user_sends(32_003, 32_003, "/image=flux=a tower");
+    assert!(app.images_to(32_002, 1).await && app.images_to(32_003, 1).await);
+    assert!(
+        app.any_message_ends_with(32_001, "unavailable right now. Please try again later.")
+            .await
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_messages_are_accepted_or_refused_cleanly() {
+    let mut app = spawn_app(&[
+        ("EASEL_RATE_LIMIT", "100/60"),
+        ("EASEL_MAX_PENDING_PER_USER", "100"),
+    ])
+    .await;
+    let rtl: String = "\u{202E}گربه\u{200F}".chars().cycle().take(4096).collect();
+    let zero_width: String = "a\u{200B}\u{200D}".chars().cycle().take(4096).collect();
+    let combining: String = "e\u{0301}\u{0301}\u{0301}"
+        .chars()
+        .cycle()
+        .take(990)
+        .collect();
+    let controls: String = "x\u{0000}\u{0007}\u{001B}[31m"
+        .chars()
+        .cycle()
+        .take(4096)
+        .collect();
+    let huge: String = "🦊".repeat(50_000);
+    let cases: Vec<(String, &str)> = vec![
+        (format!("/image=flux={rtl}"), "the limit is 1000"),
+        (format!("/image=flux={zero_width}"), "the limit is 1000"),
+        (format!("/image=flux={combining}"), "Queued for flux"),
+        (
+            format!("/image=flux={}", &controls[..900]),
+            "Queued for flux",
+        ),
+        (format!("/image=sdxl={huge}"), "the limit is 1000"),
+        (huge.clone(), "Write /image=<model>=<prompt>"),
+        (
+            format!("/image=\u{202E}xulf=cat"),
+            "There is no model called",
+        ),
+    ];
+    for (i, (text, reply)) in cases.iter().enumerate() {
+        let u = 33_000 + i as i64;
+        app.tg.user_sends(u, u, text);
+        assert!(
+            app.text_to(u, reply).await,
+            "case {i}: {:?}",
+            app.tg.texts_to(u)
+        );
+    }
+    // The accepted hostile prompts are generated and delivered.
+    assert!(app.images_to(33_002, 1).await && app.images_to(33_003, 1).await);
+    assert!(
+        app.eventually(|a| a.core().read(|s| s.requests().count()) == 0)
+            .await
+    );
+    app.stop().await;
+}
