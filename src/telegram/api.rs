@@ -13,8 +13,9 @@ use teloxide::RequestError;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// Overall pace of Bot API calls: 25/s, under Telegram's 30/s.
-pub const CALL_INTERVAL: Duration = Duration::from_millis(40);
+/// Overall pace of paced Bot API calls: 20/s, well under Telegram's 30/s
+/// (the long poll is not paced).
+pub const CALL_INTERVAL: Duration = Duration::from_millis(50);
 /// Long-poll timeout; the client timeout below is larger.
 pub const POLL_TIMEOUT_SECS: u32 = 25;
 

@@ -22,7 +22,7 @@ use crate::domain::{Event, ModelName, RequestId, Stage};
 use crate::engine::Core;
 use crate::store::{EventStore, Recorded, SledStore};
 
-/// Overall edit budget (the pace of all calls is 25/s; edits get 10 of it).
+/// Overall edit budget (the pace of all calls is 20/s; edits get 10 of it).
 pub const EDITS_PER_SECOND: u32 = 10;
 /// Per chat: at most one edit per second.
 const PER_CHAT: Duration = Duration::from_secs(1);
