@@ -13,24 +13,41 @@ use easel::store::SledStore;
 
 fn request(n: u64) -> NewRequest {
     NewRequest {
-        model: ModelName::parse(if n % 2 == 0 { "flux" } else { "sdxl" }).expect("model"),
-        prompt: Prompt::parse("a red fox in the snow, golden hour, highly detailed").expect("prompt"),
-        origin: Origin { user_id: UserId(n as i64), chat_id: ChatId(n as i64), message_id: Some(n as i32), update_id: Some(n as u32) },
+        model: ModelName::parse(if n.is_multiple_of(2) { "flux" } else { "sdxl" }).expect("model"),
+        prompt: Prompt::parse("a red fox in the snow, golden hour, highly detailed")
+            .expect("prompt"),
+        origin: Origin {
+            user_id: UserId(n as i64),
+            chat_id: ChatId(n as i64),
+            message_id: Some(n as i32),
+            update_id: Some(n as u32),
+        },
     }
 }
 
 fn p99(mut v: Vec<Duration>) -> f64 {
     v.sort_unstable();
-    v.get(v.len() * 99 / 100).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    v.get(v.len() * 99 / 100)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 fn easel_run(concurrency: u64, secs: u64) -> (f64, f64) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
         let core = Arc::new(Core::open(store, Arc::new(SystemClock)).expect("core").0);
-        let limits = Limits { max_pending: u32::MAX, rate: RateLimit { count: 256, window_secs: 1 } };
+        let limits = Limits {
+            max_pending: u32::MAX,
+            rate: RateLimit {
+                count: 256,
+                window_secs: 1,
+            },
+        };
         let until = Instant::now() + Duration::from_secs(secs);
         let tasks: Vec<_> = (0..concurrency)
             .map(|t| {
@@ -83,7 +100,9 @@ fn sqlite_run(concurrency: u64, secs: u64) -> (f64, f64) {
                 while Instant::now() < until {
                     let start = Instant::now();
                     let id = uuid::Uuid::new_v4();
-                    let tx = c.transaction().expect("tx");
+                    // IMMEDIATE: take the write lock up front, as a writer must
+                    // (a deferred read-then-write deadlocks under concurrency).
+                    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).expect("tx");
                     // The same work as easel: an intake check, then the event
                     // and its intake key in one transaction.
                     let dup: Option<Vec<u8>> = tx
@@ -110,13 +129,23 @@ fn sqlite_run(concurrency: u64, secs: u64) -> (f64, f64) {
 }
 
 fn main() {
-    let secs: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(5);
-    println!("durable acceptances per second, {secs} s per run (easel: Core::accept; SQLite: WAL + synchronous=FULL, one transaction each)");
-    println!("| concurrent | easel /s | SQLite /s | easel ÷ SQLite | easel p99 ms | SQLite p99 ms |");
+    let secs: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5);
+    println!(
+        "durable acceptances per second, {secs} s per run (easel: Core::accept; SQLite: WAL + synchronous=FULL, one transaction each)"
+    );
+    println!(
+        "| concurrent | easel /s | SQLite /s | easel ÷ SQLite | easel p99 ms | SQLite p99 ms |"
+    );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     for c in [1u64, 8, 64] {
         let (e, ep99) = easel_run(c, secs);
         let (s, sp99) = sqlite_run(c, secs);
-        println!("| {c} | {e:.0} | {s:.0} | {:.2}× | {ep99:.2} | {sp99:.2} |", e / s.max(1e-9));
+        println!(
+            "| {c} | {e:.0} | {s:.0} | {:.2}× | {ep99:.2} | {sp99:.2} |",
+            e / s.max(1e-9)
+        );
     }
 }

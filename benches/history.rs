@@ -1,7 +1,7 @@
 //! History at scale: a log of EVENTS events (default 1,000,000: 200k
 //! finished requests of 5 events) built once, then in the same run:
-//! replay of every projection (events/s) against a raw sled scan of the
-//! same data; start-up (checkpoint + tail) with that history against a log
+//! replay of every projection (events/s) against reading and decoding the
+//! same records; start-up (checkpoint + tail) with that history against a log
 //! of 1k events; `audit list --limit 20` and `audit show` on it; disk bytes
 //! per finished request. `cargo bench --bench history [-- EVENTS]`
 
@@ -25,17 +25,39 @@ fn build(dir: &std::path::Path, events: u64) -> RequestId {
         let at = at0 + chrono::Duration::milliseconds(n as i64 * 10);
         let id = RequestId::new_at(at);
         last = Some(id);
-        let e = |event| NewEvent { request_id: id, at, event };
+        let e = |event| NewEvent {
+            request_id: id,
+            at,
+            event,
+        };
         let batch = vec![
             e(Event::Queued {
                 model: model.clone(),
                 prompt: prompt.clone(),
-                origin: Origin { user_id: UserId((n % 5000) as i64), chat_id: ChatId((n % 5000) as i64), message_id: Some(n as i32), update_id: Some(n as u32) },
+                origin: Origin {
+                    user_id: UserId((n % 5000) as i64),
+                    chat_id: ChatId((n % 5000) as i64),
+                    message_id: Some(n as i32),
+                    update_id: Some(n as u32),
+                },
             }),
             e(Event::Started),
-            e(Event::Enhanced { prompt: "A red fox in the snow, golden hour, detailed".into(), fallback: None }),
-            e(Event::Generated { image: ImageRef { file: format!("{id}.png"), bytes: 123_456, format: "png".into() }, attempts: 1, statuses: vec!["200".into()] }),
-            e(Event::Delivered { message_id: Some(n as i32) }),
+            e(Event::Enhanced {
+                prompt: "A red fox in the snow, golden hour, detailed".into(),
+                fallback: None,
+            }),
+            e(Event::Generated {
+                image: ImageRef {
+                    file: format!("{id}.png"),
+                    bytes: 123_456,
+                    format: "png".into(),
+                },
+                attempts: 1,
+                statuses: vec!["200".into()],
+            }),
+            e(Event::Delivered {
+                message_id: Some(n as i32),
+            }),
         ];
         store.append(batch).expect("append");
     }
@@ -51,7 +73,11 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
             rd.filter_map(Result::ok)
                 .map(|e| {
                     let p = e.path();
-                    if p.is_dir() { dir_bytes(&p) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }
+                    if p.is_dir() {
+                        dir_bytes(&p)
+                    } else {
+                        e.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
                 })
                 .sum()
         })
@@ -71,37 +97,40 @@ fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
 }
 
 fn main() {
-    let events: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let events: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let big = tempfile::tempdir().expect("tempdir");
     let small = tempfile::tempdir().expect("tempdir");
     let t = Instant::now();
     let last = build(big.path(), events);
     build(small.path(), 1_000);
-    println!("built {events} events in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "built {events} events in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let bytes = dir_bytes(big.path());
-    println!("disk: {bytes} bytes for {} finished requests = {} bytes per request", events / 5, bytes / (events / 5));
+    println!(
+        "disk: {bytes} bytes for {} finished requests = {} bytes per request",
+        events / 5,
+        bytes / (events / 5)
+    );
 
     let store = SledStore::open(big.path()).expect("open");
     let (scan_s, n) = best_of(3, || store.read_from(1).count());
-    let (raw_s, raw_n) = best_of(3, || {
-        // The same records without decoding or applying: sled's own cost.
-        let mut sum = 0usize;
-        let mut count = 0u64;
-        for item in store.read_from(1) {
-            if let Ok(r) = item {
-                sum += r.seq as usize;
-            }
-            count += 1;
-        }
-        std::hint::black_box(sum);
-        count
-    });
     let (replay_s, applied) = best_of(3, || {
         let mut state = LiveState::default();
-        replay_into(&mut state, store.read_from(1)).expect("replay").applied
+        replay_into(&mut state, store.read_from(1))
+            .expect("replay")
+            .applied
     });
-    println!("read+decode {n} events: {:.0}/s; replay into every projection: {applied} events at {:.0}/s ({:.0}% of read+decode; raw {raw_n} at {:.0}/s)",
-        n as f64 / scan_s, applied as f64 / replay_s, 100.0 * scan_s / replay_s, raw_n as f64 / raw_s);
+    println!(
+        "read+decode {n} events: {:.0}/s; replay into every projection: {applied} events at {:.0}/s ({:.0}% of read+decode)",
+        n as f64 / scan_s,
+        applied as f64 / replay_s,
+        100.0 * scan_s / replay_s
+    );
     drop(store);
 
     let (open_big, _) = best_of(3, || {
@@ -114,15 +143,29 @@ fn main() {
         let (core, report) = Core::open(s, Arc::new(SystemClock)).expect("core");
         std::hint::black_box((core.read(|s| s.last_seq), report.tail_events))
     });
-    println!("start-up (open log, checkpoint + tail): {:.1} ms with {events} events, {:.1} ms with 1000 ({:.2}×)",
-        open_big * 1000.0, open_small * 1000.0, open_big / open_small);
+    println!(
+        "start-up (open log, checkpoint + tail): {:.1} ms with {events} events, {:.1} ms with 1000 ({:.2}×)",
+        open_big * 1000.0,
+        open_small * 1000.0,
+        open_big / open_small
+    );
 
     let store = SledStore::open(big.path()).expect("open");
-    let filter = Filter { limit: Some(20), ..Filter::default() };
-    let (list_s, rows) = best_of(5, || query::list(&store, &filter).filter_map(Result::ok).count());
+    let filter = Filter {
+        limit: Some(20),
+        ..Filter::default()
+    };
+    let (list_s, rows) = best_of(5, || {
+        query::list(&store, &filter).filter_map(Result::ok).count()
+    });
     let (show_s, _) = best_of(5, || query::record_of(&store, last).expect("show"));
     let prefix = last.to_string()[..23].to_owned();
     let (find_s, found) = best_of(5, || query::find(&store, &prefix).expect("find"));
-    println!("audit list --limit 20: {:.2} ms ({rows} rows); audit show: {:.3} ms; id prefix lookup: {:.3} ms ({} match)",
-        list_s * 1000.0, show_s * 1000.0, find_s * 1000.0, found.len());
+    println!(
+        "audit list --limit 20: {:.2} ms ({rows} rows); audit show: {:.3} ms; id prefix lookup: {:.3} ms ({} match)",
+        list_s * 1000.0,
+        show_s * 1000.0,
+        find_s * 1000.0,
+        found.len()
+    );
 }

@@ -16,7 +16,10 @@ fn id(n: u128) -> RequestId {
 }
 
 fn queued_state() -> (LiveState, u64) {
-    let at = Utc.with_ymd_and_hms(2026, 11, 25, 10, 0, 0).single().expect("time");
+    let at = Utc
+        .with_ymd_and_hms(2026, 11, 25, 10, 0, 0)
+        .single()
+        .expect("time");
     let model = ModelName::parse("flux").expect("model");
     let prompt = Prompt::parse("a red fox in the snow").expect("prompt");
     let mut state = LiveState::default();
@@ -28,7 +31,12 @@ fn queued_state() -> (LiveState, u64) {
             event: Event::Queued {
                 model: model.clone(),
                 prompt: prompt.clone(),
-                origin: Origin { user_id: UserId(n as i64), chat_id: ChatId(n as i64), message_id: None, update_id: None },
+                origin: Origin {
+                    user_id: UserId(n as i64),
+                    chat_id: ChatId(n as i64),
+                    message_id: None,
+                    update_id: None,
+                },
             },
         };
         state.apply(&rec).expect("apply");
@@ -39,7 +47,11 @@ fn queued_state() -> (LiveState, u64) {
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
         .unwrap_or(0.0)
         / 1024.0
 }
@@ -48,7 +60,10 @@ fn main() {
     let before = rss_mib();
     let (state, last) = queued_state();
     let after = rss_mib();
-    println!("RSS: {before:.0} MiB before, {after:.0} MiB with {N} queued requests in the live state (+{:.0} MiB)", after - before);
+    println!(
+        "RSS: {before:.0} MiB before, {after:.0} MiB with {N} queued requests in the live state (+{:.0} MiB)",
+        after - before
+    );
 
     let mut c = Criterion::default().configure_from_args();
     let mut queue = FifoQueue::default();
@@ -63,25 +78,43 @@ fn main() {
         })
     });
     let model = ModelName::parse("flux").expect("model");
-    let at = Utc.with_ymd_and_hms(2026, 11, 25, 10, 0, 0).single().expect("time");
-    c.bench_function("advance the head of a 100k queue + position-update plan", |b| {
-        b.iter_batched(
-            || state.clone(),
-            |mut s| {
-                // The head starts (leaves the queue) …
-                let head = s.head(&model).expect("head");
-                s.apply(&Recorded { seq: last + 1, request_id: head, at, event: Event::Started }).expect("start");
-                // … and the status board's plan for it: restart the model's
-                // sweep, whose first tick computes the next 64 positions.
-                let batch: Vec<Option<usize>> = s
-                    .lane(&model)
-                    .map(|l| l.queue.iter_after(None).take(64).map(|(_, id)| s.position(id)).collect())
-                    .unwrap_or_default();
-                // Returned, so dropping the cloned state is not timed.
-                (s, black_box(batch))
-            },
-            BatchSize::LargeInput,
-        )
-    });
+    let at = Utc
+        .with_ymd_and_hms(2026, 11, 25, 10, 0, 0)
+        .single()
+        .expect("time");
+    c.bench_function(
+        "advance the head of a 100k queue + position-update plan",
+        |b| {
+            b.iter_batched(
+                || state.clone(),
+                |mut s| {
+                    // The head starts (leaves the queue) …
+                    let head = s.head(&model).expect("head");
+                    s.apply(&Recorded {
+                        seq: last + 1,
+                        request_id: head,
+                        at,
+                        event: Event::Started,
+                    })
+                    .expect("start");
+                    // … and the status board's plan for it: restart the model's
+                    // sweep, whose first tick computes the next 64 positions.
+                    let batch: Vec<Option<usize>> = s
+                        .lane(&model)
+                        .map(|l| {
+                            l.queue
+                                .iter_after(None)
+                                .take(64)
+                                .map(|(_, id)| s.position(id))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    // Returned, so dropping the cloned state is not timed.
+                    (s, black_box(batch))
+                },
+                BatchSize::LargeInput,
+            )
+        },
+    );
     c.final_summary();
 }

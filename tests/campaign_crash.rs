@@ -113,7 +113,11 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
             .min((total_messages / kills.max(1) as usize).max(1) + 1);
         for _ in 0..batch {
             let user = 1000 + (sent as i64 / 2);
-            let model = if sent % 2 == 0 { "flux" } else { "sdxl" };
+            let model = if sent.is_multiple_of(2) {
+                "flux"
+            } else {
+                "sdxl"
+            };
             tg.user_sends(
                 user,
                 user,
@@ -135,7 +139,11 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
     }
     while sent < total_messages {
         let user = 1000 + (sent as i64 / 2);
-        let model = if sent % 2 == 0 { "flux" } else { "sdxl" };
+        let model = if sent.is_multiple_of(2) {
+            "flux"
+        } else {
+            "sdxl"
+        };
         tg.user_sends(
             user,
             user,

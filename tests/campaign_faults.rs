@@ -130,7 +130,7 @@ async fn hostile_messages_are_accepted_or_refused_cleanly() {
         (format!("/image=sdxl={huge}"), "the limit is 1000"),
         (huge.clone(), "Write /image=<model>=<prompt>"),
         (
-            format!("/image=\u{202E}xulf=cat"),
+            "/image=\u{202E}xulf=cat".to_string(),
             "There is no model called",
         ),
     ];

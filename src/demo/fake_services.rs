@@ -158,7 +158,7 @@ async fn answer(s: &WorkerState, prompt: String) -> Response {
         delay += Duration::from_millis(1500);
     }
     tokio::time::sleep(delay).await;
-    let response = if lower.contains("nsfw") {
+    if lower.contains("nsfw") {
         (
             StatusCode::BAD_REQUEST,
             "{\"errors\":[{\"message\":\"Input prompt contains NSFW content\",\"code\":3030}],\"success\":false}",
@@ -183,8 +183,7 @@ async fn answer(s: &WorkerState, prompt: String) -> Response {
         } else {
             ([("content-type", "image/png")], image).into_response()
         }
-    };
-    response
+    }
 }
 
 /// A running fake LLM (`POST /v1/chat/completions`).

@@ -1,11 +1,11 @@
 //! The sled 0.34 backend: one tree with prefixed keys so an event, its index
-//! entry and its intake keys go to disk in one atomic batch, plus a flusher
-//! thread that turns many durability waits into one fsync (group commit).
+//! entry and its intake keys go to disk in one atomic batch, and leader-based
+//! group commit: the first waiter that finds no flush running flushes for
+//! everyone written so far; waiters arriving meanwhile share the next one.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
@@ -70,7 +70,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What the flusher has achieved so far, broadcast to durability waiters.
+/// What flushing has achieved so far, broadcast to durability waiters.
 #[derive(Clone, Debug, Default)]
 struct Durable {
     /// Every event up to here is on disk.
@@ -83,20 +83,14 @@ struct Durable {
     error: Option<Arc<str>>,
 }
 
-#[derive(Default)]
-struct FlushRequest {
-    requested: u64,
-    shutdown: bool,
-}
-
 struct Inner {
     db: sled::Db,
     /// Held while a batch is given seqs and written, so seq order is log order.
     append: Mutex<u64>,
-    /// The highest seq fully written (read by the flusher before each fsync).
+    /// The highest seq fully written (read by the leader before each fsync).
     written: AtomicU64,
-    flush_request: Mutex<FlushRequest>,
-    flush_wake: Condvar,
+    /// Whether a leader is flushing now.
+    flushing: Mutex<bool>,
     durable: watch::Sender<Durable>,
     appended: watch::Sender<u64>,
     flushes: AtomicU64,
@@ -105,7 +99,6 @@ struct Inner {
 /// The sled event store. Opening takes sled's process lock on the directory.
 pub struct SledStore {
     inner: Arc<Inner>,
-    flusher: Option<JoinHandle<()>>,
 }
 
 impl SledStore {
@@ -132,11 +125,7 @@ impl SledStore {
             db,
             append: Mutex::new(last),
             written: AtomicU64::new(last),
-            flush_request: Mutex::new(FlushRequest {
-                requested: last,
-                shutdown: false,
-            }),
-            flush_wake: Condvar::new(),
+            flushing: Mutex::new(false),
             durable: watch::channel(Durable {
                 flushed: last,
                 ..Durable::default()
@@ -145,15 +134,7 @@ impl SledStore {
             appended: watch::channel(last).0,
             flushes: AtomicU64::new(0),
         });
-        let for_thread = Arc::clone(&inner);
-        let flusher = std::thread::Builder::new()
-            .name("easel-flusher".into())
-            .spawn(move || flusher_loop(&for_thread, last))
-            .map_err(|e| StoreError::Open(format!("cannot start the flusher thread: {e}")))?;
-        Ok(SledStore {
-            inner,
-            flusher: Some(flusher),
-        })
+        Ok(SledStore { inner })
     }
 
     /// The raw sled handle, for tests that damage records on purpose.
@@ -200,61 +181,44 @@ fn open_db(dir: &Path, wait: std::time::Duration) -> Result<sled::Db, StoreError
     }
 }
 
-/// One fsync serves every append written before it started: waiters that
-/// arrive during a flush are served by the next one, together.
-fn flusher_loop(inner: &Inner, opened_at: u64) {
-    // Start from what was on disk at open, not from `written`: appends may
-    // land before this thread first runs, and they are not flushed yet.
-    let mut flushed = opened_at;
-    loop {
-        {
-            let mut req = lock(&inner.flush_request);
-            while req.requested <= flushed && !req.shutdown {
-                req = inner
-                    .flush_wake
-                    .wait(req)
-                    .unwrap_or_else(PoisonError::into_inner);
+impl Inner {
+    /// One flush as leader: covers every append written before it started.
+    fn flush_as_leader(&self) {
+        let target = self.written.load(Ordering::Acquire);
+        // The fsync blocks: on a multi-threaded runtime tokio moves other
+        // tasks off this worker meanwhile.
+        let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.db.flush())
             }
-            if req.shutdown && req.requested <= flushed {
-                break;
-            }
-        }
-        let target = inner.written.load(Ordering::Acquire);
-        match inner.db.flush() {
+            _ => self.db.flush(),
+        };
+        match result {
             Ok(_) => {
-                flushed = target;
-                inner.flushes.fetch_add(1, Ordering::Relaxed);
-                inner.durable.send_modify(|d| d.flushed = target);
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+                self.durable
+                    .send_modify(|d| d.flushed = d.flushed.max(target));
             }
             Err(e) => {
                 tracing::error!(error = %e, "flushing the event log failed");
-                // Waiters up to `target` hear of the failure; the request is
-                // then forgotten so a failing disk does not make this loop
-                // spin: the next waiter asks again and the flush is retried.
                 let msg: Arc<str> = Arc::from(e.to_string());
-                inner.durable.send_modify(|d| {
+                self.durable.send_modify(|d| {
                     d.failed_through = target;
                     d.failures += 1;
                     d.error = Some(msg);
                 });
-                let mut req = lock(&inner.flush_request);
-                if req.requested <= target {
-                    req.requested = flushed;
-                }
             }
         }
-    }
-    if let Err(e) = inner.db.flush() {
-        tracing::error!(error = %e, "final flush of the event log failed");
+        *lock(&self.flushing) = false;
+        // Wake waiters that queued behind this flush so one of them leads next.
+        self.durable.send_modify(|_| {});
     }
 }
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        lock(&self.inner.flush_request).shutdown = true;
-        self.inner.flush_wake.notify_all();
-        if let Some(handle) = self.flusher.take() {
-            let _ = handle.join();
+        if let Err(e) = self.inner.db.flush() {
+            tracing::error!(error = %e, "final flush of the event log failed");
         }
     }
 }
@@ -312,35 +276,31 @@ impl EventStore for SledStore {
     }
 
     async fn wait_durable(&self, seq: u64) -> Result<(), StoreError> {
-        let mut rx = self.inner.durable.subscribe();
-        let failures_before = {
-            let d = rx.borrow();
-            if d.flushed >= seq {
-                return Ok(());
+        let inner = &self.inner;
+        let mut rx = inner.durable.subscribe();
+        let failures_before = rx.borrow().failures;
+        loop {
+            {
+                let d = rx.borrow_and_update();
+                if d.flushed >= seq {
+                    return Ok(());
+                }
+                if d.failures > failures_before && d.failed_through >= seq {
+                    return Err(StoreError::Flush(
+                        d.error.as_deref().unwrap_or("unknown").to_owned(),
+                    ));
+                }
             }
-            d.failures
-        };
-        {
-            let mut req = lock(&self.inner.flush_request);
-            if req.shutdown {
-                return Err(StoreError::Closed);
+            let lead = {
+                let mut flushing = lock(&inner.flushing);
+                !std::mem::replace(&mut *flushing, true)
+            };
+            if lead {
+                inner.flush_as_leader();
+                continue;
             }
-            req.requested = req.requested.max(seq);
-        }
-        self.inner.flush_wake.notify_one();
-        let d = rx
-            .wait_for(|d| {
-                d.flushed >= seq || (d.failures > failures_before && d.failed_through >= seq)
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?
-            .clone();
-        if d.flushed >= seq {
-            Ok(())
-        } else {
-            Err(StoreError::Flush(
-                d.error.as_deref().unwrap_or("unknown").to_owned(),
-            ))
+            // Someone is flushing: its result (or its end) wakes us.
+            rx.changed().await.map_err(|_| StoreError::Closed)?;
         }
     }
 
