@@ -151,3 +151,46 @@ async fn hostile_messages_are_accepted_or_refused_cleanly() {
     );
     app.stop().await;
 }
+
+/// A disk that refuses writes, simulated where we can without a mount: the
+/// image folder becomes a file, so keeping an image fails like ENOSPC
+/// would. That request fails with a clear message; nothing else is lost,
+/// and once the disk is back the next request works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_image_write_fails_that_request_clearly_and_nothing_else() {
+    let mut app = spawn_app(&[]).await;
+    let images = app.dir.path().join("images");
+    std::fs::remove_dir_all(&images).unwrap();
+    std::fs::write(&images, b"not a folder").unwrap();
+    app.tg
+        .user_sends(34_001, 34_001, "/image=flux=a drowned archive");
+    assert!(
+        app.any_message_ends_with(
+            34_001,
+            "something went wrong on our side. Please try again."
+        )
+        .await
+    );
+    let failed = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .any(|r| {
+            matches!(
+                r.event,
+                easel::domain::Event::Failed {
+                    kind: easel::domain::FailureKind::Internal,
+                    ..
+                }
+            )
+        });
+    assert!(failed);
+    // The disk comes back.
+    std::fs::remove_file(&images).unwrap();
+    std::fs::create_dir_all(&images).unwrap();
+    app.tg
+        .user_sends(34_002, 34_002, "/image=flux=a dry archive");
+    assert!(app.images_to(34_002, 1).await);
+    app.stop().await;
+}
