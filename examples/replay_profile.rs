@@ -19,17 +19,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for i in 0..n {
                 let at = chrono::Utc::now();
                 let id = RequestId::new_at(at);
-                let e = |event| NewEvent { request_id: id, at, event };
+                let e = |event| NewEvent {
+                    request_id: id,
+                    at,
+                    event,
+                };
                 store.append(vec![
                     e(Event::Queued {
                         model: model.clone(),
                         prompt: prompt.clone(),
-                        origin: Origin { user_id: UserId(i as i64 % 500), chat_id: ChatId(1), message_id: Some(i as i32), update_id: Some(i as u32) },
+                        origin: Origin {
+                            user_id: UserId(i as i64 % 500),
+                            chat_id: ChatId(1),
+                            message_id: Some(i as i32),
+                            update_id: Some(i as u32),
+                        },
                     }),
                     e(Event::Started),
-                    e(Event::Enhanced { prompt: "A red fox in the snow, golden hour".into(), fallback: None }),
-                    e(Event::Generated { image: ImageRef { file: format!("{id}.png"), bytes: 1, format: "png".into() }, attempts: 1, statuses: vec!["200".into()] }),
-                    e(Event::Delivered { message_id: Some(1) }),
+                    e(Event::Enhanced {
+                        prompt: "A red fox in the snow, golden hour".into(),
+                        fallback: None,
+                    }),
+                    e(Event::Generated {
+                        image: ImageRef {
+                            file: format!("{id}.png"),
+                            bytes: 1,
+                            format: "png".into(),
+                        },
+                        attempts: 1,
+                        statuses: vec!["200".into()],
+                    }),
+                    e(Event::Delivered {
+                        message_id: Some(1),
+                    }),
                 ])?;
             }
         }

@@ -194,3 +194,18 @@ async fn a_refused_image_write_fails_that_request_clearly_and_nothing_else() {
     assert!(app.images_to(34_002, 1).await);
     app.stop().await;
 }
+
+/// The connection to Telegram is cut in the middle of uploading the photo:
+/// the image is kept, the upload is retried, and it arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_reset_mid_upload_retries_the_photo() {
+    let mut app = spawn_app(&[]).await;
+    app.tg.fail_next("sendPhoto", 1, Failure::Reset);
+    app.tg
+        .user_sends(35_001, 35_001, "/image=flux=a brittle bridge");
+    assert!(app.images_to(35_001, 1).await, "{:#?}", app.tg.calls());
+    let calls = app.tg.calls();
+    assert!(calls.iter().any(|c| c.method == "sendPhoto (reset)"));
+    assert_eq!(calls.iter().filter(|c| c.method == "sendPhoto").count(), 1);
+    app.stop().await;
+}

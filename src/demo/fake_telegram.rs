@@ -44,6 +44,9 @@ pub enum Failure {
     RetryAfter(u32),
     /// Any other error status and description.
     Status(u16, String),
+    /// The connection is cut while the request body is still arriving
+    /// (after at most 64 KiB of it): the client sees a reset, not an answer.
+    Reset,
 }
 
 #[derive(Default)]
@@ -440,6 +443,46 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             return error(401, "Unauthorized", None);
         }
     }
+    // A cut connection happens mid-upload, before the body is read.
+    let reset = {
+        let mut inner = shared.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let next_is_reset = inner
+            .failures
+            .get(&method)
+            .and_then(VecDeque::front)
+            .is_some_and(|f| matches!(f, Failure::Reset));
+        if next_is_reset {
+            inner
+                .failures
+                .get_mut(&method)
+                .and_then(VecDeque::pop_front);
+            inner.calls.push(Call {
+                method: format!("{method} (reset)"),
+                chat_id: None,
+                message_id: None,
+                text: None,
+                caption: None,
+                file_len: None,
+                reply_markup: None,
+                at: Instant::now(),
+            });
+        }
+        next_is_reset
+    };
+    if reset {
+        use http_body_util::BodyExt as _;
+        let mut body = req.into_body();
+        let mut read = 0usize;
+        while read < 64 * 1024 {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+        // Aborting the handler makes the server drop the connection with the
+        // request half read: what a reset looks like to the client.
+        std::panic::resume_unwind(Box::new("fake Telegram: connection reset on purpose"));
+    }
     let (p, file_len) = params(req).await;
     // A scripted failure answers first, for every method.
     let failed = {
@@ -471,7 +514,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             );
         }
         Some(Failure::Status(code, description)) => return error(code, &description, None),
-        None => {}
+        Some(Failure::Reset) | None => {}
     }
     if method == "getUpdates" {
         return get_updates(&shared, &p).await;
