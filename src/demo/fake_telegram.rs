@@ -252,6 +252,20 @@ impl FakeTelegram {
         self.lock().pending.len()
     }
 
+    /// The most calls the bot made within any one second (failed ones too).
+    pub fn max_calls_in_one_second(&self) -> usize {
+        let calls = self.calls();
+        (0..calls.len())
+            .map(|i| {
+                calls[i..]
+                    .iter()
+                    .take_while(|d| d.at.duration_since(calls[i].at) < Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.lock().calls.clone()

@@ -242,7 +242,7 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     }
     let status = |s: crate::domain::Stage| records.iter().filter(|r| r.status == s).count();
     let calls = tg.calls();
-    let per_second = max_calls_per_second(&calls);
+    let per_second = tg.max_calls_in_one_second();
     println!(
         "Telegram calls: {} (at most {per_second} in any second); worker calls: flux {} (max {} at once), sdxl {} (max {} at once)",
         calls.len(),
@@ -271,16 +271,4 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         started.elapsed().as_secs_f64()
     );
     Ok(expected)
-}
-
-fn max_calls_per_second(calls: &[fake_telegram::Call]) -> usize {
-    let mut best = 0;
-    for (i, c) in calls.iter().enumerate() {
-        let n = calls[i..]
-            .iter()
-            .take_while(|d| d.at.duration_since(c.at) < Duration::from_secs(1))
-            .count();
-        best = best.max(n);
-    }
-    best
 }

@@ -125,31 +125,43 @@ pub fn audit_list(src: &Source, filter: &Filter, json_out: bool, out: Out<'_>) -
     Ok(0)
 }
 
-/// The stage durations of a request, from its events.
-pub fn stage_times(events: &[Recorded]) -> Vec<(&'static str, i64)> {
-    let mut at: HashMap<&'static str, DateTime<Utc>> = HashMap::new();
-    let mut out = Vec::new();
-    for e in events {
-        let name = e.event.name();
-        let (from, label) = match &e.event {
-            Event::Started => ("queued", "queue wait"),
-            Event::Enhanced { .. } => ("started", "enhancing"),
-            Event::Generated { .. } => ("enhanced", "generating"),
-            Event::Delivered { .. } => ("generated", "sending"),
-            _ => ("", ""),
+/// Times the stages of one request from its events, one at a time.
+#[derive(Default)]
+pub struct StageClock {
+    at: HashMap<&'static str, DateTime<Utc>>,
+}
+
+impl StageClock {
+    /// The stage `e` ends (`queue_wait`, `enhancing`, `generating`,
+    /// `sending`) and how long it took in ms, if `e` ends one.
+    pub fn observe(&mut self, e: &Recorded) -> Option<(&'static str, i64)> {
+        let edge = match &e.event {
+            Event::Started => Some(("queued", "queue_wait")),
+            Event::Enhanced { .. } => Some(("started", "enhancing")),
+            Event::Generated { .. } => Some(("enhanced", "generating")),
+            Event::Delivered { .. } => Some(("generated", "sending")),
+            _ => None,
         };
-        if let Some(t) = at.get(from) {
-            out.push((label, (e.at - *t).num_milliseconds()));
-        }
+        let took = edge.and_then(|(from, label)| {
+            self.at
+                .get(from)
+                .map(|t| (label, (e.at - *t).num_milliseconds()))
+        });
         // A regenerated image counts its generating time from the restart.
         let key = if matches!(e.event, Event::Regenerating) {
             "enhanced"
         } else {
-            name
+            e.event.name()
         };
-        at.insert(key, e.at);
+        self.at.insert(key, e.at);
+        took
     }
-    out
+}
+
+/// The stage durations of a request, from its events.
+pub fn stage_times(events: &[Recorded]) -> Vec<(&'static str, i64)> {
+    let mut clock = StageClock::default();
+    events.iter().filter_map(|e| clock.observe(e)).collect()
 }
 
 pub fn audit_show(src: &Source, prefix: &str, json_out: bool, out: Out<'_>) -> Res {
@@ -247,7 +259,7 @@ pub fn audit_show(src: &Source, prefix: &str, json_out: bool, out: Out<'_>) -> R
     if !stages.is_empty() {
         text.push_str("\nstages:\n");
         for (label, ms) in stages {
-            text.push_str(&format!("  {label:<11} {}\n", secs(ms)));
+            text.push_str(&format!("  {:<11} {}\n", label.replace('_', " "), secs(ms)));
         }
     }
     w(out, &text)?;
@@ -266,7 +278,7 @@ pub fn audit_stats(src: &Source, json_out: bool, out: Out<'_>) -> Res {
     // Per unfinished request: model and stage; finished ones only count.
     let mut live: HashMap<RequestId, (String, Stage)> = HashMap::new();
     let mut counts: BTreeMap<String, BTreeMap<Stage, u64>> = BTreeMap::new();
-    let mut times: HashMap<RequestId, HashMap<&'static str, DateTime<Utc>>> = HashMap::new();
+    let mut times: HashMap<RequestId, StageClock> = HashMap::new();
     let mut durations: BTreeMap<&'static str, Vec<i64>> = BTreeMap::new();
     let mut failures: HashMap<String, u64> = HashMap::new();
     let mut total = 0u64;
@@ -276,7 +288,7 @@ pub fn audit_stats(src: &Source, json_out: bool, out: Out<'_>) -> Res {
         if let Event::Queued { model, .. } = &e.event {
             total += 1;
             live.insert(id, (model.to_string(), Stage::Queued));
-            times.entry(id).or_default().insert("queued", e.at);
+            times.entry(id).or_default().observe(&e);
             continue;
         }
         let Some(step) = e.event.step() else { continue };
@@ -287,26 +299,9 @@ pub fn audit_stats(src: &Source, json_out: bool, out: Out<'_>) -> Res {
             continue;
         };
         entry.1 = to;
-        let t = times.entry(id).or_default();
-        let (from, label) = match &e.event {
-            Event::Started => ("queued", "queue_wait"),
-            Event::Enhanced { .. } => ("started", "enhancing"),
-            Event::Generated { .. } => ("enhanced", "generating"),
-            Event::Delivered { .. } => ("generated", "sending"),
-            _ => ("", ""),
-        };
-        if let Some(start) = t.get(from) {
-            durations
-                .entry(label)
-                .or_default()
-                .push((e.at - *start).num_milliseconds());
+        if let Some((label, ms)) = times.entry(id).or_default().observe(&e) {
+            durations.entry(label).or_default().push(ms);
         }
-        let key = if matches!(e.event, Event::Regenerating) {
-            "enhanced"
-        } else {
-            e.event.name()
-        };
-        t.insert(key, e.at);
         if let Event::Failed { kind, reason, .. } = &e.event {
             *failures
                 .entry(format!("{}: {}", kind.as_str(), elide(reason, 80)))
