@@ -230,3 +230,29 @@ fn unknown_versions_and_garbage_are_errors_not_panics() {
         Err(codec::DecodeError::Checksum { .. })
     ));
 }
+
+#[test]
+fn an_event_object_whose_type_is_not_first_still_decodes() {
+    // Our encoder writes "type" first (the fast path); a hand-edited or
+    // foreign file may not, and must read the same.
+    for (line, want) in FIXTURE.lines().zip(expected()) {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let event = v["event"].as_object().unwrap().clone();
+        let mut reordered = serde_json::Map::new();
+        for (k, val) in event.iter().filter(|(k, _)| *k != "type") {
+            reordered.insert(k.clone(), val.clone());
+        }
+        reordered.insert("type".into(), event["type"].clone());
+        v["event"] = serde_json::Value::Object(reordered);
+        assert_eq!(codec::decode_json(v.to_string().as_bytes()).unwrap(), want);
+    }
+    let unknown = FIXTURE
+        .lines()
+        .next()
+        .unwrap()
+        .replace("\"type\":\"queued\"", "\"type\":\"teleported\"");
+    assert!(matches!(
+        codec::decode_json(unknown.as_bytes()),
+        Err(codec::DecodeError::Json(_))
+    ));
+}

@@ -66,8 +66,10 @@ pub struct ImageRef {
 }
 
 /// One fact about one request. Field names are stored: never rename one;
-/// add a new version in `store::codec` instead.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// add a new version in `store::codec` instead. Deserialization is written
+/// by hand (below) only for speed; it reads exactly what the derived
+/// internally-tagged form writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// Accepted into `model`'s queue. Always durable before the user is told.
@@ -151,5 +153,236 @@ impl Event {
                 | Event::Failed { .. }
                 | Event::Cancelled
         )
+    }
+}
+
+/// Reading `{"type": …, fields…}` without serde's buffering of internally
+/// tagged enums (the replay profile's largest easel-side cost): when `type`
+/// comes first, as our encoder always writes it, the remaining fields are
+/// read straight into the variant; otherwise the object is buffered once
+/// and read the slow way. The committed v1 fixture checks both agree.
+mod de {
+    use serde::Deserialize;
+    use serde::de::value::MapAccessDeserializer;
+    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    use super::{Event, FailureKind, ImageRef, Origin};
+    use crate::domain::ids::{ModelName, Prompt};
+    use crate::domain::lifecycle::Stage;
+
+    #[derive(Deserialize)]
+    struct Queued {
+        model: ModelName,
+        prompt: Prompt,
+        origin: Origin,
+    }
+    #[derive(Deserialize)]
+    struct Enhanced {
+        prompt: String,
+        fallback: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Generated {
+        image: ImageRef,
+        attempts: u32,
+        #[serde(default)]
+        statuses: Vec<String>,
+    }
+    #[derive(Deserialize)]
+    struct Delivered {
+        message_id: Option<i32>,
+    }
+    #[derive(Deserialize)]
+    struct Failed {
+        kind: FailureKind,
+        reason: String,
+        attempts: u32,
+        #[serde(default)]
+        statuses: Vec<String>,
+    }
+    #[derive(Deserialize)]
+    struct Resumed {
+        stage: Stage,
+    }
+
+    /// The same enum with serde's derive, for objects whose `type` is not first.
+    #[derive(Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum Slow {
+        Queued {
+            model: ModelName,
+            prompt: Prompt,
+            origin: Origin,
+        },
+        Started,
+        Enhanced {
+            prompt: String,
+            fallback: Option<String>,
+        },
+        Generated {
+            image: ImageRef,
+            attempts: u32,
+            #[serde(default)]
+            statuses: Vec<String>,
+        },
+        Delivered {
+            message_id: Option<i32>,
+        },
+        Failed {
+            kind: FailureKind,
+            reason: String,
+            attempts: u32,
+            #[serde(default)]
+            statuses: Vec<String>,
+        },
+        Cancelled,
+        Resumed {
+            stage: Stage,
+        },
+        Regenerating,
+    }
+
+    impl From<Slow> for Event {
+        fn from(s: Slow) -> Self {
+            match s {
+                Slow::Queued {
+                    model,
+                    prompt,
+                    origin,
+                } => Event::Queued {
+                    model,
+                    prompt,
+                    origin,
+                },
+                Slow::Started => Event::Started,
+                Slow::Enhanced { prompt, fallback } => Event::Enhanced { prompt, fallback },
+                Slow::Generated {
+                    image,
+                    attempts,
+                    statuses,
+                } => Event::Generated {
+                    image,
+                    attempts,
+                    statuses,
+                },
+                Slow::Delivered { message_id } => Event::Delivered { message_id },
+                Slow::Failed {
+                    kind,
+                    reason,
+                    attempts,
+                    statuses,
+                } => Event::Failed {
+                    kind,
+                    reason,
+                    attempts,
+                    statuses,
+                },
+                Slow::Cancelled => Event::Cancelled,
+                Slow::Resumed { stage } => Event::Resumed { stage },
+                Slow::Regenerating => Event::Regenerating,
+            }
+        }
+    }
+
+    struct EventVisitor;
+
+    fn rest<'de, A: MapAccess<'de>, T: Deserialize<'de>>(map: A) -> Result<T, A::Error> {
+        T::deserialize(MapAccessDeserializer::new(map))
+    }
+
+    fn unit<'de, A: MapAccess<'de>>(mut map: A, event: Event) -> Result<Event, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(event)
+    }
+
+    impl<'de> Visitor<'de> for EventVisitor {
+        type Value = Event;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an event object with a \"type\"")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Event, A::Error> {
+            let Some(first) = map.next_key::<std::borrow::Cow<'de, str>>()? else {
+                return Err(de::Error::missing_field("type"));
+            };
+            if first != "type" {
+                // Slow path: buffer the object, then read it with the derive.
+                let mut obj = serde_json::Map::new();
+                obj.insert(first.into_owned(), map.next_value()?);
+                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                    obj.insert(k, v);
+                }
+                return Slow::deserialize(serde_json::Value::Object(obj))
+                    .map(Event::from)
+                    .map_err(de::Error::custom);
+            }
+            let tag: std::borrow::Cow<'de, str> = map.next_value()?;
+            Ok(match tag.as_ref() {
+                "queued" => {
+                    let q: Queued = rest(map)?;
+                    Event::Queued {
+                        model: q.model,
+                        prompt: q.prompt,
+                        origin: q.origin,
+                    }
+                }
+                "started" => unit(map, Event::Started)?,
+                "enhanced" => {
+                    let e: Enhanced = rest(map)?;
+                    Event::Enhanced {
+                        prompt: e.prompt,
+                        fallback: e.fallback,
+                    }
+                }
+                "generated" => {
+                    let g: Generated = rest(map)?;
+                    Event::Generated {
+                        image: g.image,
+                        attempts: g.attempts,
+                        statuses: g.statuses,
+                    }
+                }
+                "delivered" => Event::Delivered {
+                    message_id: rest::<_, Delivered>(map)?.message_id,
+                },
+                "failed" => {
+                    let f: Failed = rest(map)?;
+                    Event::Failed {
+                        kind: f.kind,
+                        reason: f.reason,
+                        attempts: f.attempts,
+                        statuses: f.statuses,
+                    }
+                }
+                "cancelled" => unit(map, Event::Cancelled)?,
+                "resumed" => Event::Resumed {
+                    stage: rest::<_, Resumed>(map)?.stage,
+                },
+                "regenerating" => unit(map, Event::Regenerating)?,
+                other => {
+                    return Err(de::Error::unknown_variant(
+                        other,
+                        &[
+                            "queued",
+                            "started",
+                            "enhanced",
+                            "generated",
+                            "delivered",
+                            "failed",
+                            "cancelled",
+                            "resumed",
+                            "regenerating",
+                        ],
+                    ));
+                }
+            })
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Event {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(EventVisitor)
+        }
     }
 }

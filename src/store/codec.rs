@@ -43,8 +43,55 @@ struct StoredV1 {
     v: u16,
     seq: u64,
     request_id: RequestId,
+    #[serde(deserialize_with = "time")]
     at: DateTime<Utc>,
     event: Event,
+}
+
+/// `at` as written by chrono (`2026-11-25T10:00:01.250Z`), read without
+/// chrono's general RFC 3339 parser on the common path (replay profile);
+/// anything else goes to chrono.
+fn time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
+    if let Some(t) = fast_utc(text.as_bytes()) {
+        return Ok(t);
+    }
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(serde::de::Error::custom)
+}
+
+fn fast_utc(b: &[u8]) -> Option<DateTime<Utc>> {
+    fn num(b: &[u8]) -> Option<u32> {
+        b.iter().try_fold(0u32, |n, c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    }
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (rest, z) = b[19..].split_at(b.len() - 20);
+    if z != b"Z" {
+        return None;
+    }
+    let nanos = match rest {
+        [] => 0,
+        [b'.', digits @ ..] if !digits.is_empty() && digits.len() <= 9 => {
+            num(digits)? * 10u32.pow(9 - digits.len() as u32)
+        }
+        _ => return None,
+    };
+    let date =
+        chrono::NaiveDate::from_ymd_opt(num(&b[..4])? as i32, num(&b[5..7])?, num(&b[8..10])?)?;
+    let time =
+        date.and_hms_nano_opt(num(&b[11..13])?, num(&b[14..16])?, num(&b[17..19])?, nanos)?;
+    Some(time.and_utc())
 }
 
 /// The JSON form of a record (no checksum), as in the committed fixture.
@@ -149,6 +196,37 @@ pub fn decode(bytes: &[u8]) -> Result<Recorded, DecodeError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_fast_time_path_agrees_with_chrono() {
+        for s in [
+            "2026-11-25T10:00:00Z",
+            "2026-11-25T10:00:01.250Z",
+            "2026-02-28T23:59:59.123456789Z",
+            "1999-01-01T00:00:00.1Z",
+        ] {
+            let chrono_says = DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+            assert_eq!(fast_utc(s.as_bytes()), Some(chrono_says), "{s}");
+        }
+        for s in [
+            "2026-11-25T10:00:00+01:00",
+            "2026-13-25T10:00:00Z",
+            "2026-11-25 10:00:00Z",
+            "2026-11-25T10:00:00.Z",
+            "x",
+        ] {
+            assert_eq!(fast_utc(s.as_bytes()), None, "{s}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_utc_time_round_trips(secs in 0i64..4_102_444_800, nanos in 0u32..1_000_000_000) {
+            let t = DateTime::from_timestamp(secs, nanos).unwrap();
+            let text = serde_json::to_string(&t).unwrap();
+            prop_assert_eq!(fast_utc(text.trim_matches('"').as_bytes()), Some(t));
+        }
+    }
 
     proptest! {
         #[test]
