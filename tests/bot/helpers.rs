@@ -229,8 +229,15 @@ impl std::io::Write for Capture {
     }
 }
 
+/// Whether `spawn_app` installs the log capture (the load campaign turns
+/// it off: trace-level logs of every HTTP call would dominate its RSS).
+pub static CAPTURE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 /// Installs the capturing subscriber once (trace level, every crate).
 pub fn capture_logs() {
+    if !CAPTURE.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = tracing_subscriber::fmt()
