@@ -209,3 +209,26 @@ async fn a_connection_reset_mid_upload_retries_the_photo() {
     assert_eq!(calls.iter().filter(|c| c.method == "sendPhoto").count(), 1);
     app.stop().await;
 }
+
+/// Regression (the 10,000-request load run saw 34 calls arrive in one
+/// second at a 20/s pace): on a slow link, calls must not pile up in
+/// flight, or their arrivals bunch past Telegram's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_telegram_never_has_more_than_three_calls_open() {
+    let mut app = spawn_app(&[]).await;
+    app.tg.set_delay(Duration::from_millis(300));
+    let users: Vec<i64> = (0..12).map(|i| 36_000 + i).collect();
+    for u in &users {
+        app.tg.user_sends(*u, *u, "/help");
+    }
+    for u in &users {
+        assert!(app.text_to(*u, "Models:").await);
+    }
+    let most = app.tg.max_concurrent_calls();
+    assert!(
+        (1..=easel::telegram::api::MAX_IN_FLIGHT).contains(&most),
+        "{most} calls open at once"
+    );
+    assert!(app.tg.max_calls_in_one_second() < 30);
+    app.stop().await;
+}

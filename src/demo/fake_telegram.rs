@@ -60,9 +60,14 @@ struct Inner {
     failures: HashMap<String, VecDeque<Failure>>,
     token: String,
     history: HashMap<u32, Value>,
+    /// Added to every answer except getUpdates.
+    delay: Duration,
 }
 
 struct Shared {
+    /// Calls being answered now (getUpdates excluded), and the most at once.
+    concurrent: std::sync::atomic::AtomicUsize,
+    max_concurrent: std::sync::atomic::AtomicUsize,
     inner: Mutex<Inner>,
     /// Bumped whenever an update is queued, to wake long polls.
     updates: watch::Sender<u64>,
@@ -120,6 +125,8 @@ impl FakeTelegram {
     /// When no loopback port can be bound.
     pub async fn start(token: &str) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
+            concurrent: std::sync::atomic::AtomicUsize::new(0),
+            max_concurrent: std::sync::atomic::AtomicUsize::new(0),
             inner: Mutex::new(Inner {
                 next_update_id: 100_000,
                 next_message_id: 1,
@@ -228,6 +235,11 @@ impl FakeTelegram {
         })
     }
 
+    /// Every answer (except getUpdates) waits this long, like a slow link.
+    pub fn set_delay(&self, delay: Duration) {
+        self.lock().delay = delay;
+    }
+
     /// The next `times` calls of `method` fail with `failure`.
     pub fn fail_next(&self, method: &str, times: usize, failure: Failure) {
         let mut inner = self.lock();
@@ -264,6 +276,13 @@ impl FakeTelegram {
             })
             .max()
             .unwrap_or(0)
+    }
+
+    /// The most calls (other than getUpdates) the bot had open at once.
+    pub fn max_concurrent_calls(&self) -> usize {
+        self.shared
+            .max_concurrent
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every call so far.
@@ -440,7 +459,38 @@ fn as_i64(v: Option<&Value>) -> Option<i64> {
     }
 }
 
+/// Counts a call as open until its answer is built (or the handler is dropped).
+struct Open<'a>(&'a Shared);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0
+            .concurrent
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    let counted = !req.uri().path().ends_with("etUpdates");
+    let _open = counted.then(|| {
+        let now = shared
+            .concurrent
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        shared
+            .max_concurrent
+            .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        Open(&shared)
+    });
+    // A slow server makes the bot's concurrency visible.
+    let delay = shared
+        .inner
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .delay;
+    if counted && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let path = percent_decode(req.uri().path());
     let mut parts = path.rsplit('/');
     // teloxide writes method names in PascalCase (`SendMessage`); the Bot
