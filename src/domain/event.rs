@@ -160,7 +160,7 @@ impl Event {
 /// tagged enums (the replay profile's largest easel-side cost): when `type`
 /// comes first, as our encoder always writes it, the remaining fields are
 /// read straight into the variant; otherwise the object is buffered once
-/// and read the slow way. The committed v1 fixture checks both agree.
+/// and reordered. The committed v1 fixture checks both paths.
 mod de {
     use serde::Deserialize;
     use serde::de::value::MapAccessDeserializer;
@@ -205,85 +205,6 @@ mod de {
         stage: Stage,
     }
 
-    /// The same enum with serde's derive, for objects whose `type` is not first.
-    #[derive(Deserialize)]
-    #[serde(tag = "type", rename_all = "snake_case")]
-    enum Slow {
-        Queued {
-            model: ModelName,
-            prompt: Prompt,
-            origin: Origin,
-        },
-        Started,
-        Enhanced {
-            prompt: String,
-            fallback: Option<String>,
-        },
-        Generated {
-            image: ImageRef,
-            attempts: u32,
-            #[serde(default)]
-            statuses: Vec<String>,
-        },
-        Delivered {
-            message_id: Option<i32>,
-        },
-        Failed {
-            kind: FailureKind,
-            reason: String,
-            attempts: u32,
-            #[serde(default)]
-            statuses: Vec<String>,
-        },
-        Cancelled,
-        Resumed {
-            stage: Stage,
-        },
-        Regenerating,
-    }
-
-    impl From<Slow> for Event {
-        fn from(s: Slow) -> Self {
-            match s {
-                Slow::Queued {
-                    model,
-                    prompt,
-                    origin,
-                } => Event::Queued {
-                    model,
-                    prompt,
-                    origin,
-                },
-                Slow::Started => Event::Started,
-                Slow::Enhanced { prompt, fallback } => Event::Enhanced { prompt, fallback },
-                Slow::Generated {
-                    image,
-                    attempts,
-                    statuses,
-                } => Event::Generated {
-                    image,
-                    attempts,
-                    statuses,
-                },
-                Slow::Delivered { message_id } => Event::Delivered { message_id },
-                Slow::Failed {
-                    kind,
-                    reason,
-                    attempts,
-                    statuses,
-                } => Event::Failed {
-                    kind,
-                    reason,
-                    attempts,
-                    statuses,
-                },
-                Slow::Cancelled => Event::Cancelled,
-                Slow::Resumed { stage } => Event::Resumed { stage },
-                Slow::Regenerating => Event::Regenerating,
-            }
-        }
-    }
-
     struct EventVisitor;
 
     fn rest<'de, A: MapAccess<'de>, T: Deserialize<'de>>(map: A) -> Result<T, A::Error> {
@@ -307,14 +228,20 @@ mod de {
                 return Err(de::Error::missing_field("type"));
             };
             if first != "type" {
-                // Slow path: buffer the object, then read it with the derive.
-                let mut obj = serde_json::Map::new();
-                obj.insert(first.into_owned(), map.next_value()?);
+                // Slow path: buffer the object, put `type` first, and read
+                // that with this same visitor.
+                let mut fields = serde_json::Map::new();
+                fields.insert(first.into_owned(), map.next_value()?);
                 while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
-                    obj.insert(k, v);
+                    fields.insert(k, v);
                 }
-                return Slow::deserialize(serde_json::Value::Object(obj))
-                    .map(Event::from)
+                let tag = fields
+                    .remove("type")
+                    .ok_or_else(|| de::Error::missing_field("type"))?;
+                let mut ordered = serde_json::Map::new();
+                ordered.insert("type".into(), tag);
+                ordered.extend(fields);
+                return Event::deserialize(serde_json::Value::Object(ordered))
                     .map_err(de::Error::custom);
             }
             let tag: std::borrow::Cow<'de, str> = map.next_value()?;
