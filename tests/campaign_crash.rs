@@ -112,17 +112,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
             .saturating_sub(sent)
             .min((total_messages / kills.max(1) as usize).max(1) + 1);
         for _ in 0..batch {
-            let user = 1000 + (sent as i64 / 2);
-            let model = if sent.is_multiple_of(2) {
-                "flux"
-            } else {
-                "sdxl"
-            };
-            tg.user_sends(
-                user,
-                user,
-                &format!("/image={model}=scene {sent} for user {user}"),
-            );
+            send_message(&tg, sent);
             sent += 1;
         }
         tokio::time::sleep(Duration::from_millis(50 + rng.next() % 900)).await;
@@ -138,17 +128,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
         child = spawn(dir.path(), &tg, &flux, &sdxl, &llm);
     }
     while sent < total_messages {
-        let user = 1000 + (sent as i64 / 2);
-        let model = if sent.is_multiple_of(2) {
-            "flux"
-        } else {
-            "sdxl"
-        };
-        tg.user_sends(
-            user,
-            user,
-            &format!("/image={model}=scene {sent} for user {user}"),
-        );
+        send_message(&tg, sent);
         sent += 1;
     }
 
@@ -240,6 +220,18 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
     assert!(
         duplicates as u64 <= 2 * kills,
         "{duplicates} duplicates for {kills} kills"
+    );
+}
+
+/// Message number `n` of the workload: user 1000 + n/2 asks flux for even
+/// n and sdxl for odd n.
+fn send_message(tg: &FakeTelegram, n: usize) {
+    let user = 1000 + (n as i64 / 2);
+    let model = if n.is_multiple_of(2) { "flux" } else { "sdxl" };
+    tg.user_sends(
+        user,
+        user,
+        &format!("/image={model}=scene {n} for user {user}"),
     );
 }
 
