@@ -34,8 +34,18 @@ pub struct App {
     pub core: Arc<Core<SledStore>>,
     /// The bot's @username, as Telegram told us.
     pub username: String,
-    poller: JoinHandle<()>,
+    api: Arc<TelegramApi>,
+    settings: Arc<Settings>,
+    poller: JoinHandle<i32>,
     workers: Vec<JoinHandle<()>>,
+}
+
+/// What the stand-in needs to answer users while the engine is down.
+struct Handover {
+    api: Arc<TelegramApi>,
+    settings: Arc<Settings>,
+    username: String,
+    offset: i32,
 }
 
 /// The data dir's event log folder.
@@ -139,8 +149,8 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
 
     let intake = Arc::new(Intake {
         core: Arc::clone(&core),
-        api,
-        settings,
+        api: Arc::clone(&api),
+        settings: Arc::clone(&settings),
         board,
         images,
         username: username.clone(),
@@ -160,6 +170,8 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
     Ok(App {
         core,
         username,
+        api,
+        settings,
         poller,
         workers,
     })
@@ -173,32 +185,165 @@ impl App {
     /// # Errors
     /// When the final checkpoint cannot be written.
     pub async fn wait(self) -> anyhow::Result<()> {
-        let _ = self.poller.await;
-        for w in self.workers {
-            if tokio::time::timeout(Duration::from_secs(5), w)
+        self.wait_for_handover().await.1
+    }
+
+    /// As [`App::wait`], handing back where polling stopped.
+    async fn wait_for_handover(self) -> (Handover, anyhow::Result<()>) {
+        let offset = self.poller.await.unwrap_or(0);
+        let handover = Handover {
+            api: self.api,
+            settings: self.settings,
+            username: self.username,
+            offset,
+        };
+        for mut w in self.workers {
+            if tokio::time::timeout(Duration::from_secs(5), &mut w)
                 .await
                 .is_err()
             {
+                // Aborted, so its handle on the log is gone too and the
+                // log can be reopened (see `run`).
+                w.abort();
                 tracing::warn!(
                     "a task did not stop within 5 s; its request resumes at the next start"
                 );
             }
         }
-        self.core
+        let result = self
+            .core
             .checkpoint()
-            .context("writing the final checkpoint")?;
-        tracing::info!("stopped");
-        Ok(())
+            .context("writing the final checkpoint");
+        if result.is_ok() {
+            tracing::info!("stopped");
+        }
+        (handover, result)
     }
 }
 
+/// The first pause before reopening a log that refused writes; it doubles
+/// up to [`RESTART_MAX`] while the disk keeps refusing.
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+/// An engine that ran this long before its log broke starts the pauses over.
+const RESTART_HEALTHY: Duration = Duration::from_secs(60);
+
 /// Runs the bot until `shutdown`.
 ///
+/// When the event log refuses a write (disk full, size limit, I/O error),
+/// sled refuses every later write of that handle too. So the engine is
+/// stopped as on SIGTERM and started again from the log after a pause,
+/// until the disk takes writes again: the bot heals by itself once space is
+/// freed. Meanwhile nothing acknowledged is lost (a request is acknowledged
+/// only once its `Queued` is durable), requests that arrive get "couldn't
+/// take that request right now", and updates not yet read wait at Telegram.
+///
 /// # Errors
-/// As [`start`] and [`App::wait`].
+/// As [`start`] (at the first start; later starts are retried) and
+/// [`App::wait`]; stopping while the log cannot be written is an error too.
 pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
-    start(settings, shutdown).await?.wait().await?;
-    Ok(())
+    let mut pause = RESTART_FIRST;
+    // Set once an engine ran; lets the stand-in answer during the pauses.
+    let mut handover: Option<Handover> = None;
+    loop {
+        // Each engine has its own stop signal, so a broken log can stop it
+        // without stopping the process; the process's signal stops it too.
+        let (stop, engine_rx) = watch::channel(false);
+        let stop = Arc::new(stop);
+        let forward = {
+            let stop = Arc::clone(&stop);
+            let mut outer = shutdown.clone();
+            tokio::spawn(async move {
+                if outer.wait_for(|s| *s).await.is_ok() {
+                    let _ = stop.send(true);
+                }
+            })
+        };
+        let started = tokio::time::Instant::now();
+        let app = match start(settings.clone(), engine_rx).await {
+            Ok(app) => app,
+            Err(e) => {
+                forward.abort();
+                // The first start reports every problem; later ones retry
+                // all but a configuration error.
+                let Some(h) = handover.as_mut() else {
+                    return Err(e);
+                };
+                let e = match e {
+                    StartError::Config(problem) => return Err(StartError::Config(problem)),
+                    StartError::Other(e) => e,
+                };
+                tracing::warn!(error = %format!("{e:#}"), retry_in_secs = pause.as_secs(), "the event log cannot be reopened yet");
+                if *shutdown.borrow() || pause_answering(pause, h, &shutdown).await {
+                    return Err(StartError::Other(
+                        e.context("stopped while the event log could not be reopened"),
+                    ));
+                }
+                pause = (pause * 2).min(RESTART_MAX);
+                continue;
+            }
+        };
+        let mut broken = app.core.store().write_failure();
+        let mut stopped = stop.subscribe();
+        let reason = tokio::select! {
+            r = broken.wait_for(Option::is_some) => r.ok().and_then(|r| r.clone()),
+            _ = stopped.wait_for(|s| *s) => None,
+        };
+        forward.abort();
+        let Some(reason) = reason else {
+            // Stopped by the process's signal.
+            app.wait().await?;
+            return Ok(());
+        };
+        tracing::error!(
+            %reason,
+            retry_in_secs = pause.as_secs(),
+            "the event log can no longer be written; stopping the engine and starting it again from the log once the disk takes writes"
+        );
+        let _ = stop.send(true);
+        let (mut h, result) = app.wait_for_handover().await;
+        if let Err(e) = result {
+            tracing::debug!(error = %format!("{e:#}"), "stopping with a broken log");
+        }
+        if started.elapsed() >= RESTART_HEALTHY {
+            pause = RESTART_FIRST;
+        }
+        let told = *shutdown.borrow() || pause_answering(pause, &mut h, &shutdown).await;
+        handover = Some(h);
+        if told {
+            return Err(StartError::Other(anyhow::anyhow!(
+                "stopped while the event log could not be written ({reason}); every acknowledged request is in the log and resumes at the next start"
+            )));
+        }
+        pause = (pause * 2).min(RESTART_MAX);
+    }
+}
+
+/// Waits `pause` while the stand-in answers users; true when the process
+/// is told to stop meanwhile.
+async fn pause_answering(
+    pause: Duration,
+    h: &mut Handover,
+    shutdown: &watch::Receiver<bool>,
+) -> bool {
+    let (until, until_rx) = watch::channel(false);
+    let standin = tokio::spawn(crate::telegram::standin::answer_while_down(
+        Arc::clone(&h.api),
+        Arc::clone(&h.settings),
+        h.username.clone(),
+        h.offset,
+        until_rx,
+    ));
+    let mut rx = shutdown.clone();
+    let told = tokio::select! {
+        () = tokio::time::sleep(pause) => false,
+        r = rx.wait_for(|s| *s) => r.is_ok(),
+    };
+    let _ = until.send(true);
+    if let Ok(offset) = standin.await {
+        h.offset = offset;
+    }
+    told || *shutdown.borrow()
 }
 
 /// getMe, retried while Telegram cannot be reached; a refused token is a

@@ -94,6 +94,10 @@ struct Inner {
     durable: watch::Sender<Durable>,
     appended: watch::Sender<u64>,
     flushes: AtomicU64,
+    /// Set at the first refused write or flush, and never cleared: sled
+    /// refuses every later write of this handle too (its error is sticky),
+    /// so only reopening the log can heal it.
+    broken: watch::Sender<Option<Arc<str>>>,
 }
 
 /// The sled event store. Opening takes sled's process lock on the directory.
@@ -133,6 +137,7 @@ impl SledStore {
             .0,
             appended: watch::channel(last).0,
             flushes: AtomicU64::new(0),
+            broken: watch::channel(None).0,
         });
         Ok(SledStore { inner })
     }
@@ -144,7 +149,31 @@ impl SledStore {
             .db
             .insert(event_key(seq), bytes)
             .map(|_| ())
-            .map_err(|e| StoreError::Write(e.to_string()))
+            .map_err(|e| StoreError::Write(self.inner.refused(&e)))
+    }
+
+    /// Turns `Some(reason)` at the first write or flush the disk refuses
+    /// (full, size limit, I/O error). This handle stays unwritable after
+    /// that; the bot restarts its engine on a fresh handle (`app::run`).
+    pub fn write_failure(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.inner.broken.subscribe()
+    }
+}
+
+/// One sentence for a sled error, in words an operator acts on (sled's own
+/// text for I/O errors is a debug dump).
+fn describe(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) => match io.kind() {
+            std::io::ErrorKind::StorageFull => "the disk is full (no space left on device)".into(),
+            std::io::ErrorKind::FileTooLarge => {
+                "a file reached its size limit (file too large)".into()
+            }
+            std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+            std::io::ErrorKind::ReadOnlyFilesystem => "the file system is read-only".into(),
+            _ => io.to_string(),
+        },
+        other => other.to_string(),
     }
 }
 
@@ -182,6 +211,20 @@ fn open_db(dir: &Path, wait: std::time::Duration) -> Result<sled::Db, StoreError
 }
 
 impl Inner {
+    /// Records a refused write (once; sled's error is sticky) and words it.
+    fn refused(&self, e: &sled::Error) -> String {
+        let reason = describe(e);
+        self.broken.send_if_modified(|b| {
+            if b.is_some() {
+                return false;
+            }
+            tracing::error!(%reason, "the event log refused a write");
+            *b = Some(Arc::from(reason.as_str()));
+            true
+        });
+        reason
+    }
+
     /// One flush as leader: covers every append written before it started.
     fn flush_as_leader(&self) {
         let target = self.written.load(Ordering::Acquire);
@@ -200,8 +243,7 @@ impl Inner {
                     .send_modify(|d| d.flushed = d.flushed.max(target));
             }
             Err(e) => {
-                tracing::error!(error = %e, "flushing the event log failed");
-                let msg: Arc<str> = Arc::from(e.to_string());
+                let msg: Arc<str> = Arc::from(self.refused(&e));
                 self.durable.send_modify(|d| {
                     d.failed_through = target;
                     d.failures += 1;
@@ -217,8 +259,11 @@ impl Inner {
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        if let Err(e) = self.inner.db.flush() {
-            tracing::error!(error = %e, "final flush of the event log failed");
+        // Once broken, the failure was already reported; don't repeat it.
+        if self.inner.broken.borrow().is_none()
+            && let Err(e) = self.inner.db.flush()
+        {
+            tracing::error!(error = %describe(&e), "final flush of the event log failed");
         }
     }
 }
@@ -268,7 +313,7 @@ impl EventStore for SledStore {
         inner
             .db
             .apply_batch(batch)
-            .map_err(|e| StoreError::Write(e.to_string()))?;
+            .map_err(|e| StoreError::Write(inner.refused(&e)))?;
         *last += out.len() as u64;
         inner.written.store(*last, Ordering::Release);
         inner.appended.send_replace(*last);
@@ -362,7 +407,7 @@ impl EventStore for SledStore {
         self.inner
             .db
             .insert(CHECKPOINT, sealed)
-            .map_err(|e| StoreError::Write(e.to_string()))?;
+            .map_err(|e| StoreError::Write(self.inner.refused(&e)))?;
         Ok(())
     }
 
@@ -384,7 +429,7 @@ impl EventStore for SledStore {
             .db
             .insert(key, value)
             .map(|_| ())
-            .map_err(|e| StoreError::Write(e.to_string()))
+            .map_err(|e| StoreError::Write(self.inner.refused(&e)))
     }
 
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -463,7 +508,7 @@ impl EventStore for SledStore {
             .db
             .remove(key)
             .map(|_| ())
-            .map_err(|e| StoreError::Write(e.to_string()))
+            .map_err(|e| StoreError::Write(self.inner.refused(&e)))
     }
 
     fn flush_count(&self) -> u64 {

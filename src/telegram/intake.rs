@@ -34,9 +34,46 @@ pub struct Intake {
 
 /// Where a reply goes.
 #[derive(Clone, Copy)]
-struct Reply {
-    chat: i64,
-    to_message: Option<i32>,
+pub(crate) struct Reply {
+    pub chat: i64,
+    pub to_message: Option<i32>,
+}
+
+/// Sends `text` as a reply; a failure is logged (the caller has nothing
+/// better to do with it).
+pub(crate) async fn send_text(api: &TelegramApi, to: Reply, text: String) -> Option<Message> {
+    let bot = api.bot().clone();
+    let result = api
+        .run("sendMessage", Policy::Reply, || {
+            let mut r = bot.send_message(TgChatId(to.chat), text.clone());
+            if let Some(m) = to.to_message {
+                r = r.reply_parameters(
+                    ReplyParameters::new(MessageId(m)).allow_sending_without_reply(),
+                );
+            }
+            r.into_future()
+        })
+        .await;
+    match result {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not reply");
+            None
+        }
+    }
+}
+
+/// Answers a button press with a short notice.
+pub(crate) async fn answer_query(api: &TelegramApi, query: &CallbackQuery, text: String) {
+    let bot = api.bot().clone();
+    let id = query.id.clone();
+    let _ = api
+        .run("answerCallbackQuery", Policy::Reply, || {
+            bot.answer_callback_query(id.clone())
+                .text(words::short(&text))
+                .into_future()
+        })
+        .await;
 }
 
 impl Intake {
@@ -63,26 +100,7 @@ impl Intake {
     }
 
     async fn send(&self, to: Reply, text: String) -> Option<Message> {
-        let bot = self.api.bot().clone();
-        let result = self
-            .api
-            .run("sendMessage", Policy::Reply, || {
-                let mut r = bot.send_message(TgChatId(to.chat), text.clone());
-                if let Some(m) = to.to_message {
-                    r = r.reply_parameters(
-                        ReplyParameters::new(MessageId(m)).allow_sending_without_reply(),
-                    );
-                }
-                r.into_future()
-            })
-            .await;
-        match result {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not reply");
-                None
-            }
-        }
+        send_text(&self.api, to, text).await
     }
 
     async fn message(&self, update_id: u32, msg: &Message) {
@@ -265,16 +283,7 @@ impl Intake {
     }
 
     async fn answer(&self, query: &CallbackQuery, text: String) {
-        let bot = self.api.bot().clone();
-        let id = query.id.clone();
-        let _ = self
-            .api
-            .run("answerCallbackQuery", Policy::Reply, || {
-                bot.answer_callback_query(id.clone())
-                    .text(words::short(&text))
-                    .into_future()
-            })
-            .await;
+        answer_query(&self.api, query, text).await;
     }
 
     async fn callback(&self, update_id: u32, query: &CallbackQuery) {

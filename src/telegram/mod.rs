@@ -7,6 +7,7 @@ pub mod deliver;
 pub mod intake;
 pub mod parse;
 pub mod poll;
+pub mod standin;
 pub mod status;
 pub mod words;
 

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
-use teloxide::types::AllowedUpdate;
+use teloxide::types::{AllowedUpdate, Update};
 use tokio::sync::watch;
 
-use super::api::POLL_TIMEOUT_SECS;
+use super::api::{POLL_TIMEOUT_SECS, TelegramApi};
 use super::intake::Intake;
 use crate::store::EventStore;
 
@@ -26,17 +26,69 @@ pub fn saved_offset(store: &impl EventStore) -> Option<u32> {
     Some(u32::from_be_bytes(bytes.as_slice().try_into().ok()?))
 }
 
-/// Polls until `shutdown`; returns after the batch in hand is handled.
-pub async fn poll(intake: Arc<Intake>, mut shutdown: watch::Receiver<bool>) {
-    let mut offset: i32 =
-        saved_offset(intake.core.store()).map_or(0, |u| (u as i32).wrapping_add(1));
-    let mut failures = 0u32;
+/// Polls until `shutdown`; returns after the batch in hand is handled,
+/// with the offset the next `getUpdates` would pass.
+pub async fn poll(intake: Arc<Intake>, mut shutdown: watch::Receiver<bool>) -> i32 {
+    let offset: i32 = saved_offset(intake.core.store()).map_or(0, |u| (u as i32).wrapping_add(1));
     let semaphore = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let api = Arc::clone(&intake.api);
+    updates_loop(&api, offset, &mut shutdown, |updates| {
+        let intake = Arc::clone(&intake);
+        let semaphore = Arc::clone(&semaphore);
+        Box::pin(async move { handle_batch(intake, semaphore, updates).await })
+    })
+    .await
+}
+
+/// A batch handler's work, owned so the loop stays `Send`.
+pub(crate) type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Handles one batch (at most [`CONCURRENCY`] at once), then saves its offset.
+async fn handle_batch(
+    intake: Arc<Intake>,
+    semaphore: Arc<tokio::sync::Semaphore>,
+    updates: Vec<Update>,
+) {
+    let Some(last) = updates.last().map(|u| u.id.0) else {
+        return;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for update in updates {
+        let intake = Arc::clone(&intake);
+        let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
+            break;
+        };
+        tasks.spawn(async move {
+            intake.handle(update).await;
+            drop(permit);
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    if let Err(e) = intake
+        .core
+        .store()
+        .put_meta(OFFSET_KEY, &last.to_be_bytes())
+    {
+        tracing::warn!(error = %e, "could not save the Telegram offset");
+    }
+}
+
+/// The `getUpdates` loop shared by the engine's poller and the stand-in
+/// that answers while the log is down: each non-empty batch goes to
+/// `batch`, then the offset moves past it. Returns the next offset once
+/// `shutdown` fires.
+pub(crate) async fn updates_loop(
+    api: &TelegramApi,
+    mut offset: i32,
+    shutdown: &mut watch::Receiver<bool>,
+    mut batch: impl FnMut(Vec<Update>) -> BoxFuture,
+) -> i32 {
+    let mut failures = 0u32;
     loop {
         if *shutdown.borrow() {
-            return;
+            return offset;
         }
-        let bot = intake.api.bot().clone();
+        let bot = api.bot().clone();
         tracing::debug!(offset, "polling getUpdates");
         let request = bot
             .get_updates()
@@ -45,7 +97,9 @@ pub async fn poll(intake: Arc<Intake>, mut shutdown: watch::Receiver<bool>) {
             .allowed_updates(vec![AllowedUpdate::Message, AllowedUpdate::CallbackQuery]);
         let result = tokio::select! {
             r = request.into_future() => r,
-            _ = shutdown.changed() => return,
+            // Updates of a dropped answer were not confirmed: the next
+            // poller gets them again.
+            _ = shutdown.changed() => return offset,
         };
         let updates = match result {
             Ok(updates) => {
@@ -54,39 +108,21 @@ pub async fn poll(intake: Arc<Intake>, mut shutdown: watch::Receiver<bool>) {
             }
             Err(teloxide::RequestError::RetryAfter(secs)) => {
                 tracing::warn!(retry_after = secs.seconds(), "getUpdates rate limited");
-                sleep_or_stop(secs.duration(), &mut shutdown).await;
+                sleep_or_stop(secs.duration(), shutdown).await;
                 continue;
             }
             Err(e) => {
                 failures += 1;
                 let wait = Duration::from_secs(1u64 << failures.min(5));
-                tracing::warn!(error = %intake.api.describe(&e), ?wait, "getUpdates failed");
-                sleep_or_stop(wait, &mut shutdown).await;
+                tracing::warn!(error = %api.describe(&e), ?wait, "getUpdates failed");
+                sleep_or_stop(wait, shutdown).await;
                 continue;
             }
         };
         let Some(last) = updates.last().map(|u| u.id.0) else {
             continue;
         };
-        let mut tasks = tokio::task::JoinSet::new();
-        for update in updates {
-            let intake = Arc::clone(&intake);
-            let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
-                return;
-            };
-            tasks.spawn(async move {
-                intake.handle(update).await;
-                drop(permit);
-            });
-        }
-        while tasks.join_next().await.is_some() {}
-        if let Err(e) = intake
-            .core
-            .store()
-            .put_meta(OFFSET_KEY, &last.to_be_bytes())
-        {
-            tracing::warn!(error = %e, "could not save the Telegram offset");
-        }
+        batch(updates).await;
         offset = (last as i32).wrapping_add(1);
     }
 }

@@ -1,0 +1,94 @@
+//! The stand-in that answers users while the engine is down because the
+//! event log cannot be written (disk full): nobody waits in silence. Image,
+//! queue, cancel and button requests get "couldn't take that request right
+//! now"; help and usage texts, which need no log, are answered as usual.
+//! Nothing is recorded, and the engine's own poller takes over after it.
+
+use std::sync::Arc;
+
+use teloxide::payloads::GetUpdatesSetters;
+use teloxide::prelude::Requester;
+use teloxide::types::{Update, UpdateKind};
+use tokio::sync::watch;
+
+use super::TelegramApi;
+use super::intake::{Reply, answer_query, send_text};
+use super::parse::{Input, parse};
+use super::poll::updates_loop;
+use super::words;
+use crate::config::Settings;
+
+/// Answers updates from `offset` until `until` fires; returns the offset
+/// the engine's poller should continue from.
+pub async fn answer_while_down(
+    api: Arc<TelegramApi>,
+    settings: Arc<Settings>,
+    username: String,
+    offset: i32,
+    mut until: watch::Receiver<bool>,
+) -> i32 {
+    let next = updates_loop(&api, offset, &mut until, |updates| {
+        Box::pin(answer_batch(
+            Arc::clone(&api),
+            Arc::clone(&settings),
+            username.clone(),
+            updates,
+        ))
+    })
+    .await;
+    if next != offset {
+        // getUpdates confirms everything before its offset: without this the
+        // engine would see the last answered batch again. A short answer is
+        // not lost: what it returns stays unconfirmed.
+        let _ = api
+            .bot()
+            .get_updates()
+            .offset(next)
+            .limit(1)
+            .timeout(0)
+            .into_future()
+            .await;
+    }
+    next
+}
+
+async fn answer_batch(
+    api: Arc<TelegramApi>,
+    settings: Arc<Settings>,
+    username: String,
+    updates: Vec<Update>,
+) {
+    let models: Vec<String> = settings.models.iter().map(|m| m.name.to_string()).collect();
+    let allowed =
+        |user: i64| settings.allowed_users.is_empty() || settings.allowed_users.contains(&user);
+    for update in updates {
+        match update.kind {
+            UpdateKind::Message(msg) => {
+                let Some(text) = msg.text() else { continue };
+                let user = msg
+                    .from
+                    .as_ref()
+                    .map_or(0, |u| i64::try_from(u.id.0).unwrap_or(i64::MAX));
+                let to = Reply {
+                    chat: msg.chat.id.0,
+                    to_message: Some(msg.id.0),
+                };
+                let input = parse(text, Some(&username));
+                let reply = match input {
+                    Input::NotForUs if msg.chat.is_private() && allowed(user) => {
+                        words::usage(&models)
+                    }
+                    Input::NotForUs => continue,
+                    _ if !allowed(user) => words::not_allowed(),
+                    Input::Start | Input::Help => words::help(&models),
+                    Input::ImageUsage => words::usage(&models),
+                    Input::UnknownCommand(_) => words::unknown_command(),
+                    Input::Image { .. } | Input::Queue | Input::Cancel(_) => words::busy(),
+                };
+                send_text(&api, to, reply).await;
+            }
+            UpdateKind::CallbackQuery(q) => answer_query(&api, &q, words::busy()).await,
+            _ => {}
+        }
+    }
+}
