@@ -143,7 +143,7 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
     workers.push(tokio::spawn(janitor(
         Arc::clone(&core),
         Arc::clone(&images),
-        settings.originals_ttl,
+        Arc::clone(&settings),
         shutdown.clone(),
     )));
 
@@ -400,18 +400,44 @@ async fn fail_unconfigured(core: &Core<SledStore>, settings: &Settings) -> anyho
 }
 
 /// Deletes kept images older than the originals' lifetime (never those of
-/// unfinished requests), at start and then hourly, so disk use stays bounded.
+/// unfinished requests) and moves finished requests older than the
+/// retention window to the archive, at start and then hourly, so disk use
+/// stays bounded.
 async fn janitor(
     core: Arc<Core<SledStore>>,
     images: Arc<ImageStore>,
-    ttl: Duration,
+    settings: Arc<Settings>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        match sweep_images(&core, &images, ttl) {
+        match sweep_images(&core, &images, settings.originals_ttl) {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "expired originals removed"),
             Err(e) => tracing::warn!(error = %e, "could not sweep kept images"),
+        }
+        let cutoff = settings
+            .retention
+            .and_then(|w| chrono::Duration::from_std(w).ok())
+            .and_then(|w| chrono::Utc::now().checked_sub_signed(w));
+        if let Some(cutoff) = cutoff {
+            let core = Arc::clone(&core);
+            let dir = crate::ops::retention::archive_dir(&settings.data_dir);
+            // Reads and rewrites many keys: off the async workers.
+            let swept = tokio::task::spawn_blocking(move || {
+                crate::ops::retention::sweep(core.store(), &dir, cutoff)
+            })
+            .await;
+            match swept {
+                Ok(Ok(r)) if r.requests == 0 => {}
+                Ok(Ok(r)) => tracing::info!(
+                    requests = r.requests,
+                    events = r.events,
+                    files = ?r.files,
+                    "finished requests past the retention window moved to the archive"
+                ),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not archive old requests"),
+                Err(e) => tracing::warn!(error = %e, "the archive sweep stopped"),
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(3600)) => {}

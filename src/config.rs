@@ -128,6 +128,9 @@ pub struct Settings {
     pub retry_base: Duration,
     /// How long delivered originals are kept for the 📄 Original button.
     pub originals_ttl: Duration,
+    /// Finished requests older than this leave the log for the archive
+    /// (`EASEL_RETENTION_DAYS`); `None` keeps everything in the log.
+    pub retention: Option<Duration>,
     pub log_filter: String,
 }
 
@@ -439,6 +442,24 @@ impl Settings {
         let originals_ttl = Duration::from_secs(
             3600 * number("EASEL_ORIGINALS_TTL_HOURS", 24, 1, 720, &mut problems),
         );
+        // At least 2 days: Telegram redelivers updates for 24 h, and the
+        // longest rate-limit window is a day, so nothing archived can still
+        // matter to intake.
+        let retention = match non_empty("EASEL_RETENTION_DAYS").map(|v| v.trim().to_owned()) {
+            None => Some(Duration::from_secs(86_400 * 30)),
+            Some(v) if v.eq_ignore_ascii_case("off") => None,
+            Some(v) => match v.parse::<u64>() {
+                Ok(days) if (2..=36_500).contains(&days) => {
+                    Some(Duration::from_secs(86_400 * days))
+                }
+                _ => {
+                    problems.push(format!(
+                        "EASEL_RETENTION_DAYS must be a whole number of days from 2 to 36500, or off (got \"{v}\")."
+                    ));
+                    None
+                }
+            },
+        };
         let max_pending = number("EASEL_MAX_PENDING_PER_USER", 3, 1, 1000, &mut problems) as u32;
 
         let rate = match non_empty("EASEL_RATE_LIMIT") {
@@ -497,6 +518,7 @@ impl Settings {
                 llm_timeout,
                 retry_base,
                 originals_ttl,
+                retention,
                 log_filter,
             }),
             _ => Err(ConfigError(problems)),
@@ -569,6 +591,14 @@ impl fmt::Display for Settings {
             None => writeln!(f, "enhancer: off (original prompts are used)")?,
         }
         writeln!(f, "data dir: {}", self.data_dir.display())?;
+        match self.retention {
+            Some(r) => writeln!(
+                f,
+                "retention: finished requests older than {} days go to the archive",
+                r.as_secs() / 86_400
+            )?,
+            None => writeln!(f, "retention: off (the log keeps every request)")?,
+        }
         writeln!(
             f,
             "limits: {}/{} s per user, {} pending; allowed users: {}",

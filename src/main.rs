@@ -182,7 +182,13 @@ fn operate(flag: Option<PathBuf>, command: Command) -> ExitCode {
             };
             cli::audit_list(&open()?, &filter, json, &mut out)
         }
-        Command::Audit(Audit::Show { id, json }) => cli::audit_show(&open()?, &id, json, &mut out),
+        Command::Audit(Audit::Show { id, json }) => cli::audit_show(
+            &open()?,
+            &easel::ops::retention::archive_dir(&dir),
+            &id,
+            json,
+            &mut out,
+        ),
         Command::Audit(Audit::Stats { json }) => cli::audit_stats(&open()?, json, &mut out),
         Command::Export { since } => {
             let since = time(since)?;

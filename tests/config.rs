@@ -36,6 +36,23 @@ fn defaults_need_nothing() {
     assert_eq!(s.retry_base, Duration::from_millis(1000));
     assert!(s.allowed_users.is_empty());
     assert_eq!(s.log_filter, "info");
+    assert_eq!(s.retention, Some(Duration::from_secs(30 * 86_400)));
+}
+
+#[test]
+fn retention_is_days_from_2_or_off() {
+    let days = |v: &str| settings(&[("EASEL_RETENTION_DAYS", v)], None).map(|s| s.retention);
+    assert_eq!(days(" 7 "), Ok(Some(Duration::from_secs(7 * 86_400))));
+    assert_eq!(days("OFF"), Ok(None));
+    for bad in ["1", "0", "-3", "a week", "36501"] {
+        let err = days(bad).unwrap_err();
+        assert!(
+            err.contains(
+                "EASEL_RETENTION_DAYS must be a whole number of days from 2 to 36500, or off"
+            ),
+            "{bad}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -332,6 +332,117 @@ async fn export_then_replay_from_the_file_equals_replay_of_the_data_dir() {
     assert!(json_lines(&later).len() < events.len());
 }
 
+/// Retention: finished requests older than the cutoff leave the log for
+/// numbered archive files; nothing is lost (archives + log = the export
+/// before), both the log and each archive verify, unfinished requests stay
+/// however old, the audit still shows archived requests, and a file a
+/// crash left uncommitted is redone.
+#[tokio::test]
+async fn retention_moves_old_finished_requests_to_the_archive_losing_nothing() {
+    use easel::ops::retention::{archive_dir, sweep};
+    use easel::store::EventStore;
+    let m = make_log().await;
+    let d = m.dir.path();
+    let (_, before, _) = easel(d, &["export"]);
+    let (_, state_before, _) = easel(d, &["replay", "--json"]);
+    let start = common::clock().now();
+    let archive = archive_dir(d);
+    let store = SledStore::open(&easel::app::log_dir(d)).unwrap();
+
+    // Day 0's two done requests are past a cutoff half a day in.
+    let first = sweep(&store, &archive, start + Span::hours(12)).unwrap();
+    assert_eq!((first.requests, first.events), (2, 10), "{first:?}");
+    assert_eq!(first.files, vec![archive.join("000001.jsonl")]);
+    assert!(store.events_of(m.done[0]).unwrap().is_empty());
+    assert!(
+        !store
+            .request_ids(Some(easel::domain::UserId(1)), None, None, false)
+            .any(|id| id.unwrap() == m.done[0]),
+        "the user index still names an archived request"
+    );
+    // Nothing more is due at the same cutoff.
+    assert_eq!(
+        sweep(&store, &archive, start + Span::hours(12))
+            .unwrap()
+            .requests,
+        0
+    );
+
+    // A crash between writing file 2 and removing its requests leaves a
+    // file numbered past the committed one: the next sweep redoes it.
+    std::fs::write(archive.join("000002.jsonl"), "half a file\n").unwrap();
+    std::fs::write(archive.join("000003.jsonl.tmp"), "x").unwrap();
+    let second = sweep(&store, &archive, start + Span::days(2)).unwrap();
+    // failed, c and cancelled; the started and the queued one stay.
+    assert_eq!(second.requests, 3, "{second:?}");
+    assert_eq!(second.files, vec![archive.join("000002.jsonl")]);
+    assert!(!archive.join("000003.jsonl.tmp").exists());
+    assert!(!store.events_of(m.queued).unwrap().is_empty());
+    drop(store);
+
+    // Nothing lost: the archives and the log hold exactly the old export.
+    let mut after: Vec<String> = Vec::new();
+    for n in 1..=2 {
+        let file = archive.join(format!("00000{n}.jsonl"));
+        after.extend(
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .lines()
+                .map(str::to_owned),
+        );
+        let (code, _, err) = easel(d, &["replay", "--verify", "--from", file.to_str().unwrap()]);
+        assert_eq!(code, 0, "archive {n} does not verify: {err}");
+    }
+    let (code, log_now, _) = easel(d, &["export"]);
+    assert_eq!(code, 0);
+    after.extend(log_now.lines().map(str::to_owned));
+    let seq = |l: &String| {
+        serde_json::from_str::<Value>(l).unwrap()["seq"]
+            .as_u64()
+            .unwrap()
+    };
+    after.sort_by_key(seq);
+    let before: Vec<String> = before.lines().map(str::to_owned).collect();
+    assert_eq!(after, before);
+
+    // The log still verifies, with the same queues and in-flight request.
+    let (code, state_after, err) = easel(d, &["replay", "--verify", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    // (A model whose requests all left the log has no lane to print: an
+    // empty lane carries nothing.)
+    let models = |s: &str| {
+        let mut models = serde_json::from_str::<Value>(s.trim()).unwrap()["models"].clone();
+        models.as_object_mut().unwrap().retain(|_, lane| {
+            !lane["in_flight"].is_null() || lane["queue"].as_array().is_some_and(|q| !q.is_empty())
+        });
+        models
+    };
+    assert_eq!(models(&state_after), models(&state_before));
+    let (_, listed, _) = easel(d, &["audit", "list", "--json"]);
+    assert_eq!(json_lines(&listed).len(), 2);
+
+    // The audit still shows an archived request, saying where it lives.
+    let id = m.failed.to_string();
+    let (code, shown, err) = easel(d, &["audit", "show", &id[..13]]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        shown.contains("failed") && shown.contains("000002.jsonl"),
+        "{shown}"
+    );
+    let (code, shown, _) = easel(d, &["audit", "show", &id, "--json"]);
+    assert_eq!(code, 0);
+    let shown: Value = serde_json::from_str(shown.trim()).unwrap();
+    assert_eq!(shown["status"], "failed");
+    assert!(
+        shown["archived_in"]
+            .as_str()
+            .unwrap()
+            .ends_with("000002.jsonl")
+    );
+    // queued, started, enhanced, failed
+    assert_eq!(shown["events"].as_array().unwrap().len(), 4);
+}
+
 fn line(seq: u64, id: &str, t: &str, event: &str) -> String {
     format!("{{\"seq\":{seq},\"request_id\":\"{id}\",\"at\":\"2026-11-25T10:00:{t}Z\",{event}}}")
 }

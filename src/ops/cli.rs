@@ -164,35 +164,59 @@ pub fn stage_times(events: &[Recorded]) -> Vec<(&'static str, i64)> {
     events.iter().filter_map(|e| clock.observe(e)).collect()
 }
 
-pub fn audit_show(src: &Source, prefix: &str, json_out: bool, out: Out<'_>) -> Res {
+/// "`prefix` matches N requests" with up to 20 of them.
+fn ambiguous(prefix: &str, ids: &[RequestId]) -> CliError {
+    let mut msg = format!(
+        "\"{prefix}\" matches {} requests; give more of the id:",
+        ids.len().min(20)
+    );
+    for id in ids.iter().take(20) {
+        msg.push_str(&format!("\n  {id}"));
+    }
+    if ids.len() > 20 {
+        msg.push_str("\n  …");
+    }
+    CliError::failed(msg)
+}
+
+/// `audit show`: the log first, then the retention archive in `archive`.
+pub fn audit_show(src: &Source, archive: &Path, prefix: &str, json_out: bool, out: Out<'_>) -> Res {
     let ids = src.find(prefix).map_err(CliError::usage)?;
-    let id: RequestId = match ids.as_slice() {
+    let (id, events, archived_in) = match ids.as_slice() {
+        [one] => (*one, src.show(*one).map_err(CliError::failed)?, None),
         [] => {
-            return Err(CliError::failed(format!(
-                "no request id starts with \"{prefix}\""
-            )));
-        }
-        [one] => *one,
-        many => {
-            let mut msg = format!(
-                "\"{prefix}\" matches {} requests; give more of the id:",
-                many.len().min(20)
-            );
-            for id in many.iter().take(20) {
-                msg.push_str(&format!("\n  {id}"));
+            let mut found = super::retention::find_archived(archive, prefix).map_err(|e| {
+                CliError::failed(format!(
+                    "the archive in {} could not be read: {e}",
+                    archive.display()
+                ))
+            })?;
+            match found.len() {
+                0 => {
+                    return Err(CliError::failed(format!(
+                        "no request id starts with \"{prefix}\""
+                    )));
+                }
+                1 => {
+                    let (file, id, events) = found.remove(0);
+                    (id, events, Some(file))
+                }
+                _ => {
+                    let ids: Vec<RequestId> = found.iter().map(|(_, id, _)| *id).collect();
+                    return Err(ambiguous(prefix, &ids));
+                }
             }
-            if many.len() > 20 {
-                msg.push_str("\n  …");
-            }
-            return Err(CliError::failed(msg));
         }
+        many => return Err(ambiguous(prefix, many)),
     };
-    let events = src.show(id).map_err(CliError::failed)?;
     let record = RequestRecord::from_events(&events)
         .ok_or_else(|| CliError::failed(format!("request {id} has no readable queued event")))?;
     if json_out {
         let mut obj = record_json(&record);
         obj["events"] = serde_json::Value::Array(events.iter().map(event_json).collect());
+        if let Some(file) = &archived_in {
+            obj["archived_in"] = serde_json::Value::from(file.display().to_string());
+        }
         w(out, &format!("{obj}\n"))?;
         return Ok(0);
     }
@@ -214,6 +238,9 @@ pub fn audit_show(src: &Source, prefix: &str, json_out: bool, out: Out<'_>) -> R
     }
     if let Some(e) = &record.error {
         text.push_str(&format!("error     {e}\n"));
+    }
+    if let Some(file) = &archived_in {
+        text.push_str(&format!("archived  {}\n", file.display()));
     }
     text.push_str("\ntimeline:\n");
     for e in &events {

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod json;
 pub mod query;
+pub mod retention;
 pub mod server;
 pub mod source;
 

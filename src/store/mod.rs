@@ -163,4 +163,19 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// How many flushes have reached the disk (to observe group commit).
     fn flush_count(&self) -> u64;
+
+    /// Removes whole requests from the log — every event, index, user and
+    /// intake key of each — together with setting meta `name` to `value`,
+    /// in one atomic batch, then flushes. Returns how many events went.
+    /// Only for finished requests (retention): nothing live refers to them,
+    /// and what remains still replays and verifies.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`] or [`StoreError::Write`]; then nothing is removed.
+    fn forget_requests(
+        &self,
+        ids: &[RequestId],
+        name: &str,
+        value: &[u8],
+    ) -> Result<usize, StoreError>;
 }

@@ -511,6 +511,62 @@ impl EventStore for SledStore {
             .map_err(|e| StoreError::Write(self.inner.refused(&e)))
     }
 
+    fn forget_requests(
+        &self,
+        ids: &[RequestId],
+        name: &str,
+        value: &[u8],
+    ) -> Result<usize, StoreError> {
+        let db = &self.inner.db;
+        let mut batch = sled::Batch::default();
+        let mut events = 0;
+        for &id in ids {
+            let mut prefix = [0u8; 17];
+            prefix[0] = INDEX;
+            prefix[1..].copy_from_slice(id.as_bytes());
+            for key in db.scan_prefix(prefix).keys() {
+                let key = key.map_err(read_err)?;
+                let Some(seq) = seq_of(&key) else { continue };
+                let ek = event_key(seq);
+                // The Queued event names the user and intake keys.
+                if let Some(bytes) = db.get(ek).map_err(read_err)?
+                    && let Ok(Recorded {
+                        event: Event::Queued { origin, .. },
+                        ..
+                    }) = codec::decode(&bytes)
+                {
+                    batch.remove(&user_key(origin.user_id, id));
+                    // Intake keys go only while they still name this request.
+                    let intake = origin
+                        .update_id
+                        .map(|u| update_key(u).to_vec())
+                        .into_iter()
+                        .chain(
+                            origin
+                                .message_id
+                                .map(|m| message_key(origin.chat_id, m).to_vec()),
+                        );
+                    for k in intake {
+                        if id_at(db.get(&k).map_err(read_err)?) == Some(id) {
+                            batch.remove(k);
+                        }
+                    }
+                }
+                batch.remove(&ek);
+                batch.remove(key);
+                events += 1;
+            }
+        }
+        let mut key = vec![META, b'/'];
+        key.extend_from_slice(name.as_bytes());
+        batch.insert(key, value);
+        db.apply_batch(batch)
+            .map_err(|e| StoreError::Write(self.inner.refused(&e)))?;
+        db.flush()
+            .map_err(|e| StoreError::Flush(self.inner.refused(&e)))?;
+        Ok(events)
+    }
+
     fn flush_count(&self) -> u64 {
         self.inner.flushes.load(Ordering::Relaxed)
     }

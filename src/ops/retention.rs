@@ -1,0 +1,227 @@
+//! Retention: finished requests older than the window leave the event log
+//! for archive files in the export format (`<data dir>/archive/NNNNNN.jsonl`),
+//! so the log — and start-up, replay and disk use with it — stays bounded
+//! while old history stays readable (`easel audit show` looks there too,
+//! and each file replays and verifies by itself with `easel replay --from`).
+//!
+//! Crash safety: a file is written to `.tmp`, fsynced and renamed before
+//! its requests are removed, and the removal batch also records the file's
+//! number in meta. A file numbered above that record is what a crash left
+//! between the rename and the removal (its requests are still in the log),
+//! so the next sweep deletes it and archives them again.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::RequestId;
+use crate::projection::RequestRecord;
+use crate::store::{EventStore, Recorded, StoreError};
+
+/// Meta name of the number of the last archive file whose requests left the log.
+pub const FILES_META: &str = "retention/files";
+/// Requests per archive file, and per atomic removal batch.
+pub const CHUNK: usize = 10_000;
+
+/// What one sweep did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub requests: usize,
+    pub events: usize,
+    pub files: Vec<PathBuf>,
+    pub archive_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetentionError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the archive {} could not be written: {source}", path.display())]
+    Archive {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The data dir's archive folder.
+pub fn archive_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("archive")
+}
+
+/// Archives, then removes from the log, every finished request whose last
+/// event is older than `cutoff`, [`CHUNK`] requests per file. Unfinished
+/// requests stay, however old.
+///
+/// # Errors
+/// When the log cannot be read or written, or the archive not written;
+/// what was done before stays done and consistent.
+pub fn sweep(
+    store: &impl EventStore,
+    dir: &Path,
+    cutoff: DateTime<Utc>,
+) -> Result<SweepReport, RetentionError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RetentionError::Archive { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut committed = store
+        .get_meta(FILES_META)?
+        .and_then(|b| Some(u64::from_be_bytes(b.as_slice().try_into().ok()?)))
+        .unwrap_or(0);
+    remove_leftovers(dir, committed).map_err(io(dir))?;
+    let mut report = SweepReport::default();
+    loop {
+        let chunk = due(store, cutoff, CHUNK)?;
+        if chunk.is_empty() {
+            break;
+        }
+        let number = committed + 1;
+        let path = dir.join(format!("{number:06}.jsonl"));
+        let mut events: Vec<&Recorded> = chunk.iter().flat_map(|(_, e)| e).collect();
+        events.sort_by_key(|r| r.seq);
+        report.archive_bytes += write_archive(&path, &events).map_err(io(&path))?;
+        let ids: Vec<RequestId> = chunk.iter().map(|(id, _)| *id).collect();
+        report.events += store.forget_requests(&ids, FILES_META, &number.to_be_bytes())?;
+        committed = number;
+        report.requests += ids.len();
+        report.files.push(path);
+        if chunk.len() < CHUNK {
+            break;
+        }
+    }
+    Ok(report)
+}
+
+/// Up to `max` finished requests whose last event is before `cutoff`, with
+/// their events, oldest request first. A request with an unreadable event
+/// stays in the log, where the operator's tools report it.
+fn due(
+    store: &impl EventStore,
+    cutoff: DateTime<Utc>,
+    max: usize,
+) -> Result<Vec<(RequestId, Vec<Recorded>)>, StoreError> {
+    let cutoff_ms = u64::try_from(cutoff.timestamp_millis()).unwrap_or(0);
+    let mut out = Vec::new();
+    for id in store.request_ids(None, None, None, false) {
+        let id = id?;
+        // Ids are UUIDv7, in creation order: a request created after the
+        // cutoff cannot have finished before it, nor can any later one.
+        let created_ms = id.0.get_timestamp().map_or(0, |t| {
+            let (secs, nanos) = t.to_unix();
+            secs * 1000 + u64::from(nanos / 1_000_000)
+        });
+        if created_ms >= cutoff_ms {
+            break;
+        }
+        let mut events = Vec::new();
+        let mut readable = true;
+        for item in store.events_of(id)? {
+            match item {
+                Ok(rec) => events.push(rec),
+                Err(_) => readable = false,
+            }
+        }
+        let finished = RequestRecord::from_events(&events).is_some_and(|r| r.status.is_terminal());
+        let last = events.iter().map(|e| e.at).max();
+        if readable && finished && last.is_some_and(|t| t < cutoff) {
+            out.push((id, events));
+            if out.len() == max {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `events` as export lines to `path` durably; returns its size.
+fn write_archive(path: &Path, events: &[&Recorded]) -> std::io::Result<u64> {
+    let tmp = path.with_extension("jsonl.tmp");
+    let file = std::fs::File::create(&tmp)?;
+    let mut out = BufWriter::new(file);
+    for rec in events {
+        serde_json::to_writer(&mut out, &super::json::event_json(rec))?;
+        out.write_all(b"\n")?;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    let bytes = file.metadata()?.len();
+    std::fs::rename(&tmp, path)?;
+    // The rename must be on disk before the requests leave the log.
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(bytes)
+}
+
+/// The archive files, oldest first.
+///
+/// # Errors
+/// When the folder exists but cannot be read.
+pub fn archive_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut files: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if let Some(n) = file_number(&path) {
+            files.push((n, path));
+        }
+    }
+    files.sort();
+    Ok(files.into_iter().map(|(_, p)| p).collect())
+}
+
+fn file_number(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_suffix(".jsonl")?.parse().ok()
+}
+
+/// Deletes temporary files and files above `committed` (see the module doc).
+fn remove_leftovers(dir: &Path, committed: u64) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let temporary = path.extension().is_some_and(|e| e == "tmp");
+        let uncommitted = file_number(&path).is_some_and(|n| n > committed);
+        if temporary || uncommitted {
+            tracing::warn!(file = %path.display(), "removing an archive file a crash left unfinished; its requests are still in the log");
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// The events of archived requests whose id starts with `prefix`, grouped
+/// per request (oldest first), and the files they were found in.
+///
+/// # Errors
+/// When a file cannot be read; unreadable lines are skipped.
+pub fn find_archived(
+    dir: &Path,
+    prefix: &str,
+) -> std::io::Result<Vec<(PathBuf, RequestId, Vec<Recorded>)>> {
+    let prefix = prefix.to_ascii_lowercase();
+    let mut found: Vec<(PathBuf, RequestId, Vec<Recorded>)> = Vec::new();
+    for path in archive_files(dir)? {
+        let file = std::io::BufReader::new(std::fs::File::open(&path)?);
+        for line in file.lines() {
+            let line = line?;
+            // Cheap test before parsing (export lines are compact JSON).
+            if !line.contains(&format!("\"request_id\":\"{prefix}")) {
+                continue;
+            }
+            let Ok(rec) = super::json::parse_event_line(&line) else {
+                continue;
+            };
+            match found.iter_mut().find(|(_, id, _)| *id == rec.request_id) {
+                Some((_, _, events)) => events.push(rec),
+                None => found.push((path.clone(), rec.request_id, vec![rec])),
+            }
+        }
+    }
+    Ok(found)
+}
