@@ -3,7 +3,11 @@
 //! replay of every projection (events/s) against reading and decoding the
 //! same records; start-up (checkpoint + tail) with that history against a log
 //! of 1k events; `audit list --limit 20` and `audit show` on it; disk bytes
-//! per finished request. `cargo bench --bench history [-- EVENTS]`
+//! per finished request; then the effect of retention: a sweep with a
+//! 7-day window over that history (spread over 60 days), and the log's
+//! disk size, start-up and replay after it, after as many new requests,
+//! and after `easel compact`.
+//! `cargo bench --bench history [-- EVENTS]`
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,14 +19,28 @@ use easel::projection::{LiveState, replay_into};
 use easel::store::{EventStore, NewEvent, SledStore};
 
 fn build(dir: &std::path::Path, events: u64) -> RequestId {
+    let at0 = chrono::Utc::now() - chrono::Duration::days(60);
+    append_history(dir, events, at0, chrono::Duration::days(60), 0)
+}
+
+/// Appends `events / 5` finished requests spread evenly over `span` from
+/// `at0` (update and message ids from `first`), then checkpoints.
+fn append_history(
+    dir: &std::path::Path,
+    events: u64,
+    at0: chrono::DateTime<chrono::Utc>,
+    span: chrono::Duration,
+    first: u64,
+) -> RequestId {
     let store = SledStore::open(dir).expect("open");
     let model = ModelName::parse("flux").expect("model");
     let prompt = Prompt::parse("a red fox in the snow, golden hour").expect("prompt");
     let requests = events / 5;
     let mut last = None;
-    let at0 = chrono::Utc::now() - chrono::Duration::days(30);
-    for n in 0..requests {
-        let at = at0 + chrono::Duration::milliseconds(n as i64 * 10);
+    // Spread evenly, as a steady bot's history is.
+    let step_ms = span.num_milliseconds() / requests.max(1) as i64;
+    for n in first..first + requests {
+        let at = at0 + chrono::Duration::milliseconds((n - first) as i64 * step_ms);
         let id = RequestId::new_at(at);
         last = Some(id);
         let e = |event| NewEvent {
@@ -102,22 +120,26 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     let big = tempfile::tempdir().expect("tempdir");
+    // EASEL_HISTORY_DIR keeps the big log (swept by the retention step) for
+    // profiling afterwards.
+    let big_path = std::env::var_os("EASEL_HISTORY_DIR")
+        .map_or_else(|| big.path().to_path_buf(), std::path::PathBuf::from);
     let small = tempfile::tempdir().expect("tempdir");
     let t = Instant::now();
-    let last = build(big.path(), events);
+    let last = build(&big_path, events);
     build(small.path(), 1_000);
     println!(
         "built {events} events in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let bytes = dir_bytes(big.path());
+    let bytes = dir_bytes(&big_path);
     println!(
         "disk: {bytes} bytes for {} finished requests = {} bytes per request",
         events / 5,
         bytes / (events / 5)
     );
 
-    let store = SledStore::open(big.path()).expect("open");
+    let store = SledStore::open(&big_path).expect("open");
     let (scan_s, n) = best_of(3, || store.read_from(1).count());
     let (replay_s, applied) = best_of(3, || {
         let mut state = LiveState::default();
@@ -134,7 +156,7 @@ fn main() {
     drop(store);
 
     let (open_big, _) = best_of(3, || {
-        let s = SledStore::open(big.path()).expect("open");
+        let s = SledStore::open(&big_path).expect("open");
         let (core, report) = Core::open(s, Arc::new(SystemClock)).expect("core");
         std::hint::black_box((core.read(|s| s.last_seq), report.tail_events))
     });
@@ -150,7 +172,7 @@ fn main() {
         open_big / open_small
     );
 
-    let store = SledStore::open(big.path()).expect("open");
+    let store = SledStore::open(&big_path).expect("open");
     let filter = Filter {
         limit: Some(20),
         ..Filter::default()
@@ -167,5 +189,88 @@ fn main() {
         show_s * 1000.0,
         find_s * 1000.0,
         found.len()
+    );
+    drop(store);
+    retention(&big_path, events);
+}
+
+/// A retention sweep with a 7-day window over the 60 days of history, and
+/// what it changes: disk, start-up, replay.
+fn retention(dir: &std::path::Path, events: u64) {
+    let open_time = |dir: &std::path::Path| {
+        best_of(3, || {
+            let s = SledStore::open(dir).expect("open");
+            let (core, report) = Core::open(s, Arc::new(SystemClock)).expect("core");
+            std::hint::black_box((core.read(|s| s.last_seq), report.tail_events))
+        })
+        .0
+    };
+    let before_bytes = dir_bytes(dir);
+    let before_open = open_time(dir);
+    let archive = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir).expect("open");
+    let cutoff = chrono::Utc::now() - chrono::Duration::days(7);
+    let t = Instant::now();
+    let report = easel::ops::retention::sweep(&store, archive.path(), cutoff).expect("sweep");
+    let sweep_s = t.elapsed().as_secs_f64();
+    drop(store);
+    println!(
+        "retention sweep (7 of 60 days kept): {} requests, {} events archived in {:.1} s ({:.0} requests/s) to {} files, {} bytes ({} per request)",
+        report.requests,
+        report.events,
+        sweep_s,
+        report.requests as f64 / sweep_s,
+        report.files.len(),
+        report.archive_bytes,
+        report.archive_bytes / report.requests.max(1) as u64
+    );
+    let after_bytes = dir_bytes(dir);
+    let after_open = open_time(dir);
+    let store = SledStore::open(dir).expect("open");
+    let (replay_s, applied) = best_of(3, || {
+        let mut state = LiveState::default();
+        replay_into(&mut state, store.read_from(1))
+            .expect("replay")
+            .applied
+    });
+    drop(store);
+    println!(
+        "after retention: log {after_bytes} bytes on disk (was {before_bytes}); start-up {:.1} ms (was {:.1} ms with {events} events); full replay {applied} events in {:.1} ms",
+        after_open * 1000.0,
+        before_open * 1000.0,
+        replay_s * 1000.0
+    );
+    // Time goes on: as many new requests as left, within the window.
+    let t = Instant::now();
+    append_history(
+        dir,
+        report.requests as u64 * 5,
+        chrono::Utc::now() - chrono::Duration::days(1),
+        chrono::Duration::days(1),
+        events,
+    );
+    let appended_s = t.elapsed().as_secs_f64();
+    let steady_bytes = dir_bytes(dir);
+    let steady_open = open_time(dir);
+    println!(
+        "then {} new requests appended in {:.1} s: log {steady_bytes} bytes on disk ({:+} since the sweep; without retention it would have grown by about {}); start-up {:.1} ms",
+        report.requests,
+        appended_s,
+        steady_bytes as i64 - after_bytes as i64,
+        before_bytes / (events / 5) * report.requests as u64,
+        steady_open * 1000.0
+    );
+    // `easel compact`: a fresh database of what the log holds.
+    let t = Instant::now();
+    let compacted = SledStore::compact(dir).expect("compact");
+    let compact_s = t.elapsed().as_secs_f64();
+    let compact_open = open_time(dir);
+    println!(
+        "easel compact: {} keys in {:.1} s, {} → {} bytes on disk; start-up {:.1} ms",
+        compacted.keys,
+        compact_s,
+        compacted.bytes_before,
+        compacted.bytes_after,
+        compact_open * 1000.0
     );
 }

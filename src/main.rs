@@ -60,6 +60,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rewrite the event log without the space sled keeps after retention removed requests (stop the bot first).
+    ///
+    /// Example: easel compact --data-dir /var/lib/easel
+    Compact,
 }
 
 #[derive(Subcommand)]
@@ -212,6 +216,7 @@ fn operate(flag: Option<PathBuf>, command: Command) -> ExitCode {
             json,
             &mut out,
         ),
+        Command::Compact => cli::compact(&easel::app::log_dir(&dir), &mut out),
         Command::Run | Command::Demo => Ok(0),
     })();
     let flushed = std::io::Write::flush(&mut out);

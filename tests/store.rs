@@ -322,3 +322,87 @@ async fn start_up_work_does_not_grow_with_finished_history() {
             .all(|(_, l)| l.queue.is_empty() && l.in_flight.is_none())
     }));
 }
+
+/// Forgetting requests removes their events and every key naming them
+/// (intake keys only while they still name that request), atomically with
+/// a meta value; the rest of the log is untouched.
+#[tokio::test]
+async fn forgetting_requests_removes_them_and_their_keys_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let a = store.append(vec![queued(1)]).unwrap()[0].clone();
+    let b = store.append(vec![queued(2)]).unwrap()[0].clone();
+    store
+        .append(vec![NewEvent {
+            request_id: a.request_id,
+            at: Utc::now(),
+            event: Event::Cancelled,
+        }])
+        .unwrap();
+    let gone = store
+        .forget_requests(&[a.request_id], "retention/files", &[7])
+        .unwrap();
+    assert_eq!(gone, 2);
+    assert!(store.events_of(a.request_id).unwrap().is_empty());
+    assert_eq!(store.find_update(1).unwrap(), None);
+    assert_eq!(store.find_message(ChatId(1), 1).unwrap(), None);
+    assert_eq!(store.find_update(2).unwrap(), Some(b.request_id));
+    let left: Vec<u64> = store.read_from(1).map(|r| r.unwrap().seq).collect();
+    assert_eq!(left, vec![b.seq]);
+    assert_eq!(store.get_meta("retention/files").unwrap(), Some(vec![7]));
+    // New appends continue the sequence.
+    assert_eq!(store.append(vec![queued(3)]).unwrap()[0].seq, 4);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// `compact` rewrites the log into a fresh database with the same keys;
+/// a compaction a crash interrupted is finished at the next open.
+#[tokio::test]
+async fn compaction_keeps_every_key_and_survives_an_interruption() {
+    let root = tempfile::tempdir().unwrap();
+    let log = root.path().join("log");
+    let store = SledStore::open(&log).unwrap();
+    let recs: Vec<_> = (1..=200)
+        .map(|u| store.append(vec![queued(u)]).unwrap()[0].clone())
+        .collect();
+    let ids: Vec<RequestId> = recs[..150].iter().map(|r| r.request_id).collect();
+    store
+        .forget_requests(&ids, "retention/files", &[1])
+        .unwrap();
+    drop(store);
+    let report = SledStore::compact(&log).unwrap();
+    assert!(report.keys > 0);
+    assert!(!root.path().join("log.compact").exists());
+    assert!(!root.path().join("log.old").exists());
+    let store = SledStore::open(&log).unwrap();
+    let left: Vec<_> = store.read_from(1).map(|r| r.unwrap()).collect();
+    assert_eq!(left, recs[150..].to_vec());
+    assert_eq!(store.find_update(199).unwrap(), Some(recs[198].request_id));
+    assert_eq!(store.last_seq(), 200);
+    drop(store);
+
+    // A crash after the old log stepped aside: the finished copy wins.
+    let copy = root.path().join("log.compact");
+    copy_dir(&log, &copy);
+    std::fs::rename(&log, root.path().join("log.old")).unwrap();
+    let store = SledStore::open(&log).unwrap();
+    assert_eq!(store.read_from(1).count(), 50);
+    assert!(!copy.exists() && !root.path().join("log.old").exists());
+    drop(store);
+    // A crash while copying: the log is in place, the copy is dropped.
+    copy_dir(&log, &copy);
+    let store = SledStore::open(&log).unwrap();
+    assert_eq!(store.read_from(1).count(), 50);
+    assert!(!copy.exists());
+}

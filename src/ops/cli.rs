@@ -425,6 +425,31 @@ pub fn audit_stats(src: &Source, json_out: bool, out: Out<'_>) -> Res {
     Ok(0)
 }
 
+/// `easel compact`: the log rewritten into a fresh database.
+pub fn compact(log: &Path, out: Out<'_>) -> Res {
+    if !log.exists() && !log.with_file_name("log.compact").exists() {
+        return Err(CliError::usage(format!(
+            "there is no easel event log in {}",
+            log.display()
+        )));
+    }
+    let started = std::time::Instant::now();
+    let report =
+        crate::store::SledStore::compact(log).map_err(|e| CliError::failed(e.to_string()))?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    w(
+        out,
+        &format!(
+            "compacted the event log: {:.1} MiB → {:.1} MiB ({} keys) in {:.1} s\n",
+            mib(report.bytes_before),
+            mib(report.bytes_after),
+            report.keys,
+            started.elapsed().as_secs_f64()
+        ),
+    )?;
+    Ok(0)
+}
+
 pub fn export(src: &Source, since: Option<DateTime<Utc>>, out: Out<'_>) -> Res {
     for item in src.events(1, None) {
         match item {

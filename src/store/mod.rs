@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::domain::{ChatId, Event, RequestId};
 pub use codec::DecodeError;
-pub use sled_store::SledStore;
+pub use sled_store::{CompactReport, SledStore};
 
 /// An event about to be appended; the store gives it its sequence number.
 #[derive(Clone, Debug, PartialEq, Eq)]

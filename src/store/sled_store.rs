@@ -119,6 +119,8 @@ impl SledStore {
     /// # Errors
     /// [`StoreError::Open`].
     pub fn open_with_wait(dir: &Path, wait: std::time::Duration) -> Result<Self, StoreError> {
+        finish_interrupted_compaction(dir)
+            .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
         let db = open_db(dir, wait)?;
         let last = match db.scan_prefix([EVENT]).keys().next_back() {
             None => 0,
@@ -174,6 +176,121 @@ fn describe(e: &sled::Error) -> String {
             _ => io.to_string(),
         },
         other => other.to_string(),
+    }
+}
+
+/// What `easel compact` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompactReport {
+    pub keys: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn sibling(dir: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    dir.with_file_name(name)
+}
+
+/// Ends a compaction a crash interrupted (see [`SledStore::compact`]):
+/// with the log in place, leftovers go; without it, the finished copy
+/// becomes the log.
+fn finish_interrupted_compaction(dir: &Path) -> std::io::Result<()> {
+    let copy = sibling(dir, ".compact");
+    let old = sibling(dir, ".old");
+    if !dir.exists() && copy.exists() {
+        std::fs::rename(&copy, dir)?;
+    }
+    if dir.exists() {
+        for leftover in [copy, old] {
+            if leftover.exists() {
+                std::fs::remove_dir_all(leftover)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl SledStore {
+    /// Rewrites the log in `dir` into a fresh database, which drops the
+    /// space sled keeps after removals (retention): a copy is written and
+    /// flushed beside it, checked key for key against the original by
+    /// checksum, then swapped in by two renames. A crash at any point
+    /// leaves either the old or the new log, finished at the next open.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when the log is in use (the bot runs) or cannot
+    /// be opened; [`StoreError::Write`] when the copy fails (the original
+    /// is untouched).
+    pub fn compact(dir: &Path) -> Result<CompactReport, StoreError> {
+        finish_interrupted_compaction(dir)
+            .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
+        let bytes_before = dir_bytes(dir);
+        let copy_dir = sibling(dir, ".compact");
+        let old_dir = sibling(dir, ".old");
+        let old = open_db(dir, LOCK_WAIT)?;
+        let write = |e: &dyn std::fmt::Display| StoreError::Write(format!("compacting: {e}"));
+        let copy = sled::Config::new()
+            .path(&copy_dir)
+            .open()
+            .map_err(|e| write(&describe(&e)))?;
+        let mut keys = 0;
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        for kv in old.iter() {
+            let (k, v) = kv.map_err(read_err)?;
+            batch.insert(k, v);
+            keys += 1;
+            in_batch += 1;
+            if in_batch == 10_000 {
+                copy.apply_batch(std::mem::take(&mut batch))
+                    .map_err(|e| write(&describe(&e)))?;
+                in_batch = 0;
+            }
+        }
+        copy.apply_batch(batch).map_err(|e| write(&describe(&e)))?;
+        copy.flush().map_err(|e| write(&describe(&e)))?;
+        let same = old.checksum().map_err(read_err)? == copy.checksum().map_err(read_err)?;
+        drop(copy);
+        drop(old);
+        if !same {
+            let _ = std::fs::remove_dir_all(&copy_dir);
+            return Err(write(
+                &"the copy differs from the original; the log is unchanged",
+            ));
+        }
+        // Crash-safe order: the old log steps aside, the copy takes its
+        // place; `finish_interrupted_compaction` completes either step.
+        let swap = || -> std::io::Result<()> {
+            std::fs::rename(dir, &old_dir)?;
+            std::fs::rename(&copy_dir, dir)?;
+            if let Some(parent) = dir.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            std::fs::remove_dir_all(&old_dir)
+        };
+        swap().map_err(|e| write(&e))?;
+        Ok(CompactReport {
+            keys,
+            bytes_before,
+            bytes_after: dir_bytes(dir),
+        })
     }
 }
 
