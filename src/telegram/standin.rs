@@ -40,14 +40,15 @@ pub async fn answer_while_down(
         // getUpdates confirms everything before its offset: without this the
         // engine would see the last answered batch again. A short answer is
         // not lost: what it returns stays unconfirmed.
-        let _ = api
+        let confirm = api
             .bot()
             .get_updates()
             .offset(next)
             .limit(1)
             .timeout(0)
-            .into_future()
-            .await;
+            .into_future();
+        // Best effort: the engine must not wait long for it.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), confirm).await;
     }
     next
 }
