@@ -223,7 +223,8 @@ fn retention(dir: &std::path::Path, events: u64) {
     let store = SledStore::open(dir).expect("open");
     let cutoff = chrono::Utc::now() - chrono::Duration::days(7);
     let t = Instant::now();
-    let report = easel::ops::retention::sweep(&store, archive.path(), cutoff).expect("sweep");
+    let report =
+        easel::ops::retention::sweep(&store, archive.path(), cutoff, &|| false).expect("sweep");
     let sweep_s = t.elapsed().as_secs_f64();
     drop(store);
     println!(

@@ -423,8 +423,9 @@ async fn janitor(
             let core = Arc::clone(&core);
             let dir = crate::ops::retention::archive_dir(&settings.data_dir);
             // Reads and rewrites many keys: off the async workers.
+            let stopping = shutdown.clone();
             let swept = tokio::task::spawn_blocking(move || {
-                crate::ops::retention::sweep(core.store(), &dir, cutoff)
+                crate::ops::retention::sweep(core.store(), &dir, cutoff, &|| *stopping.borrow())
             })
             .await;
             match swept {

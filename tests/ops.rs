@@ -349,8 +349,11 @@ async fn retention_moves_old_finished_requests_to_the_archive_losing_nothing() {
     let archive = archive_dir(d);
     let store = SledStore::open(&easel::app::log_dir(d)).unwrap();
 
+    // A bot that is stopping does not start a file.
+    let stopped = sweep(&store, &archive, start + Span::days(2), &|| true).unwrap();
+    assert_eq!(stopped.requests, 0);
     // Day 0's two done requests are past a cutoff half a day in.
-    let first = sweep(&store, &archive, start + Span::hours(12)).unwrap();
+    let first = sweep(&store, &archive, start + Span::hours(12), &|| false).unwrap();
     assert_eq!((first.requests, first.events), (2, 10), "{first:?}");
     assert_eq!(first.files, vec![archive.join("000001.jsonl")]);
     assert!(store.events_of(m.done[0]).unwrap().is_empty());
@@ -362,7 +365,7 @@ async fn retention_moves_old_finished_requests_to_the_archive_losing_nothing() {
     );
     // Nothing more is due at the same cutoff.
     assert_eq!(
-        sweep(&store, &archive, start + Span::hours(12))
+        sweep(&store, &archive, start + Span::hours(12), &|| false)
             .unwrap()
             .requests,
         0
@@ -372,7 +375,7 @@ async fn retention_moves_old_finished_requests_to_the_archive_losing_nothing() {
     // file numbered past the committed one: the next sweep redoes it.
     std::fs::write(archive.join("000002.jsonl"), "half a file\n").unwrap();
     std::fs::write(archive.join("000003.jsonl.tmp"), "x").unwrap();
-    let second = sweep(&store, &archive, start + Span::days(2)).unwrap();
+    let second = sweep(&store, &archive, start + Span::days(2), &|| false).unwrap();
     // failed, c and cancelled; the started and the queued one stay.
     assert_eq!(second.requests, 3, "{second:?}");
     assert_eq!(second.files, vec![archive.join("000002.jsonl")]);

@@ -51,7 +51,8 @@ pub fn archive_dir(data_dir: &Path) -> PathBuf {
 
 /// Archives, then removes from the log, every finished request whose last
 /// event is older than `cutoff`, [`CHUNK`] requests per file. Unfinished
-/// requests stay, however old.
+/// requests stay, however old. `stop` is asked before each file, so a
+/// shutting-down bot is not held by a long first sweep.
 ///
 /// # Errors
 /// When the log cannot be read or written, or the archive not written;
@@ -60,6 +61,7 @@ pub fn sweep(
     store: &impl EventStore,
     dir: &Path,
     cutoff: DateTime<Utc>,
+    stop: &dyn Fn() -> bool,
 ) -> Result<SweepReport, RetentionError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -72,7 +74,7 @@ pub fn sweep(
         .unwrap_or(0);
     remove_leftovers(dir, committed).map_err(io(dir))?;
     let mut report = SweepReport::default();
-    loop {
+    while !stop() {
         let chunk = due(store, cutoff, CHUNK)?;
         if chunk.is_empty() {
             break;
