@@ -67,18 +67,20 @@ pub fn sweep(
         let path = path.to_path_buf();
         move |source| RetentionError::Archive { path, source }
     };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut committed = store
         .get_meta(FILES_META)?
         .and_then(|b| Some(u64::from_be_bytes(b.as_slice().try_into().ok()?)))
         .unwrap_or(0);
-    remove_leftovers(dir, committed).map_err(io(dir))?;
+    if dir.exists() {
+        remove_leftovers(dir, committed).map_err(io(dir))?;
+    }
     let mut report = SweepReport::default();
     while !stop() {
         let chunk = due(store, cutoff, CHUNK)?;
         if chunk.is_empty() {
             break;
         }
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
         let number = committed + 1;
         let path = dir.join(format!("{number:06}.jsonl"));
         let mut events: Vec<&Recorded> = chunk.iter().flat_map(|(_, e)| e).collect();
