@@ -187,6 +187,24 @@ fn parent() -> Result<String, String> {
             previous = rec.seq;
             if let Event::Queued { origin, .. } = &rec.event {
                 by_seq.insert(rec.seq, origin.update_id);
+                // Every event in the log has its intake and index keys,
+                // even if the kill fell between the event and its keys.
+                if let Some(u) = origin.update_id {
+                    let found = store.find_update(u).map_err(|e| e.to_string())?;
+                    if found != Some(rec.request_id) {
+                        return Err(format!(
+                            "round {round}: update {u} of seq {} finds {found:?}",
+                            rec.seq
+                        ));
+                    }
+                }
+                let indexed = store
+                    .events_of(rec.request_id)
+                    .map_err(|e| e.to_string())?
+                    .len();
+                if indexed == 0 {
+                    return Err(format!("round {round}: seq {} is not indexed", rec.seq));
+                }
             }
         }
         for (seq, update) in &acks {

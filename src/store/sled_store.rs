@@ -122,6 +122,7 @@ impl SledStore {
         finish_interrupted_compaction(dir)
             .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
         let db = open_db(dir, wait)?;
+        reindex_tail(&db)?;
         let last = match db.scan_prefix([EVENT]).keys().next_back() {
             None => 0,
             Some(Ok(key)) => seq_of(&key).unwrap_or(0),
@@ -399,12 +400,76 @@ fn id_at(value: Option<sled::IVec>) -> Option<RequestId> {
     Some(RequestId(uuid::Uuid::from_bytes(bytes)))
 }
 
+/// The keys an event adds besides itself: its request index entry and, for
+/// `Queued`, the per-user index and the intake keys.
+fn derived_keys(rec: &Recorded) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut keys = vec![(index_key(rec.request_id, rec.seq).to_vec(), Vec::new())];
+    if let Event::Queued { origin, .. } = &rec.event {
+        keys.push((
+            user_key(origin.user_id, rec.request_id).to_vec(),
+            Vec::new(),
+        ));
+        let id = rec.request_id.as_bytes().to_vec();
+        if let Some(u) = origin.update_id {
+            keys.push((update_key(u).to_vec(), id.clone()));
+        }
+        if let Some(m) = origin.message_id {
+            keys.push((message_key(origin.chat_id, m).to_vec(), id));
+        }
+    }
+    keys
+}
+
+/// Events this far before the checkpoint are re-indexed too at open: the
+/// checkpoint is written after the appends it covers, so this is margin.
+const REINDEX_MARGIN: u64 = 1000;
+
+/// Puts back the derived keys of the log's tail that a crash between an
+/// event's insert and its keys' left out. Returns how many were missing.
+fn reindex_tail(db: &sled::Db) -> Result<u64, StoreError> {
+    let from = match db
+        .get(CHECKPOINT)
+        .map_err(|e| StoreError::Open(e.to_string()))?
+    {
+        Some(bytes) => codec::unseal(&bytes)
+            .ok()
+            .and_then(|p| Some(u64::from_be_bytes(p.get(..8)?.try_into().ok()?)))
+            .unwrap_or(0)
+            .saturating_sub(REINDEX_MARGIN),
+        None => 0,
+    };
+    let mut repaired = 0;
+    for kv in db.range(event_key(from)..=event_key(u64::MAX)) {
+        let (k, v) = kv.map_err(|e| StoreError::Open(e.to_string()))?;
+        // Unreadable records are reported by the readers; nothing to derive.
+        let Ok(rec) = decode_at(&k, &v) else { continue };
+        for (key, value) in derived_keys(&rec) {
+            let present = db.get(&key).map_err(|e| StoreError::Open(e.to_string()))?;
+            // Absent is the crash's mark; a key naming another request is
+            // that request's, and stays.
+            if present.is_none() {
+                db.insert(key, value)
+                    .map_err(|e| StoreError::Open(describe(&e)))?;
+                repaired += 1;
+            }
+        }
+    }
+    if repaired > 0 {
+        db.flush().map_err(|e| StoreError::Open(describe(&e)))?;
+        tracing::warn!(
+            repaired,
+            "index and intake keys re-derived from the log's tail after a crash"
+        );
+    }
+    Ok(repaired)
+}
+
 impl EventStore for SledStore {
     fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Recorded>, StoreError> {
         let inner = &self.inner;
         let mut last = lock(&inner.append);
-        let mut batch = sled::Batch::default();
         let mut out = Vec::with_capacity(events.len());
+        let mut encoded = Vec::with_capacity(events.len());
         for (i, e) in events.into_iter().enumerate() {
             let rec = Recorded {
                 seq: *last + 1 + i as u64,
@@ -412,29 +477,43 @@ impl EventStore for SledStore {
                 at: e.at,
                 event: e.event,
             };
-            let bytes = codec::encode(&rec).map_err(|e| StoreError::Write(e.to_string()))?;
-            batch.insert(&event_key(rec.seq), bytes);
-            batch.insert(&index_key(rec.request_id, rec.seq), &[]);
-            if let Event::Queued { origin, .. } = &rec.event {
-                batch.insert(&user_key(origin.user_id, rec.request_id), &[]);
-                let id = rec.request_id.as_bytes().to_vec();
-                if let Some(u) = origin.update_id {
-                    batch.insert(&update_key(u), id.clone());
-                }
-                if let Some(m) = origin.message_id {
-                    batch.insert(&message_key(origin.chat_id, m), id);
-                }
-            }
+            encoded.push(codec::encode(&rec).map_err(|e| StoreError::Write(e.to_string()))?);
             out.push(rec);
         }
-        inner
-            .db
-            .apply_batch(batch)
-            .map_err(|e| StoreError::Write(inner.refused(&e)))?;
-        *last += out.len() as u64;
+        // One insert per key, the event first. sled's `apply_batch` writes
+        // and syncs its I/O buffer twice per call (to pin the batch), which
+        // made every append cost two device syncs besides the group-commit
+        // flush. The keys derived from an event (index, user, intake) are
+        // re-derived from the log's tail at open if a crash falls between.
+        let mut result = Ok(());
+        for (rec, bytes) in out.iter().zip(encoded) {
+            result = inner
+                .db
+                .insert(event_key(rec.seq), bytes)
+                .map(|_| ())
+                .map_err(|e| StoreError::Write(inner.refused(&e)));
+            if result.is_err() {
+                break;
+            }
+            // From here the seq is taken, whatever follows.
+            *last = rec.seq;
+            for (k, v) in derived_keys(rec) {
+                result = inner
+                    .db
+                    .insert(k, v)
+                    .map(|_| ())
+                    .map_err(|e| StoreError::Write(inner.refused(&e)));
+                if result.is_err() {
+                    break;
+                }
+            }
+            if result.is_err() {
+                break;
+            }
+        }
         inner.written.store(*last, Ordering::Release);
         inner.appended.send_replace(*last);
-        Ok(out)
+        result.map(|()| out)
     }
 
     async fn wait_durable(&self, seq: u64) -> Result<(), StoreError> {
