@@ -175,7 +175,7 @@ impl<S: EventStore> Core<S> {
         let (rec, position) = {
             let mut state = self.lock();
             // The duplicate check and the write happen under the same lock,
-            // and the intake keys are written in the same batch as the event.
+            // and the append writes the intake keys before it returns.
             if let Some(u) = req.origin.update_id
                 && let Some(id) = self.store.find_update(u)?
             {

@@ -1,6 +1,6 @@
 //! The event log: the only module that knows sled. Append-only records with a
 //! global strictly increasing sequence number, an index by request, intake
-//! (idempotency) keys written in the same batch as the `Queued` event,
+//! (idempotency) keys written with the `Queued` event before its append returns,
 //! subscriptions, group-committed durability, checkpoints and small metadata.
 
 pub mod codec;

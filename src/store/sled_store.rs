@@ -1,6 +1,6 @@
-//! The sled 0.34 backend: one tree with prefixed keys so an event, its index
-//! entry and its intake keys go to disk in one atomic batch, and leader-based
-//! group commit: the first waiter that finds no flush running flushes for
+//! The sled 0.34 backend: one tree with prefixed keys (an event, then the
+//! index and intake keys derived from it, re-derived at open for the tail
+//! if a crash fell between), and leader-based group commit: the first waiter that finds no flush running flushes for
 //! everyone written so far; waiters arriving meanwhile share the next one.
 
 use std::path::Path;
