@@ -446,6 +446,26 @@ async fn retention_moves_old_finished_requests_to_the_archive_losing_nothing() {
     assert_eq!(shown["events"].as_array().unwrap().len(), 4);
 }
 
+/// `easel compact` on a stopped data dir: one sentence with the sizes, and
+/// the log reads, lists and verifies the same afterwards.
+#[tokio::test]
+async fn compact_rewrites_the_log_and_changes_nothing_it_holds() {
+    let m = make_log().await;
+    let d = m.dir.path();
+    let (_, before, _) = easel(d, &["export"]);
+    let (code, out, err) = easel(d, &["compact"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("compacted the event log: "), "{out}");
+    assert!(out.contains(" keys) in "), "{out}");
+    let (_, after, _) = easel(d, &["export"]);
+    assert_eq!(after, before);
+    let (code, _, err) = easel(d, &["replay", "--verify"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = easel(&d.join("nothing-here"), &["compact"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("there is no easel event log"), "{err}");
+}
+
 fn line(seq: u64, id: &str, t: &str, event: &str) -> String {
     format!("{{\"seq\":{seq},\"request_id\":\"{id}\",\"at\":\"2026-11-25T10:00:{t}Z\",{event}}}")
 }
