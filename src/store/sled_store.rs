@@ -229,6 +229,15 @@ fn finish_interrupted_compaction(dir: &Path) -> std::io::Result<()> {
 }
 
 impl SledStore {
+    /// Whether `dir` holds a log, or the finished copy of one that an
+    /// interrupted compaction left (opening completes it).
+    pub fn exists(dir: &Path) -> bool {
+        let has_db = |d: &Path| d.join("conf").exists() || d.join("db").exists();
+        has_db(dir) || has_db(&sibling(dir, ".compact"))
+    }
+}
+
+impl SledStore {
     /// Rewrites the log in `dir` into a fresh database, which drops the
     /// space sled keeps after removals (retention): a copy is written and
     /// flushed beside it, checked key for key against the original by
@@ -420,24 +429,38 @@ fn derived_keys(rec: &Recorded) -> Vec<(Vec<u8>, Vec<u8>)> {
     keys
 }
 
-/// Events this far before the checkpoint are re-indexed too at open: the
-/// checkpoint is written after the appends it covers, so this is margin.
-const REINDEX_MARGIN: u64 = 1000;
+/// The checkpoint's seq and state, if one was written.
+fn read_checkpoint(db: &sled::Db) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    let Some(bytes) = db.get(CHECKPOINT).map_err(read_err)? else {
+        return Ok(None);
+    };
+    let payload =
+        codec::unseal(&bytes).map_err(|e| StoreError::Read(format!("checkpoint: {e}")))?;
+    let seq = seq_of(payload.get(..8).unwrap_or_default())
+        .ok_or_else(|| StoreError::Read("checkpoint: too short".into()))?;
+    Ok(Some((seq, payload[8..].to_vec())))
+}
+
+fn meta_key(name: &str) -> Vec<u8> {
+    let mut key = vec![META, b'/'];
+    key.extend_from_slice(name.as_bytes());
+    key
+}
 
 /// Puts back the derived keys of the log's tail that a crash between an
 /// event's insert and its keys' left out. Returns how many were missing.
+///
+/// The tail after the checkpoint is enough: a checkpoint covers only events
+/// whose appends returned (their keys written), and it is inserted after
+/// them, so sled, which recovers a prefix of its log, has their keys
+/// whenever it has the checkpoint. (After a refused write sled refuses all
+/// later ones, so no checkpoint can cover an append that failed midway.)
+/// Without a readable checkpoint the whole log is checked.
 fn reindex_tail(db: &sled::Db) -> Result<u64, StoreError> {
-    let from = match db
-        .get(CHECKPOINT)
-        .map_err(|e| StoreError::Open(e.to_string()))?
-    {
-        Some(bytes) => codec::unseal(&bytes)
-            .ok()
-            .and_then(|p| Some(u64::from_be_bytes(p.get(..8)?.try_into().ok()?)))
-            .unwrap_or(0)
-            .saturating_sub(REINDEX_MARGIN),
-        None => 0,
-    };
+    let from = read_checkpoint(db)
+        .ok()
+        .flatten()
+        .map_or(0, |(seq, _)| seq + 1);
     let mut repaired = 0;
     for kv in db.range(event_key(from)..=event_key(u64::MAX)) {
         let (k, v) = kv.map_err(|e| StoreError::Open(e.to_string()))?;
@@ -485,32 +508,25 @@ impl EventStore for SledStore {
         // made every append cost two device syncs besides the group-commit
         // flush. The keys derived from an event (index, user, intake) are
         // re-derived from the log's tail at open if a crash falls between.
-        let mut result = Ok(());
-        for (rec, bytes) in out.iter().zip(encoded) {
-            result = inner
+        let insert = |k: Vec<u8>, v: Vec<u8>| {
+            inner
                 .db
-                .insert(event_key(rec.seq), bytes)
+                .insert(k, v)
                 .map(|_| ())
-                .map_err(|e| StoreError::Write(inner.refused(&e)));
-            if result.is_err() {
-                break;
-            }
-            // From here the seq is taken, whatever follows.
-            *last = rec.seq;
-            for (k, v) in derived_keys(rec) {
-                result = inner
-                    .db
-                    .insert(k, v)
-                    .map(|_| ())
-                    .map_err(|e| StoreError::Write(inner.refused(&e)));
-                if result.is_err() {
-                    break;
+                .map_err(|e| StoreError::Write(inner.refused(&e)))
+        };
+        let write = || -> Result<(), StoreError> {
+            for (rec, bytes) in out.iter().zip(encoded) {
+                insert(event_key(rec.seq).to_vec(), bytes)?;
+                // From here the seq is taken, whatever follows.
+                *last = rec.seq;
+                for (k, v) in derived_keys(rec) {
+                    insert(k, v)?;
                 }
             }
-            if result.is_err() {
-                break;
-            }
-        }
+            Ok(())
+        };
+        let result = write();
         inner.written.store(*last, Ordering::Release);
         inner.appended.send_replace(*last);
         result.map(|()| out)
@@ -608,19 +624,11 @@ impl EventStore for SledStore {
     }
 
     fn load_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let Some(bytes) = self.inner.db.get(CHECKPOINT).map_err(read_err)? else {
-            return Ok(None);
-        };
-        let payload =
-            codec::unseal(&bytes).map_err(|e| StoreError::Read(format!("checkpoint: {e}")))?;
-        let seq = seq_of(payload.get(..8).unwrap_or_default())
-            .ok_or_else(|| StoreError::Read("checkpoint: too short".into()))?;
-        Ok(Some((seq, payload[8..].to_vec())))
+        read_checkpoint(&self.inner.db)
     }
 
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        let mut key = vec![META, b'/'];
-        key.extend_from_slice(name.as_bytes());
+        let key = meta_key(name);
         self.inner
             .db
             .insert(key, value)
@@ -629,12 +637,10 @@ impl EventStore for SledStore {
     }
 
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut key = vec![META, b'/'];
-        key.extend_from_slice(name.as_bytes());
         Ok(self
             .inner
             .db
-            .get(key)
+            .get(meta_key(name))
             .map_err(read_err)?
             .map(|v| v.to_vec()))
     }
@@ -686,10 +692,8 @@ impl EventStore for SledStore {
     }
 
     fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut key = vec![META, b'/'];
-        key.extend_from_slice(prefix.as_bytes());
         let mut out = Vec::new();
-        for kv in self.inner.db.scan_prefix(key) {
+        for kv in self.inner.db.scan_prefix(meta_key(prefix)) {
             let (k, v) = kv.map_err(read_err)?;
             let name = String::from_utf8_lossy(&k[2..]).into_owned();
             out.push((name, v.to_vec()));
@@ -698,8 +702,7 @@ impl EventStore for SledStore {
     }
 
     fn delete_meta(&self, name: &str) -> Result<(), StoreError> {
-        let mut key = vec![META, b'/'];
-        key.extend_from_slice(name.as_bytes());
+        let key = meta_key(name);
         self.inner
             .db
             .remove(key)
@@ -724,26 +727,14 @@ impl EventStore for SledStore {
                 let key = key.map_err(read_err)?;
                 let Some(seq) = seq_of(&key) else { continue };
                 let ek = event_key(seq);
-                // The Queued event names the user and intake keys.
+                // Every key the event derived goes with it; intake keys only
+                // while they still name this request.
                 if let Some(bytes) = db.get(ek).map_err(read_err)?
-                    && let Ok(Recorded {
-                        event: Event::Queued { origin, .. },
-                        ..
-                    }) = codec::decode(&bytes)
+                    && let Ok(rec) = codec::decode(&bytes)
                 {
-                    batch.remove(&user_key(origin.user_id, id));
-                    // Intake keys go only while they still name this request.
-                    let intake = origin
-                        .update_id
-                        .map(|u| update_key(u).to_vec())
-                        .into_iter()
-                        .chain(
-                            origin
-                                .message_id
-                                .map(|m| message_key(origin.chat_id, m).to_vec()),
-                        );
-                    for k in intake {
-                        if id_at(db.get(&k).map_err(read_err)?) == Some(id) {
+                    for (k, v) in derived_keys(&rec) {
+                        let ours = v.is_empty() || id_at(db.get(&k).map_err(read_err)?) == Some(id);
+                        if ours {
                             batch.remove(k);
                         }
                     }
@@ -753,9 +744,7 @@ impl EventStore for SledStore {
                 events += 1;
             }
         }
-        let mut key = vec![META, b'/'];
-        key.extend_from_slice(name.as_bytes());
-        batch.insert(key, value);
+        batch.insert(meta_key(name), value);
         db.apply_batch(batch)
             .map_err(|e| StoreError::Write(self.inner.refused(&e)))?;
         db.flush()
