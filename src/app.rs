@@ -235,8 +235,9 @@ const RESTART_HEALTHY: Duration = Duration::from_secs(60);
 /// stopped as on SIGTERM and started again from the log after a pause,
 /// until the disk takes writes again: the bot heals by itself once space is
 /// freed. Meanwhile nothing acknowledged is lost (a request is acknowledged
-/// only once its `Queued` is durable), requests that arrive get "couldn't
-/// take that request right now", and updates not yet read wait at Telegram.
+/// only once its `Queued` is durable), and requests that arrive get
+/// "couldn't take that request right now" — from the stand-in
+/// (`telegram::standin`) while no engine runs.
 ///
 /// # Errors
 /// As [`start`] (at the first start; later starts are retried) and

@@ -427,7 +427,7 @@ pub fn audit_stats(src: &Source, json_out: bool, out: Out<'_>) -> Res {
 
 /// `easel compact`: the log rewritten into a fresh database.
 pub fn compact(log: &Path, out: Out<'_>) -> Res {
-    if !log.exists() && !log.with_file_name("log.compact").exists() {
+    if !crate::store::SledStore::exists(log) {
         return Err(CliError::usage(format!(
             "there is no easel event log in {}",
             log.display()

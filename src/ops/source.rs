@@ -42,10 +42,7 @@ impl Source {
     /// [`SourceError::Usage`] when there is no log there.
     pub fn open(data_dir: &Path) -> Result<Self, SourceError> {
         let log = crate::app::log_dir(data_dir);
-        // (A compaction a crash interrupted may have left only the copy,
-        // which opening finishes.)
-        let copy = log.with_file_name("log.compact");
-        if !log.join("conf").exists() && !log.join("db").exists() && !copy.join("db").exists() {
+        if !SledStore::exists(&log) {
             return Err(SourceError::Usage(format!(
                 "there is no easel event log in {}",
                 data_dir.display()
