@@ -525,6 +525,16 @@ impl Settings {
         }
     }
 
+    /// The configured models' names, in order (for help and usage texts).
+    pub fn model_names(&self) -> Vec<String> {
+        self.models.iter().map(|m| m.name.to_string()).collect()
+    }
+
+    /// Whether `user` may use the bot (an empty allowlist allows everyone).
+    pub fn allows(&self, user: i64) -> bool {
+        self.allowed_users.is_empty() || self.allowed_users.contains(&user)
+    }
+
     pub fn model(&self, name: &ModelName) -> Option<&ModelSettings> {
         self.models.iter().find(|m| &m.name == name)
     }

@@ -78,15 +78,11 @@ pub(crate) async fn answer_query(api: &TelegramApi, query: &CallbackQuery, text:
 
 impl Intake {
     fn model_names(&self) -> Vec<String> {
-        self.settings
-            .models
-            .iter()
-            .map(|m| m.name.to_string())
-            .collect()
+        self.settings.model_names()
     }
 
     fn allowed(&self, user: i64) -> bool {
-        self.settings.allowed_users.is_empty() || self.settings.allowed_users.contains(&user)
+        self.settings.allows(user)
     }
 
     /// Handles one update. Never fails: problems become replies or logs.

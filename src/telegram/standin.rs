@@ -59,9 +59,8 @@ async fn answer_batch(
     username: String,
     updates: Vec<Update>,
 ) {
-    let models: Vec<String> = settings.models.iter().map(|m| m.name.to_string()).collect();
-    let allowed =
-        |user: i64| settings.allowed_users.is_empty() || settings.allowed_users.contains(&user);
+    let models = settings.model_names();
+    let allowed = |user: i64| settings.allows(user);
     for update in updates {
         match update.kind {
             UpdateKind::Message(msg) => {
