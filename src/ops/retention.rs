@@ -208,14 +208,14 @@ pub fn find_archived(
     dir: &Path,
     prefix: &str,
 ) -> std::io::Result<Vec<(PathBuf, RequestId, Vec<Recorded>)>> {
-    let prefix = prefix.to_ascii_lowercase();
+    let needle = format!("\"request_id\":\"{}", prefix.to_ascii_lowercase());
     let mut found: Vec<(PathBuf, RequestId, Vec<Recorded>)> = Vec::new();
     for path in archive_files(dir)? {
         let file = std::io::BufReader::new(std::fs::File::open(&path)?);
         for line in file.lines() {
             let line = line?;
             // Cheap test before parsing (export lines are compact JSON).
-            if !line.contains(&format!("\"request_id\":\"{prefix}")) {
+            if !line.contains(&needle) {
                 continue;
             }
             let Ok(rec) = super::json::parse_event_line(&line) else {
