@@ -464,6 +464,17 @@ async fn compact_rewrites_the_log_and_changes_nothing_it_holds() {
     let (code, _, err) = easel(&d.join("nothing-here"), &["compact"]);
     assert_eq!(code, 2);
     assert!(err.contains("there is no easel event log"), "{err}");
+    // Beside another process that has the log open (here this test, as a
+    // running bot would): refused at once, exit 2, one sentence, and the
+    // log untouched.
+    let held = SledStore::open(&easel::app::log_dir(d)).unwrap();
+    let (code, _, err) = easel(d, &["compact"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("in use by another easel process"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    drop(held);
+    let (_, after, _) = easel(d, &["export"]);
+    assert_eq!(after, before);
 }
 
 fn line(seq: u64, id: &str, t: &str, event: &str) -> String {

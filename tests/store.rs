@@ -444,3 +444,162 @@ async fn keys_a_crash_left_out_are_re_derived_at_open() {
     assert_eq!(store.last_seq(), 2);
     assert_eq!(store.append(vec![queued(3)]).unwrap()[0].seq, 3);
 }
+
+/// The log's lock is taken before anything in or beside the log folder is
+/// touched: while a compaction holds it (here: its lock and a half-written
+/// copy), an open neither tidies the copy away nor opens the log, and a
+/// second compaction is refused; nothing is lost.
+#[tokio::test]
+async fn nothing_tidies_or_compacts_while_another_process_owns_the_log() {
+    use easel::store::StoreError;
+    use easel::store::disk::DirLock;
+    let root = tempfile::tempdir().unwrap();
+    let log = root.path().join("log");
+    let store = SledStore::open(&log).unwrap();
+    for u in 1..=20 {
+        store.append(vec![queued(u)]).unwrap();
+    }
+    drop(store);
+    let held = DirLock::acquire(&log, std::time::Duration::ZERO).unwrap();
+    let copy = root.path().join("log.compact");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::write(copy.join("db"), b"a compaction is writing this").unwrap();
+    let opened = SledStore::open_with_wait(&log, std::time::Duration::from_millis(50));
+    assert!(
+        matches!(opened, Err(StoreError::InUse(_))),
+        "opened beside a compaction: {:?}",
+        opened.err()
+    );
+    assert!(
+        copy.join("db").exists(),
+        "the running compaction's copy was deleted"
+    );
+    assert!(matches!(
+        SledStore::compact(&log),
+        Err(StoreError::InUse(_))
+    ));
+    drop(held);
+    // Its owner gone (as after a crash), the next open tidies up.
+    let store = SledStore::open(&log).unwrap();
+    assert!(!copy.exists());
+    assert_eq!(store.read_from(1).count(), 20);
+    // A compaction beside an open log is refused at once and touches nothing.
+    assert!(matches!(
+        SledStore::compact(&log),
+        Err(StoreError::InUse(_))
+    ));
+    assert_eq!(store.read_from(1).count(), 20);
+}
+
+/// `easel compact` raced by opens (a supervisor starting `easel run`, an
+/// `easel audit` on the stopped dir), for real: whichever wins, every event
+/// is there afterwards, and nothing else is left beside the log.
+#[test]
+fn a_compaction_raced_by_opens_loses_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let log = root.path().join("log");
+    let store = SledStore::open(&log).unwrap();
+    let n = 3000;
+    for u in 1..=n {
+        store.append(vec![queued(u)]).unwrap();
+    }
+    drop(store);
+    for _ in 0..3 {
+        let compactor = {
+            let log = log.clone();
+            std::thread::spawn(move || SledStore::compact(&log).map(|_| ()))
+        };
+        let mut opened = 0;
+        while !compactor.is_finished() {
+            if let Ok(s) = SledStore::open_with_wait(&log, std::time::Duration::ZERO) {
+                assert_eq!(s.read_from(1).count(), n as usize);
+                opened += 1;
+            }
+        }
+        // Refused (an open held the log) or done: either way, all is there.
+        let _ = compactor.join().unwrap();
+        let _ = opened;
+        let store = SledStore::open(&log).unwrap();
+        assert_eq!(store.read_from(1).count(), n as usize);
+        assert_eq!(store.last_seq(), u64::from(n));
+        drop(store);
+    }
+    let mut left: Vec<String> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["log", "log.lock"]);
+}
+
+/// Sequence numbers never repeat: after retention removed every event and
+/// the log was reopened, the next event continues above the highest seq
+/// the log ever held (the archive has those).
+#[tokio::test]
+async fn seqs_continue_after_retention_emptied_the_log_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let recs: Vec<_> = (1..=5)
+        .map(|u| store.append(vec![queued(u)]).unwrap()[0].clone())
+        .collect();
+    let ids: Vec<RequestId> = recs.iter().map(|r| r.request_id).collect();
+    store
+        .forget_requests(&ids, "retention/files", &[1])
+        .unwrap();
+    assert_eq!(store.read_from(1).count(), 0);
+    drop(store);
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.last_seq(), 5);
+    assert_eq!(store.append(vec![queued(6)]).unwrap()[0].seq, 6);
+}
+
+/// Terminal is forever: a checkpoint written while a request was queued,
+/// then the request finished, then retention archived it, then the bot
+/// stopped without a newer checkpoint (a kill): the next start must not
+/// take that checkpoint, or the archived request would run again.
+#[tokio::test]
+async fn an_old_checkpoint_never_resurrects_an_archived_request() {
+    use common::{RecordingDeliverer, ScriptedGenerator, UpperEnhancer};
+    use easel::engine::{ImageStore, Runner, StepOutcome};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = common::clock();
+    let core = Arc::new(common::open_core(dir.path(), clock.clone()));
+    let Admitted::Queued { id, .. } = core
+        .accept(common::request("flux", 7, "a fox"), &Limits::default())
+        .await
+        .unwrap()
+    else {
+        panic!("not queued")
+    };
+    core.checkpoint().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let runner = Runner::new(
+        Arc::clone(&core),
+        common::model("flux"),
+        Arc::new(UpperEnhancer),
+        Arc::new(ScriptedGenerator::default()),
+        Arc::new(RecordingDeliverer::default()),
+        Arc::new(ImageStore::open(images.path()).unwrap()),
+    );
+    while let StepOutcome::Progressed { .. } = runner.try_execute_step().await.unwrap() {}
+    assert!(core.read(|s| s.request(id).is_none()), "not finished");
+    core.store()
+        .forget_requests(&[id], "retention/files", &[1])
+        .unwrap();
+    drop(runner);
+    // No final checkpoint: the one from before the sweep is the latest.
+    let core = Arc::into_inner(core).expect("one owner");
+    drop(core);
+    let (core, report) = Core::open(SledStore::open(dir.path()).unwrap(), clock).unwrap();
+    assert!(
+        report.checkpoint_problem.is_some(),
+        "the checkpoint from before the removal was used: {report:?}"
+    );
+    assert!(
+        core.read(|s| s.request(id).is_none() && s.head(&common::model("flux")).is_none()),
+        "an archived request is live again"
+    );
+    // A fresh checkpoint was written, and it is usable.
+    let (_, report) = core.rebuild_from_checkpoint().unwrap();
+    assert!(report.checkpoint_problem.is_none(), "{report:?}");
+}

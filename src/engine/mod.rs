@@ -391,6 +391,25 @@ impl<S: EventStore> Core<S> {
     }
 }
 
+/// A request the checkpoint holds as unfinished whose events are gone from
+/// the log. Only finished requests are ever removed, so such a checkpoint
+/// predates the request's end: its tail no longer has that end, and using
+/// it would run a finished request again (terminal is forever). Checked
+/// per request, not by comparing seqs, so no ordering of checkpoint and
+/// removal can slip through; it costs one index lookup per unfinished
+/// request.
+fn removed_since<S: EventStore>(
+    store: &S,
+    state: &LiveState,
+) -> Result<Option<RequestId>, StoreError> {
+    for r in state.requests() {
+        if store.events_of(r.id)?.is_empty() {
+            return Ok(Some(r.id));
+        }
+    }
+    Ok(None)
+}
+
 /// Start-up: the last usable checkpoint, then every event after it.
 fn load_state<S: EventStore>(store: &S) -> Result<(LiveState, OpenReport), StoreError> {
     let mut report = OpenReport::default();
@@ -402,8 +421,17 @@ fn load_state<S: EventStore>(store: &S) -> Result<(LiveState, OpenReport), Store
                     && seq == cp.state.last_seq
                     && seq <= store.last_seq() =>
             {
-                state = cp.state;
-                report.checkpoint_seq = Some(seq);
+                match removed_since(store, &cp.state)? {
+                    None => {
+                        state = cp.state;
+                        report.checkpoint_seq = Some(seq);
+                    }
+                    Some(id) => {
+                        report.checkpoint_problem = Some(format!(
+                            "checkpoint at seq {seq} holds request {id} as unfinished, but the log no longer has it (removed by retention after the checkpoint)"
+                        ));
+                    }
+                }
             }
             Ok(cp) => {
                 report.checkpoint_problem = Some(format!(

@@ -434,8 +434,11 @@ pub fn compact(log: &Path, out: Out<'_>) -> Res {
         )));
     }
     let started = std::time::Instant::now();
-    let report =
-        crate::store::SledStore::compact(log).map_err(|e| CliError::failed(e.to_string()))?;
+    let report = crate::store::SledStore::compact(log).map_err(|e| match e {
+        // Another process has the log: refused, nothing touched.
+        crate::store::StoreError::InUse(m) => CliError::usage(format!("{m}; stop it first")),
+        other => CliError::failed(other.to_string()),
+    })?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     w(
         out,

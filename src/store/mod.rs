@@ -4,6 +4,7 @@
 //! subscriptions, group-committed durability, checkpoints and small metadata.
 
 pub mod codec;
+pub mod disk;
 mod sled_store;
 
 use std::future::Future;
@@ -46,6 +47,9 @@ pub enum StoreError {
     Read(String),
     #[error("the event log is closed")]
     Closed,
+    /// Another process owns the log (its lock is held): bad usage, exit 2.
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// A record that exists but cannot be read: reported with its seq, skipped

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
+use super::disk::{self, DirLock, LockError};
 use super::{Corrupt, EventStore, NewEvent, ReadError, ReadItem, Recorded, StoreError, codec};
 use crate::domain::{ChatId, Event, RequestId};
 
@@ -19,6 +20,10 @@ const MESSAGE: u8 = b'm';
 const CHECKPOINT: &[u8] = b"c/checkpoint";
 const META: u8 = b'k';
 const USER: u8 = b'x';
+/// Meta: the highest seq the log had written when events were last removed
+/// (retention). Seqs continue above it after a restart, so a seq the
+/// archive holds is never given again.
+const HIGH_WATER: &str = "log/high_water";
 
 /// `x/<user, sign-flipped so negative ids sort first><request id>`.
 fn user_key(user: crate::domain::UserId, id: RequestId) -> [u8; 25] {
@@ -98,6 +103,13 @@ struct Inner {
     /// refuses every later write of this handle too (its error is sticky),
     /// so only reopening the log can heal it.
     broken: watch::Sender<Option<Arc<str>>>,
+    /// sled's log file, for the `fdatasync` that sled itself skips: its
+    /// `flush` ends in `sync_file_range`, which writes the pages but not the
+    /// file's size and allocation metadata nor the device's cache, so
+    /// without this an acknowledged event may not survive a power cut.
+    db_file: std::fs::File,
+    /// The data dir's lock; declared last so it is released after sled.
+    _lock: DirLock,
 }
 
 /// The sled event store. Opening takes sled's process lock on the directory.
@@ -119,15 +131,29 @@ impl SledStore {
     /// # Errors
     /// [`StoreError::Open`].
     pub fn open_with_wait(dir: &Path, wait: std::time::Duration) -> Result<Self, StoreError> {
-        finish_interrupted_compaction(dir)
-            .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
+        // The lock comes first: tidying up after an interrupted compaction
+        // is safe only when no compaction can be running.
+        let lock = take_lock(dir, wait)?;
+        let open_err =
+            |e: &dyn std::fmt::Display| StoreError::Open(format!("{}: {e}", dir.display()));
+        finish_interrupted_compaction(dir).map_err(|e| open_err(&e))?;
         let db = open_db(dir, wait)?;
-        reindex_tail(&db)?;
+        // sled made its files with the process umask; narrow what others
+        // could read, and make the folder's entries (a new log's `db` and
+        // `conf`, the log folder itself) survive a power cut.
+        disk::narrow_tree(dir).map_err(|e| open_err(&e))?;
+        disk::sync_dir(dir)
+            .and_then(|()| disk::sync_parent(dir))
+            .map_err(|e| open_err(&e))?;
+        let db_file = std::fs::File::open(dir.join("db")).map_err(|e| open_err(&e))?;
+        reindex_tail(&db, &db_file)?;
+        let high_water = read_high_water(&db)?;
         let last = match db.scan_prefix([EVENT]).keys().next_back() {
             None => 0,
             Some(Ok(key)) => seq_of(&key).unwrap_or(0),
             Some(Err(e)) => return Err(StoreError::Open(e.to_string())),
-        };
+        }
+        .max(high_water);
         let inner = Arc::new(Inner {
             db,
             append: Mutex::new(last),
@@ -141,6 +167,8 @@ impl SledStore {
             appended: watch::channel(last).0,
             flushes: AtomicU64::new(0),
             broken: watch::channel(None).0,
+            db_file,
+            _lock: lock,
         });
         Ok(SledStore { inner })
     }
@@ -209,16 +237,26 @@ fn sibling(dir: &Path, suffix: &str) -> std::path::PathBuf {
     dir.with_file_name(name)
 }
 
-/// Ends a compaction a crash interrupted (see [`SledStore::compact`]):
-/// with the log in place, leftovers go; without it, the finished copy
-/// becomes the log.
+/// Ends a compaction a crash interrupted (see [`SledStore::compact`]);
+/// only ever called with the log's lock held, so no compaction is running.
+/// The log folder is the truth while it exists; without it, the finished
+/// copy becomes the log, or else the old log steps back. A leftover is
+/// removed only while a complete log is in place.
 fn finish_interrupted_compaction(dir: &Path) -> std::io::Result<()> {
     let copy = sibling(dir, ".compact");
     let old = sibling(dir, ".old");
-    if !dir.exists() && copy.exists() {
-        std::fs::rename(&copy, dir)?;
+    if !dir.exists() {
+        // The copy is renamed into place only after it was written, synced
+        // and checked; the old log is renamed away only after that too.
+        if has_db(&copy) {
+            std::fs::rename(&copy, dir)?;
+            disk::sync_parent(dir)?;
+        } else if has_db(&old) {
+            std::fs::rename(&old, dir)?;
+            disk::sync_parent(dir)?;
+        }
     }
-    if dir.exists() {
+    if has_db(dir) {
         for leftover in [copy, old] {
             if leftover.exists() {
                 std::fs::remove_dir_all(leftover)?;
@@ -228,12 +266,35 @@ fn finish_interrupted_compaction(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+fn has_db(d: &Path) -> bool {
+    d.join("conf").exists() || d.join("db").exists()
+}
+
+/// The data dir's lock, words for when another process has it.
+fn take_lock(dir: &Path, wait: std::time::Duration) -> Result<DirLock, StoreError> {
+    DirLock::acquire(dir, wait).map_err(|e| match e {
+        LockError::Busy(_) => StoreError::InUse(format!(
+            "{} is in use by another easel process (is `easel run` or `easel compact` running?)",
+            dir.display()
+        )),
+        LockError::Io(path, e) => StoreError::Open(format!("{}: {e}", path.display())),
+    })
+}
+
+/// The high-water mark left by the last removal from the log, 0 if none.
+fn read_high_water(db: &sled::Db) -> Result<u64, StoreError> {
+    Ok(db
+        .get(meta_key(HIGH_WATER))
+        .map_err(read_err)?
+        .and_then(|v| seq_of(&v))
+        .unwrap_or(0))
+}
+
 impl SledStore {
     /// Whether `dir` holds a log, or the finished copy of one that an
     /// interrupted compaction left (opening completes it).
     pub fn exists(dir: &Path) -> bool {
-        let has_db = |d: &Path| d.join("conf").exists() || d.join("db").exists();
-        has_db(dir) || has_db(&sibling(dir, ".compact"))
+        has_db(dir) || has_db(&sibling(dir, ".compact")) || has_db(&sibling(dir, ".old"))
     }
 }
 
@@ -249,6 +310,10 @@ impl SledStore {
     /// be opened; [`StoreError::Write`] when the copy fails (the original
     /// is untouched).
     pub fn compact(dir: &Path) -> Result<CompactReport, StoreError> {
+        // Held to the end: nothing else opens, tidies or compacts this log
+        // meanwhile. Not waited for: a compaction beside a running bot (or
+        // any other easel process on this log) is refused at once.
+        let _lock = take_lock(dir, std::time::Duration::ZERO)?;
         finish_interrupted_compaction(dir)
             .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
         let bytes_before = dir_bytes(dir);
@@ -276,6 +341,12 @@ impl SledStore {
         }
         copy.apply_batch(batch).map_err(|e| write(&describe(&e)))?;
         copy.flush().map_err(|e| write(&describe(&e)))?;
+        // sled's flush is a `sync_file_range`: make the copy's file, and
+        // its folder's entries, survive a power cut before it replaces the log.
+        std::fs::File::open(copy_dir.join("db"))
+            .and_then(|f| f.sync_data())
+            .and_then(|()| disk::sync_dir(&copy_dir))
+            .map_err(|e| write(&e))?;
         let same = old.checksum().map_err(read_err)? == copy.checksum().map_err(read_err)?;
         drop(copy);
         drop(old);
@@ -290,10 +361,10 @@ impl SledStore {
         let swap = || -> std::io::Result<()> {
             std::fs::rename(dir, &old_dir)?;
             std::fs::rename(&copy_dir, dir)?;
-            if let Some(parent) = dir.parent() {
-                std::fs::File::open(parent)?.sync_all()?;
-            }
-            std::fs::remove_dir_all(&old_dir)
+            // Both renames on disk before the old log may go.
+            disk::sync_parent(dir)?;
+            std::fs::remove_dir_all(&old_dir)?;
+            disk::sync_parent(dir)
         };
         swap().map_err(|e| write(&e))?;
         Ok(CompactReport {
@@ -338,6 +409,13 @@ fn open_db(dir: &Path, wait: std::time::Duration) -> Result<sled::Db, StoreError
 }
 
 impl Inner {
+    /// sled's flush, then the `fdatasync` that makes it survive a power cut.
+    fn sync(&self) -> Result<(), sled::Error> {
+        self.db.flush()?;
+        self.db_file.sync_data()?;
+        Ok(())
+    }
+
     /// Records a refused write (once; sled's error is sticky) and words it.
     fn refused(&self, e: &sled::Error) -> String {
         let reason = describe(e);
@@ -359,9 +437,9 @@ impl Inner {
         // tasks off this worker meanwhile.
         let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-                tokio::task::block_in_place(|| self.db.flush())
+                tokio::task::block_in_place(|| self.sync())
             }
-            _ => self.db.flush(),
+            _ => self.sync(),
         };
         match result {
             Ok(_) => {
@@ -388,7 +466,7 @@ impl Drop for SledStore {
     fn drop(&mut self) {
         // Once broken, the failure was already reported; don't repeat it.
         if self.inner.broken.borrow().is_none()
-            && let Err(e) = self.inner.db.flush()
+            && let Err(e) = self.inner.sync()
         {
             tracing::error!(error = %describe(&e), "final flush of the event log failed");
         }
@@ -456,7 +534,7 @@ fn meta_key(name: &str) -> Vec<u8> {
 /// whenever it has the checkpoint. (After a refused write sled refuses all
 /// later ones, so no checkpoint can cover an append that failed midway.)
 /// Without a readable checkpoint the whole log is checked.
-fn reindex_tail(db: &sled::Db) -> Result<u64, StoreError> {
+fn reindex_tail(db: &sled::Db, db_file: &std::fs::File) -> Result<u64, StoreError> {
     let from = read_checkpoint(db)
         .ok()
         .flatten()
@@ -479,6 +557,9 @@ fn reindex_tail(db: &sled::Db) -> Result<u64, StoreError> {
     }
     if repaired > 0 {
         db.flush().map_err(|e| StoreError::Open(describe(&e)))?;
+        db_file
+            .sync_data()
+            .map_err(|e| StoreError::Open(describe(&sled::Error::Io(e))))?;
         tracing::warn!(
             repaired,
             "index and intake keys re-derived from the log's tail after a crash"
@@ -745,9 +826,17 @@ impl EventStore for SledStore {
             }
         }
         batch.insert(meta_key(name), value);
+        // Every seq written so far stays taken: the archive holds some.
+        let high_water = self
+            .inner
+            .written
+            .load(Ordering::Acquire)
+            .max(read_high_water(db)?);
+        batch.insert(meta_key(HIGH_WATER), high_water.to_be_bytes().to_vec());
         db.apply_batch(batch)
             .map_err(|e| StoreError::Write(self.inner.refused(&e)))?;
-        db.flush()
+        self.inner
+            .sync()
             .map_err(|e| StoreError::Flush(self.inner.refused(&e)))?;
         Ok(events)
     }
