@@ -21,3 +21,4 @@ pub mod projection;
 pub mod services;
 pub mod store;
 pub mod telegram;
+pub mod telemetry;

@@ -108,7 +108,8 @@ enum Audit {
 }
 
 fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+    let filter = easel::telemetry::log_filter(filter)
+        .or_else(|_| easel::telemetry::log_filter("info"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -124,6 +125,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn main() -> ExitCode {
+    // The data dir is the bot's alone (§6): before anything is created.
+    easel::store::disk::private_umask();
     let cli = Cli::parse();
     match cli.command {
         Command::Run => run(cli.data_dir),

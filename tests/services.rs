@@ -38,7 +38,7 @@ fn workers(flux: &str, sdxl: &str, key: &str, read_timeout: Duration) -> ImageWo
         ("SDXL_API_KEY", key.to_owned()),
     ]);
     let client = build_client(Duration::from_secs(2), read_timeout).unwrap();
-    ImageWorkers::from_parts(client, s.models.clone(), s.retry_base)
+    ImageWorkers::from_parts(client, s.models.clone(), s.retry_base, read_timeout)
 }
 
 fn model(name: &str) -> ModelName {
@@ -536,4 +536,57 @@ async fn a_long_persian_answer_is_cut_at_1000_characters() {
     assert!(out.prompt.chars().count() <= 1000);
     assert!(out.prompt.chars().count() >= 995);
     assert!(out.prompt.starts_with("گربه"));
+}
+
+/// A FAKE worker that answers `200` at once and then trickles its body one
+/// byte every 100 ms (for a minute): every single read is quick, so only an
+/// overall deadline per attempt ends it (§4). Counts the connections.
+async fn trickling_worker() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&calls);
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let head =
+                    "HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: 600\r\n\r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for _ in 0..600 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if sock.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, calls)
+}
+
+#[tokio::test]
+async fn a_trickling_worker_cannot_hold_the_lane_past_the_deadline() {
+    let (url, calls) = trickling_worker().await;
+    let s = settings(&[("FLUX_WORKER_URL", format!("{url}/flux"))]);
+    // Reads never wait 2 s; each attempt may last 300 ms in all.
+    let client = build_client(Duration::from_secs(2), Duration::from_secs(2)).unwrap();
+    let workers = ImageWorkers::from_parts(
+        client,
+        s.models.clone(),
+        Duration::from_millis(1),
+        Duration::from_millis(300),
+    );
+    let failure = workers
+        .generate(&model("flux"), "a fox")
+        .await
+        .expect_err("a trickle is no image");
+    assert_eq!(failure.kind, FailureKind::TimedOut, "{failure:?}");
+    assert_eq!(failure.attempts, 4, "{failure:?}");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4);
 }

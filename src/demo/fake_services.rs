@@ -2,7 +2,8 @@
 //! the real protocols of §4 over real HTTP (axum). Used by `easel demo` and
 //! the tests; never by `easel run`. Their answers depend on the prompt:
 //! `nsfw` → the content filter refuses (400 NSFW), `explode` → 500,
-//! `slow` → 1.5 s, `panorama` → a 12000×200 image (a document), `huge` → an
+//! `slow` → 1.5 s, `held` → until [`FakeWorker::release`] (at most 60 s:
+//! a blocker for tests that must not depend on timing), `panorama` → a 12000×200 image (a document), `huge` → an
 //! image over 10 MB; anything else → a 64×64 PNG.
 
 use std::sync::Arc;
@@ -19,12 +20,25 @@ use base64::Engine as _;
 use super::png::png;
 
 /// Counters a test can read: calls, and the most calls at once.
-#[derive(Default)]
 pub struct WorkerStats {
+    /// Turned true by [`FakeWorker::release`]; `held` prompts wait for it.
+    pub released: tokio::sync::watch::Sender<bool>,
     pub calls: AtomicUsize,
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
     pub prompts: std::sync::Mutex<Vec<String>>,
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        WorkerStats {
+            released: tokio::sync::watch::channel(false).0,
+            calls: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            prompts: std::sync::Mutex::new(Vec::new()),
+        }
+    }
 }
 
 struct WorkerState {
@@ -58,6 +72,11 @@ async fn serve(router: Router) -> std::io::Result<(String, tokio::task::JoinHand
 }
 
 impl FakeWorker {
+    /// Lets every `held` prompt, waiting now or later, be answered.
+    pub fn release(&self) {
+        self.stats.released.send_replace(true);
+    }
+
     /// A flux-style fake (`GET /generate?prompt=`, JSON base64 answer).
     ///
     /// # Errors
@@ -158,6 +177,10 @@ async fn answer(s: &WorkerState, prompt: String) -> Response {
         delay += Duration::from_millis(1500);
     }
     tokio::time::sleep(delay).await;
+    if lower.contains("held") {
+        let mut released = stats.released.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(60), released.wait_for(|r| *r)).await;
+    }
     if lower.contains("nsfw") {
         (
             StatusCode::BAD_REQUEST,

@@ -143,12 +143,16 @@ impl Event {
         }
     }
 
-    /// Whether the user is told about this fact, so it must be on disk
-    /// before anyone acts on it (group commit keeps that cheap).
+    /// Whether the user is told about this fact, or it is acted on outside
+    /// the process, so it must be on disk before anyone acts on it (group
+    /// commit keeps that cheap). `Generated` is one: the photo goes out
+    /// after it, and if a crash lost it the image would be generated again
+    /// and a second, different one sent (at most one image per generation).
     pub fn must_be_durable(&self) -> bool {
         matches!(
             self,
             Event::Queued { .. }
+                | Event::Generated { .. }
                 | Event::Delivered { .. }
                 | Event::Failed { .. }
                 | Event::Cancelled

@@ -17,27 +17,36 @@ impl ImageStore {
     /// # Errors
     /// When the folder cannot be created.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        crate::store::disk::create_private_dir(dir)?;
+        crate::store::disk::sync_parent(dir)?;
         Ok(ImageStore {
             dir: dir.to_path_buf(),
         })
     }
 
-    /// Writes the image and syncs its bytes before returning. The rename is
-    /// not synced separately: if a crash loses it, the file is missing after
-    /// restart and the recovery rule generates the image again, which is
-    /// what a restart in Sending without a kept image does anyway; an fsync
-    /// of the folder per image would cost as much as the event log's own.
+    /// Writes the image owner-only, syncs its bytes, renames it into place
+    /// and syncs the folder, all before returning: `Generated` is recorded
+    /// only after this, and the photo sent only after that is durable, so a
+    /// power cut after the send finds the same image to resend instead of
+    /// asking the worker for a new one. One folder sync per image is nothing
+    /// beside the seconds a generation takes.
     ///
     /// # Errors
     /// Any I/O error (disk full, permissions).
     pub fn keep(&self, id: RequestId, bytes: &[u8], format: &str) -> std::io::Result<ImageRef> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = format!("{id}.{format}");
         let tmp = self.dir.join(format!("{file}.tmp"));
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(crate::store::disk::FILE_MODE)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, self.dir.join(&file))?;
+        crate::store::disk::sync_dir(&self.dir)?;
         Ok(ImageRef {
             file,
             bytes: bytes.len() as u64,

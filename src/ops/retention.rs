@@ -80,7 +80,11 @@ pub fn sweep(
         if chunk.is_empty() {
             break;
         }
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        // Owner-only, and its entry in the data dir on disk before a file
+        // in it is relied on.
+        crate::store::disk::create_private_dir(dir)
+            .and_then(|()| crate::store::disk::sync_parent(dir))
+            .map_err(io(dir))?;
         let number = committed + 1;
         let path = dir.join(format!("{number:06}.jsonl"));
         let mut events: Vec<&Recorded> = chunk.iter().flat_map(|(_, e)| e).collect();
@@ -141,8 +145,14 @@ fn due(
 
 /// Writes `events` as export lines to `path` durably; returns its size.
 fn write_archive(path: &Path, events: &[&Recorded]) -> std::io::Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("jsonl.tmp");
-    let file = std::fs::File::create(&tmp)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(crate::store::disk::FILE_MODE)
+        .open(&tmp)?;
     let mut out = BufWriter::new(file);
     for rec in events {
         serde_json::to_writer(&mut out, &super::json::event_json(rec))?;
@@ -153,9 +163,7 @@ fn write_archive(path: &Path, events: &[&Recorded]) -> std::io::Result<u64> {
     let bytes = file.metadata()?.len();
     std::fs::rename(&tmp, path)?;
     // The rename must be on disk before the requests leave the log.
-    if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
+    crate::store::disk::sync_parent(path)?;
     Ok(bytes)
 }
 

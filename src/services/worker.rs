@@ -113,6 +113,10 @@ pub struct ImageWorkers {
     client: reqwest::Client,
     models: Vec<ModelSettings>,
     retry_base: Duration,
+    /// The whole of one attempt, answer body included (§4): the client's
+    /// read timeout restarts at every byte, so a worker that trickles its
+    /// answer would hold the model's lane forever without it.
+    attempt_deadline: Duration,
     permits: Arc<Semaphore>,
 }
 
@@ -123,20 +127,24 @@ impl ImageWorkers {
             client,
             models: settings.models.clone(),
             retry_base: settings.retry_base,
+            attempt_deadline: settings.worker_timeout,
             permits,
         }
     }
 
-    /// For tests and tools: explicit models and backoff base.
+    /// For tests and tools: explicit models, backoff base and deadline of
+    /// one attempt.
     pub fn from_parts(
         client: reqwest::Client,
         models: Vec<ModelSettings>,
         retry_base: Duration,
+        attempt_deadline: Duration,
     ) -> Self {
         ImageWorkers {
             client,
             models,
             retry_base,
+            attempt_deadline,
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         }
     }
@@ -167,13 +175,19 @@ impl ImageWorkers {
                 }
             }
         };
-        let response = request.send().await.map_err(transport)?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(parse_retry_after);
-        let body = read_limited(response).await?;
+        let answer = async {
+            let response = request.send().await.map_err(transport)?;
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(parse_retry_after);
+            let body = read_limited(response).await?;
+            Ok::<_, Attempt>((status, retry_after, body))
+        };
+        let (status, retry_after, body) = tokio::time::timeout(self.attempt_deadline, answer)
+            .await
+            .map_err(|_| Attempt::Timeout)??;
         let secrets: Vec<&str> = model.key.iter().map(|k| k.expose_secret()).collect();
         match status {
             200 => decode_image(&body, &secrets),
@@ -222,7 +236,14 @@ fn transport(e: reqwest::Error) -> Attempt {
 }
 
 async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Attempt> {
-    let mut body = Vec::new();
+    // One copy of the bytes: sized once from Content-Length when it is
+    // given (and sane), instead of growing by doubling.
+    let announced = response
+        .content_length()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| *n <= MAX_ANSWER_BYTES)
+        .unwrap_or(0);
+    let mut body = Vec::with_capacity(announced);
     while let Some(chunk) = response.chunk().await.map_err(transport)? {
         if body.len() + chunk.len() > MAX_ANSWER_BYTES {
             return Err(Attempt::NotImage(format!(

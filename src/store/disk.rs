@@ -12,6 +12,17 @@ use std::time::{Duration, Instant};
 pub const DIR_MODE: u32 = 0o700;
 pub const FILE_MODE: u32 = 0o600;
 
+/// Makes every file and folder this process creates from now on owner-only
+/// (umask 077), sled's files and the query socket included: set before the
+/// first is made, so there is no window in which others can read one.
+pub fn private_umask() {
+    // SAFETY: umask only swaps the process's file-mode mask; it cannot fail
+    // and touches no memory.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 /// An exclusive `flock` on `<log>.lock`, held for as long as this value
 /// lives. Whoever writes, reads a stopped log or compacts holds it, and
 /// takes it *before* tidying up an interrupted compaction, so no process

@@ -1,6 +1,9 @@
 //! spawn_app(): the real bot on a temporary data dir, wired to fakes.
 #![allow(dead_code)]
 
+#[path = "../common/panic_report.rs"]
+mod panic_report;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +37,7 @@ pub struct TestApp {
 }
 
 pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
+    panic_report::install();
     capture_logs();
     let tg = FakeTelegram::start(TOKEN).await.unwrap();
     let flux = FakeWorker::flux(Duration::from_millis(20)).await.unwrap();
@@ -240,8 +244,12 @@ pub fn capture_logs() {
     }
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        // Everything at TRACE, under the same rule as `easel run` (see
+        // `easel::telemetry`: without it, sled's deferred TRACE line could
+        // abort this whole binary when a thread exits).
+        let filter = easel::telemetry::log_filter("trace").expect("a valid filter");
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
+            .with_env_filter(filter)
             .with_ansi(false)
             .with_writer(|| Capture)
             .try_init();

@@ -82,8 +82,9 @@ async fn fifo_across_users_and_one_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flux_and_sdxl_run_at_the_same_time() {
     let mut app = spawn_app(&[]).await;
-    app.tg.user_sends(3001, 3001, "/image=flux=a slow river");
-    app.tg.user_sends(3002, 3002, "/image=sdxl=a slow mountain");
+    // Both held by their workers until seen overlapping: no timing involved.
+    app.tg.user_sends(3001, 3001, "/image=flux=a held river");
+    app.tg.user_sends(3002, 3002, "/image=sdxl=a held mountain");
     let until = tokio::time::Instant::now() + WAIT;
     let mut overlapped = false;
     while tokio::time::Instant::now() < until && !overlapped {
@@ -95,6 +96,8 @@ async fn flux_and_sdxl_run_at_the_same_time() {
         overlapped,
         "the two models never generated at the same time"
     );
+    app.flux.release();
+    app.sdxl.release();
     assert!(app.images_to(3001, 1).await && app.images_to(3002, 1).await);
     app.stop().await;
 }
@@ -135,7 +138,7 @@ async fn every_rejection_is_a_reply() {
     // Pending cap (3), then the rate limit (3 per 60 s).
     for i in 0..4 {
         app.tg
-            .user_sends(u, u, &format!("/image=flux=a slow thing {i}"));
+            .user_sends(u, u, &format!("/image=flux=a held thing {i}"));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
@@ -188,8 +191,8 @@ async fn the_allowlist_comes_before_anything_is_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_all_and_cancel_by_id_prefix() {
     let mut app = spawn_app(&[("EASEL_MAX_PENDING_PER_USER", "5")]).await;
-    // A slow request holds flux so the next ones stay queued.
-    app.tg.user_sends(5000, 5000, "/image=flux=a slow blocker");
+    // A held request keeps flux busy so the next ones stay queued.
+    app.tg.user_sends(5000, 5000, "/image=flux=a held blocker");
     assert!(app.text_to(5000, "Queued").await);
     let u = 5001;
     for i in 0..3 {
@@ -229,6 +232,7 @@ async fn cancel_all_and_cancel_by_id_prefix() {
     app.tg.user_sends(u, u, "/queue");
     assert!(app.text_to(u, "You have no requests in progress.").await);
     // The blocker was never cancelled and arrives.
+    app.flux.release();
     assert!(app.images_to(5000, 1).await);
     assert_eq!(app.flux.stats.calls.load(Ordering::SeqCst), 1);
     app.stop().await;
@@ -344,7 +348,7 @@ async fn a_restart_mid_queue_loses_nothing() {
     let users = [9001, 9002, 9003];
     for u in users {
         app.tg
-            .user_sends(u, u, &format!("/image=flux=a slow scene for {u}"));
+            .user_sends(u, u, &format!("/image=flux=a held scene for {u}"));
         assert!(app.text_to(u, "Queued for flux").await);
     }
     // Stop while the first is generating and the others wait.
@@ -355,6 +359,7 @@ async fn a_restart_mid_queue_loses_nothing() {
             .await
     );
     app.restart().await;
+    app.flux.release();
     for u in users {
         assert!(app.images_to(u, 1).await, "{u} lost its image");
     }
@@ -537,6 +542,48 @@ async fn no_secret_or_internal_url_in_any_message() {
     for rec in app.core().store().read_from(1).filter_map(Result::ok) {
         let json = serde_json::to_string(&rec).unwrap();
         assert!(!json.contains(SDXL_KEY) && !json.contains(TOKEN), "{json}");
+    }
+    app.stop().await;
+}
+
+/// The data dir is the bot's alone (§6): after a request went through,
+/// every folder in it is 0700 and every file (log, lock, kept image, query
+/// socket) 0600, as created, whatever the umask the process started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_dir_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let mut app = spawn_app(&[]).await;
+    app.tg.user_sends(9101, 9101, "/image=flux=a private fox");
+    assert!(app.images_to(9101, 1).await);
+    fn walk(dir: &std::path::Path, seen: &mut Vec<(String, u32, bool)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            let name = e.path().display().to_string();
+            if meta.is_dir() {
+                seen.push((name, mode, true));
+                walk(&e.path(), seen);
+            } else {
+                seen.push((name, mode, meta.file_type().is_socket()));
+            }
+        }
+    }
+    let mut seen = Vec::new();
+    let root = std::fs::metadata(app.dir.path())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    walk(app.dir.path(), &mut seen);
+    assert_eq!(root, 0o700);
+    assert!(seen.iter().any(|(n, _, _)| n.ends_with("easel.sock")));
+    assert!(
+        seen.iter()
+            .any(|(n, _, _)| n.ends_with(".png") || n.ends_with(".jpg"))
+    );
+    for (name, mode, _) in &seen {
+        assert_eq!(mode & 0o077, 0, "{name} is {mode:o}");
     }
     app.stop().await;
 }

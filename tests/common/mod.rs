@@ -3,6 +3,8 @@
 //! the HTTP fakes of outside services belong to the services and bot tests).
 #![allow(dead_code)]
 
+pub mod panic_report;
+
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
