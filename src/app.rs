@@ -348,30 +348,43 @@ async fn pause_answering(
     told || *shutdown.borrow()
 }
 
-/// getMe, retried while Telegram cannot be reached; a refused token is a
-/// configuration error.
+/// getMe, retried with backoff (500 ms doubling to 30 s, with jitter) while
+/// Telegram cannot be reached or answers with a server error; only a
+/// refused token (`401 Unauthorized`, `404 Not Found`) is a configuration
+/// error. A Telegram outage at start, or during a restart after the disk
+/// filled, must not stop the bot.
 async fn who_am_i(
     api: &TelegramApi,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<String, StartError> {
-    let mut wait = Duration::from_millis(500);
-    loop {
-        match api.bot().get_me().await {
-            Ok(me) => return Ok(me.user.username.clone().unwrap_or_default()),
-            Err(teloxide::RequestError::Api(e)) => {
-                return Err(StartError::Config(format!(
-                    "Telegram refused TELEGRAM_BOT_TOKEN ({e}); check the token from @BotFather."
-                )));
-            }
-            Err(e) => {
-                tracing::warn!(error = %api.describe(&e), "Telegram is not reachable yet");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => return Err(StartError::Other(anyhow::anyhow!("stopped before Telegram answered"))),
-                }
-                wait = (wait * 2).min(Duration::from_secs(30));
-            }
-        }
+    use backon::{ExponentialBuilder, Retryable};
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
+        .with_jitter();
+    let bad_token = |e: &teloxide::RequestError| {
+        matches!(
+            e,
+            teloxide::RequestError::Api(teloxide::ApiError::InvalidToken)
+        )
+    };
+    let get_me = (|| async { api.bot().get_me().await })
+        .retry(backoff)
+        .sleep(tokio::time::sleep)
+        .when(|e| !bad_token(e))
+        .notify(|e, wait| {
+            tracing::warn!(error = %api.describe(e), ?wait, "Telegram is not reachable yet (getMe)");
+        });
+    tokio::select! {
+        r = get_me => match r {
+            Ok(me) => Ok(me.user.username.clone().unwrap_or_default()),
+            Err(e) => Err(StartError::Config(format!(
+                "Telegram refused TELEGRAM_BOT_TOKEN ({}); check the token from @BotFather.",
+                api.describe(&e)
+            ))),
+        },
+        _ = shutdown.wait_for(|s| *s) => Err(StartError::Other(anyhow::anyhow!("stopped before Telegram answered"))),
     }
 }
 

@@ -309,6 +309,17 @@ impl Intake {
                 return;
             }
         };
+        // A button acts only on a request of the chat it is pressed in
+        // (§2): button data comes from the client and can be forged to
+        // name any request id, another chat's included.
+        let ours = matches!(
+            events.first().map(|r| &r.event),
+            Some(Event::Queued { origin, .. }) if origin.chat_id.0 == chat
+        );
+        if !ours {
+            self.answer(query, words::unknown_button()).await;
+            return;
+        }
         match action {
             "again" => {
                 let Some(Event::Queued { model, prompt, .. }) = events.first().map(|r| &r.event)

@@ -587,3 +587,69 @@ async fn the_data_dir_is_readable_by_its_owner_only() {
     }
     app.stop().await;
 }
+
+/// A Telegram 5xx at `getMe` (start-up, or a restart after the disk
+/// filled) is an outage, retried with backoff; it is not a refused token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telegram_5xx_at_get_me_is_waited_out_not_a_bad_token() {
+    let mut app = spawn_app(&[]).await;
+    app.stop().await;
+    // One is enough: teloxide itself waits 10 s after any 5xx.
+    app.tg
+        .fail_next("getMe", 1, Failure::Status(502, "Bad Gateway".into()));
+    app.start().await;
+    let count = |m: &str| app.tg.calls().iter().filter(|c| c.method == m).count();
+    assert_eq!(count("getMe (failed)"), 1, "the 502 was answered");
+    assert_eq!(count("getMe"), 2, "one getMe answered per start");
+    app.tg
+        .user_sends(9201, 9201, "/image=flux=after the outage");
+    assert!(app.images_to(9201, 1).await);
+    app.stop().await;
+}
+
+/// Buttons act only on a request of the chat they are pressed in: data
+/// forged by a modified client to name another chat's request gets "no
+/// longer works", creates nothing and sends nothing (§2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_button_for_another_chats_request_does_nothing() {
+    let mut app = spawn_app(&[]).await;
+    let (owner, intruder) = (9301, 9302);
+    app.tg
+        .user_sends(owner, owner, "/image=flux=a private garden");
+    assert!(app.images_to(owner, 1).await);
+    let photo = app.photo_calls(owner).remove(0);
+    let markup = photo.reply_markup.clone().unwrap();
+    let data = |i: usize| {
+        markup["inline_keyboard"][0][i]["callback_data"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    app.tg.user_sends(intruder, intruder, "/help");
+    assert!(app.text_to(intruder, "Models:").await);
+    for i in [0, 1] {
+        app.tg.user_presses(intruder, intruder, 1, &data(i));
+    }
+    let answered = |a: &helpers::TestApp| {
+        a.tg.calls()
+            .iter()
+            .filter(|c| {
+                c.method == "answerCallbackQuery"
+                    && c.text.as_deref() == Some("This button no longer works.")
+            })
+            .count()
+            == 2
+    };
+    assert!(app.eventually(answered).await, "{:#?}", app.tg.calls());
+    assert!(
+        app.photo_calls(intruder).is_empty(),
+        "an image went to the intruder"
+    );
+    assert_eq!(
+        app.flux.stats.calls.load(Ordering::SeqCst),
+        1,
+        "Again ran for a forged button"
+    );
+    assert_eq!(app.core().read(|s| s.requests().count()), 0);
+    app.stop().await;
+}
