@@ -646,3 +646,61 @@ async fn every_command_works_while_the_bot_holds_the_data_dir() {
     let (code, out, _) = easel(dir.path(), &["audit", "list", "--json"]);
     assert_eq!((code, json_lines(&out).len()), (0, 3));
 }
+
+/// Text from outside reaches the operator's terminal with its control and
+/// bidi characters made visible (§6): a prompt, an LLM answer recorded
+/// before cleaning removed controls, and a worker error, each carrying an
+/// escape sequence, print as `\u{1b}`, never raw.
+#[test]
+fn audit_prints_outside_text_with_escapes_made_visible() {
+    use easel::domain::{Event, FailureKind};
+    use easel::store::{EventStore, NewEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&easel::app::log_dir(dir.path())).unwrap();
+    let r = common::request("flux", 1, "red fox \u{1b}[2J\u{202e}gnp.exe");
+    let id = RequestId::new_at(chrono::Utc::now());
+    let at = chrono::Utc::now();
+    let ev = |event| NewEvent {
+        request_id: id,
+        at,
+        event,
+    };
+    store
+        .append(vec![
+            ev(Event::Queued {
+                model: r.model,
+                prompt: r.prompt,
+                origin: r.origin,
+            }),
+            ev(Event::Started),
+            ev(Event::Enhanced {
+                prompt: "a fox\u{1b}]0;pwned\u{7}".into(),
+                fallback: None,
+            }),
+            ev(Event::Failed {
+                kind: FailureKind::Unavailable,
+                reason: "worker said \u{1b}[31mNO\u{9b}".into(),
+                attempts: 1,
+                statuses: vec!["503".into()],
+            }),
+        ])
+        .unwrap();
+    drop(store);
+    let short = &id.to_string()[..13];
+    for args in [
+        vec!["audit", "show", short],
+        vec!["audit", "list"],
+        vec!["audit", "stats"],
+    ] {
+        let (code, out, err) = easel(dir.path(), &args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(
+            !out.contains(['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}']),
+            "{args:?} printed a raw control: {out:?}"
+        );
+    }
+    let (_, out, _) = easel(dir.path(), &["audit", "show", short]);
+    assert!(out.contains("red fox \\u{1b}[2J\\u{202e}gnp.exe"), "{out}");
+    assert!(out.contains("a fox\\u{1b}]0;pwned\\u{7}"), "{out}");
+    assert!(out.contains("worker said \\u{1b}[31mNO\\u{9b}"), "{out}");
+}

@@ -231,13 +231,13 @@ pub fn audit_show(src: &Source, archive: &Path, prefix: &str, json_out: bool, ou
         record.attempts,
         when(record.created_at, now),
         when(record.updated_at, now),
-        record.prompt
+        super::visible(&record.prompt)
     );
     if let Some(e) = &record.enhanced_prompt {
-        text.push_str(&format!("enhanced  {e}\n"));
+        text.push_str(&format!("enhanced  {}\n", super::visible(e)));
     }
     if let Some(e) = &record.error {
-        text.push_str(&format!("error     {e}\n"));
+        text.push_str(&format!("error     {}\n", super::visible(e)));
     }
     if let Some(file) = &archived_in {
         text.push_str(&format!("archived  {}\n", file.display()));

@@ -75,10 +75,7 @@ pub fn records(items: impl Iterator<Item = ReadItem>) -> Result<Vec<RequestRecor
 
 /// `text` cut to `max` characters with "…".
 pub fn elide(text: &str, max: usize) -> String {
-    let flat: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let flat: String = visible(&text.replace(|c: char| c.is_control(), " "));
     if flat.chars().count() <= max {
         flat
     } else {
@@ -88,6 +85,29 @@ pub fn elide(text: &str, max: usize) -> String {
 }
 
 /// A table of requests for people.
+/// Text from outside (prompts, LLM answers, worker errors) made safe for an
+/// operator's terminal (§6): control characters (escape sequences, line
+/// breaks, C1) and the bidirectional overrides that can make a line read
+/// differently from what it holds are shown as `\u{..}`, never passed raw.
+pub fn visible(text: &str) -> String {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(hidden) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if hidden(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub fn table(records: &[RequestRecord], prompt_width: usize) -> String {
     let mut table = Table::new();
     table

@@ -44,7 +44,28 @@ pub fn clean_llm_answer(raw: &str) -> String {
             break;
         }
     }
-    truncate_chars(text, MAX_PROMPT_CHARS).trim_end().to_owned()
+    let text = without_controls(text);
+    truncate_chars(text.trim(), MAX_PROMPT_CHARS)
+        .trim_end()
+        .to_owned()
+}
+
+/// Control characters removed (§4): line breaks and tabs become a space
+/// (an image prompt is one line of description), every other control (C0,
+/// DEL, C1: terminal escapes among them) goes. The prompt is stored in the
+/// log, sent to the worker and shown in captions and by `easel audit`.
+fn without_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '\n' | '\r' | '\t') {
+            if !out.ends_with(' ') {
+                out.push(' ');
+            }
+        } else if !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The first `max` Unicode scalar values of `s` (a prefix, so always on a
@@ -138,6 +159,16 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_are_removed() {
+        assert_eq!(
+            clean_llm_answer("a fox\u{1b}[2J\u{1b}]0;owned\u{7}\nin snow\tat dawn\u{9b}\u{7f}"),
+            "a fox[2J]0;owned in snow at dawn"
+        );
+        assert_eq!(clean_llm_answer("\u{0}\u{1}\u{2}"), "");
+        assert_eq!(clean_llm_answer("دو گربه\r\nروی برف"), "دو گربه روی برف");
+    }
+
+    #[test]
     fn cuts_at_1000_scalar_values_on_a_boundary() {
         let persian = "گ".repeat(1500);
         assert_eq!(clean_llm_answer(&persian).chars().count(), 1000);
@@ -159,6 +190,7 @@ mod tests {
         fn arbitrary_unicode_including_controls(s in any::<String>()) {
             let out = clean_llm_answer(&s);
             prop_assert!(out.chars().count() <= MAX_PROMPT_CHARS);
+            prop_assert!(!out.chars().any(char::is_control), "{:?}", out);
         }
 
         #[test]
