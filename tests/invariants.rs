@@ -268,7 +268,11 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Cancel { user } => {
-                let mut got = sys.core.cancel_queued(UserId(user), None).await.unwrap();
+                let mut got = sys
+                    .core
+                    .cancel_queued(UserId(user), None, None)
+                    .await
+                    .unwrap();
                 let mut want = Vec::new();
                 for q in &mut model.waiting {
                     q.retain(|id| {

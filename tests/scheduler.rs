@@ -362,3 +362,43 @@ async fn runners_wake_on_events_and_a_stuck_model_never_delays_another() {
             .unwrap();
     }
 }
+
+/// `/cancel` is idempotent by update id: it cancels only requests of
+/// earlier updates, so the same `/cancel` delivered again after a restart
+/// never reaches a request the user sent after it.
+#[tokio::test]
+async fn a_redelivered_cancel_never_reaches_a_later_request() {
+    use easel::domain::{Limits, UserId};
+    use easel::engine::Admitted;
+    let dir = tempfile::tempdir().unwrap();
+    let core = common::open_core(dir.path(), common::clock());
+    let req = |update: u32| {
+        let mut r = common::request("flux", 7, &format!("made by update {update}"));
+        r.origin.update_id = Some(update);
+        r.origin.message_id = Some(update as i32);
+        r
+    };
+    let limits = Limits::default();
+    let Admitted::Queued { id: before, .. } = core.accept(req(100), &limits).await.unwrap() else {
+        panic!()
+    };
+    // The /cancel was update 101; the user then sent update 102.
+    let Admitted::Queued { id: after, .. } = core.accept(req(102), &limits).await.unwrap() else {
+        panic!()
+    };
+    let cancelled = core
+        .cancel_queued(UserId(7), None, Some(101))
+        .await
+        .unwrap();
+    assert_eq!(cancelled, vec![before]);
+    // Update 101 again (a crash before its offset was saved).
+    let again = core
+        .cancel_queued(UserId(7), None, Some(101))
+        .await
+        .unwrap();
+    assert!(
+        again.is_empty(),
+        "the redelivered /cancel cancelled {again:?}"
+    );
+    assert!(core.read(|s| s.request(after).is_some()));
+}

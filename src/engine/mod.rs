@@ -171,44 +171,67 @@ impl<S: EventStore> Core<S> {
     /// [`AcceptError::Rejected`] for a limit, [`AcceptError::Store`] when it
     /// could not be made durable (the user must not be told "queued").
     pub async fn accept(&self, req: NewRequest, limits: &Limits) -> Result<Admitted, AcceptError> {
+        let admitted = self.admit(req, limits)?;
+        if let Admitted::Queued { seq, .. } = admitted {
+            self.durable(seq).await?;
+        }
+        Ok(admitted)
+    }
+
+    /// The first half of [`Core::accept`]: idempotency, limits and the
+    /// `Queued` append, in the order of the calls, without waiting for the
+    /// disk. Intake admits a batch of updates one after the other in
+    /// `update_id` order this way, and their durability waits then share
+    /// one flush. The request is **not yet acknowledged**: nobody may be
+    /// told "queued" before [`Core::durable`] of its seq returned.
+    ///
+    /// # Errors
+    /// As [`Core::accept`], without the flush.
+    pub fn admit(&self, req: NewRequest, limits: &Limits) -> Result<Admitted, AcceptError> {
         let now = self.clock.now();
-        let (rec, position) = {
-            let mut state = self.lock();
-            // The duplicate check and the write happen under the same lock,
-            // and the append writes the intake keys before it returns.
-            if let Some(u) = req.origin.update_id
-                && let Some(id) = self.store.find_update(u)?
-            {
-                return Ok(Admitted::Duplicate { id });
-            }
-            if let Some(m) = req.origin.message_id
-                && let Some(id) = self.store.find_message(req.origin.chat_id, m)?
-            {
-                return Ok(Admitted::Duplicate { id });
-            }
-            state.admit(req.origin.user_id, limits, now)?;
-            let id = RequestId::new_at(now);
-            let event = Event::Queued {
-                model: req.model,
-                prompt: req.prompt,
-                origin: req.origin,
-            };
-            let rec = self
-                .append_locked(&mut state, id, event, now)
-                .map_err(|e| match e {
-                    CoreError::Store(s) => AcceptError::Store(s),
-                    other => AcceptError::Store(StoreError::Write(other.to_string())),
-                })?;
-            let position = state.position(id).unwrap_or(0);
-            (rec, position)
+        let mut state = self.lock();
+        // The duplicate check and the write happen under the same lock,
+        // and the append writes the intake keys before it returns.
+        if let Some(u) = req.origin.update_id
+            && let Some(id) = self.store.find_update(u)?
+        {
+            return Ok(Admitted::Duplicate { id });
+        }
+        if let Some(m) = req.origin.message_id
+            && let Some(id) = self.store.find_message(req.origin.chat_id, m)?
+        {
+            return Ok(Admitted::Duplicate { id });
+        }
+        state.admit(req.origin.user_id, limits, now)?;
+        let id = RequestId::new_at(now);
+        let event = Event::Queued {
+            model: req.model,
+            prompt: req.prompt,
+            origin: req.origin,
         };
-        self.store.wait_durable(rec.seq).await?;
-        self.maybe_checkpoint();
+        let rec = self
+            .append_locked(&mut state, id, event, now)
+            .map_err(|e| match e {
+                CoreError::Store(s) => AcceptError::Store(s),
+                other => AcceptError::Store(StoreError::Write(other.to_string())),
+            })?;
+        let position = state.position(id).unwrap_or(0);
         Ok(Admitted::Queued {
             id: rec.request_id,
             position,
             seq: rec.seq,
         })
+    }
+
+    /// Waits until every event up to `seq` is on disk (shared with every
+    /// concurrent waiter), then checkpoints if one is due.
+    ///
+    /// # Errors
+    /// When the disk refused.
+    pub async fn durable(&self, seq: u64) -> Result<(), StoreError> {
+        self.store.wait_durable(seq).await?;
+        self.maybe_checkpoint();
+        Ok(())
     }
 
     /// Runs a lifecycle command on an unfinished request. Start goes through
@@ -274,16 +297,29 @@ impl<S: EventStore> Core<S> {
     /// Cancels every queued request of `user` (optionally only ids starting
     /// with `prefix`); returns the cancelled ids.
     ///
+    /// `issued_by` is the Telegram update of the cancel: only requests of
+    /// earlier updates are cancelled. Update ids rise in the order Telegram
+    /// received the messages, so a `/cancel` never reaches a request the
+    /// user sent after it, also when the same `/cancel` is delivered again
+    /// after a restart (cancelling is idempotent by update id, with no
+    /// state of its own).
+    ///
     /// # Errors
     /// A store error; requests cancelled before it stay cancelled.
     pub async fn cancel_queued(
         &self,
         user: crate::domain::UserId,
         prefix: Option<&str>,
+        issued_by: Option<u32>,
     ) -> Result<Vec<RequestId>, CoreError> {
+        let earlier = |r: &crate::projection::ActiveRequest| match (r.origin.update_id, issued_by) {
+            (Some(made_by), Some(cancel)) => made_by < cancel,
+            _ => true,
+        };
         let ids: Vec<RequestId> = self.read(|s| {
             s.requests()
                 .filter(|r| r.origin.user_id == user && r.stage == Stage::Queued)
+                .filter(|r| earlier(r))
                 .filter(|r| {
                     prefix.is_none_or(|p| r.id.to_string().starts_with(&p.to_ascii_lowercase()))
                 })

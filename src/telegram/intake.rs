@@ -15,6 +15,7 @@ use teloxide::types::{
 use super::api::{Policy, TelegramApi};
 use super::parse::{Input, parse};
 use super::status::StatusBoard;
+use super::turn::Turn;
 use super::words;
 use crate::config::Settings;
 use crate::domain::ids::InvalidPrompt;
@@ -86,11 +87,15 @@ impl Intake {
     }
 
     /// Handles one update. Never fails: problems become replies or logs.
-    pub async fn handle(&self, update: Update) {
+    /// Records nothing before `turn` comes (the earlier updates of its batch
+    /// have recorded theirs), and passes the turn on as soon as it has
+    /// recorded what it records, before any reply or durability wait.
+    pub async fn handle(&self, update: Update, turn: Turn) {
+        turn.wait().await;
         let update_id = update.id.0;
         match update.kind {
-            UpdateKind::Message(msg) => self.message(update_id, &msg).await,
-            UpdateKind::CallbackQuery(q) => self.callback(update_id, &q).await,
+            UpdateKind::Message(msg) => self.message(update_id, &msg, turn).await,
+            UpdateKind::CallbackQuery(q) => self.callback(update_id, &q, turn).await,
             _ => {}
         }
     }
@@ -99,7 +104,7 @@ impl Intake {
         send_text(&self.api, to, text).await
     }
 
-    async fn message(&self, update_id: u32, msg: &Message) {
+    async fn message(&self, update_id: u32, msg: &Message, mut turn: Turn) {
         let Some(text) = msg.text() else { return };
         let Some(user) = msg.from.as_ref() else {
             return;
@@ -110,6 +115,11 @@ impl Intake {
             to_message: Some(msg.id.0),
         };
         let input = parse(text, Some(&self.username));
+        // Only these record (or read what earlier updates recorded); the
+        // others pass the turn at once.
+        if !matches!(input, Input::Image { .. } | Input::Cancel(_) | Input::Queue) {
+            turn.pass();
+        }
         if input == Input::NotForUs {
             // In a private chat plain text gets a hint; in groups, silence.
             if msg.chat.is_private() && self.allowed(user_id) {
@@ -119,6 +129,7 @@ impl Intake {
         }
         // The allowlist comes before anything is recorded.
         if !self.allowed(user_id) {
+            turn.pass();
             self.send(to, words::not_allowed()).await;
             return;
         }
@@ -130,7 +141,7 @@ impl Intake {
                     message_id: Some(msg.id.0),
                     update_id: Some(update_id),
                 };
-                self.image(to, origin, &model, &prompt).await;
+                self.image(to, origin, &model, &prompt, turn).await;
             }
             Input::ImageUsage => {
                 self.send(to, words::usage(&self.model_names())).await;
@@ -140,12 +151,13 @@ impl Intake {
             }
             Input::Queue => {
                 let text = self.queue_text(UserId(user_id));
+                turn.pass();
                 self.send(to, text).await;
             }
             Input::Cancel(prefix) => {
                 let text = match self
                     .core
-                    .cancel_queued(UserId(user_id), prefix.as_deref())
+                    .cancel_queued(UserId(user_id), prefix.as_deref(), Some(update_id))
                     .await
                 {
                     Ok(ids) if ids.is_empty() && prefix.is_some() => {
@@ -157,6 +169,7 @@ impl Intake {
                         words::busy()
                     }
                 };
+                turn.pass();
                 self.send(to, text).await;
             }
             Input::UnknownCommand(_) => {
@@ -173,49 +186,72 @@ impl Intake {
         origin: Origin,
         model: &str,
         prompt: &str,
+        mut turn: Turn,
     ) -> Option<RequestId> {
-        let models = self.model_names();
-        let Ok(name) = ModelName::parse(model) else {
-            self.send(to, words::unknown_model(model, &models)).await;
-            return None;
-        };
-        if self.settings.model(&name).is_none() {
-            let text = if self.settings.disabled_models.contains(&name) {
-                words::not_configured(name.as_str())
-            } else {
-                words::unknown_model(model, &models)
-            };
-            self.send(to, text).await;
-            return None;
-        }
-        let prompt = match Prompt::parse(prompt) {
-            Ok(p) => p,
-            Err(InvalidPrompt::Empty) => {
-                self.send(to, words::empty_prompt()).await;
-                return None;
-            }
-            Err(InvalidPrompt::TooLong { chars }) => {
-                self.send(
-                    to,
-                    words::prompt_too_long(chars, crate::domain::ids::MAX_PROMPT_CHARS),
-                )
-                .await;
+        // Validation records nothing: the next update may go ahead.
+        let checked = self.check_image(model, prompt);
+        let (name, prompt) = match checked {
+            Ok(ok) => ok,
+            Err(text) => {
+                turn.pass();
+                self.send(to, text).await;
                 return None;
             }
         };
         let chat = origin.chat_id.0;
-        match self
-            .core
-            .accept(
-                NewRequest {
-                    model: name.clone(),
-                    prompt,
-                    origin,
-                },
-                &self.settings.limits,
-            )
-            .await
-        {
+        let admitted = self.core.admit(
+            NewRequest {
+                model: name.clone(),
+                prompt,
+                origin,
+            },
+            &self.settings.limits,
+        );
+        turn.pass();
+        // Told nobody yet: the reply waits for the disk (shared with the
+        // rest of the batch).
+        let admitted = match admitted {
+            Ok(Admitted::Queued { seq, .. }) => match self.core.durable(seq).await {
+                Ok(()) => admitted,
+                Err(e) => Err(AcceptError::Store(e)),
+            },
+            other => other,
+        };
+        self.answer_admission(to, chat, name, admitted).await
+    }
+
+    /// The model and prompt of an `/image`, or the reply that refuses it.
+    fn check_image(&self, model: &str, prompt: &str) -> Result<(ModelName, Prompt), String> {
+        let models = self.model_names();
+        let Ok(name) = ModelName::parse(model) else {
+            return Err(words::unknown_model(model, &models));
+        };
+        if self.settings.model(&name).is_none() {
+            return Err(if self.settings.disabled_models.contains(&name) {
+                words::not_configured(name.as_str())
+            } else {
+                words::unknown_model(model, &models)
+            });
+        }
+        match Prompt::parse(prompt) {
+            Ok(p) => Ok((name, p)),
+            Err(InvalidPrompt::Empty) => Err(words::empty_prompt()),
+            Err(InvalidPrompt::TooLong { chars }) => Err(words::prompt_too_long(
+                chars,
+                crate::domain::ids::MAX_PROMPT_CHARS,
+            )),
+        }
+    }
+
+    /// The reply to an admission (queued only once durable).
+    async fn answer_admission(
+        &self,
+        to: Reply,
+        chat: i64,
+        name: ModelName,
+        admitted: Result<Admitted, AcceptError>,
+    ) -> Option<RequestId> {
+        match admitted {
             Ok(Admitted::Queued { id, position, .. }) => {
                 let wait = self.core.read(|s| s.estimated_wait(&name, position));
                 let text = words::queued(name.as_str(), position, wait);
@@ -282,8 +318,17 @@ impl Intake {
         answer_query(&self.api, query, text).await;
     }
 
-    async fn callback(&self, update_id: u32, query: &CallbackQuery) {
+    async fn callback(&self, update_id: u32, query: &CallbackQuery, mut turn: Turn) {
         let user_id = i64::try_from(query.from.id.0).unwrap_or(i64::MAX);
+        let again = query
+            .data
+            .as_deref()
+            .is_some_and(|d| d.starts_with("again:"));
+        // Only 🔁 Again records (a new request); every other press passes
+        // the turn at once. (Dropping the turn on a path below passes it too.)
+        if !again {
+            turn.pass();
+        }
         if !self.allowed(user_id) {
             self.answer(query, words::not_allowed()).await;
             return;
@@ -333,13 +378,16 @@ impl Intake {
                     message_id: None,
                     update_id: Some(update_id),
                 };
-                self.answer(query, words::again_button()).await;
                 let to = Reply {
                     chat,
                     to_message: query.message.as_ref().map(|m| m.id().0),
                 };
-                self.image(to, origin, model.as_str(), prompt.as_str())
-                    .await;
+                let (model, prompt) = (model.clone(), prompt.clone());
+                let (answered, _) = tokio::join!(
+                    self.answer(query, words::again_button()),
+                    self.image(to, origin, model.as_str(), prompt.as_str(), turn),
+                );
+                let () = answered;
             }
             "orig" => {
                 let image = events.iter().rev().find_map(|r| match &r.event {

@@ -9,6 +9,7 @@ pub mod parse;
 pub mod poll;
 pub mod standin;
 pub mod status;
+pub mod turn;
 pub mod words;
 
 pub use api::TelegramApi;

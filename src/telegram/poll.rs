@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use super::api::{POLL_TIMEOUT_SECS, TelegramApi};
 use super::intake::Intake;
+use super::turn::Turn;
 use crate::store::EventStore;
 
 const OFFSET_KEY: &str = "telegram/offset";
@@ -43,23 +44,29 @@ pub async fn poll(intake: Arc<Intake>, mut shutdown: watch::Receiver<bool>) -> i
 /// A batch handler's work, owned so the loop stays `Send`.
 pub(crate) type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// Handles one batch (at most [`CONCURRENCY`] at once), then saves its offset.
+/// Handles one batch (at most [`CONCURRENCY`] at once), then saves its
+/// offset. Updates record in `update_id` order (see [`Turn`]); their
+/// replies and durability waits overlap.
 async fn handle_batch(
     intake: Arc<Intake>,
     semaphore: Arc<tokio::sync::Semaphore>,
-    updates: Vec<Update>,
+    mut updates: Vec<Update>,
 ) {
+    updates.sort_by_key(|u| u.id.0);
     let Some(last) = updates.last().map(|u| u.id.0) else {
         return;
     };
     let mut tasks = tokio::task::JoinSet::new();
-    for update in updates {
+    let turns = Turn::batch(updates.len());
+    for (update, turn) in updates.into_iter().zip(turns) {
         let intake = Arc::clone(&intake);
+        // Permits are taken in order, so an update waiting for its turn
+        // never holds one an earlier update needs.
         let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
             break;
         };
         tasks.spawn(async move {
-            intake.handle(update).await;
+            intake.handle(update, turn).await;
             drop(permit);
         });
     }

@@ -653,3 +653,62 @@ async fn a_forged_button_for_another_chats_request_does_nothing() {
     assert_eq!(app.core().read(|s| s.requests().count()), 0);
     app.stop().await;
 }
+
+/// Arrival order (§1): updates that arrive in one `getUpdates` batch are
+/// admitted in `update_id` order, so one user's messages are queued in the
+/// order they were sent (they used to race, 16 at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_is_admitted_in_update_order() {
+    let mut app = spawn_app(&[
+        ("EASEL_MAX_PENDING_PER_USER", "20"),
+        ("EASEL_RATE_LIMIT", "50/60"),
+    ])
+    .await;
+    // A held request keeps flux busy, so every other one waits in line.
+    app.tg.user_sends(9400, 9400, "/image=flux=a held blocker");
+    assert!(app.text_to(9400, "Queued").await);
+    app.stop().await;
+    let u = 9401;
+    for i in 0..12 {
+        app.tg
+            .user_sends(u, u, &format!("/image=flux=picture {i:02}"));
+    }
+    // All twelve wait for the next poll, which takes them as one batch.
+    app.start().await;
+    assert!(
+        app.tg
+            .wait_for(helpers::WAIT, |c| c
+                .iter()
+                .filter(|c| c.chat_id == Some(u)
+                    && c.text.as_deref().is_some_and(|t| t.starts_with("Queued")))
+                .count()
+                == 12)
+            .await
+    );
+    let queued: Vec<String> = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .filter_map(|r| match r.event {
+            easel::domain::Event::Queued { prompt, origin, .. } if origin.user_id.0 == u => {
+                Some(prompt.as_str().to_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    let sent: Vec<String> = (0..12).map(|i| format!("picture {i:02}")).collect();
+    assert_eq!(queued, sent, "queued out of the order sent");
+    // And each reply names the place its message got.
+    let mut positions: Vec<String> = app
+        .tg
+        .texts_to(u)
+        .into_iter()
+        .filter(|t| t.starts_with("Queued"))
+        .collect();
+    positions.sort();
+    positions.dedup();
+    assert_eq!(positions.len(), 12, "{positions:?}");
+    app.flux.release();
+    app.stop().await;
+}
