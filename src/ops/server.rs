@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
@@ -33,23 +33,34 @@ pub fn spawn(
     Ok(tokio::spawn(serve(core, listener, path, shutdown)))
 }
 
+/// The longest query line read; a query is a few hundred bytes.
+const MAX_QUERY_BYTES: u64 = 64 * 1024;
+/// How long a client may take to send its query line.
+const QUERY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn serve(
     core: Arc<Core<SledStore>>,
     listener: UnixListener,
     path: PathBuf,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // The clients' tasks end with the engine (dropping the set aborts
+    // them): each holds the core, and so the log's lock, which a restart
+    // after a refused write must be able to take again.
+    let mut clients = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(answer(Arc::clone(&core), stream));
+                    clients.spawn(answer(Arc::clone(&core), stream));
                 }
                 Err(e) => tracing::warn!(error = %e, "query socket accept failed"),
-            }
+            },
+            Some(_) = clients.join_next(), if !clients.is_empty() => {}
         }
     }
+    clients.shutdown().await;
     remove(&path);
 }
 
@@ -60,8 +71,15 @@ fn remove(path: &Path) {
 async fn answer(core: Arc<Core<SledStore>>, stream: tokio::net::UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    if BufReader::new(read).read_line(&mut line).await.is_err() {
-        return;
+    let mut reader = BufReader::new(read.take(MAX_QUERY_BYTES));
+    match tokio::time::timeout(QUERY_WAIT, reader.read_line(&mut line)).await {
+        Ok(Ok(_)) if line.ends_with('\n') => {}
+        Ok(Ok(_)) if line.len() as u64 >= MAX_QUERY_BYTES => {
+            let _ = write.write_all(b"ERR the query is too long\n").await;
+            return;
+        }
+        // Closed early, unreadable or too slow: nothing to answer.
+        _ => return,
     }
     let query: Query = match serde_json::from_str(&line) {
         Ok(q) => q,

@@ -712,3 +712,31 @@ async fn one_batch_is_admitted_in_update_order() {
     app.flux.release();
     app.stop().await;
 }
+
+/// A query client that connects and never sends (or sends a line with no
+/// end) must not outlive the engine: its task holds the core and with it
+/// the log's lock, which a restart must take again (the disk-full
+/// self-heal reopened "in use" forever). An endless line is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_query_client_does_not_keep_the_log_after_a_stop() {
+    use std::io::{Read, Write};
+    let mut app = spawn_app(&[]).await;
+    let socket = app.dir.path().join("easel.sock");
+    let _silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let mut endless = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    endless.write_all(&vec![b'x'; 70 * 1024]).unwrap();
+    let mut answer = String::new();
+    endless
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let _ = endless.read_to_string(&mut answer);
+    assert_eq!(answer, "ERR the query is too long\n");
+    app.stop().await;
+    let log = easel::app::log_dir(app.dir.path());
+    let reopened = easel::store::SledStore::open_with_wait(&log, std::time::Duration::from_secs(5));
+    assert!(
+        reopened.is_ok(),
+        "the log is still held: {:?}",
+        reopened.err()
+    );
+}
