@@ -183,6 +183,51 @@ impl SledStore {
             .map_err(|e| StoreError::Write(self.inner.refused(&e)))
     }
 
+    /// The highest seq this handle has made durable itself (flushed and
+    /// `fdatasync`ed); what a power cut right now is sure to leave.
+    #[doc(hidden)]
+    pub fn durable_seq(&self) -> u64 {
+        self.inner.durable.borrow().flushed
+    }
+
+    /// A power cut, for tests: every event this handle has not made
+    /// durable is removed with the keys derived from it, as is a checkpoint
+    /// past them, as if sled had recovered only the synced prefix of its
+    /// log. (A real cut may keep more: sled also writes in the background;
+    /// this is the worst case the invariants must survive.) Returns how
+    /// many events went. Use the handle only to drop it afterwards.
+    ///
+    /// # Errors
+    /// A store error.
+    #[doc(hidden)]
+    pub fn lose_unsynced_for_tests(&self) -> Result<u64, StoreError> {
+        let db = &self.inner.db;
+        let kept = self.durable_seq();
+        let mut lost = 0;
+        let tail: Vec<_> = db
+            .range(event_key(kept + 1)..=event_key(u64::MAX))
+            .collect::<Result<_, _>>()
+            .map_err(read_err)?;
+        for (k, v) in tail.iter().rev() {
+            if let Ok(rec) = decode_at(k, v) {
+                for (dk, dv) in derived_keys(&rec) {
+                    let ours = dv.is_empty()
+                        || id_at(db.get(&dk).map_err(read_err)?) == Some(rec.request_id);
+                    if ours {
+                        db.remove(dk).map_err(read_err)?;
+                    }
+                }
+            }
+            db.remove(k).map_err(read_err)?;
+            lost += 1;
+        }
+        if read_checkpoint(db)?.is_some_and(|(seq, _)| seq > kept) {
+            db.remove(CHECKPOINT).map_err(read_err)?;
+        }
+        self.inner.sync().map_err(read_err)?;
+        Ok(lost)
+    }
+
     /// Turns `Some(reason)` at the first write or flush the disk refuses
     /// (full, size limit, I/O error). This handle stays unwritable after
     /// that; the bot restarts its engine on a fresh handle (`app::run`).
