@@ -3,6 +3,11 @@
 //! with SIGKILL at random moments, reopens the log, and checks that every
 //! acknowledged append is there, in order, and that the log reads cleanly.
 //!
+//! A second test kills a child that runs whole requests through the core
+//! while it checkpoints and removes finished requests as retention does:
+//! after every kill no finished (or removed) request is live again, and no
+//! seq is ever given twice, across the log and what was removed.
+//!
 //! `EASEL_CRASH_ROUNDS` (default 8) and `EASEL_CRASH_SEED` (default: time)
 //! size and reproduce a run; the seed is printed.
 
@@ -18,38 +23,53 @@ use easel::store::{EventStore, NewEvent, SledStore};
 const CHILD_DIR: &str = "EASEL_CRASH_CHILD_DIR";
 const CHILD_BASE: &str = "EASEL_CRASH_CHILD_BASE";
 
+const CHILD_MODE: &str = "EASEL_CRASH_CHILD_MODE";
+
+type Test = (&'static str, fn() -> Result<String, String>);
+
 fn main() {
     if let Ok(dir) = std::env::var(CHILD_DIR) {
         let base: u32 = std::env::var(CHILD_BASE)
             .ok()
             .and_then(|b| b.parse().ok())
             .unwrap_or(0);
-        child(&dir, base);
+        match std::env::var(CHILD_MODE).as_deref() {
+            Ok("lifecycle") => lifecycle_child(&dir, base),
+            _ => child(&dir, base),
+        }
         return;
     }
-    // libtest-style filters: run only when asked for or when nothing is named.
+    let tests: [Test; 2] = [
+        ("kill_9_never_loses_an_acknowledged_append", parent),
+        (
+            "kill_9_never_revives_a_finished_or_removed_request_nor_repeats_a_seq",
+            lifecycle_parent,
+        ),
+    ];
+    // libtest-style filters: run only what is named, or everything.
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    if !args.is_empty()
-        && !args
-            .iter()
-            .any(|a| "kill_9_never_loses_an_acknowledged_append".contains(a.as_str()))
-    {
-        println!("0 passed, 0 failed");
-        return;
+    let (mut passed, mut failed) = (0, 0);
+    for (name, run) in tests {
+        if !args.is_empty() && !args.iter().any(|a| name.contains(a.as_str())) {
+            continue;
+        }
+        match run() {
+            Ok(summary) => {
+                println!("test {name} ... ok ({summary})");
+                passed += 1;
+            }
+            Err(e) => {
+                println!("test {name} ... FAILED: {e}");
+                failed += 1;
+            }
+        }
     }
-    match parent() {
-        Ok(summary) => {
-            println!("test kill_9_never_loses_an_acknowledged_append ... ok ({summary})");
-            println!("1 passed, 0 failed");
-        }
-        Err(e) => {
-            println!("test kill_9_never_loses_an_acknowledged_append ... FAILED: {e}");
-            println!("0 passed, 1 failed");
-            std::process::exit(1);
-        }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
     }
 }
 
@@ -225,5 +245,227 @@ fn parent() -> Result<String, String> {
     // allowed (the user was simply never told); losing an ack is not.
     Ok(format!(
         "{rounds} kills, {acked_total} acknowledged appends all present, {total_in_log} in the log"
+    ))
+}
+
+/// Runs requests end to end through the core, forever: accept, checkpoint
+/// (so the latest checkpoint often holds a request as unfinished), start,
+/// enhance, generate, deliver, then remove it from the log as retention
+/// does. Prints `queued <seq> <id>`, `done <id>` and `removed <id>` once
+/// each is durable, and `seq <n>` for every seq it was given.
+fn lifecycle_child(dir: &str, base: u32) {
+    use easel::domain::{Command, ImageRef, Limits, RateLimit};
+    use easel::engine::{Admitted, Core, NewRequest, SystemClock};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let store = SledStore::open(std::path::Path::new(dir)).expect("open");
+        let (core, _) = Core::open_with(store, Arc::new(SystemClock), 1_000).expect("core");
+        core.recover().await.expect("recover");
+        println!("ready");
+        let limits = Limits {
+            rate: RateLimit {
+                count: u32::MAX,
+                window_secs: 1,
+            },
+            max_pending: u32::MAX,
+        };
+        let say = |line: String| {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}").expect("stdout");
+            out.flush().expect("flush");
+        };
+        for i in 0u32.. {
+            let update = base + i;
+            let NewEvent {
+                event:
+                    Event::Queued {
+                        model,
+                        prompt,
+                        origin,
+                    },
+                ..
+            } = queued(update)
+            else {
+                unreachable!("queued() makes a Queued event")
+            };
+            let Admitted::Queued { id, seq, .. } = core
+                .accept(
+                    NewRequest {
+                        model,
+                        prompt,
+                        origin,
+                    },
+                    &limits,
+                )
+                .await
+                .expect("accept")
+            else {
+                continue;
+            };
+            say(format!("queued {seq} {id}"));
+            core.checkpoint().expect("checkpoint");
+            let steps = [
+                Command::Start(easel::domain::SchedulingFacts {
+                    at_head: true,
+                    model_idle: true,
+                }),
+                Command::FinishEnhancing {
+                    prompt: "A FOX IN THE SNOW".into(),
+                    fallback: None,
+                },
+                Command::FinishGenerating {
+                    image: ImageRef {
+                        file: format!("{id}.png"),
+                        bytes: 1,
+                        format: "png".into(),
+                    },
+                    attempts: 1,
+                    statuses: vec!["200".into()],
+                },
+                Command::FinishSending {
+                    message_id: Some(1),
+                },
+            ];
+            for step in steps {
+                let rec = core.execute(id, step).await.expect("step");
+                say(format!("seq {}", rec.seq));
+            }
+            say(format!("done {id}"));
+            core.store()
+                .forget_requests(&[id], "retention/files", &update.to_be_bytes())
+                .expect("forget");
+            say(format!("removed {id}"));
+        }
+    });
+}
+
+/// Kills [`lifecycle_child`] at random moments; after each kill the core
+/// opens from its checkpoint and log, and no request that finished (or was
+/// removed) is live, every acknowledged request is either live or
+/// finished, and every seq handed out is new.
+fn lifecycle_parent() -> Result<String, String> {
+    use easel::engine::{Core, SystemClock};
+    let rounds: u32 = std::env::var("EASEL_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(8);
+    let seed: u64 = std::env::var("EASEL_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64 | 1);
+    println!("lifecycle crash test: {rounds} rounds, EASEL_CRASH_SEED={seed}");
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut seqs_seen = std::collections::BTreeSet::new();
+    let mut finished: std::collections::HashSet<String> = Default::default();
+    let (mut removed_total, mut live_seen) = (0usize, 0usize);
+    for round in 0..rounds {
+        let mut child = Command::new(&exe)
+            .env(CHILD_DIR, dir.path())
+            .env(CHILD_MODE, "lifecycle")
+            .env(CHILD_BASE, (round * 10_000_000).to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let reader = {
+            let lines = Arc::clone(&lines);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if line == "ready" {
+                        let _ = ready_tx.send(());
+                        continue;
+                    }
+                    lines
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(line);
+                }
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| format!("round {round}: child never got ready"))?;
+        std::thread::sleep(Duration::from_millis(20 + rng.next() % 200));
+        child.kill().map_err(|e| e.to_string())?; // SIGKILL
+        child.wait().map_err(|e| e.to_string())?;
+        reader.join().map_err(|_| "reader panicked")?;
+        let lines = std::mem::take(
+            &mut *lines
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut queued = Vec::new();
+        for line in &lines {
+            let mut parts = line.split(' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("queued"), Some(seq), Some(id)) => {
+                    queued.push(id.to_owned());
+                    let seq: u64 = seq.parse().map_err(|e| format!("{e}: {line}"))?;
+                    if !seqs_seen.insert(seq) {
+                        return Err(format!("round {round}: seq {seq} was given twice"));
+                    }
+                }
+                (Some("seq"), Some(seq), None) => {
+                    let seq: u64 = seq.parse().map_err(|e| format!("{e}: {line}"))?;
+                    if !seqs_seen.insert(seq) {
+                        return Err(format!("round {round}: seq {seq} was given twice"));
+                    }
+                }
+                (Some("done"), Some(id), None) => {
+                    finished.insert(id.to_owned());
+                }
+                (Some("removed"), Some(id), None) => {
+                    finished.insert(id.to_owned());
+                    removed_total += 1;
+                }
+                _ => return Err(format!("round {round}: unexpected line {line:?}")),
+            }
+        }
+        let store = SledStore::open(dir.path())
+            .map_err(|e| format!("round {round}: reopen failed: {e}"))?;
+        let (core, _) = Core::open_with(store, Arc::new(SystemClock), 1_000)
+            .map_err(|e| format!("round {round}: the core did not open: {e}"))?;
+        let live: Vec<String> = core.read(|s| s.requests().map(|r| r.id.to_string()).collect());
+        live_seen += live.len();
+        for id in &live {
+            if finished.contains(id) {
+                return Err(format!(
+                    "round {round}: request {id} finished (and maybe left the log) but is live again"
+                ));
+            }
+        }
+        for id in &queued {
+            let in_log = core
+                .store()
+                .events_of(id.parse().map(RequestId).map_err(|e| format!("{e}"))?)
+                .map_err(|e| e.to_string())?;
+            if !live.contains(id) && !finished.contains(id) && in_log.is_empty() {
+                return Err(format!("round {round}: acknowledged request {id} is lost"));
+            }
+        }
+        // Every seq still in the log was handed out once, and new ones
+        // continue above all of them (and above those removed).
+        let top = seqs_seen.last().copied().unwrap_or(0);
+        if core.store().last_seq() < top {
+            return Err(format!(
+                "round {round}: the log restarts at seq {} though {top} was given",
+                core.store().last_seq()
+            ));
+        }
+        drop(core);
+    }
+    Ok(format!(
+        "{rounds} kills, {} seqs all distinct, {removed_total} requests removed, none revived ({live_seen} live across restarts)",
+        seqs_seen.len()
     ))
 }
