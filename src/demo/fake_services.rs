@@ -27,6 +27,9 @@ pub struct WorkerStats {
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
     pub prompts: std::sync::Mutex<Vec<String>>,
+    /// Each call's prompt and when it arrived, for ordering checks against
+    /// the fake Telegram's calls (same clock).
+    pub calls_at: std::sync::Mutex<Vec<(String, tokio::time::Instant)>>,
 }
 
 impl Default for WorkerStats {
@@ -37,6 +40,7 @@ impl Default for WorkerStats {
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             prompts: std::sync::Mutex::new(Vec::new()),
+            calls_at: std::sync::Mutex::new(Vec::new()),
         }
     }
 }
@@ -171,6 +175,11 @@ async fn answer(s: &WorkerState, prompt: String) -> Response {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .push(prompt.clone());
+    stats
+        .calls_at
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push((prompt.clone(), tokio::time::Instant::now()));
     let lower = prompt.to_lowercase();
     let mut delay = s.delay;
     if lower.contains("slow") {
