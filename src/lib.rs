@@ -10,6 +10,7 @@
 //! - [`engine`]: the core (decide → append → apply under one lock), start-up
 //!   from checkpoint + tail, the recovery rule, and the per-model scheduler
 //!   with its one-step function and the step traits adapters implement.
+//! - [`telemetry`]: the tracing filter every subscriber is built with.
 
 pub mod app;
 pub mod config;
