@@ -39,7 +39,7 @@ fn easel_run(concurrency: u64, secs: u64) -> (f64, f64) {
         .expect("runtime");
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("open");
+        let store = SledStore::open(&dir.path().join("log")).expect("open");
         let core = Arc::new(Core::open(store, Arc::new(SystemClock)).expect("core").0);
         let limits = Limits {
             max_pending: u32::MAX,

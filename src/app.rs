@@ -69,7 +69,7 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
     let settings = Arc::new(settings);
     tracing::info!("starting easel\n{settings}");
     crate::store::disk::private_umask();
-    crate::store::disk::create_private_dir(&settings.data_dir).with_context(|| {
+    crate::store::disk::create_data_dir(&settings.data_dir).with_context(|| {
         format!(
             "could not create the data dir {}",
             settings.data_dir.display()

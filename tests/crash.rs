@@ -98,7 +98,8 @@ fn child(dir: &str, base: u32) {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let store = Arc::new(SledStore::open(std::path::Path::new(dir)).expect("open"));
+        let store =
+            Arc::new(SledStore::open(&std::path::Path::new(dir).join("log")).expect("open"));
         println!("ready");
         let tasks: Vec<_> = (0..8u32)
             .map(|t| {
@@ -195,7 +196,7 @@ fn parent() -> Result<String, String> {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
 
-        let store = SledStore::open(dir.path())
+        let store = SledStore::open(&dir.path().join("log"))
             .map_err(|e| format!("round {round}: reopen failed: {e}"))?;
         let mut previous = 0u64;
         let mut by_seq = std::collections::HashMap::new();
@@ -262,7 +263,7 @@ fn lifecycle_child(dir: &str, base: u32) {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let store = SledStore::open(std::path::Path::new(dir)).expect("open");
+        let store = SledStore::open(&std::path::Path::new(dir).join("log")).expect("open");
         let (core, _) = Core::open_with(store, Arc::new(SystemClock), 1_000).expect("core");
         core.recover().await.expect("recover");
         println!("ready");
@@ -431,7 +432,7 @@ fn lifecycle_parent() -> Result<String, String> {
                 _ => return Err(format!("round {round}: unexpected line {line:?}")),
             }
         }
-        let store = SledStore::open(dir.path())
+        let store = SledStore::open(&dir.path().join("log"))
             .map_err(|e| format!("round {round}: reopen failed: {e}"))?;
         let (core, _) = Core::open_with(store, Arc::new(SystemClock), 1_000)
             .map_err(|e| format!("round {round}: the core did not open: {e}"))?;

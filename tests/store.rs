@@ -29,7 +29,7 @@ fn queued(update: u32) -> NewEvent {
 #[tokio::test]
 async fn appends_get_strictly_increasing_seqs_and_read_back_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = SledStore::open(&dir.path().join("log")).unwrap();
     assert_eq!(store.last_seq(), 0);
     let mut rx = store.subscribe();
     let a = store.append(vec![queued(1), queued(2)]).unwrap();
@@ -57,7 +57,7 @@ async fn appends_get_strictly_increasing_seqs_and_read_back_in_order() {
 
     store.wait_durable(3).await.unwrap();
     drop(store);
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = SledStore::open(&dir.path().join("log")).unwrap();
     assert_eq!(store.last_seq(), 3);
     assert_eq!(store.append(vec![queued(4)]).unwrap()[0].seq, 4);
 }
@@ -65,7 +65,7 @@ async fn appends_get_strictly_increasing_seqs_and_read_back_in_order() {
 #[tokio::test]
 async fn durability_waits_share_one_flush() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let store = Arc::new(SledStore::open(&dir.path().join("log")).unwrap());
     // 64 acceptances written, then 64 concurrent waits: the flusher reads the
     // highest written seq before its fsync, so one flush serves them all
     // (a second may start if a waiter arrives mid-flush).
@@ -91,9 +91,12 @@ async fn durability_waits_share_one_flush() {
 async fn concurrent_durable_acceptances_all_land_with_fewer_flushes_than_appends() {
     let dir = tempfile::tempdir().unwrap();
     let core = Arc::new(
-        Core::open(SledStore::open(dir.path()).unwrap(), common::clock())
-            .unwrap()
-            .0,
+        Core::open(
+            SledStore::open(&dir.path().join("log")).unwrap(),
+            common::clock(),
+        )
+        .unwrap()
+        .0,
     );
     let limits = Limits {
         max_pending: 1000,
@@ -164,7 +167,7 @@ async fn a_damaged_record_is_reported_with_its_seq_and_skipped() {
             )
             .unwrap();
     }
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = SledStore::open(&dir.path().join("log")).unwrap();
     let items: Vec<_> = store.read_from(1).collect();
     assert_eq!(items.len(), 4);
     assert!(items[0].is_ok() && items[3].is_ok());
@@ -206,7 +209,7 @@ async fn start_up_uses_the_checkpoint_and_replays_only_the_tail() {
         },
     };
     let live = {
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::open(&dir.path().join("log")).unwrap();
         let (core, _) = Core::open_with(store, Arc::clone(&clock) as _, 10).unwrap();
         for u in 0..25 {
             core.accept(common::request("sdxl", u, "p"), &limits)
@@ -216,7 +219,7 @@ async fn start_up_uses_the_checkpoint_and_replays_only_the_tail() {
         core.snapshot()
     };
     let (core, report) = Core::open_with(
-        SledStore::open(dir.path()).unwrap(),
+        SledStore::open(&dir.path().join("log")).unwrap(),
         Arc::clone(&clock) as _,
         10,
     )
@@ -281,7 +284,7 @@ async fn start_up_work_does_not_grow_with_finished_history() {
     };
     {
         let (core, _) = Core::open_with(
-            SledStore::open(dir.path()).unwrap(),
+            SledStore::open(&dir.path().join("log")).unwrap(),
             Arc::clone(&clock) as _,
             100,
         )
@@ -300,7 +303,12 @@ async fn start_up_work_does_not_grow_with_finished_history() {
         }
         assert_eq!(core.store().last_seq(), 3000);
     }
-    let (core, report) = Core::open_with(SledStore::open(dir.path()).unwrap(), clock, 100).unwrap();
+    let (core, report) = Core::open_with(
+        SledStore::open(&dir.path().join("log")).unwrap(),
+        clock,
+        100,
+    )
+    .unwrap();
     assert!(report.checkpoint_seq.is_some());
     assert!(
         report.tail_events < 100,
@@ -329,7 +337,7 @@ async fn start_up_work_does_not_grow_with_finished_history() {
 #[tokio::test]
 async fn forgetting_requests_removes_them_and_their_keys_only() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = SledStore::open(&dir.path().join("log")).unwrap();
     let a = store.append(vec![queued(1)]).unwrap()[0].clone();
     let b = store.append(vec![queued(2)]).unwrap()[0].clone();
     store
@@ -413,7 +421,7 @@ async fn compaction_keeps_every_key_and_survives_an_interruption() {
 #[tokio::test]
 async fn keys_a_crash_left_out_are_re_derived_at_open() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = SledStore::open(&dir.path().join("log")).unwrap();
     store.append(vec![queued(1)]).unwrap();
     let mut orphan = queued(2);
     orphan.at = Utc::now();
@@ -429,7 +437,7 @@ async fn keys_a_crash_left_out_are_re_derived_at_open() {
         .unwrap();
     assert_eq!(store.find_update(2).unwrap(), None);
     drop(store);
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = SledStore::open(&dir.path().join("log")).unwrap();
     assert_eq!(store.find_update(2).unwrap(), Some(rec.request_id));
     assert_eq!(
         store.find_message(ChatId(2), 2).unwrap(),
@@ -538,7 +546,7 @@ fn a_compaction_raced_by_opens_loses_nothing() {
 #[tokio::test]
 async fn seqs_continue_after_retention_emptied_the_log_and_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = SledStore::open(&dir.path().join("log")).unwrap();
     let recs: Vec<_> = (1..=5)
         .map(|u| store.append(vec![queued(u)]).unwrap()[0].clone())
         .collect();
@@ -548,7 +556,7 @@ async fn seqs_continue_after_retention_emptied_the_log_and_a_restart() {
         .unwrap();
     assert_eq!(store.read_from(1).count(), 0);
     drop(store);
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = SledStore::open(&dir.path().join("log")).unwrap();
     assert_eq!(store.last_seq(), 5);
     assert_eq!(store.append(vec![queued(6)]).unwrap()[0].seq, 6);
 }
@@ -590,7 +598,8 @@ async fn an_old_checkpoint_never_resurrects_an_archived_request() {
     // No final checkpoint: the one from before the sweep is the latest.
     let core = Arc::into_inner(core).expect("one owner");
     drop(core);
-    let (core, report) = Core::open(SledStore::open(dir.path()).unwrap(), clock).unwrap();
+    let (core, report) =
+        Core::open(SledStore::open(&dir.path().join("log")).unwrap(), clock).unwrap();
     assert!(
         report.checkpoint_problem.is_some(),
         "the checkpoint from before the removal was used: {report:?}"
@@ -602,4 +611,21 @@ async fn an_old_checkpoint_never_resurrects_an_archived_request() {
     // A fresh checkpoint was written, and it is usable.
     let (_, report) = core.rebuild_from_checkpoint().unwrap();
     assert!(report.checkpoint_problem.is_none(), "{report:?}");
+}
+
+/// Opening a log never changes the folder it sits in (it may be shared,
+/// like /tmp): only the log's own folder and files are made owner-only.
+#[tokio::test]
+async fn opening_a_log_leaves_the_folder_around_it_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = SledStore::open(&root.path().join("log")).unwrap();
+    store.append(vec![queued(1)]).unwrap();
+    drop(store);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(root.path()), 0o755);
+    assert_eq!(mode(&root.path().join("log")), 0o700);
+    assert_eq!(mode(&root.path().join("log").join("db")), 0o600);
+    assert_eq!(mode(&root.path().join("log.lock")), 0o600);
 }

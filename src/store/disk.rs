@@ -57,8 +57,15 @@ impl DirLock {
     /// [`LockError::Busy`] when it is still held after `wait`.
     pub fn acquire(log: &Path, wait: Duration) -> Result<Self, LockError> {
         let path = Self::path_for(log);
+        // A missing data dir is made owner-only; an existing one is left
+        // as it is (it may be a folder the operator shares, such as /tmp:
+        // what easel puts in it is owner-only by itself).
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            create_private_dir(parent).map_err(|e| LockError::Io(parent.to_path_buf(), e))?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(parent)
+                .map_err(|e| LockError::Io(parent.to_path_buf(), e))?;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -89,7 +96,8 @@ impl DirLock {
 }
 
 /// Creates `dir` (and missing parents) owner-only; an existing folder that
-/// others can read is narrowed to owner-only.
+/// others can read is narrowed to owner-only. Only for folders that are
+/// easel's own (the log, images, archive), never a folder it was pointed at.
 ///
 /// # Errors
 /// Any I/O error.
@@ -99,6 +107,29 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .mode(DIR_MODE)
         .create(dir)?;
     narrow(dir, DIR_MODE)
+}
+
+/// Creates the data dir owner-only when it is missing. An existing data dir
+/// is not changed (the operator may have pointed easel at a shared folder);
+/// if others can enter it, that is said once in the log — everything easel
+/// creates inside is owner-only either way.
+///
+/// # Errors
+/// Any I/O error.
+pub fn create_data_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the data dir can be entered by others; what easel keeps in it is owner-only, but `chmod 700` it if it is easel's alone"
+        );
+    }
+    Ok(())
 }
 
 /// Takes group and other bits off `path` when it has any.

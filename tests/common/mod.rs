@@ -28,7 +28,8 @@ pub fn clock() -> Arc<ManualClock> {
 }
 
 pub fn open_core(dir: &Path, clock: Arc<ManualClock>) -> Core<SledStore> {
-    let store = SledStore::open(dir).expect("open store");
+    // The log in a folder of its own: its lock file goes beside it.
+    let store = SledStore::open(&dir.join("log")).expect("open store");
     Core::open(store, clock).expect("open core").0
 }
 
