@@ -2,14 +2,16 @@
 //! 1, 8 and 64 concurrent acceptances, through `Core::accept` (intake
 //! lookups, limits, append, group-committed fsync) — against SQLite (WAL,
 //! synchronous=FULL, one transaction per acceptance) in the same run.
-//! `cargo bench --bench acceptance [-- SECONDS]`
+//! `cargo bench --bench acceptance [-- SECONDS]`; `EASEL_BENCH_ONLY=easel`
+//! (or `sqlite`) and `EASEL_BENCH_CONCURRENCY=1,64` narrow a run, e.g. to
+//! count its system calls under `strace -f -c`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use easel::domain::{ChatId, Limits, ModelName, Origin, Prompt, RateLimit, UserId};
 use easel::engine::{Core, NewRequest, SystemClock};
-use easel::store::SledStore;
+use easel::store::{EventStore, SledStore};
 
 fn request(n: u64) -> NewRequest {
     NewRequest {
@@ -31,7 +33,9 @@ fn p99(mut v: Vec<Duration>) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
-fn easel_run(concurrency: u64, secs: u64) -> (f64, f64) {
+/// Acceptances per second, p99 ms, and easel's group-commit flushes (each
+/// one sled flush + one `fdatasync`) per acceptance.
+fn easel_run(concurrency: u64, secs: u64) -> (f64, f64, f64) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -69,7 +73,8 @@ fn easel_run(concurrency: u64, secs: u64) -> (f64, f64) {
         for t in tasks {
             all.extend(t.await.expect("task"));
         }
-        (all.len() as f64 / secs as f64, p99(all))
+        let flushes = core.store().flush_count() as f64 / all.len().max(1) as f64;
+        (all.len() as f64 / secs as f64, p99(all), flushes)
     })
 }
 
@@ -133,18 +138,31 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(5);
+    let only = std::env::var("EASEL_BENCH_ONLY").unwrap_or_default();
+    let levels: Vec<u64> = std::env::var("EASEL_BENCH_CONCURRENCY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 64]);
     println!(
-        "durable acceptances per second, {secs} s per run (easel: Core::accept; SQLite: WAL + synchronous=FULL, one transaction each)"
+        "durable acceptances per second, {secs} s per run (easel: Core::accept, flush + fdatasync per group commit; SQLite: WAL + synchronous=FULL, one transaction each)"
     );
     println!(
-        "| concurrent | easel /s | SQLite /s | easel ÷ SQLite | easel p99 ms | SQLite p99 ms |"
+        "| concurrent | easel /s | SQLite /s | easel ÷ SQLite | easel p99 ms | SQLite p99 ms | easel flushes per acceptance |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
-    for c in [1u64, 8, 64] {
-        let (e, ep99) = easel_run(c, secs);
-        let (s, sp99) = sqlite_run(c, secs);
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for c in levels {
+        let (e, ep99, per) = if only == "sqlite" {
+            (0.0, 0.0, 0.0)
+        } else {
+            easel_run(c, secs)
+        };
+        let (s, sp99) = if only == "easel" {
+            (0.0, 0.0)
+        } else {
+            sqlite_run(c, secs)
+        };
         println!(
-            "| {c} | {e:.0} | {s:.0} | {:.2}× | {ep99:.2} | {sp99:.2} |",
+            "| {c} | {e:.0} | {s:.0} | {:.2}× | {ep99:.2} | {sp99:.2} | {per:.3} |",
             e / s.max(1e-9)
         );
     }
