@@ -34,8 +34,11 @@ fn parse(trace: &str) -> Vec<Call> {
     let mut open: HashMap<String, (String, f64, String)> = HashMap::new();
     let mut calls = Vec::new();
     for line in trace.lines() {
-        let mut parts = line.splitn(3, ' ');
-        let (Some(pid), Some(ts), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        // `<pid> <seconds> <call>`; strace pads a short pid with spaces.
+        let Some((pid, rest)) = line.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Some((ts, rest)) = rest.trim_start().split_once(' ') else {
             continue;
         };
         let Ok(ts) = ts.parse::<f64>() else { continue };
