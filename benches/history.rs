@@ -134,12 +134,16 @@ fn main() {
     let big = tempfile::tempdir().expect("tempdir");
     // EASEL_HISTORY_DIR keeps the big log (swept by the retention step) for
     // profiling afterwards.
+    // Each log in a folder of its own, so its lock file (`log.lock`,
+    // beside it) stays inside the temporary dir.
     let big_path = std::env::var_os("EASEL_HISTORY_DIR")
-        .map_or_else(|| big.path().to_path_buf(), std::path::PathBuf::from);
-    let small = tempfile::tempdir().expect("tempdir");
+        .map_or_else(|| big.path().to_path_buf(), std::path::PathBuf::from)
+        .join("log");
+    let small_dir = tempfile::tempdir().expect("tempdir");
+    let small = small_dir.path().join("log");
     let t = Instant::now();
     let last = build(&big_path, events);
-    build(small.path(), 1_000);
+    build(&small, 1_000);
     println!(
         "built {events} events in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -173,7 +177,7 @@ fn main() {
         std::hint::black_box((core.read(|s| s.last_seq), report.tail_events))
     });
     let (open_small, _) = best_of(3, || {
-        let s = SledStore::open(small.path()).expect("open");
+        let s = SledStore::open(&small).expect("open");
         let (core, report) = Core::open(s, Arc::new(SystemClock)).expect("core");
         std::hint::black_box((core.read(|s| s.last_seq), report.tail_events))
     });
@@ -255,12 +259,13 @@ fn retention(dir: &std::path::Path, events: u64) {
     );
     // `easel compact` right after the sweep (on a copy): a fresh database
     // of the window alone.
-    let copy = tempfile::tempdir().expect("tempdir");
-    copy_dir(dir, copy.path());
+    let copy_root = tempfile::tempdir().expect("tempdir");
+    let copy = copy_root.path().join("log");
+    copy_dir(dir, &copy);
     let t = Instant::now();
-    let compacted = SledStore::compact(copy.path()).expect("compact");
+    let compacted = SledStore::compact(&copy).expect("compact");
     let compact_s = t.elapsed().as_secs_f64();
-    let compact_open = open_time(copy.path());
+    let compact_open = open_time(&copy);
     println!(
         "easel compact after the sweep: {} keys in {:.1} s, {} → {} bytes on disk; start-up {:.1} ms",
         compacted.keys,
@@ -269,7 +274,7 @@ fn retention(dir: &std::path::Path, events: u64) {
         compacted.bytes_after,
         compact_open * 1000.0
     );
-    drop(copy);
+    drop(copy_root);
     // Time goes on (no compaction): as many new requests as left, within
     // the window; sled reuses the space the sweep freed.
     let t = Instant::now();
