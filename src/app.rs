@@ -48,16 +48,6 @@ struct Handover {
     offset: i32,
 }
 
-/// The data dir's event log folder.
-pub fn log_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
-    data_dir.join("log")
-}
-
-/// The data dir's kept images.
-pub fn images_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
-    data_dir.join("images")
-}
-
 /// Starts everything; the bot then runs until `shutdown` turns true.
 ///
 /// # Errors
@@ -69,13 +59,9 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
     let settings = Arc::new(settings);
     tracing::info!("starting easel\n{settings}");
     crate::store::disk::private_umask();
-    crate::store::disk::create_data_dir(&settings.data_dir).with_context(|| {
-        format!(
-            "could not create the data dir {}",
-            settings.data_dir.display()
-        )
-    })?;
-    let store = SledStore::open(&log_dir(&settings.data_dir)).map_err(anyhow::Error::from)?;
+    crate::store::disk::create_data_dir(settings.data_dir.root())
+        .with_context(|| format!("could not create the data dir {}", settings.data_dir))?;
+    let store = SledStore::open(&settings.data_dir.log()).map_err(anyhow::Error::from)?;
     let (core, report) = Core::open(store, Arc::new(SystemClock)).map_err(anyhow::Error::from)?;
     tracing::info!(
         checkpoint = ?report.checkpoint_seq,
@@ -94,7 +80,7 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
     }
 
     let images = Arc::new(
-        ImageStore::open(&images_dir(&settings.data_dir)).context("opening the image folder")?,
+        ImageStore::open(&settings.data_dir.images()).context("opening the image folder")?,
     );
     let client = http_client(&settings).context("building the HTTP client")?;
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -159,7 +145,7 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
     // Operators' read-only queries, while this process holds the log.
     match crate::ops::server::spawn(
         Arc::clone(&core),
-        crate::ops::source::socket_path(&intake.settings.data_dir),
+        intake.settings.data_dir.socket(),
         shutdown.clone(),
     ) {
         Ok(task) => workers.push(task),
@@ -436,7 +422,7 @@ async fn janitor(
             .and_then(|w| chrono::Utc::now().checked_sub_signed(w));
         if let Some(cutoff) = cutoff {
             let core = Arc::clone(&core);
-            let dir = crate::ops::retention::archive_dir(&settings.data_dir);
+            let dir = settings.data_dir.archive();
             // Reads and rewrites many keys: off the async workers.
             let stopping = shutdown.clone();
             let swept = tokio::task::spawn_blocking(move || {

@@ -3,9 +3,11 @@
 //! once at start. Secrets are `SecretString`s and URLs print without their
 //! query or credentials, so formatting the settings never shows a secret.
 
+mod data_dir;
+pub use data_dir::DataDir;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -118,7 +120,7 @@ pub struct Settings {
     /// Models named by the file but without a URL: "not configured" to users.
     pub disabled_models: Vec<ModelName>,
     pub llm: Option<LlmSettings>,
-    pub data_dir: PathBuf,
+    pub data_dir: DataDir,
     pub limits: Limits,
     /// Empty means everyone may use the bot.
     pub allowed_users: BTreeSet<i64>,
@@ -496,7 +498,7 @@ impl Settings {
             }
         }
 
-        let data_dir = PathBuf::from(
+        let data_dir = DataDir::new(
             non_empty("EASEL_DATA_DIR")
                 .unwrap_or_else(|| "./data".into())
                 .trim(),
@@ -600,7 +602,7 @@ impl fmt::Display for Settings {
             )?,
             None => writeln!(f, "enhancer: off (original prompts are used)")?,
         }
-        writeln!(f, "data dir: {}", self.data_dir.display())?;
+        writeln!(f, "data dir: {}", self.data_dir)?;
         match self.retention {
             Some(r) => writeln!(
                 f,

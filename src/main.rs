@@ -135,19 +135,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// The data dir for operator commands: the flag, then EASEL_DATA_DIR (also
-/// from .env), then ./data.
-fn data_dir(flag: Option<PathBuf>) -> PathBuf {
-    let _ = dotenvy::dotenv();
-    flag.or_else(|| std::env::var_os("EASEL_DATA_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("./data"))
-}
-
 fn operate(flag: Option<PathBuf>, command: Command) -> ExitCode {
     use easel::ops::cli::{self, CliError, ReplayInput};
     use easel::ops::source::{Source, SourceError};
 
-    let dir = data_dir(flag);
+    let dir = easel::config::DataDir::resolve(flag);
     let open = || {
         Source::open(&dir).map_err(|e| match e {
             SourceError::Usage(m) => CliError::usage(m),
@@ -189,13 +181,9 @@ fn operate(flag: Option<PathBuf>, command: Command) -> ExitCode {
             };
             cli::audit_list(&open()?, &filter, json, &mut out)
         }
-        Command::Audit(Audit::Show { id, json }) => cli::audit_show(
-            &open()?,
-            &easel::ops::retention::archive_dir(&dir),
-            &id,
-            json,
-            &mut out,
-        ),
+        Command::Audit(Audit::Show { id, json }) => {
+            cli::audit_show(&open()?, &dir.archive(), &id, json, &mut out)
+        }
         Command::Audit(Audit::Stats { json }) => cli::audit_stats(&open()?, json, &mut out),
         Command::Export { since } => {
             let since = time(since)?;
@@ -219,7 +207,7 @@ fn operate(flag: Option<PathBuf>, command: Command) -> ExitCode {
             json,
             &mut out,
         ),
-        Command::Compact => cli::compact(&easel::app::log_dir(&dir), &mut out),
+        Command::Compact => cli::compact(&dir.log(), &mut out),
         Command::Run | Command::Demo => Ok(0),
     })();
     let flushed = std::io::Write::flush(&mut out);
@@ -253,7 +241,7 @@ fn run(data_dir: Option<PathBuf>) -> ExitCode {
         }
     };
     if let Some(dir) = data_dir {
-        settings.data_dir = dir;
+        settings.data_dir = easel::config::DataDir::new(dir);
     }
     init_tracing(&settings.log_filter);
     let rt = match runtime() {

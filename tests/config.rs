@@ -21,7 +21,7 @@ fn defaults_need_nothing() {
     assert!(s.llm.is_none());
     assert!(s.telegram_token.is_none());
     assert_eq!(s.telegram_api_url.to_string(), "https://api.telegram.org/");
-    assert_eq!(s.data_dir, std::path::PathBuf::from("./data"));
+    assert_eq!(s.data_dir, easel::config::DataDir::new("./data"));
     assert_eq!(
         (
             s.limits.rate.count,

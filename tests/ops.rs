@@ -52,7 +52,7 @@ async fn make_log() -> Made {
     let clock = common::clock();
     let core = Arc::new(
         Core::open(
-            SledStore::open(&easel::app::log_dir(dir.path())).unwrap(),
+            SledStore::open(&easel::config::DataDir::new(dir.path()).log()).unwrap(),
             Arc::clone(&clock) as Arc<dyn Clock>,
         )
         .unwrap()
@@ -339,15 +339,15 @@ async fn export_then_replay_from_the_file_equals_replay_of_the_data_dir() {
 /// crash left uncommitted is redone.
 #[tokio::test]
 async fn retention_moves_old_finished_requests_to_the_archive_losing_nothing() {
-    use easel::ops::retention::{archive_dir, sweep};
+    use easel::ops::retention::sweep;
     use easel::store::EventStore;
     let m = make_log().await;
     let d = m.dir.path();
     let (_, before, _) = easel(d, &["export"]);
     let (_, state_before, _) = easel(d, &["replay", "--json"]);
     let start = common::clock().now();
-    let archive = archive_dir(d);
-    let store = SledStore::open(&easel::app::log_dir(d)).unwrap();
+    let archive = easel::config::DataDir::new(d).archive();
+    let store = SledStore::open(&easel::config::DataDir::new(d).log()).unwrap();
 
     // A bot that is stopping does not start a file.
     let stopped = sweep(&store, &archive, start + Span::days(2), &|| true).unwrap();
@@ -467,7 +467,7 @@ async fn compact_rewrites_the_log_and_changes_nothing_it_holds() {
     // Beside another process that has the log open (here this test, as a
     // running bot would): refused at once, exit 2, one sentence, and the
     // log untouched.
-    let held = SledStore::open(&easel::app::log_dir(d)).unwrap();
+    let held = SledStore::open(&easel::config::DataDir::new(d).log()).unwrap();
     let (code, _, err) = easel(d, &["compact"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("in use by another easel process"), "{err}");
@@ -560,8 +560,8 @@ fn a_missing_data_dir_is_bad_usage_and_an_empty_list_is_success() {
     let (code, _, err) = easel(&dir.path().join("nothing"), &["audit", "list"]);
     assert_eq!(code, 2);
     assert!(err.contains("there is no easel event log"), "{err}");
-    std::fs::create_dir_all(easel::app::log_dir(dir.path())).unwrap();
-    drop(SledStore::open(&easel::app::log_dir(dir.path())).unwrap());
+    std::fs::create_dir_all(easel::config::DataDir::new(dir.path()).log()).unwrap();
+    drop(SledStore::open(&easel::config::DataDir::new(dir.path()).log()).unwrap());
     let (code, out, _) = easel(dir.path(), &["audit", "list", "--json"]);
     assert_eq!((code, out.as_str()), (0, ""));
 }
@@ -656,7 +656,7 @@ fn audit_prints_outside_text_with_escapes_made_visible() {
     use easel::domain::{Event, FailureKind};
     use easel::store::{EventStore, NewEvent};
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(&easel::app::log_dir(dir.path())).unwrap();
+    let store = SledStore::open(&easel::config::DataDir::new(dir.path()).log()).unwrap();
     let r = common::request("flux", 1, "red fox \u{1b}[2J\u{202e}gnp.exe");
     let id = RequestId::new_at(chrono::Utc::now());
     let at = chrono::Utc::now();

@@ -219,7 +219,7 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     }
 
     // The audit table and the verification, from the log on disk.
-    let store = SledStore::open(&app::log_dir(&data_dir))?;
+    let store = SledStore::open(&crate::config::DataDir::new(&data_dir).log())?;
     let records = crate::ops::records(store.read_from(1))?;
     println!(
         "\nAudit ({} requests):\n{}",

@@ -44,11 +44,6 @@ pub enum RetentionError {
     },
 }
 
-/// The data dir's archive folder.
-pub fn archive_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("archive")
-}
-
 /// Archives, then removes from the log, every finished request whose last
 /// event is older than `cutoff`, [`CHUNK`] requests per file. Unfinished
 /// requests stay, however old. `stop` is asked before each file, so a

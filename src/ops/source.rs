@@ -9,14 +9,10 @@ use std::path::{Path, PathBuf};
 
 use super::json::parse_event_line;
 use super::query::{self, Filter, Query};
+use crate::config::DataDir;
 use crate::domain::RequestId;
 use crate::projection::RequestRecord;
 use crate::store::{EventStore, Recorded, SledStore};
-
-/// The socket of a running bot in `data_dir`.
-pub fn socket_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("easel.sock")
-}
 
 /// Why a source could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -40,15 +36,14 @@ impl Source {
     ///
     /// # Errors
     /// [`SourceError::Usage`] when there is no log there.
-    pub fn open(data_dir: &Path) -> Result<Self, SourceError> {
-        let log = crate::app::log_dir(data_dir);
+    pub fn open(data_dir: &DataDir) -> Result<Self, SourceError> {
+        let log = data_dir.log();
         if !SledStore::exists(&log) {
             return Err(SourceError::Usage(format!(
-                "there is no easel event log in {}",
-                data_dir.display()
+                "there is no easel event log in {data_dir}"
             )));
         }
-        let socket = socket_path(data_dir);
+        let socket = data_dir.socket();
         // A bot that is running answers on its socket; then the database is
         // locked, and opening it would only wait.
         if UnixStream::connect(&socket).is_ok() {
@@ -57,8 +52,7 @@ impl Source {
         match SledStore::open_with_wait(&log, std::time::Duration::from_millis(300)) {
             Ok(store) => Ok(Source::Local(store)),
             Err(e) => Err(SourceError::Failed(format!(
-                "the event log in {} is in use and no running bot answers on {} ({e})",
-                data_dir.display(),
+                "the event log in {data_dir} is in use and no running bot answers on {} ({e})",
                 socket.display()
             ))),
         }

@@ -732,7 +732,7 @@ async fn a_stuck_query_client_does_not_keep_the_log_after_a_stop() {
     let _ = endless.read_to_string(&mut answer);
     assert_eq!(answer, "ERR the query is too long\n");
     app.stop().await;
-    let log = easel::app::log_dir(app.dir.path());
+    let log = easel::config::DataDir::new(app.dir.path()).log();
     let reopened = easel::store::SledStore::open_with_wait(&log, std::time::Duration::from_secs(5));
     assert!(
         reopened.is_ok(),
