@@ -94,6 +94,21 @@ fn message_ids(text: &str) -> Vec<i64> {
         .collect()
 }
 
+/// Waits (30 s at most) until `n` "Queued for …" replies went out.
+async fn acknowledged(tg: &FakeTelegram, n: usize) -> bool {
+    tg.wait_for(Duration::from_secs(30), |c| {
+        c.iter()
+            .filter(|c| {
+                c.text
+                    .as_deref()
+                    .is_some_and(|t| t.starts_with("Queued for"))
+            })
+            .count()
+            >= n
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledgment_follows_an_fdatasync_that_covers_it() {
     let probe = Command::new("strace")
@@ -142,18 +157,7 @@ async fn every_acknowledgment_follows_an_fdatasync_that_covers_it() {
     for u in 0..4 {
         tg.user_sends(6000 + u, 6000 + u, &format!("/image=flux=single {u}"));
         sent += 1;
-        assert!(
-            tg.wait_for(Duration::from_secs(30), |c| c
-                .iter()
-                .filter(|c| c
-                    .text
-                    .as_deref()
-                    .is_some_and(|t| t.starts_with("Queued for")))
-                .count()
-                >= sent)
-                .await,
-            "no reply to request {u}"
-        );
+        assert!(acknowledged(&tg, sent).await, "no reply to request {u}");
     }
     for u in 10..18 {
         let model = if u % 2 == 0 { "flux" } else { "sdxl" };
@@ -161,15 +165,8 @@ async fn every_acknowledgment_follows_an_fdatasync_that_covers_it() {
         sent += 1;
     }
     assert!(
-        tg.wait_for(Duration::from_secs(30), |c| c
-            .iter()
-            .filter(|c| c
-                .text
-                .as_deref()
-                .is_some_and(|t| t.starts_with("Queued for")))
-            .count()
-            >= sent)
-            .await
+        acknowledged(&tg, sent).await,
+        "not every burst request was answered"
     );
     // SIGTERM to easel (strace's child), then strace ends with it.
     let deadline = Instant::now() + Duration::from_secs(20);

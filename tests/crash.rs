@@ -98,8 +98,7 @@ fn child(dir: &str, base: u32) {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let store =
-            Arc::new(SledStore::open(&std::path::Path::new(dir).join("log")).expect("open"));
+        let store = Arc::new(SledStore::open(std::path::Path::new(dir)).expect("open"));
         println!("ready");
         let tasks: Vec<_> = (0..8u32)
             .map(|t| {
@@ -137,7 +136,8 @@ impl Rng {
     }
 }
 
-fn parent() -> Result<String, String> {
+/// Rounds and seed of a run: `EASEL_CRASH_ROUNDS`, `EASEL_CRASH_SEED`.
+fn rounds_and_seed(what: &str) -> (u32, Rng) {
     let rounds: u32 = std::env::var("EASEL_CRASH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -146,55 +146,81 @@ fn parent() -> Result<String, String> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64 | 1);
-    println!("crash test: {rounds} rounds, EASEL_CRASH_SEED={seed}");
-    let mut rng = Rng(seed);
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    println!("{what}: {rounds} rounds, EASEL_CRASH_SEED={seed}");
+    (rounds, Rng(seed))
+}
+
+/// Runs this binary as the `mode` child on `dir`, waits for its "ready",
+/// lets it work for `work`, kills it with SIGKILL and returns every line
+/// it printed after "ready".
+fn run_and_kill(
+    dir: &std::path::Path,
+    mode: &str,
+    base: u32,
+    work: Duration,
+) -> Result<Vec<String>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(&exe)
+        .env(CHILD_DIR, dir)
+        .env(CHILD_MODE, mode)
+        .env(CHILD_BASE, base.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = {
+        let lines = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line == "ready" {
+                    let _ = ready_tx.send(());
+                    continue;
+                }
+                lines
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(line);
+            }
+        })
+    };
+    let ready = ready_rx.recv_timeout(Duration::from_secs(30));
+    if ready.is_ok() {
+        std::thread::sleep(work);
+    }
+    child.kill().map_err(|e| e.to_string())?; // SIGKILL
+    child.wait().map_err(|e| e.to_string())?;
+    reader.join().map_err(|_| "reader panicked")?;
+    ready.map_err(|_| "the child never got ready".to_owned())?;
+    Ok(std::mem::take(
+        &mut *lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    ))
+}
+
+fn parent() -> Result<String, String> {
+    let (rounds, mut rng) = rounds_and_seed("crash test");
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut acked_total = 0usize;
     let mut total_in_log = 0usize;
     for round in 0..rounds {
-        let mut child = Command::new(&exe)
-            .env(CHILD_DIR, dir.path())
-            .env(CHILD_BASE, (round * 10_000_000).to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let acks: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let reader = {
-            let acks = Arc::clone(&acks);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if line == "ready" {
-                        let _ = ready_tx.send(());
-                        continue;
-                    }
-                    let mut parts = line.split(' ');
-                    if let (Some(Ok(seq)), Some(Ok(update))) =
-                        (parts.next().map(str::parse), parts.next().map(str::parse))
-                    {
-                        acks.lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push((seq, update));
-                    }
+        let work = Duration::from_millis(5 + rng.next() % 150);
+        let lines = run_and_kill(&dir.path().join("log"), "appends", round * 10_000_000, work)
+            .map_err(|e| format!("round {round}: {e}"))?;
+        let acks: Vec<(u64, u32)> = lines
+            .iter()
+            .filter_map(|line| {
+                let mut parts = line.split(' ');
+                match (parts.next().map(str::parse), parts.next().map(str::parse)) {
+                    (Some(Ok(seq)), Some(Ok(update))) => Some((seq, update)),
+                    _ => None,
                 }
             })
-        };
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| format!("round {round}: child never got ready"))?;
-        std::thread::sleep(Duration::from_millis(5 + rng.next() % 150));
-        child.kill().map_err(|e| e.to_string())?; // SIGKILL
-        child.wait().map_err(|e| e.to_string())?;
-        reader.join().map_err(|_| "reader panicked")?;
-        let acks = std::mem::take(
-            &mut *acks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+            .collect();
 
         let store = SledStore::open(&dir.path().join("log"))
             .map_err(|e| format!("round {round}: reopen failed: {e}"))?;
@@ -263,7 +289,7 @@ fn lifecycle_child(dir: &str, base: u32) {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let store = SledStore::open(&std::path::Path::new(dir).join("log")).expect("open");
+        let store = SledStore::open(std::path::Path::new(dir)).expect("open");
         let (core, _) = Core::open_with(store, Arc::new(SystemClock), 1_000).expect("core");
         core.recover().await.expect("recover");
         println!("ready");
@@ -350,61 +376,20 @@ fn lifecycle_child(dir: &str, base: u32) {
 /// finished, and every seq handed out is new.
 fn lifecycle_parent() -> Result<String, String> {
     use easel::engine::{Core, SystemClock};
-    let rounds: u32 = std::env::var("EASEL_CRASH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(8);
-    let seed: u64 = std::env::var("EASEL_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64 | 1);
-    println!("lifecycle crash test: {rounds} rounds, EASEL_CRASH_SEED={seed}");
-    let mut rng = Rng(seed);
+    let (rounds, mut rng) = rounds_and_seed("lifecycle crash test");
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut seqs_seen = std::collections::BTreeSet::new();
     let mut finished: std::collections::HashSet<String> = Default::default();
     let (mut removed_total, mut live_seen) = (0usize, 0usize);
     for round in 0..rounds {
-        let mut child = Command::new(&exe)
-            .env(CHILD_DIR, dir.path())
-            .env(CHILD_MODE, "lifecycle")
-            .env(CHILD_BASE, (round * 10_000_000).to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let reader = {
-            let lines = Arc::clone(&lines);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if line == "ready" {
-                        let _ = ready_tx.send(());
-                        continue;
-                    }
-                    lines
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(line);
-                }
-            })
-        };
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| format!("round {round}: child never got ready"))?;
-        std::thread::sleep(Duration::from_millis(20 + rng.next() % 200));
-        child.kill().map_err(|e| e.to_string())?; // SIGKILL
-        child.wait().map_err(|e| e.to_string())?;
-        reader.join().map_err(|_| "reader panicked")?;
-        let lines = std::mem::take(
-            &mut *lines
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let work = Duration::from_millis(20 + rng.next() % 200);
+        let lines = run_and_kill(
+            &dir.path().join("log"),
+            "lifecycle",
+            round * 10_000_000,
+            work,
+        )
+        .map_err(|e| format!("round {round}: {e}"))?;
         let mut queued = Vec::new();
         for line in &lines {
             let mut parts = line.split(' ');

@@ -206,6 +206,16 @@ impl TestApp {
     }
 }
 
+/// The callback data of button `i` under a photo (0: Again, 1: Original).
+pub fn button_data(photo: &Call, i: usize) -> String {
+    photo
+        .reply_markup
+        .as_ref()
+        .and_then(|m| m["inline_keyboard"][0][i]["callback_data"].as_str())
+        .expect("the photo has that button")
+        .to_owned()
+}
+
 /// Every log line of this test binary (all levels, all crates), so tests
 /// can check that no secret is ever logged.
 pub fn captured_logs() -> String {

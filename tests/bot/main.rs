@@ -245,13 +245,7 @@ async fn again_and_original_buttons() {
     app.tg.user_sends(u, u, "/image=flux=a green owl");
     assert!(app.images_to(u, 1).await);
     let photo = app.photo_calls(u).remove(0);
-    let markup = photo.reply_markup.clone().unwrap();
-    let data = |i: usize| {
-        markup["inline_keyboard"][0][i]["callback_data"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let data = |i: usize| helpers::button_data(&photo, i);
     let photo_id = photo.message_id.unwrap();
 
     app.tg.user_presses(u, u, photo_id, &data(1));
@@ -618,13 +612,7 @@ async fn a_forged_button_for_another_chats_request_does_nothing() {
         .user_sends(owner, owner, "/image=flux=a private garden");
     assert!(app.images_to(owner, 1).await);
     let photo = app.photo_calls(owner).remove(0);
-    let markup = photo.reply_markup.clone().unwrap();
-    let data = |i: usize| {
-        markup["inline_keyboard"][0][i]["callback_data"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let data = |i: usize| helpers::button_data(&photo, i);
     app.tg.user_sends(intruder, intruder, "/help");
     assert!(app.text_to(intruder, "Models:").await);
     for i in [0, 1] {
