@@ -204,7 +204,8 @@ async fn every_acknowledgment_follows_an_fdatasync_that_covers_it() {
     for ack in calls
         .iter()
         .filter(|c| matches!(c.name.as_str(), "write" | "writev" | "sendto" | "sendmsg"))
-        .filter(|c| c.line.contains("Queued for"))
+        // The reply itself (a status edit later says "Queued for …" too).
+        .filter(|c| c.line.contains("/SendMessage ") && c.line.contains("Queued for"))
     {
         // The reply names the message it answers (reply_parameters).
         let Some(&got) = message_ids(&ack.line)
