@@ -101,12 +101,10 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
     );
     let username = who_am_i(&api, shutdown.clone()).await?;
     tracing::info!(%username, "connected to Telegram");
-    let commands = vec![
-        BotCommand::new("image", "/image=<model>=<prompt> — make an image"),
-        BotCommand::new("queue", "your requests and their place in line"),
-        BotCommand::new("cancel", "cancel your queued requests"),
-        BotCommand::new("help", "how to use this bot"),
-    ];
+    let commands = crate::telegram::words::COMMANDS
+        .iter()
+        .map(|(name, about)| BotCommand::new(*name, *about))
+        .collect::<Vec<_>>();
     if let Err(e) = api.bot().set_my_commands(commands).await {
         tracing::warn!(error = %api.describe(&e), "setMyCommands failed");
     }

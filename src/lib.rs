@@ -10,6 +10,15 @@
 //! - [`engine`]: the core (decide → append → apply under one lock), start-up
 //!   from checkpoint + tail, the recovery rule, and the per-model scheduler
 //!   with its one-step function and the step traits adapters implement.
+//! - [`config`]: settings from the environment, `.env` and `easel.toml`,
+//!   and `DataDir`, the data dir's layout.
+//! - [`services`]: the image workers and the LLM over HTTP (reqwest, backon).
+//! - [`telegram`]: the bot's side of Telegram (teloxide): polling, intake
+//!   in update order, status messages, delivery, every user-facing text.
+//! - [`ops`]: the operator commands' queries, verify, retention, the query
+//!   socket of a running bot.
+//! - [`app`]: `easel run`'s wiring and its self-heal after refused writes.
+//! - [`demo`]: the FAKE Telegram, workers and LLM, and `easel demo`.
 //! - [`telemetry`]: the tracing filter every subscriber is built with.
 
 pub mod app;

@@ -76,13 +76,17 @@ pub enum ReadError {
 /// The storage behind the core. Small on purpose: a PostgreSQL backend (for
 /// several replicas) implements the same methods without the domain changing.
 pub trait EventStore: Send + Sync + 'static {
-    /// Appends `events` atomically (all or none), in order, giving each the
-    /// next sequence number; writes the request index and, for `Queued`, the
-    /// intake keys in the same atomic write. Returns once written (not yet
-    /// durable: see [`EventStore::wait_durable`]).
+    /// Appends `events` in order, giving each the next sequence number, and
+    /// writes the keys derived from each (request index and, for `Queued`,
+    /// the per-user index and intake keys) before it returns. Not one
+    /// atomic write: each key is its own insert, the event first, and a
+    /// crash between them leaves the event without some keys, which the
+    /// store re-derives from the log's tail at open. Returns once written
+    /// (not yet durable: see [`EventStore::wait_durable`]).
     ///
     /// # Errors
-    /// [`StoreError::Write`] when nothing was written.
+    /// [`StoreError::Write`] when a write was refused; events before it in
+    /// the call may be written (their seqs stay taken).
     fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Recorded>, StoreError>;
 
     /// Resolves once every event up to `seq` is on disk. Concurrent waiters

@@ -5,6 +5,14 @@ use std::time::Duration;
 
 use crate::domain::{FailureKind, Stage};
 
+/// The command menu Telegram shows (`setMyCommands`): name, description.
+pub const COMMANDS: [(&str, &str); 4] = [
+    ("image", "/image=<model>=<prompt> — make an image"),
+    ("queue", "your requests and their place in line"),
+    ("cancel", "cancel your queued requests"),
+    ("help", "how to use this bot"),
+];
+
 pub fn help(models: &[String]) -> String {
     let example = models.first().map_or("flux", String::as_str);
     format!(
