@@ -228,7 +228,14 @@ const RESTART_HEALTHY: Duration = Duration::from_secs(60);
 /// As [`start`] (at the first start; later starts are retried) and
 /// [`App::wait`]; stopping while the log cannot be written is an error too.
 pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
-    let mut pause = RESTART_FIRST;
+    // 1 s doubling to 30 s while the disk keeps refusing (backon), from the
+    // start again after an engine that ran long enough.
+    let policy = backon::ExponentialBuilder::default()
+        .with_min_delay(RESTART_FIRST)
+        .with_max_delay(RESTART_MAX)
+        .without_max_times();
+    let mut pauses = backon::BackoffBuilder::build(policy);
+    let mut pause = pauses.next().unwrap_or(RESTART_FIRST);
     // Set once an engine ran; lets the stand-in answer during the pauses.
     let mut handover: Option<Handover> = None;
     loop {
@@ -265,7 +272,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                         e.context("stopped while the event log could not be reopened"),
                     ));
                 }
-                pause = (pause * 2).min(RESTART_MAX);
+                pause = pauses.next().unwrap_or(RESTART_MAX);
                 continue;
             }
         };
@@ -292,7 +299,8 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             tracing::debug!(error = %format!("{e:#}"), "stopping with a broken log");
         }
         if started.elapsed() >= RESTART_HEALTHY {
-            pause = RESTART_FIRST;
+            pauses = backon::BackoffBuilder::build(policy);
+            pause = pauses.next().unwrap_or(RESTART_FIRST);
         }
         let told = *shutdown.borrow() || pause_answering(pause, &mut h, &shutdown).await;
         handover = Some(h);
@@ -301,7 +309,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                 "stopped while the event log could not be written ({reason}); every acknowledged request is in the log and resumes at the next start"
             )));
         }
-        pause = (pause * 2).min(RESTART_MAX);
+        pause = pauses.next().unwrap_or(RESTART_MAX);
     }
 }
 

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use backon::BackoffBuilder as _;
 use secrecy::{ExposeSecret, SecretString};
 use teloxide::ApiError;
 use teloxide::RequestError;
@@ -155,6 +156,13 @@ impl TelegramApi {
     {
         let mut network_failures = 0u32;
         let mut rate_limits = 0u32;
+        // Network and 5xx: 2 s doubling to 32 s (backon), with jitter.
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_secs(2))
+            .with_max_delay(Duration::from_secs(32))
+            .without_max_times()
+            .with_jitter()
+            .build();
         let mut shutdown = self.shutdown.clone();
         loop {
             if *shutdown.borrow() && policy == Policy::Deliver {
@@ -195,7 +203,7 @@ impl TelegramApi {
                             text,
                         });
                     }
-                    Duration::from_secs(1u64 << network_failures.min(5))
+                    backoff.next().unwrap_or(Duration::from_secs(32))
                 }
                 Err(e) => {
                     return Err(TgError {

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::BackoffBuilder as _;
 use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
 use teloxide::types::{AllowedUpdate, Update};
@@ -90,7 +91,14 @@ pub(crate) async fn updates_loop(
     shutdown: &mut watch::Receiver<bool>,
     mut batch: impl FnMut(Vec<Update>) -> BoxFuture,
 ) -> i32 {
-    let mut failures = 0u32;
+    // 2 s doubling to 32 s while getUpdates keeps failing (backon), from
+    // the start again after a success.
+    let policy = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(2))
+        .with_max_delay(Duration::from_secs(32))
+        .without_max_times()
+        .with_jitter();
+    let mut backoff = policy.build();
     loop {
         if *shutdown.borrow() {
             return offset;
@@ -110,7 +118,7 @@ pub(crate) async fn updates_loop(
         };
         let updates = match result {
             Ok(updates) => {
-                failures = 0;
+                backoff = policy.build();
                 updates
             }
             Err(teloxide::RequestError::RetryAfter(secs)) => {
@@ -119,8 +127,7 @@ pub(crate) async fn updates_loop(
                 continue;
             }
             Err(e) => {
-                failures += 1;
-                let wait = Duration::from_secs(1u64 << failures.min(5));
+                let wait = backoff.next().unwrap_or(Duration::from_secs(32));
                 tracing::warn!(error = %api.describe(&e), ?wait, "getUpdates failed");
                 sleep_or_stop(wait, shutdown).await;
                 continue;
