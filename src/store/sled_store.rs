@@ -174,7 +174,7 @@ impl SledStore {
     }
 
     /// The raw sled handle, for tests that damage records on purpose.
-    #[doc(hidden)]
+    #[cfg(feature = "test-support")]
     pub fn raw_insert_for_tests(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
         self.inner
             .db
@@ -185,7 +185,7 @@ impl SledStore {
 
     /// The highest seq this handle has made durable itself (flushed and
     /// `fdatasync`ed); what a power cut right now is sure to leave.
-    #[doc(hidden)]
+    #[cfg(feature = "test-support")]
     pub fn durable_seq(&self) -> u64 {
         self.inner.durable.borrow().flushed
     }
@@ -199,7 +199,7 @@ impl SledStore {
     ///
     /// # Errors
     /// A store error.
-    #[doc(hidden)]
+    #[cfg(feature = "test-support")]
     pub fn lose_unsynced_for_tests(&self) -> Result<u64, StoreError> {
         let db = &self.inner.db;
         let kept = self.durable_seq();
