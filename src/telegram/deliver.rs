@@ -12,6 +12,7 @@ use teloxide::types::{
 };
 
 use super::api::{Policy, TelegramApi, TgErrorKind};
+use super::parse::Button;
 use super::words;
 use crate::engine::{Deliverer, Delivery, DeliveryFailure};
 use crate::projection::ActiveRequest;
@@ -59,8 +60,8 @@ pub fn fits_as_photo(bytes: &[u8]) -> bool {
 
 pub fn keyboard(id: crate::domain::RequestId) -> InlineKeyboardMarkup {
     InlineKeyboardMarkup::new(vec![vec![
-        InlineKeyboardButton::callback(words::again_button(), format!("again:{id}")),
-        InlineKeyboardButton::callback(words::original_button(), format!("orig:{id}")),
+        InlineKeyboardButton::callback(words::again_button(), Button::Again(id).data()),
+        InlineKeyboardButton::callback(words::original_button(), Button::Original(id).data()),
     ]])
 }
 

@@ -13,7 +13,7 @@ use teloxide::types::{
 };
 
 use super::api::{Policy, TelegramApi};
-use super::parse::{Input, parse};
+use super::parse::{Button, Input, parse};
 use super::status::StatusBoard;
 use super::turn::Turn;
 use super::words;
@@ -320,13 +320,10 @@ impl Intake {
 
     async fn callback(&self, update_id: u32, query: &CallbackQuery, mut turn: Turn) {
         let user_id = i64::try_from(query.from.id.0).unwrap_or(i64::MAX);
-        let again = query
-            .data
-            .as_deref()
-            .is_some_and(|d| d.starts_with("again:"));
+        let button = query.data.as_deref().and_then(Button::parse);
         // Only 🔁 Again records (a new request); every other press passes
         // the turn at once. (Dropping the turn on a path below passes it too.)
-        if !again {
+        if !matches!(button, Some(Button::Again(_))) {
             turn.pass();
         }
         if !self.allowed(user_id) {
@@ -337,15 +334,11 @@ impl Intake {
             self.answer(query, words::unknown_button()).await;
             return;
         };
-        let data = query.data.as_deref().unwrap_or_default();
-        let (action, id) = match data.split_once(':') {
-            Some((a, id)) => (a, id.parse().ok().map(RequestId)),
-            None => (data, None),
-        };
-        let Some(id) = id else {
+        let Some(button) = button else {
             self.answer(query, words::unknown_button()).await;
             return;
         };
+        let id = button.request();
         let events: Vec<_> = match self.core.store().events_of(id) {
             Ok(events) => events.into_iter().filter_map(Result::ok).collect(),
             Err(e) => {
@@ -365,8 +358,8 @@ impl Intake {
             self.answer(query, words::unknown_button()).await;
             return;
         }
-        match action {
-            "again" => {
+        match button {
+            Button::Again(_) => {
                 let Some(Event::Queued { model, prompt, .. }) = events.first().map(|r| &r.event)
                 else {
                     self.answer(query, words::unknown_button()).await;
@@ -389,7 +382,7 @@ impl Intake {
                 );
                 let () = answered;
             }
-            "orig" => {
+            Button::Original(_) => {
                 let image = events.iter().rev().find_map(|r| match &r.event {
                     Event::Generated { image, .. } => Some(image.clone()),
                     _ => None,
@@ -423,7 +416,6 @@ impl Intake {
                     tracing::warn!(error = %e, "could not send an original");
                 }
             }
-            _ => self.answer(query, words::unknown_button()).await,
         }
     }
 }

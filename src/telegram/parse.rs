@@ -1,6 +1,44 @@
 //! Parsing a Telegram message into what the user asked for (§2). Pure:
 //! no bot, no I/O; anything unexpected is a value, never an error.
 
+/// What a button under a delivered photo asks for. Its callback data is
+/// written by [`Button::data`] and read back by [`Button::parse`]; data a
+/// client forged parses to `None` or names a request the intake then
+/// checks (it must be of the chat the button is pressed in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Button {
+    /// 🔁 Again: the same prompt as a new request.
+    Again(crate::domain::RequestId),
+    /// 📄 Original: the kept image as a document.
+    Original(crate::domain::RequestId),
+}
+
+impl Button {
+    /// The callback data (Telegram allows 64 bytes; this is at most 42).
+    pub fn data(&self) -> String {
+        match self {
+            Button::Again(id) => format!("again:{id}"),
+            Button::Original(id) => format!("orig:{id}"),
+        }
+    }
+
+    pub fn parse(data: &str) -> Option<Button> {
+        let (action, id) = data.split_once(':')?;
+        let id = crate::domain::RequestId(id.parse().ok()?);
+        match action {
+            "again" => Some(Button::Again(id)),
+            "orig" => Some(Button::Original(id)),
+            _ => None,
+        }
+    }
+
+    pub fn request(&self) -> crate::domain::RequestId {
+        match self {
+            Button::Again(id) | Button::Original(id) => *id,
+        }
+    }
+}
+
 /// What a message asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
@@ -95,6 +133,25 @@ fn strip_controls(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn button_data_reads_back_and_forged_data_does_not() {
+        use super::Button;
+        let id = crate::domain::RequestId(uuid::Uuid::from_u128(0x1234));
+        for b in [Button::Again(id), Button::Original(id)] {
+            assert_eq!(Button::parse(&b.data()), Some(b));
+            assert!(b.data().len() <= 64);
+        }
+        for forged in [
+            "again",
+            "again:",
+            "again:nope",
+            "delete:00000000-0000-0000-0000-000000001234",
+            "",
+        ] {
+            assert_eq!(Button::parse(forged), None, "{forged}");
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 
