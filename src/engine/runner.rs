@@ -145,69 +145,9 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
             });
         };
         let command = match req.stage {
-            Stage::Enhancing => {
-                let e = self.enhancer.enhance(req.prompt.as_str()).await;
-                Command::FinishEnhancing {
-                    prompt: e.prompt,
-                    fallback: e.fallback,
-                }
-            }
-            Stage::Generating => {
-                let prompt = req
-                    .enhanced_prompt
-                    .as_deref()
-                    .unwrap_or(req.prompt.as_str());
-                match self.generator.generate(&self.model, prompt).await {
-                    Ok(img) => match self.images.keep(req.id, &img.bytes, &img.format) {
-                        Ok(image) => Command::FinishGenerating {
-                            image,
-                            attempts: img.attempts,
-                            statuses: img.statuses,
-                        },
-                        Err(e) => {
-                            tracing::error!(request_id = %req.id, error = %e, "could not keep the image");
-                            Command::Fail {
-                                kind: FailureKind::Internal,
-                                reason: format!("could not keep the image: {}", e.kind()),
-                                attempts: img.attempts,
-                                statuses: img.statuses,
-                            }
-                        }
-                    },
-                    Err(f) => Command::Fail {
-                        kind: f.kind,
-                        reason: f.reason,
-                        attempts: f.attempts,
-                        statuses: f.statuses,
-                    },
-                }
-            }
-            Stage::Sending => {
-                let kept = match &req.image {
-                    Some(image) => self
-                        .images
-                        .load(image)
-                        .map(|b| b.map(|b| (b, image.format.clone()))),
-                    None => Ok(None),
-                };
-                match kept {
-                    Ok(Some((bytes, format))) => {
-                        match self.deliverer.deliver(&req, &bytes, &format).await {
-                            Ok(d) => Command::FinishSending {
-                                message_id: d.message_id,
-                            },
-                            Err(f) => Command::Fail {
-                                kind: FailureKind::Delivery,
-                                reason: f.reason,
-                                attempts: 0,
-                                statuses: Vec::new(),
-                            },
-                        }
-                    }
-                    // The image is gone (or unreadable): generate it again.
-                    Ok(None) | Err(_) => Command::Regenerate,
-                }
-            }
+            Stage::Enhancing => self.enhance(&req).await,
+            Stage::Generating => self.generate(&req).await,
+            Stage::Sending => self.send(&req).await,
             // The projection only names Enhancing/Generating/Sending as in flight.
             Stage::Queued | Stage::Done | Stage::Failed | Stage::Cancelled => {
                 return Err(CoreError::NotFound(req.id));
@@ -224,6 +164,74 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                 _ => Stage::Failed,
             }),
         })
+    }
+
+    /// Enhancing: the LLM's prompt, or the original with the reason why.
+    async fn enhance(&self, req: &ActiveRequest) -> Command {
+        let e = self.enhancer.enhance(req.prompt.as_str()).await;
+        Command::FinishEnhancing {
+            prompt: e.prompt,
+            fallback: e.fallback,
+        }
+    }
+
+    /// Generating: the worker's image, kept on disk (and synced) before
+    /// `Generated` is recorded; or the failure.
+    async fn generate(&self, req: &ActiveRequest) -> Command {
+        let prompt = req
+            .enhanced_prompt
+            .as_deref()
+            .unwrap_or(req.prompt.as_str());
+        match self.generator.generate(&self.model, prompt).await {
+            Ok(img) => match self.images.keep(req.id, &img.bytes, &img.format) {
+                Ok(image) => Command::FinishGenerating {
+                    image,
+                    attempts: img.attempts,
+                    statuses: img.statuses,
+                },
+                Err(e) => {
+                    tracing::error!(request_id = %req.id, error = %e, "could not keep the image");
+                    Command::Fail {
+                        kind: FailureKind::Internal,
+                        reason: format!("could not keep the image: {}", e.kind()),
+                        attempts: img.attempts,
+                        statuses: img.statuses,
+                    }
+                }
+            },
+            Err(f) => Command::Fail {
+                kind: f.kind,
+                reason: f.reason,
+                attempts: f.attempts,
+                statuses: f.statuses,
+            },
+        }
+    }
+
+    /// Sending: the kept image to the user; without it (gone or
+    /// unreadable), back to Generating.
+    async fn send(&self, req: &ActiveRequest) -> Command {
+        let kept = match &req.image {
+            Some(image) => self
+                .images
+                .load(image)
+                .map(|b| b.map(|b| (b, image.format.clone()))),
+            None => Ok(None),
+        };
+        match kept {
+            Ok(Some((bytes, format))) => match self.deliverer.deliver(req, &bytes, &format).await {
+                Ok(d) => Command::FinishSending {
+                    message_id: d.message_id,
+                },
+                Err(f) => Command::Fail {
+                    kind: FailureKind::Delivery,
+                    reason: f.reason,
+                    attempts: 0,
+                    statuses: Vec::new(),
+                },
+            },
+            Ok(None) | Err(_) => Command::Regenerate,
+        }
     }
 
     /// Steps until there is nothing to do, then sleeps until the log grows;
