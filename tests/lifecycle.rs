@@ -177,15 +177,7 @@ async fn given_a_log_when_an_illegal_command_then_nothing_is_written() {
         "{r:?}"
     );
     // The second request cannot overtake the first.
-    let r = core
-        .execute(
-            second,
-            Command::Start(SchedulingFacts {
-                at_head: true,
-                model_idle: true,
-            }),
-        )
-        .await;
+    let r = core.start(second).await;
     assert!(
         matches!(r, Err(CoreError::Refused(Refusal::NotAtHead))),
         "{r:?}"
@@ -197,15 +189,7 @@ async fn given_a_log_when_an_illegal_command_then_nothing_is_written() {
         .await
         .unwrap()
         .expect("started");
-    let r = core
-        .execute(
-            second,
-            Command::Start(SchedulingFacts {
-                at_head: true,
-                model_idle: true,
-            }),
-        )
-        .await;
+    let r = core.start(second).await;
     assert!(
         matches!(r, Err(CoreError::Refused(Refusal::ModelBusy))),
         "{r:?}"

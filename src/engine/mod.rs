@@ -39,6 +39,9 @@ pub enum CoreError {
     Refused(#[from] Refusal),
     #[error("no unfinished request {0}")]
     NotFound(RequestId),
+    /// `Start` given to [`Core::execute`]: starts go through [`Core::start`].
+    #[error("a start goes through Core::start, which supplies the scheduling facts")]
+    StartNeedsFacts,
     /// A decided event did not apply: a bug, never expected.
     #[error("internal invariant broken: {0}")]
     Invariant(Violation),
@@ -234,24 +237,49 @@ impl<S: EventStore> Core<S> {
         Ok(())
     }
 
-    /// Runs a lifecycle command on an unfinished request. Start goes through
-    /// [`Core::start_next`], which supplies the scheduling facts.
+    /// Runs a lifecycle command on an unfinished request. `Start` is not
+    /// one of them: a start needs the scheduling facts, which only the core
+    /// knows, so it goes through [`Core::start`] (or [`Core::start_next`]).
     ///
     /// # Errors
-    /// [`CoreError::NotFound`], [`CoreError::Refused`] or a store error.
+    /// [`CoreError::NotFound`], [`CoreError::Refused`], a store error, or
+    /// [`CoreError::StartNeedsFacts`] for `Start`.
     pub async fn execute(&self, id: RequestId, command: Command) -> Result<Recorded, CoreError> {
+        if matches!(command, Command::Start(_)) {
+            return Err(CoreError::StartNeedsFacts);
+        }
+        self.decide_and_record(id, |_, _| command).await
+    }
+
+    /// Starts request `id` if it is the head of its model's queue and the
+    /// model is idle (the facts are read from the live state, under the
+    /// same lock as the append).
+    ///
+    /// # Errors
+    /// [`CoreError::Refused`] (`NotAtHead`, `ModelBusy`, or not queued),
+    /// [`CoreError::NotFound`] or a store error.
+    pub async fn start(&self, id: RequestId) -> Result<Recorded, CoreError> {
+        self.decide_and_record(id, |state, req| {
+            Command::Start(SchedulingFacts {
+                at_head: state.head(&req.model) == Some(id),
+                model_idle: state.in_flight(&req.model).is_none(),
+            })
+        })
+        .await
+    }
+
+    /// Under the lock: the command (built from the live state), the
+    /// decision, the append; then the durability wait when it matters.
+    async fn decide_and_record(
+        &self,
+        id: RequestId,
+        command: impl FnOnce(&LiveState, &crate::projection::ActiveRequest) -> Command,
+    ) -> Result<Recorded, CoreError> {
         let now = self.clock.now();
         let rec = {
             let mut state = self.lock();
             let req = state.request(id).ok_or(CoreError::NotFound(id))?;
-            let command = match command {
-                Command::Start(_) => Command::Start(SchedulingFacts {
-                    at_head: state.head(&req.model) == Some(id),
-                    model_idle: state.in_flight(&req.model).is_none(),
-                }),
-                other => other,
-            };
-            let event = decide(req.stage, command)?;
+            let event = decide(req.stage, command(&state, req))?;
             self.append_locked(&mut state, id, event, now)?
         };
         if rec.event.must_be_durable() {
@@ -277,16 +305,7 @@ impl<S: EventStore> Core<S> {
         match head {
             None => Ok(None),
             // A cancel may slip in between; then try again next wake-up.
-            Some(id) => match self
-                .execute(
-                    id,
-                    Command::Start(SchedulingFacts {
-                        at_head: true,
-                        model_idle: true,
-                    }),
-                )
-                .await
-            {
+            Some(id) => match self.start(id).await {
                 Ok(rec) => Ok(Some(rec)),
                 Err(CoreError::Refused(_) | CoreError::NotFound(_)) => Ok(None),
                 Err(e) => Err(e),
