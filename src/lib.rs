@@ -23,6 +23,7 @@
 
 pub mod app;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod domain;
 pub mod engine;

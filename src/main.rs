@@ -32,6 +32,7 @@ enum Command {
     /// Run the real bot against in-process fakes (no token, no network) and show what happens.
     ///
     /// Example: easel demo
+    #[cfg(feature = "demo")]
     Demo,
     /// Request history: list, show one request, statistics.
     #[command(subcommand)]
@@ -130,6 +131,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run => run(cli.data_dir),
+        #[cfg(feature = "demo")]
         Command::Demo => demo(cli.data_dir),
         command => operate(cli.data_dir, command),
     }
@@ -208,7 +210,9 @@ fn operate(flag: Option<PathBuf>, command: Command) -> ExitCode {
             &mut out,
         ),
         Command::Compact => cli::compact(&dir.log(), &mut out),
-        Command::Run | Command::Demo => Ok(0),
+        Command::Run => Ok(0),
+        #[cfg(feature = "demo")]
+        Command::Demo => Ok(0),
     })();
     let flushed = std::io::Write::flush(&mut out);
     match result {
@@ -296,6 +300,7 @@ async fn wait_for_signal() {
     }
 }
 
+#[cfg(feature = "demo")]
 fn demo(data_dir: Option<PathBuf>) -> ExitCode {
     // The demo prints its own story; only errors are logged beside it.
     init_tracing("error");
