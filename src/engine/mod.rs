@@ -175,6 +175,16 @@ impl<S: EventStore> Core<S> {
     /// could not be made durable (the user must not be told "queued").
     pub async fn accept(&self, req: NewRequest, limits: &Limits) -> Result<Admitted, AcceptError> {
         let admitted = self.admit(req, limits)?;
+        self.confirm(admitted).await
+    }
+
+    /// The second half of [`Core::accept`]: waits until a new request's
+    /// `Queued` is durable (a duplicate already is); only then may the user
+    /// be told.
+    ///
+    /// # Errors
+    /// [`AcceptError::Store`] when the disk refused.
+    pub async fn confirm(&self, admitted: Admitted) -> Result<Admitted, AcceptError> {
         if let Admitted::Queued { seq, .. } = admitted {
             self.durable(seq).await?;
         }
@@ -186,7 +196,7 @@ impl<S: EventStore> Core<S> {
     /// disk. Intake admits a batch of updates one after the other in
     /// `update_id` order this way, and their durability waits then share
     /// one flush. The request is **not yet acknowledged**: nobody may be
-    /// told "queued" before [`Core::durable`] of its seq returned.
+    /// told "queued" before [`Core::confirm`] returned.
     ///
     /// # Errors
     /// As [`Core::accept`], without the flush.

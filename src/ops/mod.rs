@@ -84,7 +84,6 @@ pub fn elide(text: &str, max: usize) -> String {
     }
 }
 
-/// A table of requests for people.
 /// Text from outside (prompts, LLM answers, worker errors) made safe for an
 /// operator's terminal (§6): control characters (escape sequences, line
 /// breaks, C1) and the bidirectional overrides that can make a line read
@@ -94,20 +93,18 @@ pub fn visible(text: &str) -> String {
         c.is_control()
             || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
     };
-    if !text.chars().any(hidden) {
-        return text.to_owned();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if hidden(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
     }
-    text.chars()
-        .map(|c| {
-            if hidden(c) {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
+    out
 }
 
+/// A table of requests for people.
 pub fn table(records: &[RequestRecord], prompt_width: usize) -> String {
     let mut table = Table::new();
     table

@@ -31,7 +31,6 @@ pub fn private_umask() {
 #[derive(Debug)]
 pub struct DirLock {
     _file: File,
-    path: PathBuf,
 }
 
 /// Why the lock could not be had.
@@ -46,9 +45,7 @@ pub enum LockError {
 impl DirLock {
     /// The lock file of the log folder `log`.
     pub fn path_for(log: &Path) -> PathBuf {
-        let mut name = log.file_name().unwrap_or_default().to_os_string();
-        name.push(".lock");
-        log.with_file_name(name)
+        sibling(log, ".lock")
     }
 
     /// Takes the lock, waiting at most `wait` while another holder has it.
@@ -61,11 +58,7 @@ impl DirLock {
         // as it is (it may be a folder the operator shares, such as /tmp:
         // what easel puts in it is owner-only by itself).
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(DIR_MODE)
-                .create(parent)
-                .map_err(|e| LockError::Io(parent.to_path_buf(), e))?;
+            make_dir(parent).map_err(|e| LockError::Io(parent.to_path_buf(), e))?;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -78,7 +71,7 @@ impl DirLock {
         let deadline = Instant::now() + wait;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(DirLock { _file: file, path }),
+                Ok(()) => return Ok(DirLock { _file: file }),
                 Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -89,10 +82,22 @@ impl DirLock {
             }
         }
     }
+}
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
+/// `<dir><suffix>` beside `dir` (`log` → `log.lock`, `log.compact`).
+pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    dir.with_file_name(name)
+}
+
+/// Creates `dir` and missing parents, owner-only; an existing one is left
+/// as it is.
+fn make_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
 }
 
 /// Creates `dir` (and missing parents) owner-only; an existing folder that
@@ -102,10 +107,7 @@ impl DirLock {
 /// # Errors
 /// Any I/O error.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(dir)?;
+    make_dir(dir)?;
     narrow(dir, DIR_MODE)
 }
 
@@ -117,10 +119,7 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// # Errors
 /// Any I/O error.
 pub fn create_data_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(dir)?;
+    make_dir(dir)?;
     let mode = std::fs::metadata(dir)?.permissions().mode();
     if mode & 0o077 != 0 {
         tracing::warn!(

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
-use super::disk::{self, DirLock, LockError};
+use super::disk::{self, DirLock, LockError, sibling};
 use super::{Corrupt, EventStore, NewEvent, ReadError, ReadItem, Recorded, StoreError, codec};
 use crate::domain::{ChatId, Event, RequestId};
 
@@ -276,12 +276,6 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-fn sibling(dir: &Path, suffix: &str) -> std::path::PathBuf {
-    let mut name = dir.file_name().unwrap_or_default().to_os_string();
-    name.push(suffix);
-    dir.with_file_name(name)
-}
-
 /// Ends a compaction a crash interrupted (see [`SledStore::compact`]);
 /// only ever called with the log's lock held, so no compaction is running.
 /// The log folder is the truth while it exists; without it, the finished
@@ -385,13 +379,11 @@ impl SledStore {
             }
         }
         copy.apply_batch(batch).map_err(|e| write(&describe(&e)))?;
-        copy.flush().map_err(|e| write(&describe(&e)))?;
-        // sled's flush is a `sync_file_range`: make the copy's file, and
-        // its folder's entries, survive a power cut before it replaces the log.
-        std::fs::File::open(copy_dir.join("db"))
-            .and_then(|f| f.sync_data())
-            .and_then(|()| disk::sync_dir(&copy_dir))
-            .map_err(|e| write(&e))?;
+        // The copy's file and its folder's entries survive a power cut
+        // before it replaces the log.
+        let copy_file = std::fs::File::open(copy_dir.join("db")).map_err(|e| write(&e))?;
+        sync_db(&copy, &copy_file).map_err(|e| write(&describe(&e)))?;
+        disk::sync_dir(&copy_dir).map_err(|e| write(&e))?;
         let same = old.checksum().map_err(read_err)? == copy.checksum().map_err(read_err)?;
         drop(copy);
         drop(old);
@@ -453,12 +445,17 @@ fn open_db(dir: &Path, wait: std::time::Duration) -> Result<sled::Db, StoreError
     }
 }
 
+/// sled's flush, then the `fdatasync` of its log file (`db_file`) that
+/// makes it survive a power cut: sled's flush ends in `sync_file_range`.
+fn sync_db(db: &sled::Db, db_file: &std::fs::File) -> Result<(), sled::Error> {
+    db.flush()?;
+    db_file.sync_data()?;
+    Ok(())
+}
+
 impl Inner {
-    /// sled's flush, then the `fdatasync` that makes it survive a power cut.
     fn sync(&self) -> Result<(), sled::Error> {
-        self.db.flush()?;
-        self.db_file.sync_data()?;
-        Ok(())
+        sync_db(&self.db, &self.db_file)
     }
 
     /// Records a refused write (once; sled's error is sticky) and words it.
@@ -601,10 +598,7 @@ fn reindex_tail(db: &sled::Db, db_file: &std::fs::File) -> Result<u64, StoreErro
         }
     }
     if repaired > 0 {
-        db.flush().map_err(|e| StoreError::Open(describe(&e)))?;
-        db_file
-            .sync_data()
-            .map_err(|e| StoreError::Open(describe(&sled::Error::Io(e))))?;
+        sync_db(db, db_file).map_err(|e| StoreError::Open(describe(&e)))?;
         tracing::warn!(
             repaired,
             "index and intake keys re-derived from the log's tail after a crash"

@@ -156,13 +156,7 @@ impl TelegramApi {
     {
         let mut network_failures = 0u32;
         let mut rate_limits = 0u32;
-        // Network and 5xx: 2 s doubling to 32 s (backon), with jitter.
-        let mut backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_secs(2))
-            .with_max_delay(Duration::from_secs(32))
-            .without_max_times()
-            .with_jitter()
-            .build();
+        let mut backoff = transient_backoff().build();
         let mut shutdown = self.shutdown.clone();
         loop {
             if *shutdown.borrow() && policy == Policy::Deliver {
@@ -218,6 +212,17 @@ impl TelegramApi {
             }
         }
     }
+}
+
+/// The waits after a transient failure of a Telegram call (network, 5xx),
+/// `getUpdates` included: 2 s doubling to 32 s, with jitter, for as long as
+/// it lasts. The callers start it over after a success.
+pub(crate) fn transient_backoff() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(2))
+        .with_max_delay(Duration::from_secs(32))
+        .without_max_times()
+        .with_jitter()
 }
 
 /// Errors worth retrying: the network, unparsable answers (a proxy's HTML

@@ -211,11 +211,8 @@ impl Intake {
         // Told nobody yet: the reply waits for the disk (shared with the
         // rest of the batch).
         let admitted = match admitted {
-            Ok(Admitted::Queued { seq, .. }) => match self.core.durable(seq).await {
-                Ok(()) => admitted,
-                Err(e) => Err(AcceptError::Store(e)),
-            },
-            other => other,
+            Ok(a) => self.core.confirm(a).await,
+            Err(e) => Err(e),
         };
         self.answer_admission(to, chat, name, admitted).await
     }
@@ -350,21 +347,21 @@ impl Intake {
         // A button acts only on a request of the chat it is pressed in
         // (§2): button data comes from the client and can be forged to
         // name any request id, another chat's included.
-        let ours = matches!(
-            events.first().map(|r| &r.event),
-            Some(Event::Queued { origin, .. }) if origin.chat_id.0 == chat
-        );
-        if !ours {
+        let Some(Event::Queued {
+            model,
+            prompt,
+            origin,
+        }) = events.first().map(|r| &r.event)
+        else {
+            self.answer(query, words::unknown_button()).await;
+            return;
+        };
+        if origin.chat_id.0 != chat {
             self.answer(query, words::unknown_button()).await;
             return;
         }
         match button {
             Button::Again(_) => {
-                let Some(Event::Queued { model, prompt, .. }) = events.first().map(|r| &r.event)
-                else {
-                    self.answer(query, words::unknown_button()).await;
-                    return;
-                };
                 let origin = Origin {
                     user_id: UserId(user_id),
                     chat_id: ChatId(chat),
@@ -375,12 +372,10 @@ impl Intake {
                     chat,
                     to_message: query.message.as_ref().map(|m| m.id().0),
                 };
-                let (model, prompt) = (model.clone(), prompt.clone());
-                let (answered, _) = tokio::join!(
+                tokio::join!(
                     self.answer(query, words::again_button()),
                     self.image(to, origin, model.as_str(), prompt.as_str(), turn),
                 );
-                let () = answered;
             }
             Button::Original(_) => {
                 let image = events.iter().rev().find_map(|r| match &r.event {

@@ -91,13 +91,7 @@ pub(crate) async fn updates_loop(
     shutdown: &mut watch::Receiver<bool>,
     mut batch: impl FnMut(Vec<Update>) -> BoxFuture,
 ) -> i32 {
-    // 2 s doubling to 32 s while getUpdates keeps failing (backon), from
-    // the start again after a success.
-    let policy = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(2))
-        .with_max_delay(Duration::from_secs(32))
-        .without_max_times()
-        .with_jitter();
+    let policy = super::api::transient_backoff();
     let mut backoff = policy.build();
     loop {
         if *shutdown.borrow() {
