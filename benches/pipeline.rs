@@ -82,7 +82,7 @@ async fn run(
 ) -> (
     f64,
     Arc<Core<SledStore>>,
-    tokio::sync::watch::Sender<bool>,
+    tokio_util::sync::CancellationToken,
     tempfile::TempDir,
 ) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -102,7 +102,8 @@ async fn run(
             window_secs: 1,
         },
     };
-    let (stop, rx) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let rx = stop.clone();
     for n in 0..requests {
         let model = ModelName::parse(models[(n % models.len() as u64) as usize]).expect("model");
         let req = NewRequest {
@@ -137,7 +138,7 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let rate = requests as f64 / started.elapsed().as_secs_f64();
-    stop.send(true).ok();
+    stop.cancel();
     (rate, core, stop, dir)
 }
 
@@ -167,6 +168,6 @@ fn main() {
             100.0 * used / t.elapsed().as_secs_f64(),
             t.elapsed().as_secs_f64()
         );
-        stop.send(true).ok();
+        stop.cancel();
     });
 }

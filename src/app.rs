@@ -1,7 +1,10 @@
-//! Wiring of `easel run`: settings → open the log → recover → one runner
-//! per model → status board → long polling, and an orderly stop on the
-//! shutdown signal (in-flight steps are cut at a step boundary and resumed
-//! after the next start; the log is checkpointed and flushed).
+//! The composition root of `easel run`, the only module that depends on
+//! every other: settings → open the log → recover → one runner per model →
+//! status board → janitor → query socket → long polling, all under one
+//! cancellation token, and an orderly stop (in-flight steps are cut at a
+//! step boundary and resumed after the next start; every task gets one
+//! shared drain deadline; the log is checkpointed and flushed). Also the
+//! self-heal after the log refused a write ([`run`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,11 +12,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use teloxide::prelude::Requester;
 use teloxide::types::BotCommand;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::domain::{Command, FailureKind};
 use crate::engine::{Core, ImageStore, Runner, SystemClock};
 use crate::services::{ImageWorkers, LlmEnhancer, MAX_CONNECTIONS, http_client};
 use crate::store::SledStore;
@@ -37,7 +40,11 @@ pub struct App {
     api: Arc<TelegramApi>,
     settings: Arc<Settings>,
     poller: JoinHandle<i32>,
-    workers: Vec<JoinHandle<()>>,
+    /// The engine's stop signal; the drain deadline starts when it fires.
+    stop: CancellationToken,
+    /// Every other task of this engine: runners, status board, janitor,
+    /// query socket. They stop on the engine's token.
+    tasks: JoinSet<()>,
 }
 
 /// What the stand-in needs to answer users while the engine is down.
@@ -48,11 +55,16 @@ struct Handover {
     offset: i32,
 }
 
-/// Starts everything; the bot then runs until `shutdown` turns true.
+/// How long the engine's tasks together may take to stop once told: a
+/// step in flight is cut at its next boundary well within it; what is
+/// still running then is aborted (its request resumes at the next start).
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+/// Starts everything; the bot then runs until `shutdown` is cancelled.
 ///
 /// # Errors
 /// [`StartError::Config`] for a missing or refused token, else what failed.
-pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<App, StartError> {
+pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<App, StartError> {
     let token = settings.telegram_token.clone().ok_or_else(|| {
         StartError::Config("TELEGRAM_BOT_TOKEN is not set; `easel run` needs the bot token.".into())
     })?;
@@ -70,7 +82,9 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
         "event log opened"
     );
     let core = Arc::new(core);
-    fail_unconfigured(&core, &settings).await?;
+    crate::maintenance::fail_unconfigured(&core, &settings)
+        .await
+        .context("failing the requests of unconfigured models")?;
     let resumed = core
         .recover()
         .await
@@ -110,9 +124,10 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
     }
 
     let (board, board_task) =
-        StatusBoard::spawn(Arc::clone(&core), Arc::clone(&api), shutdown.clone());
+        StatusBoard::new(Arc::clone(&core), Arc::clone(&api), shutdown.clone());
     let deliverer = Arc::new(TelegramDeliverer::new(Arc::clone(&api)));
-    let mut workers = vec![board_task];
+    let mut tasks = JoinSet::new();
+    tasks.spawn(board_task);
     for model in &settings.models {
         let runner = Runner::new(
             Arc::clone(&core),
@@ -122,15 +137,15 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
             Arc::clone(&deliverer),
             Arc::clone(&images),
         );
-        let rx = shutdown.clone();
-        workers.push(tokio::spawn(async move { runner.run(rx).await }));
+        let stop = shutdown.clone();
+        tasks.spawn(async move { runner.run(stop).await });
     }
-    workers.push(tokio::spawn(janitor(
+    tasks.spawn(crate::maintenance::janitor(
         Arc::clone(&core),
         Arc::clone(&images),
         Arc::clone(&settings),
         shutdown.clone(),
-    )));
+    ));
 
     let intake = Arc::new(Intake {
         core: Arc::clone(&core),
@@ -141,24 +156,28 @@ pub async fn start(settings: Settings, shutdown: watch::Receiver<bool>) -> Resul
         username: username.clone(),
     });
     // Operators' read-only queries, while this process holds the log.
-    match crate::ops::server::spawn(
-        Arc::clone(&core),
-        intake.settings.data_dir.socket(),
-        shutdown.clone(),
-    ) {
-        Ok(task) => workers.push(task),
+    match crate::ops::server::bind(&intake.settings.data_dir.socket()) {
+        Ok(listener) => {
+            tasks.spawn(crate::ops::server::serve(
+                Arc::clone(&core),
+                listener,
+                intake.settings.data_dir.socket(),
+                shutdown.clone(),
+            ));
+        }
         Err(e) => {
             tracing::warn!(error = %e, "the audit socket is not available; `easel audit` works only when the bot is stopped")
         }
     }
-    let poller = tokio::spawn(poll::poll(intake, shutdown));
+    let poller = tokio::spawn(poll::poll(intake, shutdown.clone()));
     Ok(App {
         core,
         username,
         api,
         settings,
         poller,
-        workers,
+        stop: shutdown,
+        tasks,
     })
 }
 
@@ -174,26 +193,35 @@ impl App {
     }
 
     /// As [`App::wait`], handing back where polling stopped.
-    async fn wait_for_handover(self) -> (Handover, anyhow::Result<()>) {
-        let offset = self.poller.await.unwrap_or(0);
+    async fn wait_for_handover(mut self) -> (Handover, anyhow::Result<()>) {
+        self.stop.cancelled().await;
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        let offset = match tokio::time::timeout_at(deadline, &mut self.poller).await {
+            Ok(joined) => joined.unwrap_or(0),
+            Err(_) => {
+                self.poller.abort();
+                0
+            }
+        };
         let handover = Handover {
             api: self.api,
             settings: self.settings,
             username: self.username,
             offset,
         };
-        for mut w in self.workers {
-            if tokio::time::timeout(Duration::from_secs(5), &mut w)
-                .await
-                .is_err()
-            {
-                // Aborted, so its handle on the log is gone too and the
-                // log can be reopened (see `run`).
-                w.abort();
-                tracing::warn!(
-                    "a task did not stop within 5 s; its request resumes at the next start"
-                );
-            }
+        let drained = tokio::time::timeout_at(deadline, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            // Aborted, so their handles on the log are gone too and the
+            // log can be reopened (see `run`).
+            tracing::warn!(
+                left = self.tasks.len(),
+                "tasks did not stop within {} s; their requests resume at the next start",
+                DRAIN.as_secs()
+            );
+            self.tasks.shutdown().await;
         }
         let result = self
             .core
@@ -227,7 +255,7 @@ const RESTART_HEALTHY: Duration = Duration::from_secs(60);
 /// # Errors
 /// As [`start`] (at the first start; later starts are retried) and
 /// [`App::wait`]; stopping while the log cannot be written is an error too.
-pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), StartError> {
     // 1 s doubling to 30 s while the disk keeps refusing (backon), from the
     // start again after an engine that ran long enough.
     let policy = backon::ExponentialBuilder::default()
@@ -239,24 +267,14 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     // Set once an engine ran; lets the stand-in answer during the pauses.
     let mut handover: Option<Handover> = None;
     loop {
-        // Each engine has its own stop signal, so a broken log can stop it
-        // without stopping the process; the process's signal stops it too.
-        let (stop, engine_rx) = watch::channel(false);
-        let stop = Arc::new(stop);
-        let forward = {
-            let stop = Arc::clone(&stop);
-            let mut outer = shutdown.clone();
-            tokio::spawn(async move {
-                if outer.wait_for(|s| *s).await.is_ok() {
-                    let _ = stop.send(true);
-                }
-            })
-        };
+        // Each engine has its own token, a child of the process's: a
+        // broken log can stop the engine without stopping the process,
+        // and the process's signal stops the engine too.
+        let engine = shutdown.child_token();
         let started = tokio::time::Instant::now();
-        let app = match start(settings.clone(), engine_rx).await {
+        let app = match start(settings.clone(), engine.clone()).await {
             Ok(app) => app,
             Err(e) => {
-                forward.abort();
                 // The first start reports every problem; later ones retry
                 // all but a configuration error.
                 let Some(h) = handover.as_mut() else {
@@ -267,7 +285,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                     StartError::Other(e) => e,
                 };
                 tracing::warn!(error = %format!("{e:#}"), retry_in_secs = pause.as_secs(), "the event log cannot be reopened yet");
-                if *shutdown.borrow() || pause_answering(pause, h, &shutdown).await {
+                if shutdown.is_cancelled() || pause_answering(pause, h, &shutdown).await {
                     return Err(StartError::Other(
                         e.context("stopped while the event log could not be reopened"),
                     ));
@@ -277,12 +295,10 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             }
         };
         let mut broken = app.core.store().write_failure();
-        let mut stopped = stop.subscribe();
         let reason = tokio::select! {
             r = broken.wait_for(Option::is_some) => r.ok().and_then(|r| r.clone()),
-            _ = stopped.wait_for(|s| *s) => None,
+            () = engine.cancelled() => None,
         };
-        forward.abort();
         let Some(reason) = reason else {
             // Stopped by the process's signal.
             app.wait().await?;
@@ -293,7 +309,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             retry_in_secs = pause.as_secs(),
             "the event log can no longer be written; stopping the engine and starting it again from the log once the disk takes writes"
         );
-        let _ = stop.send(true);
+        engine.cancel();
         let (mut h, result) = app.wait_for_handover().await;
         if let Err(e) = result {
             tracing::debug!(error = %format!("{e:#}"), "stopping with a broken log");
@@ -302,7 +318,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             pauses = backon::BackoffBuilder::build(policy);
             pause = pauses.next().unwrap_or(RESTART_FIRST);
         }
-        let told = *shutdown.borrow() || pause_answering(pause, &mut h, &shutdown).await;
+        let told = shutdown.is_cancelled() || pause_answering(pause, &mut h, &shutdown).await;
         handover = Some(h);
         if told {
             return Err(StartError::Other(anyhow::anyhow!(
@@ -315,29 +331,24 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
 
 /// Waits `pause` while the stand-in answers users; true when the process
 /// is told to stop meanwhile.
-async fn pause_answering(
-    pause: Duration,
-    h: &mut Handover,
-    shutdown: &watch::Receiver<bool>,
-) -> bool {
-    let (until, until_rx) = watch::channel(false);
+async fn pause_answering(pause: Duration, h: &mut Handover, shutdown: &CancellationToken) -> bool {
+    let until = shutdown.child_token();
     let standin = tokio::spawn(crate::telegram::standin::answer_while_down(
         Arc::clone(&h.api),
         Arc::clone(&h.settings),
         h.username.clone(),
         h.offset,
-        until_rx,
+        until.clone(),
     ));
-    let mut rx = shutdown.clone();
-    let told = tokio::select! {
-        () = tokio::time::sleep(pause) => false,
-        r = rx.wait_for(|s| *s) => r.is_ok(),
-    };
-    let _ = until.send(true);
+    tokio::select! {
+        () = tokio::time::sleep(pause) => {}
+        () = shutdown.cancelled() => {}
+    }
+    until.cancel();
     if let Ok(offset) = standin.await {
         h.offset = offset;
     }
-    told || *shutdown.borrow()
+    shutdown.is_cancelled()
 }
 
 /// getMe, retried with backoff (500 ms doubling to 30 s, with jitter) while
@@ -345,10 +356,7 @@ async fn pause_answering(
 /// refused token (`401 Unauthorized`, `404 Not Found`) is a configuration
 /// error. A Telegram outage at start, or during a restart after the disk
 /// filled, must not stop the bot.
-async fn who_am_i(
-    api: &TelegramApi,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<String, StartError> {
+async fn who_am_i(api: &TelegramApi, shutdown: CancellationToken) -> Result<String, StartError> {
     use backon::{ExponentialBuilder, Retryable};
     let backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
@@ -376,117 +384,6 @@ async fn who_am_i(
                 api.describe(&e)
             ))),
         },
-        _ = shutdown.wait_for(|s| *s) => Err(StartError::Other(anyhow::anyhow!("stopped before Telegram answered"))),
+        () = shutdown.cancelled() => Err(StartError::Other(anyhow::anyhow!("stopped before Telegram answered"))),
     }
-}
-
-/// Requests left for a model that is no longer configured would wait
-/// forever: they fail at start with a clear reason.
-async fn fail_unconfigured(core: &Core<SledStore>, settings: &Settings) -> anyhow::Result<()> {
-    let orphans: Vec<_> = core.read(|s| {
-        s.requests()
-            .filter(|r| settings.model(&r.model).is_none())
-            .map(|r| (r.id, r.model.clone()))
-            .collect()
-    });
-    for (id, model) in orphans {
-        tracing::warn!(request_id = %id, %model, "model no longer configured; failing its request");
-        core.execute(
-            id,
-            Command::Fail {
-                kind: FailureKind::NotConfigured,
-                reason: format!("model {model} is not configured any more"),
-                attempts: 0,
-                statuses: Vec::new(),
-            },
-        )
-        .await
-        .context("failing a request of an unconfigured model")?;
-    }
-    Ok(())
-}
-
-/// Deletes kept images older than the originals' lifetime (never those of
-/// unfinished requests) and moves finished requests older than the
-/// retention window to the archive, at start and then hourly, so disk use
-/// stays bounded.
-async fn janitor(
-    core: Arc<Core<SledStore>>,
-    images: Arc<ImageStore>,
-    settings: Arc<Settings>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        match sweep_images(&core, &images, settings.originals_ttl) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(removed = n, "expired originals removed"),
-            Err(e) => tracing::warn!(error = %e, "could not sweep kept images"),
-        }
-        let cutoff = settings
-            .retention
-            .and_then(|w| chrono::Duration::from_std(w).ok())
-            .and_then(|w| chrono::Utc::now().checked_sub_signed(w));
-        if let Some(cutoff) = cutoff {
-            let core = Arc::clone(&core);
-            let dir = settings.data_dir.archive();
-            // Reads and rewrites many keys: off the async workers.
-            let stopping = shutdown.clone();
-            let swept = tokio::task::spawn_blocking(move || {
-                crate::ops::retention::sweep(core.store(), &dir, cutoff, &|| *stopping.borrow())
-            })
-            .await;
-            match swept {
-                Ok(Ok(r)) if r.requests == 0 => {}
-                Ok(Ok(r)) => tracing::info!(
-                    requests = r.requests,
-                    events = r.events,
-                    files = ?r.files,
-                    "finished requests past the retention window moved to the archive"
-                ),
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not archive old requests"),
-                Err(e) => tracing::warn!(error = %e, "the archive sweep stopped"),
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
-            _ = shutdown.changed() => return,
-        }
-    }
-}
-
-/// One janitor pass; returns how many files were removed.
-///
-/// # Errors
-/// When the folder cannot be read.
-pub fn sweep_images(
-    core: &Core<SledStore>,
-    images: &ImageStore,
-    ttl: Duration,
-) -> std::io::Result<usize> {
-    let mut removed = 0;
-    for entry in std::fs::read_dir(images.dir())? {
-        let entry = entry?;
-        let path = entry.path();
-        let Ok(age) = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .map(|t| t.elapsed().unwrap_or_default())
-        else {
-            continue;
-        };
-        if age < ttl {
-            continue;
-        }
-        let active = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.split('.').next())
-            .and_then(|s| s.parse().ok())
-            .map(crate::domain::RequestId)
-            .is_some_and(|id| core.read(|s| s.request(id).is_some()));
-        if !active && std::fs::remove_file(&path).is_ok() {
-            removed += 1;
-        }
-    }
-    Ok(removed)
 }

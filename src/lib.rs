@@ -17,7 +17,10 @@
 //!   in update order, status messages, delivery, every user-facing text.
 //! - [`ops`]: the operator commands' queries, verify, retention, the query
 //!   socket of a running bot.
-//! - [`app`]: `easel run`'s wiring and its self-heal after refused writes.
+//! - [`maintenance`]: upkeep beside serving: unconfigured models' requests
+//!   failed at start, expired images deleted, retention to the archive.
+//! - [`app`]: the composition root of `easel run` (the only module that
+//!   depends on all the others) and its self-heal after refused writes.
 //! - [`demo`]: the FAKE Telegram, workers and LLM, and `easel demo`.
 //! - [`telemetry`]: the tracing filter every subscriber is built with.
 
@@ -27,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod engine;
+pub mod maintenance;
 pub mod ops;
 pub mod projection;
 pub mod services;

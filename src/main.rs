@@ -256,13 +256,14 @@ fn run(data_dir: Option<PathBuf>) -> ExitCode {
         }
     };
     let result = rt.block_on(async move {
-        let (stop, rx) = tokio::sync::watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let signal = stop.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("stop signal received; finishing up");
-            let _ = stop.send(true);
+            signal.cancel();
         });
-        app::run(settings, rx).await
+        app::run(settings, stop).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -89,7 +89,7 @@ fn cli(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
-    let kills = env_num("EASEL_CAMPAIGN_KILLS", 6);
+    let kills = env_num("EASEL_CAMPAIGN_KILLS", 4);
     let users = env_num("EASEL_CAMPAIGN_USERS", 24) as i64;
     let seed = env_num(
         "EASEL_CAMPAIGN_SEED",

@@ -255,7 +255,7 @@ async fn a_full_disk_mid_run_loses_nothing_acknowledged_and_heals() {
 
     // The disk stays full for a while: users keep writing and each gets a
     // clear answer (help as usual, requests refused), and the bot stays up.
-    let full_for = Duration::from_secs(env_num("EASEL_FULL_DISK_SECS", 4));
+    let full_for = Duration::from_secs(env_num("EASEL_FULL_DISK_SECS", 2));
     let until = Instant::now() + full_for;
     let mut helped = 0;
     while Instant::now() < until {

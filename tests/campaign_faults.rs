@@ -21,7 +21,7 @@ fn finished(app: &helpers::TestApp) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn telegram_failing_on_every_method_loses_nothing() {
     let mut app = spawn_app(&[]).await;
     app.tg.fail_next("getUpdates", 1, Failure::RetryAfter(1));
@@ -197,7 +197,7 @@ async fn a_refused_image_write_fails_that_request_clearly_and_nothing_else() {
 
 /// The connection to Telegram is cut in the middle of uploading the photo:
 /// the image is kept, the upload is retried, and it arrives once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_connection_reset_mid_upload_retries_the_photo() {
     let mut app = spawn_app(&[]).await;
     app.tg.fail_next("sendPhoto", 1, Failure::Reset);
@@ -213,7 +213,7 @@ async fn a_connection_reset_mid_upload_retries_the_photo() {
 /// Regression (the 10,000-request load run saw 34 calls arrive in one
 /// second at a 20/s pace): on a slow link, calls must not pile up in
 /// flight, or their arrivals bunch past Telegram's limit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_slow_telegram_never_has_more_than_three_calls_open() {
     let mut app = spawn_app(&[]).await;
     app.tg.set_delay(Duration::from_millis(300));

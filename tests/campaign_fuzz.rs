@@ -1,7 +1,7 @@
 //! Bad-input campaign: every parser of outside input fed generated hostile
 //! input — the command parser, the stored-event decoder, the LLM-answer
 //! cleaner and the worker-answer decoder. No panic; outputs stay bounded.
-//! `EASEL_FUZZ_CASES` (default 3000 per target) sizes it; the full run of
+//! `EASEL_FUZZ_CASES` (default 1000 per target) sizes it; the full run of
 //! docs/reliability.md: `EASEL_FUZZ_CASES=200000 cargo test --release --test campaign_fuzz -- --nocapture`.
 
 use std::time::Instant;
@@ -13,7 +13,7 @@ fn cases() -> u32 {
     std::env::var("EASEL_FUZZ_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(3000)
+        .unwrap_or(1000)
 }
 
 fn runner(name: &str) -> TestRunner {

@@ -49,8 +49,8 @@ fn usage() -> (f64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_users_two_models_each_request_exactly_once_in_fifo() {
-    let requests = env_num("EASEL_LOAD_REQUESTS", 120) as usize;
-    let users = env_num("EASEL_LOAD_USERS", 40).max(1) as i64;
+    let requests = env_num("EASEL_LOAD_REQUESTS", 60) as usize;
+    let users = env_num("EASEL_LOAD_USERS", 20).max(1) as i64;
     let per_user = requests.div_ceil(users as usize) as u64;
     // No trace-level log capture here: it would be most of the RSS measured.
     helpers::CAPTURE.store(false, std::sync::atomic::Ordering::SeqCst);

@@ -583,7 +583,8 @@ async fn every_command_works_while_the_bot_holds_the_data_dir() {
     .into_iter()
     .collect();
     let settings = easel::config::Settings::from_sources(|k| env.get(k).cloned(), None).unwrap();
-    let (stop, rx) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let rx = stop.clone();
     let running = easel::app::start(settings, rx).await.unwrap();
     let task = tokio::spawn(running.wait());
     tg.user_sends(1, 1, "/image=flux=a red kite");
@@ -639,7 +640,7 @@ async fn every_command_works_while_the_bot_holds_the_data_dir() {
             == 3)
             .await
     );
-    stop.send(true).unwrap();
+    stop.cancel();
     task.await.unwrap().unwrap();
     // Stopped: the socket is gone and the same commands read the log directly.
     assert!(!dir.path().join("easel.sock").exists());

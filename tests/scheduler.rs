@@ -329,7 +329,8 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 async fn runners_wake_on_events_and_a_stuck_model_never_delays_another() {
     let dir = tempfile::tempdir().unwrap();
     let rig = rig(dir.path(), Arc::new(GatedGenerator::default()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = tokio_util::sync::CancellationToken::new();
+    let stop_rx = stop_tx.clone();
     let flux = Arc::new(rig.runner("flux"));
     let sdxl = Arc::new(rig.runner("sdxl"));
     let tasks = [Arc::clone(&flux), Arc::clone(&sdxl)].map(|r| {
@@ -354,7 +355,7 @@ async fn runners_wake_on_events_and_a_stuck_model_never_delays_another() {
     rig.generator.flux_gate.add_permits(1);
     eventually("the flux request", delivered(f)).await;
 
-    stop_tx.send(true).unwrap();
+    stop_tx.cancel();
     for t in tasks {
         tokio::time::timeout(Duration::from_secs(5), t)
             .await
@@ -401,4 +402,84 @@ async fn a_redelivered_cancel_never_reaches_a_later_request() {
         "the redelivered /cancel cancelled {again:?}"
     );
     assert!(core.read(|s| s.request(after).is_some()));
+}
+
+#[tokio::test]
+async fn the_janitor_removes_expired_images_but_never_those_of_an_unfinished_request() {
+    use easel::maintenance::sweep_images;
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path(), Arc::new(ScriptedGenerator::default()));
+    let waiting = accept(&rig.core, "flux", 1, "a fox").await;
+    // An image of the unfinished request, one of a request that left the
+    // projection (finished or archived), and a stray file.
+    let kept = rig.images.keep(waiting, PNG, "png").unwrap();
+    let gone = easel::domain::RequestId(uuid::Uuid::now_v7());
+    rig.images.keep(gone, PNG, "png").unwrap();
+    std::fs::write(rig.images.dir().join("notes.txt"), b"x").unwrap();
+
+    // Younger than the lifetime: nothing goes.
+    assert_eq!(
+        sweep_images(&rig.core, &rig.images, Duration::from_secs(3600)).unwrap(),
+        0
+    );
+    // Past it: all but the unfinished request's image.
+    assert_eq!(
+        sweep_images(&rig.core, &rig.images, Duration::ZERO).unwrap(),
+        2
+    );
+    assert!(rig.images.load(&kept).unwrap().is_some());
+    let left: Vec<_> = std::fs::read_dir(rig.images.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
+#[tokio::test]
+async fn requests_of_a_model_no_longer_configured_fail_at_start_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path(), Arc::new(ScriptedGenerator::default()));
+    let orphan = accept(&rig.core, "dalle", 1, "a fox").await;
+    let kept = accept(&rig.core, "flux", 1, "a hen").await;
+    let env = [
+        ("TELEGRAM_BOT_TOKEN", "1:x"),
+        ("FLUX_WORKER_URL", "http://127.0.0.1:9/generate"),
+        ("EASEL_DATA_DIR", dir.path().to_str().unwrap()),
+    ];
+    let settings = easel::config::Settings::from_sources(
+        |k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_owned())
+        },
+        None,
+    )
+    .unwrap();
+    let failed = easel::maintenance::fail_unconfigured(&rig.core, &settings)
+        .await
+        .unwrap();
+    assert_eq!(failed, 1);
+    let last = rig
+        .core
+        .store()
+        .events_of(orphan)
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    match last.event {
+        Event::Failed { kind, reason, .. } => {
+            assert_eq!(kind, FailureKind::NotConfigured);
+            assert!(reason.contains("dalle"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(rig.core.read(|s| s.request(kept).is_some()));
+    // Run twice: nothing more to fail.
+    assert_eq!(
+        easel::maintenance::fail_unconfigured(&rig.core, &settings)
+            .await
+            .unwrap(),
+        0
+    );
 }

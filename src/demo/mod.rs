@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::watch;
 
 use crate::app;
 use crate::config::Settings;
@@ -91,8 +90,8 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     ]);
     let settings = Settings::from_sources(|k| env.get(k).cloned(), None)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (stop, stop_rx) = watch::channel(false);
-    let running = app::start(settings, stop_rx)
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = app::start(settings, stop.clone())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let core = Arc::clone(&running.core);
@@ -182,7 +181,7 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     }
     // Let the status board show the final texts.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.send(true).ok();
+    stop.cancel();
     app_task.await.context("the bot task")??;
     printer.abort();
     drop(core);

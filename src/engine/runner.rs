@@ -7,12 +7,11 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::watch;
-
 use super::{Core, CoreError, ImageStore};
 use crate::domain::{Command, FailureKind, ModelName, RequestId, Stage};
 use crate::projection::ActiveRequest;
 use crate::store::EventStore;
+use tokio_util::sync::CancellationToken;
 
 /// The prompt to generate from. `fallback` is why the original is used.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,24 +135,35 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
         });
         let Some(req) = current else {
             return Ok(match self.core.start_next(&self.model).await? {
-                Some(rec) => StepOutcome::Progressed {
-                    id: rec.request_id,
-                    event: rec.event.name(),
-                    stage: Stage::Enhancing,
-                },
+                Some(rec) => {
+                    tracing::debug!(request_id = %rec.request_id, model = %self.model, "started");
+                    StepOutcome::Progressed {
+                        id: rec.request_id,
+                        event: rec.event.name(),
+                        stage: Stage::Enhancing,
+                    }
+                }
                 None => StepOutcome::EmptyQueue,
             });
         };
-        let command = match req.stage {
-            Stage::Enhancing => self.enhance(&req).await,
-            Stage::Generating => self.generate(&req).await,
-            Stage::Sending => self.send(&req).await,
-            // The projection only names Enhancing/Generating/Sending as in flight.
-            Stage::Queued | Stage::Done | Stage::Failed | Stage::Cancelled => {
-                return Err(CoreError::NotFound(req.id));
-            }
+        // Every line logged during the step (worker retries, the LLM,
+        // Telegram calls, the core) carries the request id and model.
+        let span = tracing::info_span!("step", request_id = %req.id, model = %self.model, stage = req.stage.as_str());
+        let step = async {
+            let command = match req.stage {
+                Stage::Enhancing => self.enhance(&req).await,
+                Stage::Generating => self.generate(&req).await,
+                Stage::Sending => self.send(&req).await,
+                // The projection only names Enhancing/Generating/Sending as in flight.
+                Stage::Queued | Stage::Done | Stage::Failed | Stage::Cancelled => {
+                    return Err(CoreError::NotFound(req.id));
+                }
+            };
+            let rec = self.core.execute(req.id, command).await?;
+            tracing::debug!(event = rec.event.name(), "step recorded");
+            Ok(rec)
         };
-        let rec = self.core.execute(req.id, command).await?;
+        let rec = tracing::Instrument::instrument(step, span).await?;
         let stage = self.core.read(|s| s.request(req.id).map(|r| r.stage));
         Ok(StepOutcome::Progressed {
             id: req.id,
@@ -190,7 +200,7 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                     statuses: img.statuses,
                 },
                 Err(e) => {
-                    tracing::error!(request_id = %req.id, error = %e, "could not keep the image");
+                    tracing::error!(error = %e, "could not keep the image");
                     Command::Fail {
                         kind: FailureKind::Internal,
                         reason: format!("could not keep the image: {}", e.kind()),
@@ -237,30 +247,30 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
     /// Steps until there is nothing to do, then sleeps until the log grows;
     /// returns when `shutdown` turns true. A step cut short by shutdown
     /// leaves its request in its stage, to be resumed after restart.
-    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(&self, shutdown: CancellationToken) {
         let mut appended = self.core.store().subscribe();
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_cancelled() {
                 return;
             }
             appended.borrow_and_update();
             let step = tokio::select! {
                 r = self.try_execute_step() => r,
-                _ = shutdown.changed() => return,
+                () = shutdown.cancelled() => return,
             };
             match step {
                 Ok(StepOutcome::Progressed { .. }) => {}
                 Ok(StepOutcome::EmptyQueue) => {
                     tokio::select! {
                         r = appended.changed() => if r.is_err() { return },
-                        _ = shutdown.changed() => return,
+                        () = shutdown.cancelled() => return,
                     }
                 }
                 Err(e) => {
                     tracing::error!(model = %self.model, error = %e, "runner step failed; retrying in 1 s");
                     tokio::select! {
                         () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {},
-                        _ = shutdown.changed() => return,
+                        () = shutdown.cancelled() => return,
                     }
                 }
             }

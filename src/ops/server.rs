@@ -9,28 +9,25 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::json::event_json;
 use super::query::{self, Query};
 use crate::engine::Core;
-use crate::store::{EventStore, SledStore};
+use crate::store::EventStore;
+use tokio_util::sync::CancellationToken;
 
-/// Starts serving; the socket file is removed when serving stops.
+/// Binds the query socket at `path` (owner-only), replacing a stale one.
 ///
 /// # Errors
 /// When the socket cannot be bound.
-pub fn spawn(
-    core: Arc<Core<SledStore>>,
-    path: PathBuf,
-    shutdown: watch::Receiver<bool>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     // A socket left by a killed bot is stale: nobody else can hold this
     // data dir while we hold its lock.
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(tokio::spawn(serve(core, listener, path, shutdown)))
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 /// The longest query line read; a query is a few hundred bytes.
@@ -38,11 +35,13 @@ const MAX_QUERY_BYTES: u64 = 64 * 1024;
 /// How long a client may take to send its query line.
 const QUERY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn serve(
-    core: Arc<Core<SledStore>>,
+/// Answers queries on `listener` until `shutdown`; then removes the
+/// socket file at `path`.
+pub async fn serve<S: EventStore>(
+    core: Arc<Core<S>>,
     listener: UnixListener,
     path: PathBuf,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     // The clients' tasks end with the engine (dropping the set aborts
     // them): each holds the core, and so the log's lock, which a restart
@@ -50,7 +49,7 @@ async fn serve(
     let mut clients = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            _ = shutdown.changed() => break,
+            () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     clients.spawn(answer(Arc::clone(&core), stream));
@@ -68,7 +67,7 @@ fn remove(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
 
-async fn answer(core: Arc<Core<SledStore>>, stream: tokio::net::UnixStream) {
+async fn answer<S: EventStore>(core: Arc<Core<S>>, stream: tokio::net::UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_QUERY_BYTES));
@@ -103,7 +102,7 @@ async fn answer(core: Arc<Core<SledStore>>, stream: tokio::net::UnixStream) {
     let _ = write.shutdown().await;
 }
 
-fn produce(core: &Core<SledStore>, query: &Query, tx: &mpsc::Sender<String>) {
+fn produce<S: EventStore>(core: &Core<S>, query: &Query, tx: &mpsc::Sender<String>) {
     let store = core.store();
     let send = |s: String| tx.blocking_send(s + "\n").is_ok();
     match query {

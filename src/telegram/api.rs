@@ -11,8 +11,8 @@ use backon::BackoffBuilder as _;
 use secrecy::{ExposeSecret, SecretString};
 use teloxide::ApiError;
 use teloxide::RequestError;
-use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Overall pace of paced Bot API calls: 20/s, well under Telegram's 30/s
 /// (the long poll is not paced).
@@ -79,7 +79,7 @@ pub struct TelegramApi {
     /// one second at a 20/s pace). With few in flight, arrivals in any
     /// second stay within the pace plus this many.
     in_flight: tokio::sync::Semaphore,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 }
 
 impl TelegramApi {
@@ -88,7 +88,7 @@ impl TelegramApi {
     pub fn new(
         token: SecretString,
         api_url: reqwest::Url,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> Result<Self, reqwest::Error> {
         // teloxide's default client times out after 17 s; uploads and the
         // long poll need more.
@@ -157,9 +157,8 @@ impl TelegramApi {
         let mut network_failures = 0u32;
         let mut rate_limits = 0u32;
         let mut backoff = transient_backoff().build();
-        let mut shutdown = self.shutdown.clone();
         loop {
-            if *shutdown.borrow() && policy == Policy::Deliver {
+            if self.shutdown.is_cancelled() && policy == Policy::Deliver {
                 return Err(TgError {
                     kind: TgErrorKind::ShuttingDown,
                     text: "shutting down".into(),
@@ -208,7 +207,7 @@ impl TelegramApi {
             };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed(), if policy == Policy::Deliver => {}
+                () = self.shutdown.cancelled(), if policy == Policy::Deliver => {}
             }
         }
     }

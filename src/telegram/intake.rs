@@ -21,10 +21,10 @@ use crate::config::Settings;
 use crate::domain::ids::InvalidPrompt;
 use crate::domain::{ChatId, Event, ModelName, Origin, Prompt, Rejection, RequestId, UserId};
 use crate::engine::{AcceptError, Admitted, Core, ImageStore, NewRequest};
-use crate::store::{EventStore, SledStore};
+use crate::store::EventStore;
 
-pub struct Intake {
-    pub core: Arc<Core<SledStore>>,
+pub struct Intake<S: EventStore> {
+    pub core: Arc<Core<S>>,
     pub api: Arc<TelegramApi>,
     pub settings: Arc<Settings>,
     pub board: StatusBoard,
@@ -77,7 +77,7 @@ pub(crate) async fn answer_query(api: &TelegramApi, query: &CallbackQuery, text:
         .await;
 }
 
-impl Intake {
+impl<S: EventStore> Intake<S> {
     fn model_names(&self) -> Vec<String> {
         self.settings.model_names()
     }
@@ -91,13 +91,27 @@ impl Intake {
     /// have recorded theirs), and passes the turn on as soon as it has
     /// recorded what it records, before any reply or durability wait.
     pub async fn handle(&self, update: Update, turn: Turn) {
-        turn.wait().await;
         let update_id = update.id.0;
-        match update.kind {
-            UpdateKind::Message(msg) => self.message(update_id, &msg, turn).await,
-            UpdateKind::CallbackQuery(q) => self.callback(update_id, &q, turn).await,
-            _ => {}
-        }
+        // Every line about this update carries its id, and the request's
+        // once there is one (see `answer_admission`).
+        let span = tracing::info_span!(
+            "update",
+            update_id,
+            request_id = tracing::field::Empty,
+            model = tracing::field::Empty
+        );
+        tracing::Instrument::instrument(
+            async move {
+                turn.wait().await;
+                match update.kind {
+                    UpdateKind::Message(msg) => self.message(update_id, &msg, turn).await,
+                    UpdateKind::CallbackQuery(q) => self.callback(update_id, &q, turn).await,
+                    _ => {}
+                }
+            },
+            span,
+        )
+        .await;
     }
 
     async fn send(&self, to: Reply, text: String) -> Option<Message> {
@@ -248,8 +262,14 @@ impl Intake {
         name: ModelName,
         admitted: Result<Admitted, AcceptError>,
     ) -> Option<RequestId> {
+        if let Ok(Admitted::Queued { id, .. } | Admitted::Duplicate { id }) = &admitted {
+            let span = tracing::Span::current();
+            span.record("request_id", tracing::field::display(id));
+            span.record("model", name.as_str());
+        }
         match admitted {
             Ok(Admitted::Queued { id, position, .. }) => {
+                tracing::info!(position, "queued");
                 let wait = self.core.read(|s| s.estimated_wait(&name, position));
                 let text = words::queued(name.as_str(), position, wait);
                 if let Some(m) = self.send(to, text.clone()).await {
@@ -258,6 +278,7 @@ impl Intake {
                 Some(id)
             }
             Ok(Admitted::Duplicate { id }) => {
+                tracing::info!("redelivered update; its request exists");
                 // A redelivered update: the request exists. If the crash came
                 // before its status reply, send that reply now.
                 if !self.board.has(id) {

@@ -11,12 +11,12 @@ use backon::BackoffBuilder as _;
 use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
 use teloxide::types::{AllowedUpdate, Update};
-use tokio::sync::watch;
 
 use super::api::{POLL_TIMEOUT_SECS, TelegramApi};
 use super::intake::Intake;
 use super::turn::Turn;
 use crate::store::EventStore;
+use tokio_util::sync::CancellationToken;
 
 const OFFSET_KEY: &str = "telegram/offset";
 /// Updates of one batch handled at once.
@@ -30,11 +30,11 @@ pub fn saved_offset(store: &impl EventStore) -> Option<u32> {
 
 /// Polls until `shutdown`; returns after the batch in hand is handled,
 /// with the offset the next `getUpdates` would pass.
-pub async fn poll(intake: Arc<Intake>, mut shutdown: watch::Receiver<bool>) -> i32 {
+pub async fn poll<S: EventStore>(intake: Arc<Intake<S>>, shutdown: CancellationToken) -> i32 {
     let offset: i32 = saved_offset(intake.core.store()).map_or(0, |u| (u as i32).wrapping_add(1));
     let semaphore = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let api = Arc::clone(&intake.api);
-    updates_loop(&api, offset, &mut shutdown, |updates| {
+    updates_loop(&api, offset, &shutdown, |updates| {
         let intake = Arc::clone(&intake);
         let semaphore = Arc::clone(&semaphore);
         Box::pin(async move { handle_batch(intake, semaphore, updates).await })
@@ -48,8 +48,8 @@ pub(crate) type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (
 /// Handles one batch (at most [`CONCURRENCY`] at once), then saves its
 /// offset. Updates record in `update_id` order (see [`Turn`]); their
 /// replies and durability waits overlap.
-async fn handle_batch(
-    intake: Arc<Intake>,
+async fn handle_batch<S: EventStore>(
+    intake: Arc<Intake<S>>,
     semaphore: Arc<tokio::sync::Semaphore>,
     mut updates: Vec<Update>,
 ) {
@@ -88,13 +88,13 @@ async fn handle_batch(
 pub(crate) async fn updates_loop(
     api: &TelegramApi,
     mut offset: i32,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
     mut batch: impl FnMut(Vec<Update>) -> BoxFuture,
 ) -> i32 {
     let policy = super::api::transient_backoff();
     let mut backoff = policy.build();
     loop {
-        if *shutdown.borrow() {
+        if shutdown.is_cancelled() {
             return offset;
         }
         let bot = api.bot().clone();
@@ -108,7 +108,7 @@ pub(crate) async fn updates_loop(
             r = request.into_future() => r,
             // Updates of a dropped answer were not confirmed: the next
             // poller gets them again.
-            _ = shutdown.changed() => return offset,
+            () = shutdown.cancelled() => return offset,
         };
         let updates = match result {
             Ok(updates) => {
@@ -135,9 +135,9 @@ pub(crate) async fn updates_loop(
     }
 }
 
-async fn sleep_or_stop(wait: Duration, shutdown: &mut watch::Receiver<bool>) {
+async fn sleep_or_stop(wait: Duration, shutdown: &CancellationToken) {
     tokio::select! {
         () = tokio::time::sleep(wait) => {}
-        _ = shutdown.changed() => {}
+        () = shutdown.cancelled() => {}
     }
 }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
 use teloxide::types::{Update, UpdateKind};
-use tokio::sync::watch;
 
 use super::TelegramApi;
 use super::intake::{Reply, answer_query, send_text};
@@ -17,6 +16,7 @@ use super::parse::{Input, parse};
 use super::poll::updates_loop;
 use super::words;
 use crate::config::Settings;
+use tokio_util::sync::CancellationToken;
 
 /// Answers updates from `offset` until `until` fires; returns the offset
 /// the engine's poller should continue from.
@@ -25,9 +25,9 @@ pub async fn answer_while_down(
     settings: Arc<Settings>,
     username: String,
     offset: i32,
-    mut until: watch::Receiver<bool>,
+    until: CancellationToken,
 ) -> i32 {
-    let next = updates_loop(&api, offset, &mut until, |updates| {
+    let next = updates_loop(&api, offset, &until, |updates| {
         Box::pin(answer_batch(
             Arc::clone(&api),
             Arc::clone(&settings),

@@ -13,14 +13,15 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use teloxide::prelude::Requester;
 use teloxide::types::{ChatId, MessageId};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::api::{Policy, TelegramApi, TgErrorKind};
 use super::words;
 use crate::domain::{Event, ModelName, RequestId, Stage};
 use crate::engine::Core;
-use crate::store::{EventStore, Recorded, SledStore};
+use crate::store::{EventStore, Recorded};
+use tokio_util::sync::CancellationToken;
 
 /// Overall edit budget (the pace of all calls is 20/s; edits get 10 of it).
 pub const EDITS_PER_SECOND: u32 = 10;
@@ -47,17 +48,18 @@ pub struct StatusBoard {
 }
 
 impl StatusBoard {
-    /// Starts the board task; it stops when `shutdown` turns true.
-    pub fn spawn(
-        core: Arc<Core<SledStore>>,
+    /// The board and its task, for the caller to spawn; the task stops
+    /// when `shutdown` is cancelled.
+    pub fn new<S: EventStore>(
+        core: Arc<Core<S>>,
         api: Arc<TelegramApi>,
-        shutdown: watch::Receiver<bool>,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+        shutdown: CancellationToken,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (tx, rx) = mpsc::unbounded_channel();
         let registered = Arc::new(std::sync::Mutex::new(HashSet::new()));
         let mut task = Board::new(core, api, Arc::clone(&registered));
-        let handle = tokio::spawn(async move { task.run(rx, shutdown).await });
-        (StatusBoard { tx, registered }, handle)
+        let run = async move { task.run(rx, shutdown).await };
+        (StatusBoard { tx, registered }, run)
     }
 
     /// The status message of `id` is `message_id` in `chat`, showing `text`.
@@ -93,8 +95,8 @@ impl StatusBoard {
     }
 }
 
-struct Board {
-    core: Arc<Core<SledStore>>,
+struct Board<S: EventStore> {
+    core: Arc<Core<S>>,
     api: Arc<TelegramApi>,
     registered: Arc<std::sync::Mutex<HashSet<RequestId>>>,
     entries: HashMap<RequestId, Entry>,
@@ -109,9 +111,9 @@ struct Board {
     budget: u32,
 }
 
-impl Board {
+impl<S: EventStore> Board<S> {
     fn new(
-        core: Arc<Core<SledStore>>,
+        core: Arc<Core<S>>,
         api: Arc<TelegramApi>,
         registered: Arc<std::sync::Mutex<HashSet<RequestId>>>,
     ) -> Self {
@@ -185,7 +187,7 @@ impl Board {
     async fn run(
         &mut self,
         mut rx: mpsc::UnboundedReceiver<(RequestId, Entry)>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) {
         let mut appended = self.core.store().subscribe();
         let mut next_tick = Instant::now();
@@ -193,7 +195,7 @@ impl Board {
             let has_work =
                 !self.urgent.is_empty() || !self.deferred.is_empty() || !self.sweeps.is_empty();
             tokio::select! {
-                _ = shutdown.changed() => return,
+                () = shutdown.cancelled() => return,
                 r = appended.changed() => {
                     if r.is_err() { return; }
                     appended.borrow_and_update();
@@ -209,7 +211,7 @@ impl Board {
                     next_tick = Instant::now() + Duration::from_millis(1000 / u64::from(EDITS_PER_SECOND));
                 }
             }
-            if *shutdown.borrow() {
+            if shutdown.is_cancelled() {
                 return;
             }
         }

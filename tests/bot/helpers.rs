@@ -14,7 +14,6 @@ use easel::demo::fake_services::{FakeLlm, FakeWorker};
 use easel::demo::fake_telegram::{Call, FakeTelegram};
 use easel::engine::Core;
 use easel::store::SledStore;
-use tokio::sync::watch;
 
 pub const TOKEN: &str = "123456:TEST-secret-token-abcdefghij";
 pub const SDXL_KEY: &str = "sk-test-sdxl-key-0000";
@@ -22,7 +21,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 pub struct Running {
     pub core: Arc<Core<SledStore>>,
-    stop: watch::Sender<bool>,
+    stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -85,7 +84,8 @@ impl TestApp {
         let env = self.env.clone();
         let settings =
             Settings::from_sources(|k| env.get(k).cloned(), None).expect("test settings");
-        let (stop, rx) = watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let rx = stop.clone();
         let running = app::start(settings, rx).await.expect("the bot starts");
         let core = Arc::clone(&running.core);
         let task = tokio::spawn(async move {
@@ -99,12 +99,13 @@ impl TestApp {
         let Some(Running { core, stop, task }) = self.bot.take() else {
             return;
         };
-        stop.send(true).unwrap();
+        stop.cancel();
         tokio::time::timeout(Duration::from_secs(10), task)
             .await
             .expect("stops within 10 s")
             .unwrap();
         drop(core);
+        assert_no_secret_logged();
     }
 
     pub async fn restart(&mut self) {
@@ -225,6 +226,23 @@ pub fn captured_logs() -> String {
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     )
     .into_owned()
+}
+
+/// Panics, showing the place, when the token or a worker key is in any
+/// captured log line (of this test or any that ran beside or before it).
+pub fn assert_no_secret_logged() {
+    let logs = captured_logs();
+    for secret in [
+        TOKEN,
+        SDXL_KEY,
+        TOKEN.split_once(':').map_or(TOKEN, |(_, s)| s),
+    ] {
+        if let Some(at) = logs.find(secret) {
+            let from = logs.floor_char_boundary(at.saturating_sub(300));
+            let to = logs.ceil_char_boundary((at + 100).min(logs.len()));
+            panic!("{secret:?} logged: …{}…", &logs[from..to]);
+        }
+    }
 }
 
 static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
