@@ -118,44 +118,95 @@ fn init_tracing(filter: &str) {
         .try_init();
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+/// Everything that can stop the binary, printed once by [`main`].
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// Configuration problems, one sentence each (exit 2).
+    #[error("{}", .0.0.join("\n"))]
+    Config(easel::config::ConfigError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Ops(#[from] easel::ops::OpsError),
+    #[error("could not start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[cfg(feature = "demo")]
+    #[error("the demo failed: {0:#}")]
+    Demo(anyhow::Error),
+    /// A check that ran and did not pass; it printed its own story.
+    #[error("")]
+    CheckFailed,
+}
+
+impl Failure {
+    /// The documented exit codes: 2 bad usage or configuration, 1 a check
+    /// failed or the work could not be done, 0 a closed output pipe.
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Config(_) | Failure::Start(StartError::Config(_)) => 2,
+            Failure::Ops(e) => e.exit_code(),
+            Failure::Start(StartError::Other(_)) | Failure::Runtime(_) | Failure::CheckFailed => 1,
+            #[cfg(feature = "demo")]
+            Failure::Demo(_) => 1,
+        }
+    }
+
+    /// Whether there is nothing to say (the reader closed the pipe, or the
+    /// check printed its own verdict).
+    fn quiet(&self) -> bool {
+        matches!(
+            self,
+            Failure::CheckFailed | Failure::Ops(easel::ops::OpsError::ReaderGone)
+        )
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("could not start the runtime: {e}"))
+        .map_err(Failure::Runtime)
 }
 
 fn main() -> ExitCode {
     // The data dir is the bot's alone (§6): before anything is created.
     easel::store::disk::private_umask();
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Run => run(cli.data_dir),
         #[cfg(feature = "demo")]
         Command::Demo => demo(cli.data_dir),
         command => operate(cli.data_dir, command),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // The one place the binary prints an error.
+            if !e.quiet() {
+                for line in format!("{e:#}").lines() {
+                    eprintln!("easel: {line}");
+                }
+            }
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 
-fn operate(flag: Option<PathBuf>, command: Command) -> ExitCode {
-    use easel::ops::cli::{self, CliError, ReplayInput};
-    use easel::ops::source::{Source, SourceError};
+fn operate(flag: Option<PathBuf>, command: Command) -> Result<u8, Failure> {
+    use easel::ops::OpsError;
+    use easel::ops::cli::{self, ReplayInput};
+    use easel::ops::source::Source;
 
     let dir = easel::config::DataDir::resolve(flag);
-    let open = || {
-        Source::open(&dir).map_err(|e| match e {
-            SourceError::Usage(m) => CliError::usage(m),
-            SourceError::Failed(m) => CliError::failed(m),
-        })
-    };
+    let open = || Source::open(&dir);
     let time = |t: Option<String>| {
         t.map(|t| cli::parse_time(&t))
             .transpose()
-            .map_err(CliError::usage)
+            .map_err(OpsError::Usage)
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let result = (|| match command {
+    let code = (|| match command {
         Command::Audit(Audit::List {
             user,
             model,
@@ -170,7 +221,7 @@ fn operate(flag: Option<PathBuf>, command: Command) -> ExitCode {
                     easel::domain::Stage::ALL
                         .into_iter()
                         .find(|st| st.as_str() == s.to_ascii_lowercase())
-                        .ok_or_else(|| CliError::usage(format!("\"{s}\" is not a status; use queued, enhancing, generating, sending, done, failed or cancelled")))
+                        .ok_or_else(|| OpsError::usage(format!("\"{s}\" is not a status; use queued, enhancing, generating, sending, done, failed or cancelled")))
                 })
                 .transpose()?;
             let filter = easel::ops::query::Filter {
@@ -213,49 +264,21 @@ fn operate(flag: Option<PathBuf>, command: Command) -> ExitCode {
         Command::Run => Ok(0),
         #[cfg(feature = "demo")]
         Command::Demo => Ok(0),
-    })();
-    let flushed = std::io::Write::flush(&mut out);
-    match result {
-        Ok(code) => {
-            if let Err(e) = flushed
-                && e.kind() != std::io::ErrorKind::BrokenPipe
-            {
-                eprintln!("easel: cannot write the output: {e}");
-                return ExitCode::FAILURE;
-            }
-            ExitCode::from(code)
-        }
-        // A closed pipe is the reader being done, not an error.
-        Err(CliError { code: 0, .. }) => ExitCode::SUCCESS,
-        Err(CliError { code, message }) => {
-            eprintln!("easel: {message}");
-            ExitCode::from(code)
-        }
+    })()?;
+    match std::io::Write::flush(&mut out) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OpsError::ReaderGone.into()),
+        Err(e) => Err(OpsError::Output(e).into()),
+        Ok(()) => Ok(code),
     }
 }
 
-fn run(data_dir: Option<PathBuf>) -> ExitCode {
-    let mut settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            for problem in &e.0 {
-                eprintln!("easel: {problem}");
-            }
-            return ExitCode::from(2);
-        }
-    };
+fn run(data_dir: Option<PathBuf>) -> Result<u8, Failure> {
+    let mut settings = Settings::load().map_err(Failure::Config)?;
     if let Some(dir) = data_dir {
         settings.data_dir = easel::config::DataDir::new(dir);
     }
     init_tracing(&settings.log_filter);
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("easel: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(async move {
+    runtime()?.block_on(async move {
         let stop = tokio_util::sync::CancellationToken::new();
         let signal = stop.clone();
         tokio::spawn(async move {
@@ -264,18 +287,8 @@ fn run(data_dir: Option<PathBuf>) -> ExitCode {
             signal.cancel();
         });
         app::run(settings, stop).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(StartError::Config(problem)) => {
-            eprintln!("easel: {problem}");
-            ExitCode::from(2)
-        }
-        Err(StartError::Other(e)) => {
-            eprintln!("easel: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })?;
+    Ok(0)
 }
 
 /// SIGINT or SIGTERM.
@@ -302,22 +315,12 @@ async fn wait_for_signal() {
 }
 
 #[cfg(feature = "demo")]
-fn demo(data_dir: Option<PathBuf>) -> ExitCode {
+fn demo(data_dir: Option<PathBuf>) -> Result<u8, Failure> {
     // The demo prints its own story; only errors are logged beside it.
     init_tracing("error");
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("easel: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(easel::demo::run(data_dir)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("easel: the demo failed: {e:#}");
-            ExitCode::FAILURE
-        }
+    match runtime()?.block_on(easel::demo::run(data_dir)) {
+        Ok(true) => Ok(0),
+        Ok(false) => Err(Failure::CheckFailed),
+        Err(e) => Err(Failure::Demo(e)),
     }
 }

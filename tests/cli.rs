@@ -1,6 +1,9 @@
 //! The built `easel` binary: exit codes for bad configuration, and a clean
 //! stop on SIGTERM while serving FAKE Telegram and workers on loopback.
 
+mod common;
+
+use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -149,4 +152,123 @@ async fn sigterm_stops_the_bot_cleanly_and_the_next_start_resumes() {
         all,
         "the requests waiting at the stop were not finished after the restart"
     );
+}
+
+/// A data dir whose log holds `n` queued flux requests (one user each) and
+/// the start of the first; returns the folder.
+async fn log_with(n: i64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    // `open_core` puts the log in `log/` below the folder, as the data dir does.
+    assert_eq!(
+        easel::config::DataDir::new(dir.path()).log(),
+        dir.path().join("log")
+    );
+    let core = common::open_core(dir.path(), common::clock());
+    for user in 1..=n {
+        core.accept(
+            common::request("flux", user, &format!("a lantern {user}")),
+            &easel::domain::Limits::default(),
+        )
+        .await
+        .unwrap();
+    }
+    core.start_next(&common::model("flux")).await.unwrap();
+    core.checkpoint().unwrap();
+    drop(core);
+    dir
+}
+
+#[tokio::test]
+async fn replay_verify_of_a_tampered_export_names_the_first_problem_in_text_and_json() {
+    let dir = log_with(2).await;
+    let out = easel()
+        .args(["export", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let export = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = export.lines().collect();
+    assert_eq!(lines.len(), 3, "{export}");
+    // Untouched, it verifies.
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, &export).unwrap();
+    let ok = easel()
+        .args(["replay", "--verify", "--json", "--from"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(report["verify"]["ok"], true, "{report}");
+    assert_eq!(report["events"], 3);
+    assert_eq!(
+        report["models"]["flux"]["queue"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(report["models"]["flux"]["in_flight"]["stage"], "enhancing");
+
+    // Without the first Queued, its Started breaks a rule (seq 3); a line
+    // that is not JSON is unreadable. Both count; the earlier is named.
+    let tampered = format!("{}\n{}\nnot json at all\n", lines[1], lines[2]);
+    std::fs::write(&file, tampered).unwrap();
+    let bad = easel()
+        .args(["replay", "--verify", "--json", "--from"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&bad.stdout).unwrap();
+    assert_eq!(report["verify"]["ok"], false, "{report}");
+    assert_eq!(report["verify"]["problems"], 2, "{report}");
+    assert_eq!(report["verify"]["first_violation"]["seq"], 3, "{report}");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.starts_with("easel: verification failed: "), "{err}");
+    assert_eq!(err.lines().count(), 1, "printed once: {err}");
+
+    let text = easel()
+        .args(["replay", "--verify", "--from"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(text.status.code(), Some(1));
+    let shown = String::from_utf8_lossy(&text.stdout);
+    assert!(shown.contains("verify: FAILED (2 problem(s))"), "{shown}");
+}
+
+#[tokio::test]
+async fn a_reader_that_closes_the_pipe_early_is_not_an_error() {
+    // More than a pipe's buffer (64 KiB) of export lines.
+    let dir = log_with(400).await;
+    let mut child = easel()
+        .args(["export", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"queued\""), "{first}");
+    // The reader is gone now (`easel export | head -1`).
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::io::stdout().flush();
 }

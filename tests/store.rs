@@ -8,7 +8,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use easel::domain::{ChatId, Event, Limits, RequestId};
 use easel::engine::{Admitted, Core};
-use easel::store::{EventStore, NewEvent, ReadError, SledStore};
+use easel::store::{EventStore, NewEvent, ReadError, SledStore, StoreError};
 
 fn queued(update: u32) -> NewEvent {
     let r = common::request("flux", i64::from(update), "a fox");
@@ -628,4 +628,24 @@ async fn opening_a_log_leaves_the_folder_around_it_alone() {
     assert_eq!(mode(&root.path().join("log")), 0o700);
     assert_eq!(mode(&root.path().join("log").join("db")), 0o600);
     assert_eq!(mode(&root.path().join("log.lock")), 0o600);
+}
+
+#[test]
+fn a_refused_open_keeps_the_operating_systems_error_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    // The data dir is a regular file: nothing below it can be created.
+    let file = dir.path().join("data");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let err = match SledStore::open(&file.join("log")) {
+        Ok(_) => panic!("opened a log below a regular file"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, StoreError::Open(_)), "{err:?}");
+    // What creating the folder there reports on Linux (EEXIST).
+    assert_eq!(
+        err.io_kind(),
+        Some(std::io::ErrorKind::AlreadyExists),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("data"), "{err}");
 }

@@ -226,7 +226,9 @@ impl<S: EventStore> Core<S> {
             .append_locked(&mut state, id, event, now)
             .map_err(|e| match e {
                 CoreError::Store(s) => AcceptError::Store(s),
-                other => AcceptError::Store(StoreError::Write(other.to_string())),
+                other => AcceptError::Store(StoreError::Write(crate::store::Cause::from(
+                    other.to_string(),
+                ))),
             })?;
         let position = state.position(id).unwrap_or(0);
         Ok(Admitted::Queued {
@@ -395,9 +397,9 @@ impl<S: EventStore> Core<S> {
             at,
             event,
         }])?;
-        let rec = recs
-            .pop()
-            .ok_or_else(|| StoreError::Write("append returned nothing".into()))?;
+        let rec = recs.pop().ok_or_else(|| {
+            StoreError::Write(crate::store::Cause::from("append returned nothing"))
+        })?;
         if let Err(v) = state.apply(&rec) {
             // decide() allowed it, so this is a bug; the event is in the log
             // and replay will report the same violation.
@@ -418,7 +420,7 @@ impl<S: EventStore> Core<S> {
                 v: CHECKPOINT_VERSION,
                 state: &state,
             })
-            .map_err(|e| StoreError::Write(e.to_string()))?;
+            .map_err(|e| StoreError::Write(crate::store::Cause::from(e.to_string())))?;
             (state.last_seq, bytes)
         };
         self.store.save_checkpoint(seq, &bytes)?;

@@ -12,45 +12,21 @@ use serde_json::json;
 use super::json::{event_json, parse_event_line};
 use super::query::Filter;
 use super::source::Source;
-use super::{elide, table};
+use super::{OpsError, elide, table};
 use crate::domain::{Event, RequestId, Stage};
-use crate::projection::{LiveState, RequestRecord};
+use crate::projection::RequestRecord;
 use crate::store::Recorded;
-
-/// A failure with its exit code.
-#[derive(Debug)]
-pub struct CliError {
-    pub code: u8,
-    pub message: String,
-}
-
-impl CliError {
-    pub fn usage(message: impl Into<String>) -> Self {
-        CliError {
-            code: 2,
-            message: message.into(),
-        }
-    }
-    pub fn failed(message: impl Into<String>) -> Self {
-        CliError {
-            code: 1,
-            message: message.into(),
-        }
-    }
-}
+use crate::store::{Corrupt, DecodeError, ReadError, ReadItem};
 
 type Out<'a> = &'a mut dyn Write;
-type Res = Result<u8, CliError>;
+type Res = Result<u8, OpsError>;
 
 /// Writes, treating a closed pipe (`| head`) as the reader being done.
-fn w(out: Out<'_>, text: &str) -> Result<(), CliError> {
+fn w(out: Out<'_>, text: &str) -> Result<(), OpsError> {
     match out.write_all(text.as_bytes()) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(CliError {
-            code: 0,
-            message: String::new(),
-        }),
-        Err(e) => Err(CliError::failed(format!("cannot write the output: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OpsError::ReaderGone),
+        Err(e) => Err(OpsError::Output(e)),
     }
 }
 
@@ -112,7 +88,7 @@ fn prompt_width() -> usize {
 }
 
 pub fn audit_list(src: &Source, filter: &Filter, json_out: bool, out: Out<'_>) -> Res {
-    let records = src.list(filter).map_err(CliError::failed)?;
+    let records = src.list(filter)?;
     if json_out {
         for r in &records {
             w(out, &format!("{}\n", record_json(r)))?;
@@ -165,7 +141,7 @@ pub fn stage_times(events: &[Recorded]) -> Vec<(&'static str, i64)> {
 }
 
 /// "`prefix` matches N requests" with up to 20 of them.
-fn ambiguous(prefix: &str, ids: &[RequestId]) -> CliError {
+fn ambiguous(prefix: &str, ids: &[RequestId]) -> OpsError {
     let mut msg = format!(
         "\"{prefix}\" matches {} requests; give more of the id:",
         ids.len().min(20)
@@ -176,24 +152,24 @@ fn ambiguous(prefix: &str, ids: &[RequestId]) -> CliError {
     if ids.len() > 20 {
         msg.push_str("\n  …");
     }
-    CliError::failed(msg)
+    OpsError::failed(msg)
 }
 
 /// `audit show`: the log first, then the retention archive in `archive`.
 pub fn audit_show(src: &Source, archive: &Path, prefix: &str, json_out: bool, out: Out<'_>) -> Res {
-    let ids = src.find(prefix).map_err(CliError::usage)?;
+    let ids = src.find(prefix)?;
     let (id, events, archived_in) = match ids.as_slice() {
-        [one] => (*one, src.show(*one).map_err(CliError::failed)?, None),
+        [one] => (*one, src.show(*one)?, None),
         [] => {
             let mut found = super::retention::find_archived(archive, prefix).map_err(|e| {
-                CliError::failed(format!(
+                OpsError::failed(format!(
                     "the archive in {} could not be read: {e}",
                     archive.display()
                 ))
             })?;
             match found.len() {
                 0 => {
-                    return Err(CliError::failed(format!(
+                    return Err(OpsError::failed(format!(
                         "no request id starts with \"{prefix}\""
                     )));
                 }
@@ -210,7 +186,7 @@ pub fn audit_show(src: &Source, archive: &Path, prefix: &str, json_out: bool, ou
         many => return Err(ambiguous(prefix, many)),
     };
     let record = RequestRecord::from_events(&events)
-        .ok_or_else(|| CliError::failed(format!("request {id} has no readable queued event")))?;
+        .ok_or_else(|| OpsError::failed(format!("request {id} has no readable queued event")))?;
     if json_out {
         let mut obj = record_json(&record);
         obj["events"] = serde_json::Value::Array(events.iter().map(event_json).collect());
@@ -428,7 +404,7 @@ pub fn audit_stats(src: &Source, json_out: bool, out: Out<'_>) -> Res {
 /// `easel compact`: the log rewritten into a fresh database.
 pub fn compact(log: &Path, out: Out<'_>) -> Res {
     if !crate::store::SledStore::exists(log) {
-        return Err(CliError::usage(format!(
+        return Err(OpsError::usage(format!(
             "there is no easel event log in {}",
             log.display()
         )));
@@ -436,8 +412,8 @@ pub fn compact(log: &Path, out: Out<'_>) -> Res {
     let started = std::time::Instant::now();
     let report = crate::store::SledStore::compact(log).map_err(|e| match e {
         // Another process has the log: refused, nothing touched.
-        crate::store::StoreError::InUse(m) => CliError::usage(format!("{m}; stop it first")),
-        other => CliError::failed(other.to_string()),
+        crate::store::StoreError::InUse(m) => OpsError::usage(format!("{m}; stop it first")),
+        other => OpsError::failed(other.to_string()),
     })?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     w(
@@ -471,94 +447,78 @@ pub enum ReplayInput<'a> {
     File(&'a Path),
 }
 
-pub fn replay(
-    input: ReplayInput<'_>,
-    until_seq: Option<u64>,
-    verify: bool,
-    json_out: bool,
-    out: Out<'_>,
-) -> Res {
-    let until = until_seq.unwrap_or(u64::MAX);
-    let (items, total): (Box<dyn Iterator<Item = Result<Recorded, String>>>, u64) = match input {
-        ReplayInput::Source(src) => (src.events(1, until_seq), 0),
-        ReplayInput::File(path) => {
-            let file = std::fs::File::open(path)
-                .map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?;
-            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let lines = std::io::BufReader::new(file)
-                .lines()
-                .enumerate()
-                .filter_map(|(n, l)| match l {
-                    Ok(l) if l.trim().is_empty() => None,
-                    Ok(l) => Some(parse_event_line(&l).map_err(|e| format!("line {}: {e}", n + 1))),
-                    Err(e) => Some(Err(format!("line {}: {e}", n + 1))),
-                });
-            (Box::new(lines), size / 200)
-        }
-    };
-    let progress = indicatif::ProgressBar::new(total);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} replaying {pos} events {per_sec}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    let mut state = LiveState::default();
-    let mut events = 0u64;
-    let mut first_problem: Option<(u64, Option<RequestId>, &'static str, String)> = None;
-    let mut problems = 0u64;
-    for item in items {
-        match item {
-            Ok(rec) if rec.seq > until => break,
-            Ok(rec) => {
-                events += 1;
-                if events.is_multiple_of(4096) {
-                    progress.set_position(events);
-                }
-                if let Err(v) = state.apply(&rec) {
-                    problems += 1;
-                    if first_problem.is_none() {
-                        first_problem = Some((v.seq(), v.request_id(), v.rule(), v.to_string()));
-                    }
-                }
-            }
-            Err(e) => {
-                problems += 1;
-                if first_problem.is_none() {
-                    first_problem = Some((state.last_seq + 1, None, "unreadable", e));
-                }
-            }
-        }
-    }
-    progress.finish_and_clear();
-    if json_out {
-        let models: serde_json::Map<String, serde_json::Value> = state
+/// What `easel replay` prints: each model's lane after the replay, and
+/// with `--verify` what the one verifier ([`super::verify`]) found. The
+/// text form and `--json` are two renderings of this one report.
+#[derive(Debug, serde::Serialize)]
+pub struct ReplayReport {
+    pub last_seq: u64,
+    pub events: u64,
+    pub models: std::collections::BTreeMap<String, LaneReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifySummary>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct LaneReport {
+    pub in_flight: Option<InFlight>,
+    pub queue: Vec<RequestId>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct InFlight {
+    pub id: RequestId,
+    pub stage: Option<&'static str>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct VerifySummary {
+    pub ok: bool,
+    pub problems: usize,
+    pub first_violation: Option<super::Problem>,
+}
+
+impl ReplayReport {
+    fn new(report: &super::VerifyReport, verify: bool) -> Self {
+        let state = &report.state;
+        let models = state
             .lanes()
             .map(|(m, lane)| {
-                let in_flight = lane.in_flight.map(|id| {
-                    json!({ "id": id.to_string(), "stage": state.request(id).map(|r| r.stage.as_str()) })
+                let in_flight = lane.in_flight.map(|id| InFlight {
+                    id,
+                    stage: state.request(id).map(|r| r.stage.as_str()),
                 });
-                (m.to_string(), json!({ "in_flight": in_flight, "queue": lane.queue.iter().map(|id| id.to_string()).collect::<Vec<_>>() }))
+                let queue = lane.queue.iter().collect();
+                (m.to_string(), LaneReport { in_flight, queue })
             })
             .collect();
-        let violation = first_problem
-            .as_ref()
-            .map(|(seq, id, rule, msg)| json!({ "seq": seq, "request_id": id.map(|i| i.to_string()), "rule": rule, "message": msg }));
-        let mut obj = json!({ "last_seq": state.last_seq, "events": events, "models": models });
-        if verify {
-            obj["verify"] = json!({ "ok": first_problem.is_none(), "problems": problems, "first_violation": violation });
+        ReplayReport {
+            last_seq: state.last_seq,
+            events: report.events,
+            models,
+            verify: verify.then(|| VerifySummary {
+                ok: report.ok(),
+                problems: report.problems(),
+                first_violation: report.first_problem(),
+            }),
         }
-        w(out, &format!("{obj}\n"))?;
-    } else {
-        let mut text = format!("{events} events replayed, up to seq {}\n", state.last_seq);
-        if state.lanes().next().is_none() {
+    }
+
+    fn text(&self) -> String {
+        let mut text = format!(
+            "{} events replayed, up to seq {}\n",
+            self.events, self.last_seq
+        );
+        if self.models.is_empty() {
             text.push_str("no models in the log\n");
         }
-        for (model, lane) in state.lanes() {
-            let flight = lane.in_flight.map_or("nothing in flight".to_owned(), |id| {
-                format!(
-                    "in flight: {id} ({})",
-                    state.request(id).map_or("?", |r| r.stage.as_str())
-                )
-            });
+        for (model, lane) in &self.models {
+            let flight = lane
+                .in_flight
+                .as_ref()
+                .map_or("nothing in flight".to_owned(), |f| {
+                    format!("in flight: {} ({})", f.id, f.stage.unwrap_or("?"))
+                });
             text.push_str(&format!("{model}: {flight}; {} queued\n", lane.queue.len()));
             for (i, id) in lane.queue.iter().enumerate().take(10) {
                 text.push_str(&format!("  {:>3}. {id}\n", i + 1));
@@ -567,19 +527,97 @@ pub fn replay(
                 text.push_str(&format!("  … {} more\n", lane.queue.len() - 10));
             }
         }
-        if verify {
-            match &first_problem {
+        if let Some(v) = &self.verify {
+            match &v.first_violation {
                 None => text
                     .push_str("verify: OK — every transition legal, FIFO and one-at-a-time hold\n"),
-                Some((_, _, _, msg)) => text.push_str(&format!(
-                    "verify: FAILED ({problems} problem(s)); first: {msg}\n"
+                Some(p) => text.push_str(&format!(
+                    "verify: FAILED ({} problem(s)); first: {}\n",
+                    v.problems, p.message
                 )),
             }
         }
-        w(out, &text)?;
+        text
     }
-    if verify && let Some((_, _, _, msg)) = first_problem {
-        return Err(CliError::failed(format!("verification failed: {msg}")));
+}
+
+/// `easel replay`: every projection rebuilt by [`super::verify`] (the same
+/// replay `easel run` and the demo check with), from the data dir or an
+/// exported file, up to `until_seq`.
+pub fn replay(
+    input: ReplayInput<'_>,
+    until_seq: Option<u64>,
+    verify: bool,
+    json_out: bool,
+    out: Out<'_>,
+) -> Res {
+    let until = until_seq.unwrap_or(u64::MAX);
+    // Lines that cannot be read are unreadable records to the verifier,
+    // placed after the last event read; the replay goes on past them.
+    let last_read = std::cell::Cell::new(0u64);
+    let unreadable = |message: String| {
+        Err(ReadError::Corrupt(Corrupt {
+            seq: last_read.get() + 1,
+            reason: DecodeError::Json(message),
+        }))
+    };
+    let (items, total): (Box<dyn Iterator<Item = ReadItem> + '_>, u64) = match input {
+        ReplayInput::Source(src) => (
+            Box::new(src.events(1, until_seq).map(|item| match item {
+                Ok(rec) => Ok(rec),
+                Err(OpsError::Store(e)) => Err(ReadError::Store(e)),
+                Err(e) => unreadable(e.to_string()),
+            })),
+            0,
+        ),
+        ReplayInput::File(path) => {
+            let file = std::fs::File::open(path)
+                .map_err(|e| OpsError::usage(format!("cannot read {}: {e}", path.display())))?;
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let lines = std::io::BufReader::new(file)
+                .lines()
+                .enumerate()
+                .filter_map(move |(n, l)| match l {
+                    Ok(l) if l.trim().is_empty() => None,
+                    Ok(l) => Some(parse_event_line(&l).map_err(|e| format!("line {}: {e}", n + 1))),
+                    Err(e) => Some(Err(format!("line {}: {e}", n + 1))),
+                })
+                .map(|item| item.or_else(&unreadable));
+            (Box::new(lines), size / 200)
+        }
+    };
+    let progress = indicatif::ProgressBar::new(total);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} replaying {pos} events {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let mut seen = 0u64;
+    let items = items
+        .take_while(|item| item.as_ref().map_or(true, |rec| rec.seq <= until))
+        .inspect(|item| {
+            if let Ok(rec) = item {
+                last_read.set(rec.seq);
+            }
+            seen += 1;
+            if seen.is_multiple_of(4096) {
+                progress.set_position(seen);
+            }
+        });
+    let report = super::verify(items)?;
+    progress.finish_and_clear();
+    let shown = ReplayReport::new(&report, verify);
+    if json_out {
+        let line = serde_json::to_string(&shown)
+            .map_err(|e| OpsError::failed(format!("cannot word the report: {e}")))?;
+        w(out, &format!("{line}\n"))?;
+    } else {
+        w(out, &shown.text())?;
+    }
+    if verify && let Some(p) = report.first_problem() {
+        return Err(OpsError::failed(format!(
+            "verification failed: {}",
+            p.message
+        )));
     }
     Ok(0)
 }

@@ -16,6 +16,55 @@ use crate::domain::RequestId;
 use crate::projection::{LiveState, RequestRecord, Violation, replay_into};
 use crate::store::{Corrupt, ReadItem, Recorded, StoreError};
 
+/// Why an operator command could not do its job; `main` prints it once
+/// and exits with [`OpsError::exit_code`].
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// Bad usage or input (a bad flag value, no log there, an ambiguous
+    /// id): exit code 2.
+    #[error("{0}")]
+    Usage(String),
+    /// The log could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The running bot's query socket failed or answered with an error.
+    #[error("{0}")]
+    Remote(String),
+    /// The command ran and found a problem (verification failed, a
+    /// request not found): exit code 1.
+    #[error("{0}")]
+    Failed(String),
+    #[error("cannot write the output: {0}")]
+    Output(#[source] std::io::Error),
+    /// The reader closed our output (`easel export | head`): the command
+    /// stops early, and that is success, not an error.
+    #[error("the reader closed the output")]
+    ReaderGone,
+}
+
+impl OpsError {
+    pub fn usage(message: impl Into<String>) -> Self {
+        OpsError::Usage(message.into())
+    }
+
+    pub fn failed(message: impl Into<String>) -> Self {
+        OpsError::Failed(message.into())
+    }
+
+    /// The documented exit code: 0 for a closed pipe, 2 for bad usage or
+    /// configuration (a log in use counts: stop the bot first), else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            OpsError::ReaderGone => 0,
+            OpsError::Usage(_) | OpsError::Store(StoreError::InUse(_)) => 2,
+            OpsError::Store(_)
+            | OpsError::Remote(_)
+            | OpsError::Failed(_)
+            | OpsError::Output(_) => 1,
+        }
+    }
+}
+
 /// What `--verify` found.
 #[derive(Debug, Default)]
 pub struct VerifyReport {
@@ -29,6 +78,40 @@ impl VerifyReport {
     pub fn ok(&self) -> bool {
         self.violations.is_empty() && self.corrupt.is_empty()
     }
+
+    /// How many problems were found (broken rules and unreadable records).
+    pub fn problems(&self) -> usize {
+        self.violations.len() + self.corrupt.len()
+    }
+
+    /// The earliest problem in log order, as `replay --verify` names it.
+    pub fn first_problem(&self) -> Option<Problem> {
+        let broken = self.violations.first().map(|v| Problem {
+            seq: v.seq(),
+            request_id: v.request_id(),
+            rule: v.rule(),
+            message: v.to_string(),
+        });
+        let unreadable = self.corrupt.first().map(|c| Problem {
+            seq: c.seq,
+            request_id: None,
+            rule: "unreadable",
+            message: c.to_string(),
+        });
+        match (broken, unreadable) {
+            (Some(b), Some(u)) => Some(if u.seq < b.seq { u } else { b }),
+            (b, u) => b.or(u),
+        }
+    }
+}
+
+/// One problem `verify` found, in the form `replay --json` prints it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Problem {
+    pub seq: u64,
+    pub request_id: Option<RequestId>,
+    pub rule: &'static str,
+    pub message: String,
 }
 
 /// Replays `items` from scratch, checking every transition against the

@@ -98,16 +98,16 @@ pub fn list<'a>(
 ///
 /// # Errors
 /// A sentence when the prefix is not hexadecimal.
-pub fn find(store: &impl EventStore, prefix: &str) -> Result<Vec<RequestId>, String> {
+pub fn find(store: &impl EventStore, prefix: &str) -> Result<Vec<RequestId>, super::OpsError> {
     let hex: String = prefix
         .chars()
         .filter(|c| *c != '-')
         .collect::<String>()
         .to_ascii_lowercase();
     if hex.is_empty() || hex.len() > 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!(
+        return Err(super::OpsError::Usage(format!(
             "\"{prefix}\" is not a request id or id prefix (hexadecimal)"
-        ));
+        )));
     }
     let pad = |fill: char| -> Option<RequestId> {
         let full: String = hex
@@ -118,7 +118,5 @@ pub fn find(store: &impl EventStore, prefix: &str) -> Result<Vec<RequestId>, Str
         uuid::Uuid::parse_str(&full).ok().map(RequestId)
     };
     let ids = store.request_ids(None, pad('0'), pad('f'), false);
-    ids.take(21)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())
+    Ok(ids.take(21).collect::<Result<Vec<_>, _>>()?)
 }

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use super::OpsError;
 use super::json::parse_event_line;
 use super::query::{self, Filter, Query};
 use crate::config::DataDir;
@@ -14,32 +15,22 @@ use crate::domain::RequestId;
 use crate::projection::RequestRecord;
 use crate::store::{EventStore, Recorded, SledStore};
 
-/// Why a source could not be opened or read.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// Bad usage or a missing data dir: exit code 2.
-    #[error("{0}")]
-    Usage(String),
-    #[error("{0}")]
-    Failed(String),
-}
-
 pub enum Source {
     Local(SledStore),
     Remote(PathBuf),
 }
 
-type Lines = Box<dyn Iterator<Item = Result<String, String>>>;
+type Lines = Box<dyn Iterator<Item = Result<String, OpsError>>>;
 
 impl Source {
     /// Opens the data dir's log, or the bot's socket when the log is busy.
     ///
     /// # Errors
-    /// [`SourceError::Usage`] when there is no log there.
-    pub fn open(data_dir: &DataDir) -> Result<Self, SourceError> {
+    /// [`OpsError::Usage`] when there is no log there.
+    pub fn open(data_dir: &DataDir) -> Result<Self, OpsError> {
         let log = data_dir.log();
         if !SledStore::exists(&log) {
-            return Err(SourceError::Usage(format!(
+            return Err(OpsError::Usage(format!(
                 "there is no easel event log in {data_dir}"
             )));
         }
@@ -51,26 +42,28 @@ impl Source {
         }
         match SledStore::open_with_wait(&log, std::time::Duration::from_millis(300)) {
             Ok(store) => Ok(Source::Local(store)),
-            Err(e) => Err(SourceError::Failed(format!(
+            Err(e) => Err(OpsError::Remote(format!(
                 "the event log in {data_dir} is in use and no running bot answers on {} ({e})",
                 socket.display()
             ))),
         }
     }
 
-    fn remote(path: &Path, q: &Query) -> Result<Lines, String> {
+    fn remote(path: &Path, q: &Query) -> Result<Lines, OpsError> {
+        let remote =
+            |what: &str, e: &dyn std::fmt::Display| OpsError::Remote(format!("{what}: {e}"));
         let mut stream =
-            UnixStream::connect(path).map_err(|e| format!("cannot reach the running bot: {e}"))?;
-        let mut line = serde_json::to_string(q).map_err(|e| e.to_string())?;
+            UnixStream::connect(path).map_err(|e| remote("cannot reach the running bot", &e))?;
+        let mut line = serde_json::to_string(q).map_err(|e| remote("cannot word the query", &e))?;
         line.push('\n');
         stream
             .write_all(line.as_bytes())
-            .map_err(|e| format!("cannot ask the running bot: {e}"))?;
+            .map_err(|e| remote("cannot ask the running bot", &e))?;
         let reader = BufReader::new(stream);
-        Ok(Box::new(reader.lines().map(|l| {
-            let l = l.map_err(|e| format!("the running bot's answer broke off: {e}"))?;
+        Ok(Box::new(reader.lines().map(move |l| {
+            let l = l.map_err(|e| remote("the running bot's answer broke off", &e))?;
             match l.strip_prefix("ERR ") {
-                Some(err) => Err(err.to_owned()),
+                Some(err) => Err(OpsError::Remote(format!("the running bot: {err}"))),
                 None => Ok(l),
             }
         })))
@@ -81,14 +74,14 @@ impl Source {
         &self,
         since_seq: u64,
         until_seq: Option<u64>,
-    ) -> Box<dyn Iterator<Item = Result<Recorded, String>> + '_> {
+    ) -> Box<dyn Iterator<Item = Result<Recorded, OpsError>> + '_> {
         let until = until_seq.unwrap_or(u64::MAX);
         match self {
             Source::Local(store) => Box::new(
                 store
                     .read_from(since_seq)
                     .take_while(move |r| r.as_ref().map_or(true, |r| r.seq <= until))
-                    .map(|r| r.map_err(|e| e.to_string())),
+                    .map(|r| r.map_err(|e| OpsError::Failed(e.to_string()))),
             ),
             Source::Remote(path) => match Self::remote(
                 path,
@@ -97,7 +90,7 @@ impl Source {
                     until_seq,
                 },
             ) {
-                Ok(lines) => Box::new(lines.map(|l| l.and_then(|l| parse_event_line(&l)))),
+                Ok(lines) => Box::new(lines.map(|l| l.and_then(|l| remote_event(&l)))),
                 Err(e) => Box::new(std::iter::once(Err(e))),
             },
         }
@@ -107,10 +100,10 @@ impl Source {
     ///
     /// # Errors
     /// A read error.
-    pub fn list(&self, filter: &Filter) -> Result<Vec<RequestRecord>, String> {
+    pub fn list(&self, filter: &Filter) -> Result<Vec<RequestRecord>, OpsError> {
         match self {
             Source::Local(store) => query::list(store, filter)
-                .map(|r| r.map_err(|e| e.to_string()))
+                .map(|r| r.map_err(OpsError::Store))
                 .collect(),
             Source::Remote(path) => Self::remote(
                 path,
@@ -118,7 +111,12 @@ impl Source {
                     filter: filter.clone(),
                 },
             )?
-            .map(|l| l.and_then(|l| serde_json::from_str(&l).map_err(|e| e.to_string())))
+            .map(|l| {
+                l.and_then(|l| {
+                    serde_json::from_str(&l)
+                        .map_err(|e| OpsError::Remote(format!("the running bot's answer: {e}")))
+                })
+            })
             .collect(),
         }
     }
@@ -127,7 +125,7 @@ impl Source {
     ///
     /// # Errors
     /// A bad prefix or a read error.
-    pub fn find(&self, prefix: &str) -> Result<Vec<RequestId>, String> {
+    pub fn find(&self, prefix: &str) -> Result<Vec<RequestId>, OpsError> {
         match self {
             Source::Local(store) => query::find(store, prefix),
             Source::Remote(path) => Self::remote(
@@ -136,7 +134,13 @@ impl Source {
                     prefix: prefix.to_owned(),
                 },
             )?
-            .map(|l| l.and_then(|l| l.parse().map(RequestId).map_err(|_| format!("bad id {l}"))))
+            .map(|l| {
+                l.and_then(|l| {
+                    l.parse().map(RequestId).map_err(|_| {
+                        OpsError::Remote(format!("the running bot answered a bad id {l}"))
+                    })
+                })
+            })
             .collect(),
         }
     }
@@ -145,17 +149,21 @@ impl Source {
     ///
     /// # Errors
     /// A read error.
-    pub fn show(&self, id: RequestId) -> Result<Vec<Recorded>, String> {
+    pub fn show(&self, id: RequestId) -> Result<Vec<Recorded>, OpsError> {
         match self {
             Source::Local(store) => Ok(store
-                .events_of(id)
-                .map_err(|e| e.to_string())?
+                .events_of(id)?
                 .into_iter()
                 .filter_map(Result::ok)
                 .collect()),
             Source::Remote(path) => Self::remote(path, &Query::Show { id })?
-                .map(|l| l.and_then(|l| parse_event_line(&l)))
+                .map(|l| l.and_then(|l| remote_event(&l)))
                 .collect(),
         }
     }
+}
+
+/// One event line of the running bot's answer.
+fn remote_event(line: &str) -> Result<Recorded, OpsError> {
+    parse_event_line(line).map_err(|e| OpsError::Remote(format!("the running bot's answer: {e}")))
 }

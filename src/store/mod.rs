@@ -38,18 +38,82 @@ pub struct Recorded {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the event log could not be opened: {0}")]
-    Open(String),
+    Open(Cause),
     #[error("the event log could not be written: {0}")]
-    Write(String),
+    Write(Cause),
     #[error("the event log could not be flushed to disk: {0}")]
-    Flush(String),
+    Flush(Cause),
     #[error("the event log could not be read: {0}")]
-    Read(String),
+    Read(Cause),
     #[error("the event log is closed")]
     Closed,
     /// Another process owns the log (its lock is held): bad usage, exit 2.
     #[error("{0}")]
     InUse(String),
+}
+
+impl StoreError {
+    /// The operating system's error kind behind it, when the disk refused
+    /// (`StorageFull`, `FileTooLarge`, `PermissionDenied`, …).
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            StoreError::Open(c)
+            | StoreError::Write(c)
+            | StoreError::Flush(c)
+            | StoreError::Read(c) => c.kind,
+            StoreError::Closed | StoreError::InUse(_) => None,
+        }
+    }
+}
+
+/// Why a storage operation failed: a sentence for people, and the I/O
+/// error kind for code (cloneable, unlike `io::Error`, because one refused
+/// write is reported to every waiter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    pub kind: Option<std::io::ErrorKind>,
+    pub message: String,
+}
+
+impl Cause {
+    /// From an I/O error, keeping its kind.
+    pub fn io(e: &std::io::Error) -> Self {
+        Cause {
+            kind: Some(e.kind()),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Cause {
+    /// From an I/O error on `path`, keeping its kind.
+    pub fn io_at(path: &std::path::Path, e: &std::io::Error) -> Self {
+        Cause {
+            kind: Some(e.kind()),
+            message: format!("{}: {e}", path.display()),
+        }
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for Cause {
+    fn from(message: String) -> Self {
+        Cause {
+            kind: None,
+            message,
+        }
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(message: &str) -> Self {
+        Cause::from(message.to_owned())
+    }
 }
 
 /// A record that exists but cannot be read: reported with its seq, skipped

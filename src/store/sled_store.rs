@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::watch;
 
 use super::disk::{self, DirLock, LockError, sibling};
-use super::{Corrupt, EventStore, NewEvent, ReadError, ReadItem, Recorded, StoreError, codec};
+use super::{
+    Cause, Corrupt, EventStore, NewEvent, ReadError, ReadItem, Recorded, StoreError, codec,
+};
 use crate::domain::{ChatId, Event, RequestId};
 
 const EVENT: u8 = b'e';
@@ -85,7 +87,7 @@ struct Durable {
     /// How many flushes have failed, so a waiter only hears of failures of
     /// flushes that started after it asked.
     failures: u64,
-    error: Option<Arc<str>>,
+    error: Option<Cause>,
 }
 
 struct Inner {
@@ -134,8 +136,9 @@ impl SledStore {
         // The lock comes first: tidying up after an interrupted compaction
         // is safe only when no compaction can be running.
         let lock = take_lock(dir, wait)?;
-        let open_err =
-            |e: &dyn std::fmt::Display| StoreError::Open(format!("{}: {e}", dir.display()));
+        let open_err = |e: &dyn std::fmt::Display| {
+            StoreError::Open(Cause::from(format!("{}: {e}", dir.display())))
+        };
         finish_interrupted_compaction(dir).map_err(|e| open_err(&e))?;
         let db = open_db(dir, wait)?;
         // sled made its files with the process umask; narrow what others
@@ -151,7 +154,7 @@ impl SledStore {
         let last = match db.scan_prefix([EVENT]).keys().next_back() {
             None => 0,
             Some(Ok(key)) => seq_of(&key).unwrap_or(0),
-            Some(Err(e)) => return Err(StoreError::Open(e.to_string())),
+            Some(Err(e)) => return Err(StoreError::Open(Cause::from(e.to_string()))),
         }
         .max(high_water);
         let inner = Arc::new(Inner {
@@ -238,18 +241,26 @@ impl SledStore {
 
 /// One sentence for a sled error, in words an operator acts on (sled's own
 /// text for I/O errors is a debug dump).
-fn describe(e: &sled::Error) -> String {
+fn describe(e: &sled::Error) -> Cause {
     match e {
-        sled::Error::Io(io) => match io.kind() {
-            std::io::ErrorKind::StorageFull => "the disk is full (no space left on device)".into(),
-            std::io::ErrorKind::FileTooLarge => {
-                "a file reached its size limit (file too large)".into()
+        sled::Error::Io(io) => {
+            let message = match io.kind() {
+                std::io::ErrorKind::StorageFull => {
+                    "the disk is full (no space left on device)".into()
+                }
+                std::io::ErrorKind::FileTooLarge => {
+                    "a file reached its size limit (file too large)".into()
+                }
+                std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+                std::io::ErrorKind::ReadOnlyFilesystem => "the file system is read-only".into(),
+                _ => io.to_string(),
+            };
+            Cause {
+                kind: Some(io.kind()),
+                message,
             }
-            std::io::ErrorKind::PermissionDenied => "permission denied".into(),
-            std::io::ErrorKind::ReadOnlyFilesystem => "the file system is read-only".into(),
-            _ => io.to_string(),
-        },
-        other => other.to_string(),
+        }
+        other => Cause::from(other.to_string()),
     }
 }
 
@@ -316,7 +327,7 @@ fn take_lock(dir: &Path, wait: std::time::Duration) -> Result<DirLock, StoreErro
             "{} is in use by another easel process (is `easel run` or `easel compact` running?)",
             dir.display()
         )),
-        LockError::Io(path, e) => StoreError::Open(format!("{}: {e}", path.display())),
+        LockError::Io(path, e) => StoreError::Open(Cause::io_at(&path, &e)),
     })
 }
 
@@ -353,13 +364,13 @@ impl SledStore {
         // meanwhile. Not waited for: a compaction beside a running bot (or
         // any other easel process on this log) is refused at once.
         let _lock = take_lock(dir, std::time::Duration::ZERO)?;
-        finish_interrupted_compaction(dir)
-            .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
+        finish_interrupted_compaction(dir).map_err(|e| StoreError::Open(Cause::io_at(dir, &e)))?;
         let bytes_before = dir_bytes(dir);
         let copy_dir = sibling(dir, ".compact");
         let old_dir = sibling(dir, ".old");
         let old = open_db(dir, LOCK_WAIT)?;
-        let write = |e: &dyn std::fmt::Display| StoreError::Write(format!("compacting: {e}"));
+        let write =
+            |e: &dyn std::fmt::Display| StoreError::Write(Cause::from(format!("compacting: {e}")));
         let copy = sled::Config::new()
             .path(&copy_dir)
             .open()
@@ -435,12 +446,18 @@ fn open_db(dir: &Path, wait: std::time::Duration) -> Result<sled::Db, StoreError
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                return Err(StoreError::Open(format!(
+                return Err(StoreError::Open(Cause::from(format!(
                     "{} is in use by another process (is `easel run` running?)",
                     dir.display()
-                )));
+                ))));
             }
-            Err(e) => return Err(StoreError::Open(format!("{}: {e}", dir.display()))),
+            Err(e) => {
+                let cause = describe(&e);
+                return Err(StoreError::Open(Cause {
+                    message: format!("{}: {}", dir.display(), cause.message),
+                    ..cause
+                }));
+            }
         }
     }
 }
@@ -459,14 +476,14 @@ impl Inner {
     }
 
     /// Records a refused write (once; sled's error is sticky) and words it.
-    fn refused(&self, e: &sled::Error) -> String {
+    fn refused(&self, e: &sled::Error) -> Cause {
         let reason = describe(e);
         self.broken.send_if_modified(|b| {
             if b.is_some() {
                 return false;
             }
             tracing::error!(%reason, "the event log refused a write");
-            *b = Some(Arc::from(reason.as_str()));
+            *b = Some(Arc::from(reason.message.as_str()));
             true
         });
         reason
@@ -490,7 +507,7 @@ impl Inner {
                     .send_modify(|d| d.flushed = d.flushed.max(target));
             }
             Err(e) => {
-                let msg: Arc<str> = Arc::from(self.refused(&e));
+                let msg = self.refused(&e);
                 self.durable.send_modify(|d| {
                     d.failed_through = target;
                     d.failures += 1;
@@ -521,7 +538,7 @@ fn decode_at(key: &[u8], value: &[u8]) -> ReadItem {
 }
 
 fn read_err(e: sled::Error) -> StoreError {
-    StoreError::Read(e.to_string())
+    StoreError::Read(describe(&e))
 }
 
 fn id_at(value: Option<sled::IVec>) -> Option<RequestId> {
@@ -554,8 +571,8 @@ fn read_checkpoint(db: &sled::Db) -> Result<Option<(u64, Vec<u8>)>, StoreError> 
     let Some(bytes) = db.get(CHECKPOINT).map_err(read_err)? else {
         return Ok(None);
     };
-    let payload =
-        codec::unseal(&bytes).map_err(|e| StoreError::Read(format!("checkpoint: {e}")))?;
+    let payload = codec::unseal(&bytes)
+        .map_err(|e| StoreError::Read(Cause::from(format!("checkpoint: {e}"))))?;
     let seq = seq_of(payload.get(..8).unwrap_or_default())
         .ok_or_else(|| StoreError::Read("checkpoint: too short".into()))?;
     Ok(Some((seq, payload[8..].to_vec())))
@@ -583,11 +600,13 @@ fn reindex_tail(db: &sled::Db, db_file: &std::fs::File) -> Result<u64, StoreErro
         .map_or(0, |(seq, _)| seq + 1);
     let mut repaired = 0;
     for kv in db.range(event_key(from)..=event_key(u64::MAX)) {
-        let (k, v) = kv.map_err(|e| StoreError::Open(e.to_string()))?;
+        let (k, v) = kv.map_err(|e| StoreError::Open(Cause::from(e.to_string())))?;
         // Unreadable records are reported by the readers; nothing to derive.
         let Ok(rec) = decode_at(&k, &v) else { continue };
         for (key, value) in derived_keys(&rec) {
-            let present = db.get(&key).map_err(|e| StoreError::Open(e.to_string()))?;
+            let present = db
+                .get(&key)
+                .map_err(|e| StoreError::Open(Cause::from(e.to_string())))?;
             // Absent is the crash's mark; a key naming another request is
             // that request's, and stays.
             if present.is_none() {
@@ -620,7 +639,9 @@ impl EventStore for SledStore {
                 at: e.at,
                 event: e.event,
             };
-            encoded.push(codec::encode(&rec).map_err(|e| StoreError::Write(e.to_string()))?);
+            encoded.push(
+                codec::encode(&rec).map_err(|e| StoreError::Write(Cause::from(e.to_string())))?,
+            );
             out.push(rec);
         }
         // One insert per key, the event first. sled's `apply_batch` writes
@@ -664,7 +685,7 @@ impl EventStore for SledStore {
                 }
                 if d.failures > failures_before && d.failed_through >= seq {
                     return Err(StoreError::Flush(
-                        d.error.as_deref().unwrap_or("unknown").to_owned(),
+                        d.error.clone().unwrap_or_else(|| Cause::from("unknown")),
                     ));
                 }
             }
@@ -700,8 +721,8 @@ impl EventStore for SledStore {
             let ek = event_key(seq);
             match self.inner.db.get(ek).map_err(read_err)? {
                 Some(v) => out.push(decode_at(&ek, &v)),
-                None => out.push(Err(ReadError::Store(StoreError::Read(format!(
-                    "index names event {seq}, which is missing"
+                None => out.push(Err(ReadError::Store(StoreError::Read(Cause::from(
+                    format!("index names event {seq}, which is missing"),
                 ))))),
             }
         }
@@ -735,7 +756,8 @@ impl EventStore for SledStore {
         let mut payload = Vec::with_capacity(state.len() + 8);
         payload.extend_from_slice(&seq.to_be_bytes());
         payload.extend_from_slice(state);
-        let sealed = codec::seal(&payload).map_err(|e| StoreError::Write(e.to_string()))?;
+        let sealed =
+            codec::seal(&payload).map_err(|e| StoreError::Write(Cause::from(e.to_string())))?;
         self.inner
             .db
             .insert(CHECKPOINT, sealed)
