@@ -21,13 +21,29 @@ use tracing_subscriber::filter::ParseError;
 /// any plain `sled=…` directive, so it holds whatever the operator wrote.
 pub const SLED_CAP: &str = "sled::pagecache=debug";
 
-/// `spec` (a `RUST_LOG` value) with [`SLED_CAP`] added.
+/// `spec` (a `RUST_LOG` value), with [`SLED_CAP`] added when `spec`
+/// would let sled's page cache log at TRACE. Only then: the cap would
+/// otherwise *raise* sled to DEBUG under a quieter spec (`info`, `error`)
+/// and fill the operator's log with sled's I/O chatter.
 ///
 /// # Errors
 /// When `spec` is not a valid filter.
 pub fn log_filter(spec: &str) -> Result<EnvFilter, ParseError> {
-    let cap = SLED_CAP.parse()?;
-    Ok(EnvFilter::try_new(spec)?.add_directive(cap))
+    let filter = EnvFilter::try_new(spec)?;
+    if !sled_trace_enabled(spec)? {
+        return Ok(filter);
+    }
+    Ok(filter.add_directive(SLED_CAP.parse()?))
+}
+
+/// Whether `spec` alone enables TRACE for sled's page cache.
+fn sled_trace_enabled(spec: &str) -> Result<bool, ParseError> {
+    use tracing_subscriber::layer::SubscriberExt;
+    let probe = tracing_subscriber::registry().with(EnvFilter::try_new(spec)?);
+    Ok(tracing::subscriber::with_default(
+        probe,
+        || tracing::enabled!(target: "sled::pagecache::iobuf", tracing::Level::TRACE),
+    ))
 }
 
 #[cfg(test)]
@@ -60,5 +76,23 @@ mod tests {
         }
         assert!(enabled("trace", false), "the cap took more than sled");
         assert!(log_filter("not a = valid filter [").is_err());
+    }
+
+    fn sled_debug(spec: &str) -> bool {
+        let subscriber = tracing_subscriber::registry().with(log_filter(spec).unwrap());
+        tracing::subscriber::with_default(
+            subscriber,
+            || tracing::enabled!(target: "sled::pagecache::iobuf", Level::DEBUG),
+        )
+    }
+
+    #[test]
+    fn the_cap_never_raises_sled_above_what_the_operator_asked() {
+        for spec in ["error", "info", "warn,easel=trace", "sled=info"] {
+            assert!(!sled_debug(spec), "{spec} shows sled's DEBUG lines");
+        }
+        // Asked for, DEBUG stays.
+        assert!(sled_debug("trace"));
+        assert!(sled_debug("sled=debug"));
     }
 }

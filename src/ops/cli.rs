@@ -7,15 +7,13 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use serde_json::json;
 
-use super::json::{event_json, parse_event_line};
+use super::json::{ExportedEvent, parse_event_line};
 use super::query::Filter;
 use super::source::Source;
 use super::{OpsError, elide, table};
 use crate::domain::{Event, RequestId, Stage};
 use crate::projection::RequestRecord;
-use crate::store::Recorded;
 use crate::store::{Corrupt, DecodeError, ReadError, ReadItem};
 
 type Out<'a> = &'a mut dyn Write;
@@ -68,17 +66,6 @@ fn secs(ms: i64) -> String {
     format!("{:.2} s", ms as f64 / 1000.0)
 }
 
-/// The §5 request object.
-pub fn record_json(r: &RequestRecord) -> serde_json::Value {
-    json!({
-        "id": r.id.to_string(), "user_id": r.user_id.0, "chat_id": r.chat_id.0, "model": r.model.as_str(),
-        "prompt": r.prompt, "enhanced_prompt": r.enhanced_prompt, "status": r.status.as_str(),
-        "error": r.error, "attempts": r.attempts,
-        "created_at": r.created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "updated_at": r.updated_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    })
-}
-
 fn prompt_width() -> usize {
     let columns = std::env::var("COLUMNS")
         .ok()
@@ -91,7 +78,7 @@ pub fn audit_list(src: &Source, filter: &Filter, json_out: bool, out: Out<'_>) -
     let records = src.list(filter)?;
     if json_out {
         for r in &records {
-            w(out, &format!("{}\n", record_json(r)))?;
+            w(out, &format!("{}\n", to_json(r)?))?;
         }
     } else if records.is_empty() {
         w(out, "no requests match\n")?;
@@ -101,43 +88,15 @@ pub fn audit_list(src: &Source, filter: &Filter, json_out: bool, out: Out<'_>) -
     Ok(0)
 }
 
-/// Times the stages of one request from its events, one at a time.
-#[derive(Default)]
-pub struct StageClock {
-    at: HashMap<&'static str, DateTime<Utc>>,
-}
-
-impl StageClock {
-    /// The stage `e` ends (`queue_wait`, `enhancing`, `generating`,
-    /// `sending`) and how long it took in ms, if `e` ends one.
-    pub fn observe(&mut self, e: &Recorded) -> Option<(&'static str, i64)> {
-        let edge = match &e.event {
-            Event::Started => Some(("queued", "queue_wait")),
-            Event::Enhanced { .. } => Some(("started", "enhancing")),
-            Event::Generated { .. } => Some(("enhanced", "generating")),
-            Event::Delivered { .. } => Some(("generated", "sending")),
-            _ => None,
-        };
-        let took = edge.and_then(|(from, label)| {
-            self.at
-                .get(from)
-                .map(|t| (label, (e.at - *t).num_milliseconds()))
-        });
-        // A regenerated image counts its generating time from the restart.
-        let key = if matches!(e.event, Event::Regenerating) {
-            "enhanced"
-        } else {
-            e.event.name()
-        };
-        self.at.insert(key, e.at);
-        took
-    }
-}
-
-/// The stage durations of a request, from its events.
-pub fn stage_times(events: &[Recorded]) -> Vec<(&'static str, i64)> {
-    let mut clock = StageClock::default();
-    events.iter().filter_map(|e| clock.observe(e)).collect()
+/// What `easel audit show --json` prints: §5's request object plus its
+/// events in the export form.
+#[derive(serde::Serialize)]
+struct ShowReport<'a> {
+    #[serde(flatten)]
+    record: &'a RequestRecord,
+    events: Vec<ExportedEvent<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    archived_in: Option<String>,
 }
 
 /// "`prefix` matches N requests" with up to 20 of them.
@@ -188,12 +147,12 @@ pub fn audit_show(src: &Source, archive: &Path, prefix: &str, json_out: bool, ou
     let record = RequestRecord::from_events(&events)
         .ok_or_else(|| OpsError::failed(format!("request {id} has no readable queued event")))?;
     if json_out {
-        let mut obj = record_json(&record);
-        obj["events"] = serde_json::Value::Array(events.iter().map(event_json).collect());
-        if let Some(file) = &archived_in {
-            obj["archived_in"] = serde_json::Value::from(file.display().to_string());
-        }
-        w(out, &format!("{obj}\n"))?;
+        let shown = ShowReport {
+            record: &record,
+            events: events.iter().map(ExportedEvent::from).collect(),
+            archived_in: archived_in.as_ref().map(|f| f.display().to_string()),
+        };
+        w(out, &format!("{}\n", to_json(&shown)?))?;
         return Ok(0);
     }
     let now = Utc::now();
@@ -258,11 +217,14 @@ pub fn audit_show(src: &Source, archive: &Path, prefix: &str, json_out: bool, ou
             elide(&detail, 120)
         ));
     }
-    let stages = stage_times(&events);
-    if !stages.is_empty() {
+    if !record.stage_ms.is_empty() {
         text.push_str("\nstages:\n");
-        for (label, ms) in stages {
-            text.push_str(&format!("  {:<11} {}\n", label.replace('_', " "), secs(ms)));
+        for (label, ms) in &record.stage_ms {
+            text.push_str(&format!(
+                "  {:<11} {}\n",
+                label.replace('_', " "),
+                secs(*ms)
+            ));
         }
     }
     w(out, &text)?;
@@ -277,128 +239,178 @@ fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
     sorted.get(idx).copied()
 }
 
-pub fn audit_stats(src: &Source, json_out: bool, out: Out<'_>) -> Res {
-    // Per unfinished request: model and stage; finished ones only count.
-    let mut live: HashMap<RequestId, (String, Stage)> = HashMap::new();
-    let mut counts: BTreeMap<String, BTreeMap<Stage, u64>> = BTreeMap::new();
-    let mut times: HashMap<RequestId, StageClock> = HashMap::new();
-    let mut durations: BTreeMap<&'static str, Vec<i64>> = BTreeMap::new();
-    let mut failures: HashMap<String, u64> = HashMap::new();
-    let mut total = 0u64;
-    for item in src.events(1, None) {
-        let Ok(e) = item else { continue };
-        let id = e.request_id;
-        if let Event::Queued { model, .. } = &e.event {
-            total += 1;
-            live.insert(id, (model.to_string(), Stage::Queued));
-            times.entry(id).or_default().observe(&e);
-            continue;
-        }
-        let Some(step) = e.event.step() else { continue };
-        let Some(entry) = live.get_mut(&id) else {
-            continue;
-        };
-        let Ok(to) = crate::domain::next_stage(entry.1, step) else {
-            continue;
-        };
-        entry.1 = to;
-        if let Some((label, ms)) = times.entry(id).or_default().observe(&e) {
-            durations.entry(label).or_default().push(ms);
-        }
-        if let Event::Failed { kind, reason, .. } = &e.event {
-            *failures
-                .entry(format!("{}: {}", kind.as_str(), elide(reason, 80)))
+/// What `easel audit stats` prints; the table and `--json` are two
+/// renderings of it.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct StatsReport {
+    pub requests: u64,
+    /// Per model, how many requests are in each state.
+    pub by_model: BTreeMap<String, BTreeMap<Stage, u64>>,
+    pub stages: StageStats,
+    /// Failure reasons, most frequent first.
+    pub failures: Vec<FailureCount>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct StageStats {
+    pub queue_wait: StageStat,
+    pub enhancing: StageStat,
+    pub generating: StageStat,
+    pub sending: StageStat,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct StageStat {
+    pub count: usize,
+    pub p50_ms: Option<i64>,
+    pub p95_ms: Option<i64>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct FailureCount {
+    pub reason: String,
+    pub count: u64,
+}
+
+impl StageStats {
+    fn each(&self) -> [(&'static str, &StageStat); 4] {
+        [
+            ("queue wait", &self.queue_wait),
+            ("enhancing", &self.enhancing),
+            ("generating", &self.generating),
+            ("sending", &self.sending),
+        ]
+    }
+}
+
+impl StatsReport {
+    /// Folds the whole log, each request through [`RequestRecord`] (the
+    /// one audit fold), keeping only finished requests' counts once they
+    /// finish.
+    fn gather(src: &Source) -> Self {
+        let mut open: HashMap<RequestId, RequestRecord> = HashMap::new();
+        let mut requests = 0;
+        let mut by_model: BTreeMap<String, BTreeMap<Stage, u64>> = BTreeMap::new();
+        let mut durations: HashMap<&'static str, Vec<i64>> = HashMap::new();
+        let mut failures: HashMap<String, u64> = HashMap::new();
+        let mut count = |r: &RequestRecord| {
+            *by_model
+                .entry(r.model.to_string())
+                .or_default()
+                .entry(r.status)
                 .or_default() += 1;
-        }
-        if to.is_terminal() {
-            if let Some((model, stage)) = live.remove(&id) {
-                *counts.entry(model).or_default().entry(stage).or_default() += 1;
+            for (label, ms) in &r.stage_ms {
+                durations.entry(label).or_default().push(*ms);
             }
-            times.remove(&id);
+            if let Some(error) = &r.error {
+                let reason = match error.split_once(": ") {
+                    Some((kind, reason)) => format!("{kind}: {}", elide(reason, 80)),
+                    None => elide(error, 80),
+                };
+                *failures.entry(reason).or_default() += 1;
+            }
+        };
+        for item in src.events(1, None) {
+            let Ok(e) = item else { continue };
+            if let Some(r) = RequestRecord::start(&e) {
+                requests += 1;
+                open.insert(e.request_id, r);
+                continue;
+            }
+            if let Some(r) = open.get_mut(&e.request_id)
+                && r.apply(&e)
+                && r.status.is_terminal()
+                && let Some(r) = open.remove(&e.request_id)
+            {
+                count(&r);
+            }
+        }
+        for r in open.values() {
+            count(r);
+        }
+        let mut stat = |label: &str| {
+            let mut d = durations.remove(label).unwrap_or_default();
+            d.sort_unstable();
+            StageStat {
+                count: d.len(),
+                p50_ms: percentile(&d, 0.5),
+                p95_ms: percentile(&d, 0.95),
+            }
+        };
+        let stages = StageStats {
+            queue_wait: stat("queue_wait"),
+            enhancing: stat("enhancing"),
+            generating: stat("generating"),
+            sending: stat("sending"),
+        };
+        let mut ranked: Vec<FailureCount> = failures
+            .into_iter()
+            .map(|(reason, count)| FailureCount { reason, count })
+            .collect();
+        ranked.sort_by(|a, b| b.count.cmp(&a.count).then(a.reason.cmp(&b.reason)));
+        StatsReport {
+            requests,
+            by_model,
+            stages,
+            failures: ranked,
         }
     }
-    for (model, stage) in live.into_values() {
-        *counts.entry(model).or_default().entry(stage).or_default() += 1;
+
+    fn text(&self) -> String {
+        let mut t = comfy_table::Table::new();
+        t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+        let mut header = vec!["model".to_owned()];
+        header.extend(Stage::ALL.iter().map(|s| s.as_str().to_owned()));
+        header.push("total".into());
+        t.set_header(header);
+        for (model, c) in &self.by_model {
+            let mut row = vec![model.clone()];
+            row.extend(
+                Stage::ALL
+                    .iter()
+                    .map(|s| c.get(s).copied().unwrap_or(0).to_string()),
+            );
+            row.push(c.values().sum::<u64>().to_string());
+            t.add_row(row);
+        }
+        let mut text = format!("{} requests\n{t}\n\n", self.requests);
+        let mut d = comfy_table::Table::new();
+        d.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+        d.set_header(vec!["stage", "count", "p50", "p95"]);
+        for (label, stat) in self.stages.each() {
+            let show = |x: Option<i64>| x.map_or("-".to_owned(), secs);
+            d.add_row(vec![
+                label.to_owned(),
+                stat.count.to_string(),
+                show(stat.p50_ms),
+                show(stat.p95_ms),
+            ]);
+        }
+        text.push_str(&format!("{d}\n"));
+        if !self.failures.is_empty() {
+            text.push_str("\nfailure reasons:\n");
+            for f in self.failures.iter().take(20) {
+                text.push_str(&format!("  {:>6}  {}\n", f.count, f.reason));
+            }
+        }
+        text
     }
-    for d in durations.values_mut() {
-        d.sort_unstable();
-    }
-    let mut ranked: Vec<(String, u64)> = failures.into_iter().collect();
-    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let labels = ["queue_wait", "enhancing", "generating", "sending"];
+}
+
+pub fn audit_stats(src: &Source, json_out: bool, out: Out<'_>) -> Res {
+    let report = StatsReport::gather(src);
     if json_out {
-        let by_model: serde_json::Map<String, serde_json::Value> = counts
-            .iter()
-            .map(|(m, c)| {
-                (
-                    m.clone(),
-                    json!(
-                        c.iter()
-                            .map(|(s, n)| (s.as_str().to_owned(), *n))
-                            .collect::<BTreeMap<_, _>>()
-                    ),
-                )
-            })
-            .collect();
-        let stages: serde_json::Map<String, serde_json::Value> = labels
-            .iter()
-            .map(|l| {
-                let d = durations.get(l).map(Vec::as_slice).unwrap_or_default();
-                ((*l).to_owned(), json!({ "count": d.len(), "p50_ms": percentile(d, 0.5), "p95_ms": percentile(d, 0.95) }))
-            })
-            .collect();
-        let failures: Vec<_> = ranked
-            .iter()
-            .map(|(r, n)| json!({ "reason": r, "count": n }))
-            .collect();
-        w(
-            out,
-            &format!(
-                "{}\n",
-                json!({ "requests": total, "by_model": by_model, "stages": stages, "failures": failures })
-            ),
-        )?;
-        return Ok(0);
+        w(out, &format!("{}\n", to_json(&report)?))?;
+    } else {
+        w(out, &report.text())?;
     }
-    let mut t = comfy_table::Table::new();
-    t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
-    let mut header = vec!["model".to_owned()];
-    header.extend(Stage::ALL.iter().map(|s| s.as_str().to_owned()));
-    header.push("total".into());
-    t.set_header(header);
-    for (model, c) in &counts {
-        let mut row = vec![model.clone()];
-        row.extend(
-            Stage::ALL
-                .iter()
-                .map(|s| c.get(s).copied().unwrap_or(0).to_string()),
-        );
-        row.push(c.values().sum::<u64>().to_string());
-        t.add_row(row);
-    }
-    let mut text = format!("{total} requests\n{t}\n\n");
-    let mut d = comfy_table::Table::new();
-    d.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
-    d.set_header(vec!["stage", "count", "p50", "p95"]);
-    for l in labels {
-        let v = durations.get(l).map(Vec::as_slice).unwrap_or_default();
-        let show = |x: Option<i64>| x.map_or("-".to_owned(), secs);
-        d.add_row(vec![
-            l.replace('_', " "),
-            v.len().to_string(),
-            show(percentile(v, 0.5)),
-            show(percentile(v, 0.95)),
-        ]);
-    }
-    text.push_str(&format!("{d}\n"));
-    if !ranked.is_empty() {
-        text.push_str("\nfailure reasons:\n");
-        for (r, n) in ranked.iter().take(20) {
-            text.push_str(&format!("  {n:>6}  {r}\n"));
-        }
-    }
-    w(out, &text)?;
     Ok(0)
+}
+
+/// One report as a JSON line.
+fn to_json(report: &impl serde::Serialize) -> Result<String, OpsError> {
+    serde_json::to_string(report)
+        .map_err(|e| OpsError::failed(format!("cannot word the report as JSON: {e}")))
 }
 
 /// `easel compact`: the log rewritten into a fresh database.
@@ -432,7 +444,9 @@ pub fn compact(log: &Path, out: Out<'_>) -> Res {
 pub fn export(src: &Source, since: Option<DateTime<Utc>>, out: Out<'_>) -> Res {
     for item in src.events(1, None) {
         match item {
-            Ok(e) if since.is_none_or(|t| e.at >= t) => w(out, &format!("{}\n", event_json(&e)))?,
+            Ok(e) if since.is_none_or(|t| e.at >= t) => {
+                w(out, &format!("{}\n", to_json(&ExportedEvent::from(&e))?))?;
+            }
             Ok(_) => {}
             // A damaged record is reported, not exported; the rest goes on.
             Err(e) => eprintln!("easel: skipping: {e}"),

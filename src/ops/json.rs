@@ -2,26 +2,47 @@
 //! (`seq`, `request_id`, `at`, `type`, then the event's fields) and its
 //! inverse, so an exported file can be replayed and verified elsewhere.
 
-use serde_json::{Map, Value};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
 
-use crate::domain::Event;
+use crate::domain::{Event, RequestId};
 use crate::store::Recorded;
 use crate::store::codec::CURRENT_VERSION;
 
-/// The export object of one event.
-pub fn event_json(rec: &Recorded) -> Value {
-    let mut obj = Map::new();
-    obj.insert("seq".into(), Value::from(rec.seq));
-    obj.insert("request_id".into(), Value::from(rec.request_id.to_string()));
-    obj.insert(
-        "at".into(),
-        Value::from(rec.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-    );
-    if let Ok(Value::Object(fields)) = serde_json::to_value(&rec.event) {
-        obj.extend(fields);
+/// The export form of one event (`easel export`, the query socket, `audit
+/// show --json`): `seq`, `request_id`, `at` (RFC 3339, milliseconds), the
+/// event's own fields with its `type`, and the schema version `v`.
+/// [`parse_event_line`] is its inverse.
+#[derive(Serialize)]
+pub struct ExportedEvent<'a> {
+    pub seq: u64,
+    pub request_id: RequestId,
+    #[serde(serialize_with = "crate::projection::record::millis")]
+    pub at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub event: &'a Event,
+    pub v: u16,
+}
+
+impl<'a> From<&'a Recorded> for ExportedEvent<'a> {
+    fn from(rec: &'a Recorded) -> Self {
+        ExportedEvent {
+            seq: rec.seq,
+            request_id: rec.request_id,
+            at: rec.at,
+            event: &rec.event,
+            v: CURRENT_VERSION,
+        }
     }
-    obj.insert("v".into(), Value::from(CURRENT_VERSION));
-    Value::Object(obj)
+}
+
+/// The export line of one event, without its newline.
+///
+/// # Errors
+/// Only if serde cannot word the event (not expected for plain data).
+pub fn event_line(rec: &Recorded) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&ExportedEvent::from(rec))
 }
 
 /// Reads one export line back.

@@ -150,7 +150,7 @@ fn write_archive(path: &Path, events: &[&Recorded]) -> std::io::Result<u64> {
         .open(&tmp)?;
     let mut out = BufWriter::new(file);
     for rec in events {
-        serde_json::to_writer(&mut out, &super::json::event_json(rec))?;
+        serde_json::to_writer(&mut out, &super::json::ExportedEvent::from(*rec))?;
         out.write_all(b"\n")?;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
-use super::json::event_json;
+use super::json::event_line;
 use super::query::{self, Query};
 use crate::engine::Core;
 use crate::store::EventStore;
@@ -105,6 +105,10 @@ async fn answer<S: EventStore>(core: Arc<Core<S>>, stream: tokio::net::UnixStrea
 fn produce<S: EventStore>(core: &Core<S>, query: &Query, tx: &mpsc::Sender<String>) {
     let store = core.store();
     let send = |s: String| tx.blocking_send(s + "\n").is_ok();
+    // Every answer line is one JSON value, or `ERR <sentence>`.
+    let line = |json: Result<String, serde_json::Error>| {
+        json.unwrap_or_else(|e| format!("ERR cannot word the answer: {e}"))
+    };
     match query {
         Query::Events {
             since_seq,
@@ -113,7 +117,7 @@ fn produce<S: EventStore>(core: &Core<S>, query: &Query, tx: &mpsc::Sender<Strin
             let until = until_seq.unwrap_or(u64::MAX);
             for item in store.read_from(*since_seq) {
                 let Ok(rec) = item else { continue };
-                if rec.seq > until || !send(event_json(&rec).to_string()) {
+                if rec.seq > until || !send(line(event_line(&rec))) {
                     return;
                 }
             }
@@ -121,7 +125,7 @@ fn produce<S: EventStore>(core: &Core<S>, query: &Query, tx: &mpsc::Sender<Strin
         Query::List { filter } => {
             for item in query::list(store, filter) {
                 let line = match item {
-                    Ok(r) => serde_json::to_string(&r).unwrap_or_default(),
+                    Ok(r) => line(serde_json::to_string(&r)),
                     Err(e) => format!("ERR {e}"),
                 };
                 if !send(line) {
@@ -144,7 +148,7 @@ fn produce<S: EventStore>(core: &Core<S>, query: &Query, tx: &mpsc::Sender<Strin
         Query::Show { id } => match store.events_of(*id) {
             Ok(events) => {
                 for rec in events.into_iter().filter_map(Result::ok) {
-                    if !send(event_json(&rec).to_string()) {
+                    if !send(line(event_line(&rec))) {
                         return;
                     }
                 }

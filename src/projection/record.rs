@@ -7,6 +7,11 @@ use crate::domain::{ChatId, Event, ModelName, RequestId, Stage, UserId, next_sta
 use crate::store::Recorded;
 
 /// One request as the audit shows it (§5's `audit list --json` fields).
+/// It is the one fold of a request's events for every audit view: `audit
+/// list` and `show`, `audit stats`, the demo's summary, and retention's
+/// "is it finished" all build it with [`RequestRecord::start`] and
+/// [`RequestRecord::apply`]. (The live state, `LiveState`, is the other
+/// projection; both take each step through `domain::next_stage`.)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestRecord {
     pub id: RequestId,
@@ -18,11 +23,27 @@ pub struct RequestRecord {
     pub status: Stage,
     pub error: Option<String>,
     pub attempts: u32,
+    #[serde(serialize_with = "millis")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "millis")]
     pub updated_at: DateTime<Utc>,
     /// Seqs of the request's events, oldest first (not part of the JSON form).
     #[serde(skip, default)]
     pub seqs: Vec<u64>,
+    /// How long each stage took, in the order they ended: `queue_wait`,
+    /// `enhancing`, `generating` (again after a regeneration), `sending`
+    /// (not part of the JSON form).
+    #[serde(skip, default)]
+    pub stage_ms: Vec<(&'static str, i64)>,
+    /// When the stage now under way began, per the event that began it.
+    #[serde(skip, default)]
+    began: Vec<(&'static str, DateTime<Utc>)>,
+}
+
+/// Times as §5 shows them: RFC 3339 in UTC with milliseconds
+/// (`2026-11-25T10:00:01.250Z`), the same as `at` of an exported event.
+pub fn millis<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
 impl RequestRecord {
@@ -31,7 +52,15 @@ impl RequestRecord {
     /// record shows what the live process saw.
     pub fn from_events<'a>(events: impl IntoIterator<Item = &'a Recorded>) -> Option<Self> {
         let mut iter = events.into_iter();
-        let first = iter.next()?;
+        let mut rec = Self::start(iter.next()?)?;
+        for e in iter {
+            rec.apply(e);
+        }
+        Some(rec)
+    }
+
+    /// A new record from its request's `Queued`; None for any other event.
+    pub fn start(first: &Recorded) -> Option<Self> {
         let Event::Queued {
             model,
             prompt,
@@ -40,7 +69,7 @@ impl RequestRecord {
         else {
             return None;
         };
-        let mut rec = RequestRecord {
+        Some(RequestRecord {
             id: first.request_id,
             user_id: origin.user_id,
             chat_id: origin.chat_id,
@@ -53,21 +82,24 @@ impl RequestRecord {
             created_at: first.at,
             updated_at: first.at,
             seqs: vec![first.seq],
-        };
-        for e in iter {
-            rec.apply(e);
-        }
-        Some(rec)
+            stage_ms: Vec::new(),
+            began: vec![("queued", first.at)],
+        })
     }
 
-    fn apply(&mut self, e: &Recorded) {
-        let Some(step) = e.event.step() else { return };
+    /// Applies one later event of the request; false (and no change) when
+    /// the lifecycle refuses it.
+    pub fn apply(&mut self, e: &Recorded) -> bool {
+        let Some(step) = e.event.step() else {
+            return false;
+        };
         let Ok(to) = next_stage(self.status, step) else {
-            return;
+            return false;
         };
         self.status = to;
         self.updated_at = e.at;
         self.seqs.push(e.seq);
+        self.time(e);
         match &e.event {
             Event::Enhanced { prompt, .. } => self.enhanced_prompt = Some(prompt.clone()),
             Event::Generated { attempts, .. } => self.attempts = *attempts,
@@ -81,6 +113,33 @@ impl RequestRecord {
                 self.error = Some(format!("{}: {reason}", kind.as_str()));
             }
             _ => {}
+        }
+        true
+    }
+
+    /// Ends the stage `e` ends (if any) and notes when the next began.
+    fn time(&mut self, e: &Recorded) {
+        let edge = match &e.event {
+            Event::Started => Some(("queued", "queue_wait")),
+            Event::Enhanced { .. } => Some(("started", "enhancing")),
+            Event::Generated { .. } => Some(("enhanced", "generating")),
+            Event::Delivered { .. } => Some(("generated", "sending")),
+            _ => None,
+        };
+        if let Some((from, label)) = edge
+            && let Some((_, t)) = self.began.iter().find(|(k, _)| *k == from)
+        {
+            self.stage_ms.push((label, (e.at - *t).num_milliseconds()));
+        }
+        // A regenerated image counts its generating time from the restart.
+        let key = if matches!(e.event, Event::Regenerating) {
+            "enhanced"
+        } else {
+            e.event.name()
+        };
+        match self.began.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = e.at,
+            None => self.began.push((key, e.at)),
         }
     }
 }
