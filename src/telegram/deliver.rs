@@ -5,14 +5,11 @@
 
 use std::sync::Arc;
 
-use teloxide::payloads::{SendDocumentSetters, SendMessageSetters, SendPhotoSetters};
-use teloxide::prelude::Requester;
-use teloxide::types::{
-    ChatId, InlineKeyboardButton, InlineKeyboardMarkup, InputFile, MessageId, ReplyParameters,
-};
+use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup, InputFile};
 
 use super::api::{Policy, TelegramApi, TgErrorKind};
 use super::parse::Button;
+use super::replies::{FileKind, Reply, Upload};
 use super::words;
 use crate::engine::{Deliverer, Delivery, DeliveryFailure};
 use crate::projection::ActiveRequest;
@@ -73,29 +70,6 @@ impl TelegramDeliverer {
     pub fn new(api: Arc<TelegramApi>) -> Self {
         TelegramDeliverer { api }
     }
-
-    async fn send_document(
-        &self,
-        chat: ChatId,
-        file: InputFile,
-        caption: &str,
-        reply: Option<ReplyParameters>,
-        markup: InlineKeyboardMarkup,
-    ) -> Result<Option<teloxide::types::Message>, super::api::TgError> {
-        let bot = self.api.bot().clone();
-        self.api
-            .run("sendDocument", Policy::Deliver, || {
-                let mut r = bot
-                    .send_document(chat, file.clone())
-                    .caption(caption.to_owned())
-                    .reply_markup(markup.clone());
-                if let Some(p) = reply.clone() {
-                    r = r.reply_parameters(p);
-                }
-                r.into_future()
-            })
-            .await
-    }
 }
 
 impl Deliverer for TelegramDeliverer {
@@ -105,49 +79,37 @@ impl Deliverer for TelegramDeliverer {
         image: &[u8],
         format: &str,
     ) -> Result<Delivery, DeliveryFailure> {
-        let chat = ChatId(request.origin.chat_id.0);
         let prompt = request
             .enhanced_prompt
             .as_deref()
             .unwrap_or(request.prompt.as_str());
         let (caption, cut) = fit_utf16(prompt, CAPTION_UNITS);
-        let reply = request
-            .origin
-            .message_id
-            .map(|m| ReplyParameters::new(MessageId(m)).allow_sending_without_reply());
-        let markup = keyboard(request.id);
-        let bytes = bytes::Bytes::copy_from_slice(image);
-        let file = InputFile::memory(bytes).file_name(format!("easel-{}.{format}", request.id));
-        let bot = self.api.bot().clone();
-
-        let sent = if fits_as_photo(image) {
-            let photo = self
-                .api
-                .run("sendPhoto", Policy::Deliver, || {
-                    let mut r = bot
-                        .send_photo(chat, file.clone())
-                        .caption(caption.clone())
-                        .reply_markup(markup.clone());
-                    if let Some(p) = reply.clone() {
-                        r = r.reply_parameters(p);
-                    }
-                    r.into_future()
-                })
-                .await;
-            match photo {
-                // Telegram refused it as a photo (dimensions, processing):
-                // the original bytes go as a document instead of failing.
-                Err(e) if e.kind == TgErrorKind::Api => {
-                    tracing::info!(request_id = %request.id, error = %e, "photo refused; sending as a document");
-                    self.send_document(chat, file.clone(), &caption, reply.clone(), markup.clone())
-                        .await
-                }
-                other => other,
-            }
-        } else {
-            self.send_document(chat, file.clone(), &caption, reply.clone(), markup.clone())
-                .await
+        let to = Reply {
+            chat: request.origin.chat_id.0,
+            to_message: request.origin.message_id,
         };
+        let bytes = bytes::Bytes::copy_from_slice(image);
+        let mut upload = Upload {
+            kind: if fits_as_photo(image) {
+                FileKind::Photo
+            } else {
+                FileKind::Document
+            },
+            file: InputFile::memory(bytes).file_name(format!("easel-{}.{format}", request.id)),
+            caption: Some(caption),
+            buttons: Some(keyboard(request.id)),
+        };
+        let mut sent = self.api.send_file(to, &upload, Policy::Deliver).await;
+        if upload.kind == FileKind::Photo
+            && let Err(e) = &sent
+            && e.kind == TgErrorKind::Api
+        {
+            // Telegram refused it as a photo (dimensions, processing):
+            // the original bytes go as a document instead of failing.
+            tracing::info!(error = %e, "photo refused; sending as a document");
+            upload.kind = FileKind::Document;
+            sent = self.api.send_file(to, &upload, Policy::Deliver).await;
+        }
         let message = match sent {
             Ok(m) => m,
             Err(e) => return Err(DeliveryFailure { reason: e.text }),
@@ -157,23 +119,13 @@ impl Deliverer for TelegramDeliverer {
                 &format!("{}\n{prompt}", words::full_prompt_follows()),
                 MESSAGE_UNITS,
             );
-            let bot = self.api.bot().clone();
-            let mid = message.as_ref().map(|m| m.id);
-            let follow = self
-                .api
-                .run("sendMessage", Policy::Reply, || {
-                    let mut r = bot.send_message(chat, full.clone());
-                    if let Some(id) = mid {
-                        r = r.reply_parameters(
-                            ReplyParameters::new(id).allow_sending_without_reply(),
-                        );
-                    }
-                    r.into_future()
-                })
-                .await;
-            if let Err(e) = follow {
+            let below = Reply {
+                chat: to.chat,
+                to_message: message.as_ref().map(|m| m.id.0),
+            };
+            if let Err(e) = self.api.send_text(below, full).await {
                 // The image is delivered; a lost follow-up is only logged.
-                tracing::warn!(request_id = %request.id, error = %e, "could not send the full prompt");
+                tracing::warn!(error = %e, "could not send the full prompt");
             }
         }
         Ok(Delivery {

@@ -5,15 +5,11 @@
 
 use std::sync::Arc;
 
-use teloxide::payloads::{AnswerCallbackQuerySetters, SendDocumentSetters, SendMessageSetters};
-use teloxide::prelude::Requester;
-use teloxide::types::{
-    CallbackQuery, ChatId as TgChatId, InputFile, Message, MessageId, ReplyParameters, Update,
-    UpdateKind,
-};
+use teloxide::types::{CallbackQuery, InputFile, Message, Update, UpdateKind};
 
 use super::api::{Policy, TelegramApi};
 use super::parse::{Button, Input, parse};
+use super::replies::{FileKind, Reply, Upload};
 use super::status::StatusBoard;
 use super::turn::Turn;
 use super::words;
@@ -33,48 +29,34 @@ pub struct Intake<S: EventStore> {
     pub username: String,
 }
 
-/// Where a reply goes.
-#[derive(Clone, Copy)]
-pub(crate) struct Reply {
-    pub chat: i64,
-    pub to_message: Option<i32>,
+/// What a message needs, decided before anything is recorded: the one
+/// routing of both intake and the stand-in (which answers while the log
+/// refuses writes). Order of the contract: not-for-us, then the
+/// allowlist, then the commands.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Not for us and nothing to say (plain text in a group).
+    Ignore,
+    /// A fixed answer; nothing is recorded or read.
+    Answer(String),
+    /// Needs the log: `/image`, `/queue`, `/cancel`.
+    UseLog(Input),
 }
 
-/// Sends `text` as a reply; a failure is logged (the caller has nothing
-/// better to do with it).
-pub(crate) async fn send_text(api: &TelegramApi, to: Reply, text: String) -> Option<Message> {
-    let bot = api.bot().clone();
-    let result = api
-        .run("sendMessage", Policy::Reply, || {
-            let mut r = bot.send_message(TgChatId(to.chat), text.clone());
-            if let Some(m) = to.to_message {
-                r = r.reply_parameters(
-                    ReplyParameters::new(MessageId(m)).allow_sending_without_reply(),
-                );
-            }
-            r.into_future()
-        })
-        .await;
-    match result {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not reply");
-            None
-        }
+/// Routes `input` from a user (`allowed` by the allowlist) in a private
+/// chat or a group.
+pub(crate) fn route(input: Input, private: bool, allowed: bool, models: &[String]) -> Route {
+    match input {
+        // In a private chat plain text gets a hint; in groups, silence.
+        Input::NotForUs if private && allowed => Route::Answer(words::usage(models)),
+        Input::NotForUs => Route::Ignore,
+        // The allowlist comes before anything is recorded.
+        _ if !allowed => Route::Answer(words::not_allowed()),
+        Input::Start | Input::Help => Route::Answer(words::help(models)),
+        Input::ImageUsage => Route::Answer(words::usage(models)),
+        Input::UnknownCommand(_) => Route::Answer(words::unknown_command()),
+        input @ (Input::Image { .. } | Input::Queue | Input::Cancel(_)) => Route::UseLog(input),
     }
-}
-
-/// Answers a button press with a short notice.
-pub(crate) async fn answer_query(api: &TelegramApi, query: &CallbackQuery, text: String) {
-    let bot = api.bot().clone();
-    let id = query.id.clone();
-    let _ = api
-        .run("answerCallbackQuery", Policy::Reply, || {
-            bot.answer_callback_query(id.clone())
-                .text(words::short(&text))
-                .into_future()
-        })
-        .await;
 }
 
 impl<S: EventStore> Intake<S> {
@@ -115,7 +97,7 @@ impl<S: EventStore> Intake<S> {
     }
 
     async fn send(&self, to: Reply, text: String) -> Option<Message> {
-        send_text(&self.api, to, text).await
+        self.api.reply(to, text).await
     }
 
     async fn message(&self, update_id: u32, msg: &Message, mut turn: Turn) {
@@ -129,24 +111,22 @@ impl<S: EventStore> Intake<S> {
             to_message: Some(msg.id.0),
         };
         let input = parse(text, Some(&self.username));
-        // Only these record (or read what earlier updates recorded); the
-        // others pass the turn at once.
-        if !matches!(input, Input::Image { .. } | Input::Cancel(_) | Input::Queue) {
-            turn.pass();
-        }
-        if input == Input::NotForUs {
-            // In a private chat plain text gets a hint; in groups, silence.
-            if msg.chat.is_private() && self.allowed(user_id) {
-                self.send(to, words::usage(&self.model_names())).await;
+        let routed = route(
+            input,
+            msg.chat.is_private(),
+            self.allowed(user_id),
+            &self.model_names(),
+        );
+        let input = match routed {
+            Route::UseLog(input) => input,
+            // Nothing to record or read: the next update may go ahead.
+            Route::Ignore => return,
+            Route::Answer(text) => {
+                turn.pass();
+                self.send(to, text).await;
+                return;
             }
-            return;
-        }
-        // The allowlist comes before anything is recorded.
-        if !self.allowed(user_id) {
-            turn.pass();
-            self.send(to, words::not_allowed()).await;
-            return;
-        }
+        };
         match input {
             Input::Image { model, prompt } => {
                 let origin = Origin {
@@ -156,12 +136,6 @@ impl<S: EventStore> Intake<S> {
                     update_id: Some(update_id),
                 };
                 self.image(to, origin, &model, &prompt, turn).await;
-            }
-            Input::ImageUsage => {
-                self.send(to, words::usage(&self.model_names())).await;
-            }
-            Input::Start | Input::Help => {
-                self.send(to, words::help(&self.model_names())).await;
             }
             Input::Queue => {
                 let text = self.queue_text(UserId(user_id));
@@ -186,10 +160,8 @@ impl<S: EventStore> Intake<S> {
                 turn.pass();
                 self.send(to, text).await;
             }
-            Input::UnknownCommand(_) => {
-                self.send(to, words::unknown_command()).await;
-            }
-            Input::NotForUs => {}
+            // `route` hands over only the inputs above.
+            other => tracing::error!(?other, "routed to the log by mistake"),
         }
     }
 
@@ -333,7 +305,7 @@ impl<S: EventStore> Intake<S> {
     }
 
     async fn answer(&self, query: &CallbackQuery, text: String) {
-        answer_query(&self.api, query, text).await;
+        self.api.answer_query(query, text).await;
     }
 
     async fn callback(&self, update_id: u32, query: &CallbackQuery, mut turn: Turn) {
@@ -411,27 +383,80 @@ impl<S: EventStore> Intake<S> {
                     return;
                 };
                 self.answer(query, words::original_sending()).await;
-                let bot = self.api.bot().clone();
-                let file = InputFile::memory(bytes::Bytes::from(bytes))
-                    .file_name(format!("easel-{id}.{}", image.format));
-                let reply = query
-                    .message
-                    .as_ref()
-                    .map(|m| ReplyParameters::new(m.id()).allow_sending_without_reply());
-                let sent = self
-                    .api
-                    .run("sendDocument", Policy::Reply, || {
-                        let mut r = bot.send_document(TgChatId(chat), file.clone());
-                        if let Some(p) = reply.clone() {
-                            r = r.reply_parameters(p);
-                        }
-                        r.into_future()
-                    })
-                    .await;
+                let to = Reply {
+                    chat,
+                    to_message: query.message.as_ref().map(|m| m.id().0),
+                };
+                let upload = Upload {
+                    kind: FileKind::Document,
+                    file: InputFile::memory(bytes::Bytes::from(bytes))
+                        .file_name(format!("easel-{id}.{}", image.format)),
+                    caption: None,
+                    buttons: None,
+                };
+                let sent = self.api.send_file(to, &upload, Policy::Reply).await;
                 if let Err(e) = sent {
                     tracing::warn!(error = %e, "could not send an original");
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Route, route};
+    use crate::telegram::parse::{Input, parse};
+    use crate::telegram::words;
+
+    fn routed(text: &str, private: bool, allowed: bool) -> Route {
+        let models = vec!["flux".to_owned(), "sdxl".to_owned()];
+        route(parse(text, Some("easel_bot")), private, allowed, &models)
+    }
+
+    #[test]
+    fn one_routing_for_intake_and_the_stand_in() {
+        let models = vec!["flux".to_owned(), "sdxl".to_owned()];
+        // Plain text: a hint in a private chat, silence in a group and
+        // for someone not allowed (nothing to refuse).
+        assert_eq!(
+            routed("hello", true, true),
+            Route::Answer(words::usage(&models))
+        );
+        assert_eq!(routed("hello", false, true), Route::Ignore);
+        assert_eq!(routed("hello", false, false), Route::Ignore);
+        // The allowlist before any command, and before anything recorded.
+        for text in ["/help", "/image=flux=a fox", "/queue", "/cancel", "/nope"] {
+            assert_eq!(
+                routed(text, true, false),
+                Route::Answer(words::not_allowed()),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            routed("/help", false, true),
+            Route::Answer(words::help(&models))
+        );
+        assert_eq!(
+            routed("/image", true, true),
+            Route::Answer(words::usage(&models))
+        );
+        assert_eq!(
+            routed("/nope", true, true),
+            Route::Answer(words::unknown_command())
+        );
+        // What needs the log is handed over as parsed.
+        assert_eq!(
+            routed("/image=flux=a fox", false, true),
+            Route::UseLog(Input::Image {
+                model: "flux".into(),
+                prompt: "a fox".into()
+            })
+        );
+        assert_eq!(routed("/queue", true, true), Route::UseLog(Input::Queue));
+        assert_eq!(
+            routed("/cancel ab12", true, true),
+            Route::UseLog(Input::Cancel(Some("ab12".into())))
+        );
     }
 }

@@ -11,9 +11,10 @@ use teloxide::prelude::Requester;
 use teloxide::types::{Update, UpdateKind};
 
 use super::TelegramApi;
-use super::intake::{Reply, answer_query, send_text};
-use super::parse::{Input, parse};
+use super::intake::{Route, route};
+use super::parse::parse;
 use super::poll::updates_loop;
+use super::replies::Reply;
 use super::words;
 use crate::config::Settings;
 use tokio_util::sync::CancellationToken;
@@ -60,7 +61,6 @@ async fn answer_batch(
     updates: Vec<Update>,
 ) {
     let models = settings.model_names();
-    let allowed = |user: i64| settings.allows(user);
     for update in updates {
         match update.kind {
             UpdateKind::Message(msg) => {
@@ -74,20 +74,16 @@ async fn answer_batch(
                     to_message: Some(msg.id.0),
                 };
                 let input = parse(text, Some(&username));
-                let reply = match input {
-                    Input::NotForUs if msg.chat.is_private() && allowed(user) => {
-                        words::usage(&models)
-                    }
-                    Input::NotForUs => continue,
-                    _ if !allowed(user) => words::not_allowed(),
-                    Input::Start | Input::Help => words::help(&models),
-                    Input::ImageUsage => words::usage(&models),
-                    Input::UnknownCommand(_) => words::unknown_command(),
-                    Input::Image { .. } | Input::Queue | Input::Cancel(_) => words::busy(),
-                };
-                send_text(&api, to, reply).await;
+                // Intake's own routing: only what needs the log differs.
+                let reply =
+                    match route(input, msg.chat.is_private(), settings.allows(user), &models) {
+                        Route::Ignore => continue,
+                        Route::Answer(text) => text,
+                        Route::UseLog(_) => words::busy(),
+                    };
+                api.reply(to, reply).await;
             }
-            UpdateKind::CallbackQuery(q) => answer_query(&api, &q, words::busy()).await,
+            UpdateKind::CallbackQuery(q) => api.answer_query(&q, words::busy()).await,
             _ => {}
         }
     }

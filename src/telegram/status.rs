@@ -11,12 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use teloxide::prelude::Requester;
-use teloxide::types::{ChatId, MessageId};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::api::{Policy, TelegramApi, TgErrorKind};
+use super::api::{TelegramApi, TgErrorKind};
 use super::words;
 use crate::domain::{Event, ModelName, RequestId, Stage};
 use crate::engine::Core;
@@ -388,14 +386,7 @@ impl<S: EventStore> Board<S> {
         let (chat, message_id) = (entry.chat, entry.message_id);
         self.budget = self.budget.saturating_sub(1);
         self.chat_next.insert(chat, now + PER_CHAT);
-        let bot = self.api.bot().clone();
-        let result = self
-            .api
-            .run("editMessageText", Policy::Reply, || {
-                bot.edit_message_text(ChatId(chat), MessageId(message_id), text.clone())
-                    .into_future()
-            })
-            .await;
+        let result = self.api.edit_text(chat, message_id, text.clone()).await;
         match result {
             Ok(_) => {
                 if let Some(e) = self.entries.get_mut(&id) {

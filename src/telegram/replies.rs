@@ -1,0 +1,176 @@
+//! Every message easel sends, in one place: text replies, photos and
+//! documents (with caption, buttons and the message they answer), status
+//! edits and button notices. Each goes through [`TelegramApi::run`] (the
+//! pace, 429s, retries by policy); callers say *what* to send, not how a
+//! teloxide request is built.
+
+use teloxide::payloads::{
+    AnswerCallbackQuerySetters, SendDocumentSetters, SendMessageSetters, SendPhotoSetters,
+};
+use teloxide::prelude::Requester;
+use teloxide::types::{
+    CallbackQuery, ChatId, InlineKeyboardMarkup, InputFile, Message, MessageId, ReplyParameters,
+};
+
+use super::api::{Policy, TelegramApi, TgError};
+use super::words;
+
+/// Where a reply goes: a chat, and the message it answers (if any; sent
+/// anyway when that message is gone).
+#[derive(Clone, Copy, Debug)]
+pub struct Reply {
+    pub chat: i64,
+    pub to_message: Option<i32>,
+}
+
+impl Reply {
+    fn parameters(self) -> Option<ReplyParameters> {
+        self.to_message
+            .map(|m| ReplyParameters::new(MessageId(m)).allow_sending_without_reply())
+    }
+}
+
+/// How an image goes: compressed as a photo, or its bytes as a document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    Photo,
+    Document,
+}
+
+impl FileKind {
+    fn method(self) -> &'static str {
+        match self {
+            FileKind::Photo => "sendPhoto",
+            FileKind::Document => "sendDocument",
+        }
+    }
+}
+
+/// An image to send, with what goes along with it.
+#[derive(Clone, Debug)]
+pub struct Upload {
+    pub kind: FileKind,
+    pub file: InputFile,
+    pub caption: Option<String>,
+    pub buttons: Option<InlineKeyboardMarkup>,
+}
+
+/// A photo's or a document's call: two request types, one answer.
+type SendFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Message, teloxide::RequestError>> + Send>,
+>;
+
+impl TelegramApi {
+    /// Sends `text` as a reply. `Ok(None)` only when Telegram had nothing
+    /// to return.
+    ///
+    /// # Errors
+    /// When the call cannot succeed under [`Policy::Reply`].
+    pub async fn send_text(&self, to: Reply, text: String) -> Result<Option<Message>, TgError> {
+        let bot = self.bot().clone();
+        self.run("sendMessage", Policy::Reply, || {
+            let mut r = bot.send_message(ChatId(to.chat), text.clone());
+            if let Some(p) = to.parameters() {
+                r = r.reply_parameters(p);
+            }
+            r.into_future()
+        })
+        .await
+    }
+
+    /// As [`TelegramApi::send_text`], a failure logged: for replies the
+    /// caller has nothing better to do with.
+    pub async fn reply(&self, to: Reply, text: String) -> Option<Message> {
+        match self.send_text(to, text).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not reply");
+                None
+            }
+        }
+    }
+
+    /// Sends an image as a photo or a document.
+    ///
+    /// # Errors
+    /// When the call cannot succeed under `policy`.
+    pub async fn send_file(
+        &self,
+        to: Reply,
+        upload: &Upload,
+        policy: Policy,
+    ) -> Result<Option<Message>, TgError> {
+        let bot = self.bot().clone();
+        let chat = ChatId(to.chat);
+        self.run(upload.kind.method(), policy, || -> SendFuture {
+            let file = upload.file.clone();
+            let caption = upload.caption.clone();
+            let buttons = upload.buttons.clone();
+            let reply = to.parameters();
+            match upload.kind {
+                FileKind::Photo => {
+                    let mut r = bot.send_photo(chat, file);
+                    if let Some(c) = caption {
+                        r = r.caption(c);
+                    }
+                    if let Some(b) = buttons {
+                        r = r.reply_markup(b);
+                    }
+                    if let Some(p) = reply {
+                        r = r.reply_parameters(p);
+                    }
+                    Box::pin(r.into_future())
+                }
+                FileKind::Document => {
+                    let mut r = bot.send_document(chat, file);
+                    if let Some(c) = caption {
+                        r = r.caption(c);
+                    }
+                    if let Some(b) = buttons {
+                        r = r.reply_markup(b);
+                    }
+                    if let Some(p) = reply {
+                        r = r.reply_parameters(p);
+                    }
+                    Box::pin(r.into_future())
+                }
+            }
+        })
+        .await
+    }
+
+    /// Replaces the text of one of our messages. "Not modified" is `Ok(None)`.
+    ///
+    /// # Errors
+    /// When the call cannot succeed under [`Policy::Reply`].
+    pub async fn edit_text(
+        &self,
+        chat: i64,
+        message_id: i32,
+        text: String,
+    ) -> Result<Option<Message>, TgError> {
+        let bot = self.bot().clone();
+        self.run("editMessageText", Policy::Reply, || {
+            bot.edit_message_text(ChatId(chat), MessageId(message_id), text.clone())
+                .into_future()
+        })
+        .await
+    }
+
+    /// Answers a button press with a short notice (best effort).
+    pub async fn answer_query(&self, query: &CallbackQuery, text: String) {
+        let bot = self.bot().clone();
+        let id = query.id.clone();
+        let text = words::short(&text);
+        if let Err(e) = self
+            .run("answerCallbackQuery", Policy::Reply, || {
+                bot.answer_callback_query(id.clone())
+                    .text(text.clone())
+                    .into_future()
+            })
+            .await
+        {
+            tracing::debug!(error = %e, "could not answer a button press");
+        }
+    }
+}
