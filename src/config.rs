@@ -4,7 +4,12 @@
 //! query or credentials, so formatting the settings never shows a secret.
 
 mod data_dir;
+mod sections;
 pub use data_dir::DataDir;
+use sections::{
+    CONNECT_TIMEOUT_SECS, LLM_TIMEOUT_SECS, RETRY_BASE_MS, Vars, WORKER_TIMEOUT_SECS,
+    limits_section, llm_section, models_section, storage_section, telegram_section,
+};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -13,8 +18,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::domain::admission::{MAX_RATE_WINDOW_SECS, MAX_RECENT_PER_USER};
-use crate::domain::{Limits, ModelName, RateLimit};
+use crate::domain::{Limits, ModelName};
 
 /// The default system message for the prompt enhancer.
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You improve prompts for text-to-image models. Rewrite the user's prompt \
@@ -209,6 +213,9 @@ impl Settings {
     }
 
     /// Builds settings from a variable lookup and an optional TOML text.
+    /// Each section (Telegram, models, enhancer, limits, timeouts, storage)
+    /// is read and checked on its own; every problem is one sentence and
+    /// all of them are reported together.
     ///
     /// # Errors
     /// [`ConfigError`] listing every problem.
@@ -224,287 +231,23 @@ impl Settings {
                 FileConfig::default()
             }),
         };
-        // The environment wins over the file.
-        let get = |k: &str| -> Option<String> {
-            env(k).or_else(|| match file.values.get(k) {
-                Some(toml::Value::String(s)) => Some(s.clone()),
-                Some(toml::Value::Integer(i)) => Some(i.to_string()),
-                Some(toml::Value::Float(f)) => Some(f.to_string()),
-                Some(toml::Value::Boolean(b)) => Some(b.to_string()),
-                _ => None,
-            })
+        let vars = Vars {
+            env: &env,
+            file: &file.values,
+            problems: std::cell::RefCell::new(problems),
         };
-        let non_empty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let (telegram_token, telegram_api_url) = telegram_section(&vars);
+        let (models, disabled_models) = models_section(&vars, &file.models);
+        let llm = llm_section(&vars);
+        let (limits, allowed_users) = limits_section(&vars);
+        let worker_timeout = Duration::from_secs(vars.number(&WORKER_TIMEOUT_SECS));
+        let connect_timeout = Duration::from_secs(vars.number(&CONNECT_TIMEOUT_SECS));
+        let llm_timeout = Duration::from_secs(vars.number(&LLM_TIMEOUT_SECS));
+        let retry_base = Duration::from_millis(vars.number(&RETRY_BASE_MS));
+        let (data_dir, originals_ttl, retention) = storage_section(&vars);
+        let log_filter = vars.non_empty("RUST_LOG").unwrap_or_else(|| "info".into());
 
-        let secret =
-            |var: &str, required: bool, problems: &mut Vec<String>| -> Option<SecretString> {
-                match get(var) {
-                    Some(v) if !is_placeholder(&v) => Some(SecretString::from(v.trim().to_owned())),
-                    Some(_) => {
-                        problems.push(format!(
-                            "{var} is empty or a placeholder; set the real key."
-                        ));
-                        None
-                    }
-                    None if required => {
-                        problems.push(format!("{var} is not set."));
-                        None
-                    }
-                    None => None,
-                }
-            };
-
-        let telegram_token = match get("TELEGRAM_BOT_TOKEN") {
-            Some(t) if is_placeholder(&t) => {
-                problems.push(
-                    "TELEGRAM_BOT_TOKEN is empty or a placeholder; use the token from @BotFather."
-                        .into(),
-                );
-                None
-            }
-            Some(t) if !t.trim().contains(':') => {
-                problems.push("TELEGRAM_BOT_TOKEN does not look like a bot token (digits, a colon, then letters).".into());
-                None
-            }
-            Some(t) => Some(SecretString::from(t.trim().to_owned())),
-            None => None,
-        };
-        let telegram_api_url = match ServiceUrl::parse(
-            "TELEGRAM_API_URL",
-            &non_empty("TELEGRAM_API_URL").unwrap_or_else(|| "https://api.telegram.org".into()),
-        ) {
-            Ok(u) => Some(u),
-            Err(p) => {
-                problems.push(p);
-                None
-            }
-        };
-
-        let mut models = Vec::new();
-        let mut disabled_models = Vec::new();
-        let mut declare = |name: &str,
-                           url_var: Option<&str>,
-                           url: Option<String>,
-                           protocol: Protocol,
-                           key_var: Option<String>,
-                           problems: &mut Vec<String>| {
-            let Ok(model) = ModelName::parse(name) else {
-                problems.push(format!("Model name \"{name}\" in easel.toml must be 1 to 32 letters, digits, '-' or '_'."));
-                return;
-            };
-            if models.iter().any(|m: &ModelSettings| m.name == model) {
-                problems.push(format!("Model {model} is declared twice."));
-                return;
-            }
-            let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
-                disabled_models.push(model);
-                return;
-            };
-            let label = url_var.map_or_else(|| format!("The URL of model {model}"), str::to_owned);
-            let url = match ServiceUrl::parse(&label, &url) {
-                Ok(u) => u,
-                Err(p) => {
-                    problems.push(p);
-                    return;
-                }
-            };
-            let key = key_var
-                .as_deref()
-                .and_then(|var| secret(var, protocol == Protocol::SdxlPost, problems));
-            models.push(ModelSettings {
-                name: model,
-                url,
-                protocol,
-                key,
-                key_var,
-            });
-        };
-        declare(
-            "flux",
-            Some("FLUX_WORKER_URL"),
-            get("FLUX_WORKER_URL"),
-            Protocol::FluxGet,
-            None,
-            &mut problems,
-        );
-        declare(
-            "sdxl",
-            Some("SDXL_WORKER_URL"),
-            get("SDXL_WORKER_URL"),
-            Protocol::SdxlPost,
-            Some("SDXL_API_KEY".into()),
-            &mut problems,
-        );
-        for m in &file.models {
-            let Some(protocol) = Protocol::parse(&m.protocol) else {
-                problems.push(format!(
-                    "Model {} in easel.toml has protocol \"{}\"; use flux-get or sdxl-post.",
-                    m.name, m.protocol
-                ));
-                continue;
-            };
-            if protocol == Protocol::SdxlPost && m.key_env.is_none() {
-                problems.push(format!("Model {} in easel.toml speaks sdxl-post and needs key_env, the variable holding its key.", m.name));
-                continue;
-            }
-            // A model's URL may also come from the environment: <NAME>_WORKER_URL.
-            let env_var = format!(
-                "{}_WORKER_URL",
-                m.name.to_ascii_uppercase().replace('-', "_")
-            );
-            let url = env(&env_var).or_else(|| m.url.clone());
-            declare(
-                &m.name,
-                None,
-                url,
-                protocol,
-                m.key_env.clone(),
-                &mut problems,
-            );
-        }
-
-        let llm = match non_empty("LLM_API_URL") {
-            None => None,
-            Some(raw) => {
-                match ServiceUrl::parse("LLM_API_URL", &raw) {
-                    Err(p) => {
-                        problems.push(p);
-                        None
-                    }
-                    Ok(url) => {
-                        let key = match get("LLM_API_KEY") {
-                            None => None,
-                            Some(k) if k.trim().is_empty() => None,
-                            Some(k) if is_placeholder(&k) => {
-                                problems.push("LLM_API_KEY is a placeholder; set the real key or leave it unset.".into());
-                                None
-                            }
-                            Some(k) => Some(SecretString::from(k.trim().to_owned())),
-                        };
-                        let user_template = non_empty("EASEL_LLM_USER_TEMPLATE")
-                            .unwrap_or_else(|| DEFAULT_USER_TEMPLATE.into());
-                        if !user_template.contains("{prompt}") {
-                            problems.push("EASEL_LLM_USER_TEMPLATE must contain {prompt}, where the user's prompt goes.".into());
-                        }
-                        Some(LlmSettings {
-                            url,
-                            key,
-                            model: non_empty("LLM_MODEL")
-                                .unwrap_or_else(|| "gpt-4o-mini".into())
-                                .trim()
-                                .to_owned(),
-                            system_prompt: non_empty("EASEL_LLM_SYSTEM_PROMPT")
-                                .unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.into()),
-                            user_template,
-                        })
-                    }
-                }
-            }
-        };
-
-        let number =
-            |var: &str, default: u64, min: u64, max: u64, problems: &mut Vec<String>| -> u64 {
-                match non_empty(var) {
-                    None => default,
-                    Some(raw) => match raw.trim().parse::<u64>() {
-                        Ok(n) if (min..=max).contains(&n) => n,
-                        _ => {
-                            problems.push(format!(
-                                "{var} must be a whole number from {min} to {max} (got \"{}\").",
-                                raw.trim()
-                            ));
-                            default
-                        }
-                    },
-                }
-            };
-        let worker_timeout = Duration::from_secs(number(
-            "EASEL_WORKER_TIMEOUT_SECS",
-            120,
-            1,
-            3600,
-            &mut problems,
-        ));
-        let connect_timeout = Duration::from_secs(number(
-            "EASEL_CONNECT_TIMEOUT_SECS",
-            30,
-            1,
-            600,
-            &mut problems,
-        ));
-        let llm_timeout =
-            Duration::from_secs(number("EASEL_LLM_TIMEOUT_SECS", 30, 1, 600, &mut problems));
-        let retry_base = Duration::from_millis(number(
-            "EASEL_RETRY_BASE_MS",
-            1000,
-            1,
-            600_000,
-            &mut problems,
-        ));
-        let originals_ttl = Duration::from_secs(
-            3600 * number("EASEL_ORIGINALS_TTL_HOURS", 24, 1, 720, &mut problems),
-        );
-        // At least 2 days: Telegram redelivers updates for 24 h, and the
-        // longest rate-limit window is a day, so nothing archived can still
-        // matter to intake.
-        let retention = match non_empty("EASEL_RETENTION_DAYS").map(|v| v.trim().to_owned()) {
-            None => Some(Duration::from_secs(86_400 * 30)),
-            Some(v) if v.eq_ignore_ascii_case("off") => None,
-            Some(v) => match v.parse::<u64>() {
-                Ok(days) if (2..=36_500).contains(&days) => {
-                    Some(Duration::from_secs(86_400 * days))
-                }
-                _ => {
-                    problems.push(format!(
-                        "EASEL_RETENTION_DAYS must be a whole number of days from 2 to 36500, or off (got \"{v}\")."
-                    ));
-                    None
-                }
-            },
-        };
-        let max_pending = number("EASEL_MAX_PENDING_PER_USER", 3, 1, 1000, &mut problems) as u32;
-
-        let rate = match non_empty("EASEL_RATE_LIMIT") {
-            None => RateLimit {
-                count: 5,
-                window_secs: 60,
-            },
-            Some(raw) => match parse_rate(&raw) {
-                Some(r) => r,
-                None => {
-                    problems.push(format!(
-                        "EASEL_RATE_LIMIT must be N/SECONDS with N from 1 to {MAX_RECENT_PER_USER} and SECONDS from 1 to {MAX_RATE_WINDOW_SECS} (got \"{}\").",
-                        raw.trim()
-                    ));
-                    RateLimit {
-                        count: 5,
-                        window_secs: 60,
-                    }
-                }
-            },
-        };
-
-        let mut allowed_users = BTreeSet::new();
-        if let Some(raw) = non_empty("EASEL_ALLOWED_USERS") {
-            for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                match part.parse::<i64>() {
-                    Ok(id) => {
-                        allowed_users.insert(id);
-                    }
-                    Err(_) => problems.push(format!(
-                        "EASEL_ALLOWED_USERS must be comma-separated Telegram user ids; \"{part}\" is not one."
-                    )),
-                }
-            }
-        }
-
-        let data_dir = DataDir::new(
-            non_empty("EASEL_DATA_DIR")
-                .unwrap_or_else(|| "./data".into())
-                .trim(),
-        );
-        let log_filter = non_empty("RUST_LOG").unwrap_or_else(|| "info".into());
-
+        let problems = vars.problems.into_inner();
         match (problems.is_empty(), telegram_api_url) {
             (true, Some(telegram_api_url)) => Ok(Settings {
                 telegram_token,
@@ -513,7 +256,7 @@ impl Settings {
                 disabled_models,
                 llm,
                 data_dir,
-                limits: Limits { rate, max_pending },
+                limits,
                 allowed_users,
                 worker_timeout,
                 connect_timeout,
@@ -557,16 +300,6 @@ impl Settings {
         }
         out
     }
-}
-
-/// `N/SECONDS` within the bounds the projections can answer for.
-fn parse_rate(raw: &str) -> Option<RateLimit> {
-    let (n, secs) = raw.trim().split_once('/')?;
-    let count: u32 = n.trim().parse().ok()?;
-    let window_secs: u64 = secs.trim().parse().ok()?;
-    ((1..=MAX_RECENT_PER_USER as u32).contains(&count)
-        && (1..=MAX_RATE_WINDOW_SECS).contains(&window_secs))
-    .then_some(RateLimit { count, window_secs })
 }
 
 /// A summary for the start-up log: what is configured, never a secret.
