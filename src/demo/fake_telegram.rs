@@ -137,6 +137,9 @@ impl FakeTelegram {
         });
         let router = Router::new()
             .fallback(handle)
+            // Uploads up to Telegram's own limit for bots (50 MB), not
+            // axum's 2 MB default.
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(Arc::clone(&shared));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -323,44 +326,42 @@ impl FakeTelegram {
     }
 }
 
-/// Reads the call's parameters from JSON, a form, or multipart.
+/// Reads the call's parameters (query string, then a JSON or multipart
+/// body) with axum's extractors; a file part counts only by its length.
 async fn params(req: Request) -> (HashMap<String, Value>, Option<usize>) {
-    let content_type = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let query: HashMap<String, Value> = req
-        .uri()
-        .query()
-        .map(|q| {
-            url_pairs(q)
+    use axum::extract::{FromRequest, Multipart, Query};
+    let mut out: HashMap<String, Value> = Query::<Vec<(String, String)>>::try_from_uri(req.uri())
+        .map(|Query(pairs)| {
+            pairs
                 .into_iter()
                 .map(|(k, v)| (k, Value::String(v)))
                 .collect()
         })
         .unwrap_or_default();
-    let mut out = query;
     let mut file_len = None;
-    if content_type.starts_with("multipart/form-data") {
-        let boundary = content_type
-            .split("boundary=")
-            .nth(1)
-            .unwrap_or_default()
-            .trim_matches('"')
-            .to_owned();
-        if let Ok(body) = axum::body::to_bytes(req.into_body(), 64 * 1024 * 1024).await {
-            for part in multipart_parts(&body, &boundary) {
-                if part.file {
-                    file_len = Some(part.body.len());
-                } else {
-                    let text = String::from_utf8_lossy(part.body).into_owned();
-                    out.insert(
-                        part.name,
-                        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-                    );
-                }
+    let multipart = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("multipart/form-data"));
+    if multipart {
+        let Ok(mut form) = Multipart::from_request(req, &()).await else {
+            return (out, file_len);
+        };
+        while let Ok(Some(field)) = form.next_field().await {
+            let name = field.name().unwrap_or_default().to_owned();
+            let is_file = field.file_name().is_some();
+            let Ok(bytes) = field.bytes().await else {
+                break;
+            };
+            if is_file {
+                file_len = Some(bytes.len());
+            } else {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                out.insert(
+                    name,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                );
             }
         }
     } else if let Ok(bytes) = axum::body::to_bytes(req.into_body(), 64 * 1024 * 1024).await
@@ -369,52 +370,6 @@ async fn params(req: Request) -> (HashMap<String, Value>, Option<usize>) {
         out.extend(map);
     }
     (out, file_len)
-}
-
-struct Part<'a> {
-    name: String,
-    file: bool,
-    body: &'a [u8],
-}
-
-/// A small multipart/form-data reader: enough for what teloxide sends.
-fn multipart_parts<'a>(body: &'a [u8], boundary: &str) -> Vec<Part<'a>> {
-    let delimiter = format!("--{boundary}");
-    let d = delimiter.as_bytes();
-    let mut starts = Vec::new();
-    let mut i = 0;
-    while i + d.len() <= body.len() {
-        if &body[i..i + d.len()] == d {
-            starts.push(i);
-            i += d.len();
-        } else {
-            i += 1;
-        }
-    }
-    let mut parts = Vec::new();
-    for pair in starts.windows(2) {
-        let chunk = &body[pair[0] + d.len()..pair[1]];
-        let Some(split) = chunk.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let headers = String::from_utf8_lossy(&chunk[..split]);
-        let mut content = &chunk[split + 4..];
-        if content.ends_with(b"\r\n") {
-            content = &content[..content.len() - 2];
-        }
-        let name = headers
-            .split("name=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or_default()
-            .to_owned();
-        parts.push(Part {
-            name,
-            file: headers.contains("filename="),
-            body: content,
-        });
-    }
-    parts
 }
 
 fn lower_first(s: &str) -> String {
@@ -442,13 +397,6 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn url_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (percent_decode(k), percent_decode(&v.replace('+', " "))))
-        .collect()
 }
 
 fn as_i64(v: Option<&Value>) -> Option<i64> {
