@@ -61,10 +61,6 @@ impl FifoQueue {
         self.waiting.values().next().copied()
     }
 
-    pub fn contains(&self, id: RequestId) -> bool {
-        self.arrival_of.contains_key(&id)
-    }
-
     /// Waiting requests in queue order.
     pub fn iter(&self) -> impl Iterator<Item = RequestId> + '_ {
         self.waiting.values().copied()

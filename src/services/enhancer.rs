@@ -41,6 +41,38 @@ pub struct LlmEnhancer {
     permits: Arc<Semaphore>,
 }
 
+/// Why the original prompt is used instead of an enhanced one; its text
+/// is what the audit records (`Enhanced.fallback`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnhanceError {
+    #[error("enhancement is off (LLM_API_URL is not set)")]
+    Off,
+    #[error("the enhancer did not answer within {0} s")]
+    TooSlow(u64),
+    #[error("LLM_API_URL cannot take a path")]
+    BadUrl,
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("the enhancer timed out")]
+    TimedOut,
+    #[error("the enhancer could not be reached: {0}")]
+    Unreachable(String),
+    #[error("the enhancer's answer broke off: {0}")]
+    BrokeOff(String),
+    #[error("the enhancer's answer is too large")]
+    TooLarge,
+    #[error("the enhancer answered HTTP {status}: {excerpt}")]
+    Status { status: u16, excerpt: String },
+    #[error("the enhancer's answer is not the expected JSON: {0}")]
+    NotJson(String),
+    #[error("the enhancer's answer has no choices")]
+    NoChoices,
+    #[error("the enhancer's answer has no message content")]
+    NoContent,
+    #[error("the enhancer's answer was empty after cleaning")]
+    Empty,
+}
+
 impl LlmEnhancer {
     pub fn new(client: reqwest::Client, settings: &Settings, permits: Arc<Semaphore>) -> Self {
         LlmEnhancer {
@@ -69,23 +101,20 @@ impl LlmEnhancer {
     ///
     /// # Errors
     /// Why the original prompt must be used instead, in words for the audit.
-    pub async fn try_enhance(&self, prompt: &str) -> Result<String, String> {
+    pub async fn try_enhance(&self, prompt: &str) -> Result<String, EnhanceError> {
         let Some(llm) = &self.settings else {
-            return Err("enhancement is off (LLM_API_URL is not set)".into());
+            return Err(EnhanceError::Off);
         };
         match tokio::time::timeout(self.timeout, self.call(llm, prompt)).await {
             Ok(result) => result,
-            Err(_) => Err(format!(
-                "the enhancer did not answer within {} s",
-                self.timeout.as_secs()
-            )),
+            Err(_) => Err(EnhanceError::TooSlow(self.timeout.as_secs())),
         }
     }
 
-    async fn call(&self, llm: &LlmSettings, prompt: &str) -> Result<String, String> {
+    async fn call(&self, llm: &LlmSettings, prompt: &str) -> Result<String, EnhanceError> {
         let mut url = llm.url.expose().clone();
         url.path_segments_mut()
-            .map_err(|()| "LLM_API_URL cannot take a path".to_owned())?
+            .map_err(|()| EnhanceError::BadUrl)?
             .pop_if_empty()
             .push("chat")
             .push("completions");
@@ -100,7 +129,7 @@ impl LlmEnhancer {
             .permits
             .acquire()
             .await
-            .map_err(|_| "shutting down".to_owned())?;
+            .map_err(|_| EnhanceError::ShuttingDown)?;
         let mut request = self.client.post(url).json(&body);
         if let Some(key) = &llm.key {
             request = request.bearer_auth(key.expose_secret());
@@ -108,9 +137,9 @@ impl LlmEnhancer {
         let mut response = request.send().await.map_err(|e| {
             let e = e.without_url();
             if e.is_timeout() {
-                "the enhancer timed out".to_owned()
+                EnhanceError::TimedOut
             } else {
-                format!("the enhancer could not be reached: {e}")
+                EnhanceError::Unreachable(e.to_string())
             }
         })?;
         let status = response.status();
@@ -118,38 +147,33 @@ impl LlmEnhancer {
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| format!("the enhancer's answer broke off: {}", e.without_url()))?
+            .map_err(|e| EnhanceError::BrokeOff(e.without_url().to_string()))?
         {
             if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err("the enhancer's answer is too large".into());
+                return Err(EnhanceError::TooLarge);
             }
             bytes.extend_from_slice(&chunk);
         }
         let secrets: Vec<&str> = llm.key.iter().map(|k| k.expose_secret()).collect();
         if !status.is_success() {
-            return Err(format!(
-                "the enhancer answered HTTP {}: {}",
-                status.as_u16(),
-                excerpt(&bytes, &secrets)
-            ));
+            return Err(EnhanceError::Status {
+                status: status.as_u16(),
+                excerpt: excerpt(&bytes, &secrets),
+            });
         }
-        let parsed: ChatResponse = serde_json::from_slice(&bytes).map_err(|_| {
-            format!(
-                "the enhancer's answer is not the expected JSON: {}",
-                excerpt(&bytes, &secrets)
-            )
-        })?;
+        let parsed: ChatResponse = serde_json::from_slice(&bytes)
+            .map_err(|_| EnhanceError::NotJson(excerpt(&bytes, &secrets)))?;
         let content = parsed
             .choices
             .into_iter()
             .next()
-            .ok_or_else(|| "the enhancer's answer has no choices".to_owned())?
+            .ok_or(EnhanceError::NoChoices)?
             .message
             .and_then(|m| m.content)
-            .ok_or_else(|| "the enhancer's answer has no message content".to_owned())?;
+            .ok_or(EnhanceError::NoContent)?;
         let cleaned = clean_llm_answer(&content);
         if cleaned.is_empty() {
-            return Err("the enhancer's answer was empty after cleaning".into());
+            return Err(EnhanceError::Empty);
         }
         Ok(cleaned)
     }
@@ -166,7 +190,7 @@ impl Enhancer for LlmEnhancer {
                 tracing::info!(%reason, "using the original prompt");
                 Enhancement {
                     prompt: prompt.to_owned(),
-                    fallback: Some(reason),
+                    fallback: Some(reason.to_string()),
                 }
             }
         }

@@ -379,11 +379,11 @@ impl Generator for ImageWorkers {
     }
 }
 
-/// Decodes a worker's `200` body as §4 says (raw image or JSON base64);
-/// the error is the audit sentence. Public for the fuzz campaign.
+/// Decodes a worker's `200` body as §4 says (raw image or JSON base64).
+/// Public for the fuzz campaign.
 ///
 /// # Errors
-/// When the body is not an image.
-pub fn decode_answer(body: &[u8]) -> Result<(Vec<u8>, ImageFormat), String> {
-    decode_image(body, &[]).map_err(|a| a.failure(1, Vec::new()).reason)
+/// When the body is not an image: the failure as the audit records it.
+pub fn decode_answer(body: &[u8]) -> Result<(Vec<u8>, ImageFormat), GenerationFailure> {
+    decode_image(body, &[]).map_err(|a| a.failure(1, Vec::new()))
 }

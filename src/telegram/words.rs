@@ -195,10 +195,6 @@ pub fn original_button() -> String {
     "📄 Original".into()
 }
 
-pub fn again_queued(model: &str, position: usize) -> String {
-    format!("Again: queued for {model}, position {position}")
-}
-
 pub fn original_expired() -> String {
     "The original file has expired; use 🔁 Again to make a new image.".into()
 }
