@@ -5,6 +5,8 @@
 
 pub mod codec;
 pub mod disk;
+#[cfg(feature = "test-support")]
+mod memory;
 mod sled_store;
 
 use std::future::Future;
@@ -15,6 +17,8 @@ use tokio::sync::watch;
 
 use crate::domain::{ChatId, Event, RequestId};
 pub use codec::DecodeError;
+#[cfg(feature = "test-support")]
+pub use memory::MemoryStore;
 pub use sled_store::{CompactReport, SledStore};
 
 /// An event about to be appended; the store gives it its sequence number.
