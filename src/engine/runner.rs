@@ -245,7 +245,7 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
     }
 
     /// Steps until there is nothing to do, then sleeps until the log grows;
-    /// returns when `shutdown` turns true. A step cut short by shutdown
+    /// returns when `shutdown` is cancelled. A step cut short by shutdown
     /// leaves its request in its stage, to be resumed after restart.
     pub async fn run(&self, shutdown: CancellationToken) {
         let mut appended = self.core.store().subscribe();
