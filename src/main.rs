@@ -133,7 +133,9 @@ enum Failure {
     #[cfg(feature = "demo")]
     #[error("the demo failed: {0:#}")]
     Demo(anyhow::Error),
-    /// A check that ran and did not pass; it printed its own story.
+    /// The demo ran and something did not go as it should; it printed
+    /// its own story.
+    #[cfg(feature = "demo")]
     #[error("")]
     CheckFailed,
 }
@@ -145,19 +147,21 @@ impl Failure {
         match self {
             Failure::Config(_) | Failure::Start(StartError::Config(_)) => 2,
             Failure::Ops(e) => e.exit_code(),
-            Failure::Start(StartError::Other(_)) | Failure::Runtime(_) | Failure::CheckFailed => 1,
+            Failure::Start(StartError::Other(_)) | Failure::Runtime(_) => 1,
             #[cfg(feature = "demo")]
-            Failure::Demo(_) => 1,
+            Failure::Demo(_) | Failure::CheckFailed => 1,
         }
     }
 
     /// Whether there is nothing to say (the reader closed the pipe, or the
     /// check printed its own verdict).
     fn quiet(&self) -> bool {
-        matches!(
-            self,
-            Failure::CheckFailed | Failure::Ops(easel::ops::OpsError::ReaderGone)
-        )
+        match self {
+            Failure::Ops(easel::ops::OpsError::ReaderGone) => true,
+            #[cfg(feature = "demo")]
+            Failure::CheckFailed => true,
+            _ => false,
+        }
     }
 }
 
