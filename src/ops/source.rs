@@ -69,6 +69,17 @@ impl Source {
         })))
     }
 
+    /// Every line of the running bot's answer to `q`, each read by `parse`.
+    fn remote_all<T>(
+        path: &Path,
+        q: &Query,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Vec<T>, OpsError> {
+        Self::remote(path, q)?
+            .map(|line| line.and_then(|l| parse(&l).map_err(remote_answer)))
+            .collect()
+    }
+
     /// Events from `since_seq` on (to `until_seq`), oldest first, streamed.
     pub fn events(
         &self,
@@ -90,7 +101,9 @@ impl Source {
                     until_seq,
                 },
             ) {
-                Ok(lines) => Box::new(lines.map(|l| l.and_then(|l| remote_event(&l)))),
+                Ok(lines) => Box::new(
+                    lines.map(|l| l.and_then(|l| parse_event_line(&l).map_err(remote_answer))),
+                ),
                 Err(e) => Box::new(std::iter::once(Err(e))),
             },
         }
@@ -105,19 +118,14 @@ impl Source {
             Source::Local(store) => query::list(store, filter)
                 .map(|r| r.map_err(OpsError::Store))
                 .collect(),
-            Source::Remote(path) => Self::remote(
-                path,
-                &Query::List {
+            Source::Remote(path) => {
+                let query = Query::List {
                     filter: filter.clone(),
-                },
-            )?
-            .map(|l| {
-                l.and_then(|l| {
-                    serde_json::from_str(&l)
-                        .map_err(|e| OpsError::Remote(format!("the running bot's answer: {e}")))
+                };
+                Self::remote_all(path, &query, |l| {
+                    serde_json::from_str(l).map_err(|e| e.to_string())
                 })
-            })
-            .collect(),
+            }
         }
     }
 
@@ -128,20 +136,16 @@ impl Source {
     pub fn find(&self, prefix: &str) -> Result<Vec<RequestId>, OpsError> {
         match self {
             Source::Local(store) => query::find(store, prefix),
-            Source::Remote(path) => Self::remote(
-                path,
-                &Query::Find {
+            Source::Remote(path) => {
+                let query = Query::Find {
                     prefix: prefix.to_owned(),
-                },
-            )?
-            .map(|l| {
-                l.and_then(|l| {
-                    l.parse().map(RequestId).map_err(|_| {
-                        OpsError::Remote(format!("the running bot answered a bad id {l}"))
-                    })
+                };
+                Self::remote_all(path, &query, |l| {
+                    l.parse()
+                        .map(RequestId)
+                        .map_err(|_| format!("a bad id {l}"))
                 })
-            })
-            .collect(),
+            }
         }
     }
 
@@ -156,14 +160,12 @@ impl Source {
                 .into_iter()
                 .filter_map(Result::ok)
                 .collect()),
-            Source::Remote(path) => Self::remote(path, &Query::Show { id })?
-                .map(|l| l.and_then(|l| remote_event(&l)))
-                .collect(),
+            Source::Remote(path) => Self::remote_all(path, &Query::Show { id }, parse_event_line),
         }
     }
 }
 
-/// One event line of the running bot's answer.
-fn remote_event(line: &str) -> Result<Recorded, OpsError> {
-    parse_event_line(line).map_err(|e| OpsError::Remote(format!("the running bot's answer: {e}")))
+/// A line of the running bot's answer that could not be read.
+fn remote_answer(problem: String) -> OpsError {
+    OpsError::Remote(format!("the running bot's answer: {problem}"))
 }

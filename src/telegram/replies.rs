@@ -103,37 +103,26 @@ impl TelegramApi {
         let bot = self.bot().clone();
         let chat = ChatId(to.chat);
         self.run(upload.kind.method(), policy, || -> SendFuture {
-            let file = upload.file.clone();
-            let caption = upload.caption.clone();
-            let buttons = upload.buttons.clone();
-            let reply = to.parameters();
+            // `sendPhoto` and `sendDocument` are different request types
+            // with the same setters: one filling for both.
+            macro_rules! filled {
+                ($request:expr) => {{
+                    let mut r = $request;
+                    if let Some(c) = upload.caption.clone() {
+                        r = r.caption(c);
+                    }
+                    if let Some(b) = upload.buttons.clone() {
+                        r = r.reply_markup(b);
+                    }
+                    if let Some(p) = to.parameters() {
+                        r = r.reply_parameters(p);
+                    }
+                    Box::pin(r.into_future())
+                }};
+            }
             match upload.kind {
-                FileKind::Photo => {
-                    let mut r = bot.send_photo(chat, file);
-                    if let Some(c) = caption {
-                        r = r.caption(c);
-                    }
-                    if let Some(b) = buttons {
-                        r = r.reply_markup(b);
-                    }
-                    if let Some(p) = reply {
-                        r = r.reply_parameters(p);
-                    }
-                    Box::pin(r.into_future())
-                }
-                FileKind::Document => {
-                    let mut r = bot.send_document(chat, file);
-                    if let Some(c) = caption {
-                        r = r.caption(c);
-                    }
-                    if let Some(b) = buttons {
-                        r = r.reply_markup(b);
-                    }
-                    if let Some(p) = reply {
-                        r = r.reply_parameters(p);
-                    }
-                    Box::pin(r.into_future())
-                }
+                FileKind::Photo => filled!(bot.send_photo(chat, upload.file.clone())),
+                FileKind::Document => filled!(bot.send_document(chat, upload.file.clone())),
             }
         })
         .await
