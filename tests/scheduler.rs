@@ -70,6 +70,7 @@ fn events(outcome: StepOutcome) -> (&'static str, Stage) {
     match outcome {
         StepOutcome::Progressed { event, stage, .. } => (event, stage),
         StepOutcome::EmptyQueue => ("-", Stage::Queued),
+        StepOutcome::Interrupted { .. } => ("interrupted", Stage::Sending),
     }
 }
 
@@ -86,6 +87,7 @@ async fn one_step_at_a_time_through_the_whole_pipeline_in_fifo_order() {
         match flux.try_execute_step().await.unwrap() {
             StepOutcome::EmptyQueue => break,
             StepOutcome::Progressed { id, event, .. } => seen.push((id, event)),
+            StepOutcome::Interrupted { id } => panic!("{id} interrupted without a shutdown"),
         }
         // One at a time: never more than one flux request out of the queue.
         let busy = rig

@@ -61,10 +61,15 @@ pub struct Delivery {
     pub message_id: Option<i32>,
 }
 
-/// Telegram will not take the image (after its own retries).
+/// Why the image was not delivered.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeliveryFailure {
-    pub reason: String,
+pub enum DeliveryFailure {
+    /// Telegram will not take it (after its own retries): the request fails.
+    Refused { reason: String },
+    /// Cut short by the shutdown while it waited (a 429, a network
+    /// backoff): nothing is recorded, and the request stays in Sending to
+    /// be resumed — its kept image sent again — after the next start.
+    Interrupted,
 }
 
 /// Sends the image to the user.
@@ -88,6 +93,9 @@ pub enum StepOutcome {
         event: &'static str,
         stage: Stage,
     },
+    /// The step was cut short by the shutdown; nothing was recorded and
+    /// the request resumes where it is after the next start.
+    Interrupted { id: RequestId },
 }
 
 /// The runner of one model.
@@ -159,11 +167,17 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                     return Err(CoreError::NotFound(req.id));
                 }
             };
+            let Some(command) = command else {
+                tracing::info!("cut short by the shutdown; resumes after the next start");
+                return Ok(None);
+            };
             let rec = self.core.execute(req.id, command).await?;
             tracing::debug!(event = rec.event.name(), "step recorded");
-            Ok(rec)
+            Ok(Some(rec))
         };
-        let rec = tracing::Instrument::instrument(step, span).await?;
+        let Some(rec) = tracing::Instrument::instrument(step, span).await? else {
+            return Ok(StepOutcome::Interrupted { id: req.id });
+        };
         let stage = self.core.read(|s| s.request(req.id).map(|r| r.stage));
         Ok(StepOutcome::Progressed {
             id: req.id,
@@ -177,22 +191,22 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
     }
 
     /// Enhancing: the LLM's prompt, or the original with the reason why.
-    async fn enhance(&self, req: &ActiveRequest) -> Command {
+    async fn enhance(&self, req: &ActiveRequest) -> Option<Command> {
         let e = self.enhancer.enhance(req.prompt.as_str()).await;
-        Command::FinishEnhancing {
+        Some(Command::FinishEnhancing {
             prompt: e.prompt,
             fallback: e.fallback,
-        }
+        })
     }
 
     /// Generating: the worker's image, kept on disk (and synced) before
     /// `Generated` is recorded; or the failure.
-    async fn generate(&self, req: &ActiveRequest) -> Command {
+    async fn generate(&self, req: &ActiveRequest) -> Option<Command> {
         let prompt = req
             .enhanced_prompt
             .as_deref()
             .unwrap_or(req.prompt.as_str());
-        match self.generator.generate(&self.model, prompt).await {
+        Some(match self.generator.generate(&self.model, prompt).await {
             Ok(img) => match self.images.keep(req.id, &img.bytes, &img.format) {
                 Ok(image) => Command::FinishGenerating {
                     image,
@@ -215,12 +229,13 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                 attempts: f.attempts,
                 statuses: f.statuses,
             },
-        }
+        })
     }
 
     /// Sending: the kept image to the user; without it (gone or
-    /// unreadable), back to Generating.
-    async fn send(&self, req: &ActiveRequest) -> Command {
+    /// unreadable), back to Generating. None when the shutdown cut the
+    /// delivery short: nothing to record.
+    async fn send(&self, req: &ActiveRequest) -> Option<Command> {
         let kept = match &req.image {
             Some(image) => self
                 .images
@@ -228,20 +243,21 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                 .map(|b| b.map(|b| (b, image.format.clone()))),
             None => Ok(None),
         };
-        match kept {
+        Some(match kept {
             Ok(Some((bytes, format))) => match self.deliverer.deliver(req, &bytes, &format).await {
                 Ok(d) => Command::FinishSending {
                     message_id: d.message_id,
                 },
-                Err(f) => Command::Fail {
+                Err(DeliveryFailure::Refused { reason }) => Command::Fail {
                     kind: FailureKind::Delivery,
-                    reason: f.reason,
+                    reason,
                     attempts: 0,
                     statuses: Vec::new(),
                 },
+                Err(DeliveryFailure::Interrupted) => return None,
             },
             Ok(None) | Err(_) => Command::Regenerate,
-        }
+        })
     }
 
     /// Steps until there is nothing to do, then sleeps until the log grows;
@@ -260,6 +276,7 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
             };
             match step {
                 Ok(StepOutcome::Progressed { .. }) => {}
+                Ok(StepOutcome::Interrupted { .. }) => return,
                 Ok(StepOutcome::EmptyQueue) => {
                     tokio::select! {
                         r = appended.changed() => if r.is_err() { return },

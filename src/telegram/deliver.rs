@@ -112,7 +112,12 @@ impl Deliverer for TelegramDeliverer {
         }
         let message = match sent {
             Ok(m) => m,
-            Err(e) => return Err(DeliveryFailure { reason: e.text }),
+            // Waiting out a 429 or a backoff when the stop came: the
+            // request stays in Sending and is sent after the next start.
+            Err(e) if e.kind == TgErrorKind::ShuttingDown => {
+                return Err(DeliveryFailure::Interrupted);
+            }
+            Err(e) => return Err(DeliveryFailure::Refused { reason: e.text }),
         };
         if cut {
             let (full, _) = fit_utf16(

@@ -455,6 +455,46 @@ async fn a_429_on_send_photo_waits_and_resends() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stop_while_a_photo_waits_out_a_429_leaves_it_to_the_next_start() {
+    let mut app = spawn_app(&[]).await;
+    // Telegram asks for a long pause on the photo; the bot is stopped
+    // (SIGTERM) while it waits.
+    app.tg.fail_next("sendPhoto", 1, Failure::RetryAfter(600));
+    let u = 12_101;
+    app.tg.user_sends(u, u, "/image=flux=a heron that waits");
+    assert!(
+        app.tg
+            .wait_for(Duration::from_secs(60), |calls| calls
+                .iter()
+                .any(|c| c.method == "sendPhoto (failed)"))
+            .await,
+        "the 429 happened"
+    );
+    app.stop().await;
+    // Not failed: nothing was recorded for the cut-short delivery.
+    let names = |app: &helpers::TestApp| -> Vec<&'static str> {
+        app.core()
+            .store()
+            .read_from(1)
+            .filter_map(Result::ok)
+            .map(|r| r.event.name())
+            .collect()
+    };
+    app.start().await;
+    let before_resume = names(&app);
+    assert!(!before_resume.contains(&"failed"), "{before_resume:?}");
+    // The next start sends the kept image, as a photo, and it is done.
+    assert!(app.images_to(u, 1).await, "{:#?}", app.tg.calls());
+    assert!(
+        app.eventually(|a| names(a).contains(&"delivered")).await,
+        "{:?}",
+        names(&app)
+    );
+    assert!(!names(&app).contains(&"failed"));
+    app.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_200_long_queue_stays_inside_the_edit_limits() {
     let mut app = spawn_app(&[]).await;
     let users: Vec<i64> = (0..200).map(|i| 20_000 + i).collect();

@@ -118,7 +118,7 @@ impl Deliverer for RecordingDeliverer {
         _format: &str,
     ) -> Result<Delivery, DeliveryFailure> {
         if std::mem::take(&mut *self.fail_next.lock().unwrap()) {
-            return Err(DeliveryFailure {
+            return Err(DeliveryFailure::Refused {
                 reason: "scripted delivery failure".into(),
             });
         }
