@@ -50,11 +50,15 @@ pub(crate) fn route(input: Input, private: bool, allowed: bool, models: &[String
         // In a private chat plain text gets a hint; in groups, silence.
         Input::NotForUs if private && allowed => Route::Answer(words::usage(models)),
         Input::NotForUs => Route::Ignore,
+        // In a group, a command without our name may be for another bot.
+        Input::UnknownCommand {
+            addressed: false, ..
+        } if !private => Route::Ignore,
         // The allowlist comes before anything is recorded.
         _ if !allowed => Route::Answer(words::not_allowed()),
         Input::Start | Input::Help => Route::Answer(words::help(models)),
         Input::ImageUsage => Route::Answer(words::usage(models)),
-        Input::UnknownCommand(_) => Route::Answer(words::unknown_command()),
+        Input::UnknownCommand { .. } => Route::Answer(words::unknown_command()),
         input @ (Input::Image { .. } | Input::Queue | Input::Cancel(_)) => Route::UseLog(input),
     }
 }
@@ -444,6 +448,18 @@ mod tests {
         assert_eq!(
             routed("/nope", true, true),
             Route::Answer(words::unknown_command())
+        );
+        // In a group only a command with our name gets that answer: the
+        // others may be another bot's.
+        assert_eq!(routed("/nope", false, true), Route::Ignore);
+        assert_eq!(routed("/nope", false, false), Route::Ignore);
+        assert_eq!(
+            routed("/nope@easel_bot", false, true),
+            Route::Answer(words::unknown_command())
+        );
+        assert_eq!(
+            routed("/image==fox", true, true),
+            Route::Answer(words::usage(&models))
         );
         // What needs the log is handed over as parsed.
         assert_eq!(

@@ -56,8 +56,10 @@ pub enum Input {
     Start,
     /// `/help`.
     Help,
-    /// Another `/command` addressed to us.
-    UnknownCommand(String),
+    /// Another `/command`; `addressed` when written `/command@ourbot`. In
+    /// a group, a command without our name may be another bot's: only an
+    /// addressed one gets the "unknown command" reply (§2, Groups).
+    UnknownCommand { name: String, addressed: bool },
     /// Plain text, or a command addressed to another bot.
     NotForUs,
 }
@@ -76,13 +78,14 @@ pub fn parse(text: &str, bot_username: Option<&str>) -> Input {
     if name.is_empty() {
         return Input::NotForUs;
     }
+    let mut addressed = false;
     if let Some(after_at) = rest.strip_prefix('@') {
         let user_len = after_at
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .unwrap_or(after_at.len());
         let (user, after) = after_at.split_at(user_len);
         match bot_username {
-            Some(me) if me.eq_ignore_ascii_case(user) => {}
+            Some(me) if me.eq_ignore_ascii_case(user) => addressed = true,
             // Addressed to another bot, or we do not know our name yet.
             Some(_) => return Input::NotForUs,
             None => {}
@@ -102,7 +105,7 @@ pub fn parse(text: &str, bot_username: Option<&str>) -> Input {
         }
         "start" => Input::Start,
         "help" => Input::Help,
-        _ => Input::UnknownCommand(name),
+        _ => Input::UnknownCommand { name, addressed },
     }
 }
 
@@ -115,7 +118,8 @@ fn parse_image(rest: &str) -> Input {
         return Input::ImageUsage;
     };
     let model = model.trim();
-    if model.contains(char::is_whitespace) {
+    // `/image==fox` names no model: the usage message says how.
+    if model.is_empty() || model.contains(char::is_whitespace) {
         return Input::ImageUsage;
     }
     Input::Image {
@@ -189,7 +193,8 @@ mod tests {
             ("/image=flux=a\u{0}b\u{7}c\td", image("flux", "abc\td")),
             ("/image=flux=", image("flux", "")),
             ("/image=flux=   \n ", image("flux", "")),
-            ("/image==a fox", image("", "a fox")),
+            // No model named: the usage message, not "no model called \"\"".
+            ("/image==a fox", Input::ImageUsage),
             ("/image=unknown=a fox", image("unknown", "a fox")),
             ("/image", Input::ImageUsage),
             ("/image@easel_bot", Input::ImageUsage),
@@ -207,7 +212,23 @@ mod tests {
             ("/start", Input::Start),
             ("/help", Input::Help),
             ("/HELP", Input::Help),
-            ("/frobnicate", Input::UnknownCommand("frobnicate".into())),
+            (
+                "/frobnicate",
+                Input::UnknownCommand {
+                    name: "frobnicate".into(),
+                    addressed: false,
+                },
+            ),
+            (
+                "/frobnicate@easel_bot",
+                Input::UnknownCommand {
+                    name: "frobnicate".into(),
+                    addressed: true,
+                },
+            ),
+            ("/frobnicate@other_bot", Input::NotForUs),
+            ("/image==fox", Input::ImageUsage),
+            ("/image= =fox", Input::ImageUsage),
             ("hello", Input::NotForUs),
             ("", Input::NotForUs),
             ("/", Input::NotForUs),

@@ -114,6 +114,7 @@ async fn every_rejection_is_a_reply() {
         ("/image=flux=   ", "The prompt is empty."),
         ("/image", "Write /image=<model>=<prompt>"),
         ("/image flux a fox", "Write /image=<model>=<prompt>"),
+        ("/image==a fox", "Write /image=<model>=<prompt>"),
         (
             "/image=sdxl=a fox",
             "Image generation is not configured for sdxl",
@@ -776,4 +777,24 @@ async fn a_stuck_query_client_does_not_keep_the_log_after_a_stop() {
         "the log is still held: {:?}",
         reopened.err()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_group_only_commands_with_our_name_get_an_unknown_command_reply() {
+    let mut app = spawn_app(&[]).await;
+    let (u, group) = (4101, -100_4101);
+    // Another bot's command, our unknown one addressed to us, and a
+    // request (which answers): replies come in update order per chat.
+    app.tg.user_sends(u, group, "/frobnicate");
+    app.tg.user_sends(u, group, "/frobnicate@easel_demo_bot");
+    app.tg
+        .user_sends(u, group, "/image@easel_demo_bot=flux=a group fox");
+    assert!(app.images_to(group, 1).await);
+    let texts = app.tg.texts_to(group);
+    let unknown = texts
+        .iter()
+        .filter(|t| t.starts_with("I don't know that command."))
+        .count();
+    assert_eq!(unknown, 1, "{texts:?}");
+    app.stop().await;
 }
