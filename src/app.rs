@@ -68,6 +68,11 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ap
     let token = settings.telegram_token.clone().ok_or_else(|| {
         StartError::Config("TELEGRAM_BOT_TOKEN is not set; `easel run` needs the bot token.".into())
     })?;
+    if settings.models.is_empty() {
+        return Err(StartError::Config(
+            "No image model is configured: set FLUX_WORKER_URL or SDXL_WORKER_URL, or add a [[models]] entry with a url to easel.toml.".into(),
+        ));
+    }
     let settings = Arc::new(settings);
     tracing::info!("starting easel\n{settings}");
     crate::store::disk::private_umask();

@@ -8,7 +8,7 @@ mod sections;
 pub use data_dir::DataDir;
 use sections::{
     CONNECT_TIMEOUT_SECS, LLM_TIMEOUT_SECS, RETRY_BASE_MS, Vars, WORKER_TIMEOUT_SECS,
-    limits_section, llm_section, models_section, storage_section, telegram_section,
+    limits_section, llm_section, log_section, models_section, storage_section, telegram_section,
 };
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -245,7 +245,7 @@ impl Settings {
         let llm_timeout = Duration::from_secs(vars.number(&LLM_TIMEOUT_SECS));
         let retry_base = Duration::from_millis(vars.number(&RETRY_BASE_MS));
         let (data_dir, originals_ttl, retention) = storage_section(&vars);
-        let log_filter = vars.non_empty("RUST_LOG").unwrap_or_else(|| "info".into());
+        let log_filter = log_section(&vars);
 
         let problems = vars.problems.into_inner();
         match (problems.is_empty(), telegram_api_url) {

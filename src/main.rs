@@ -109,6 +109,8 @@ enum Audit {
 }
 
 fn init_tracing(filter: &str) {
+    // `easel run` has checked RUST_LOG with its settings; the demo's own
+    // filter is fixed. "info" is the fallback of neither, only of a bug.
     let filter = easel::telemetry::log_filter(filter)
         .or_else(|_| easel::telemetry::log_filter("info"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -69,6 +69,34 @@ fn bad_configuration_exits_2_naming_the_variable_not_the_secret() {
 }
 
 #[test]
+fn a_bad_log_filter_or_no_model_stops_run_with_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = easel()
+        .arg("run")
+        .current_dir(dir.path())
+        .env("TELEGRAM_BOT_TOKEN", "123:abcdefghij")
+        .env("FLUX_WORKER_URL", "http://127.0.0.1:9/flux")
+        .env("RUST_LOG", "easel=loud[")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RUST_LOG is not a valid log filter"), "{err}");
+
+    let out = easel()
+        .args(["run", "--data-dir"])
+        .arg(dir.path())
+        .current_dir(dir.path())
+        .env("TELEGRAM_BOT_TOKEN", "123:abcdefghij")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No image model is configured"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
 fn help_shows_an_example_for_each_command() {
     for sub in ["run", "demo"] {
         let out = easel().args([sub, "--help"]).output().unwrap();

@@ -339,6 +339,17 @@ pub(super) fn storage_section(vars: &Vars<'_>) -> (DataDir, Duration, Option<Dur
     (data_dir, originals_ttl, retention)
 }
 
+/// `RUST_LOG`, checked the way `easel run` will build its filter.
+pub(super) fn log_section(vars: &Vars<'_>) -> String {
+    let spec = vars.non_empty("RUST_LOG").unwrap_or_else(|| "info".into());
+    if let Err(e) = crate::telemetry::log_filter(&spec) {
+        vars.problem(format!(
+            "RUST_LOG is not a valid log filter ({e}); try info or easel=debug."
+        ));
+    }
+    spec
+}
+
 /// `N/SECONDS` within the bounds the projections can answer for.
 fn parse_rate(raw: &str) -> Option<RateLimit> {
     let (n, secs) = raw.trim().split_once('/')?;

@@ -45,7 +45,8 @@ pub(crate) enum Route {
 
 /// Routes `input` from a user (`allowed` by the allowlist) in a private
 /// chat or a group.
-pub(crate) fn route(input: Input, private: bool, allowed: bool, models: &[String]) -> Route {
+pub(crate) fn route(input: Input, private: bool, allowed: bool, settings: &Settings) -> Route {
+    let models = &settings.model_names();
     match input {
         // In a private chat plain text gets a hint; in groups, silence.
         Input::NotForUs if private && allowed => Route::Answer(words::usage(models)),
@@ -56,7 +57,7 @@ pub(crate) fn route(input: Input, private: bool, allowed: bool, models: &[String
         } if !private => Route::Ignore,
         // The allowlist comes before anything is recorded.
         _ if !allowed => Route::Answer(words::not_allowed()),
-        Input::Start | Input::Help => Route::Answer(words::help(models)),
+        Input::Start | Input::Help => Route::Answer(words::help(models, &settings.limits)),
         Input::ImageUsage => Route::Answer(words::usage(models)),
         Input::UnknownCommand { .. } => Route::Answer(words::unknown_command()),
         input @ (Input::Image { .. } | Input::Queue | Input::Cancel(_)) => Route::UseLog(input),
@@ -119,7 +120,7 @@ impl<S: EventStore> Intake<S> {
             input,
             msg.chat.is_private(),
             self.allowed(user_id),
-            &self.model_names(),
+            &self.settings,
         );
         let input = match routed {
             Route::UseLog(input) => input,
@@ -413,14 +414,37 @@ mod tests {
     use crate::telegram::parse::{Input, parse};
     use crate::telegram::words;
 
+    fn settings() -> crate::config::Settings {
+        let env = [
+            ("FLUX_WORKER_URL", "http://127.0.0.1:9/flux"),
+            ("SDXL_WORKER_URL", "http://127.0.0.1:9/sdxl"),
+            ("SDXL_API_KEY", "a-real-looking-key"),
+            ("EASEL_RATE_LIMIT", "4/300"),
+        ];
+        crate::config::Settings::from_sources(
+            |k| {
+                env.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            },
+            None,
+        )
+        .expect("test settings")
+    }
+
     fn routed(text: &str, private: bool, allowed: bool) -> Route {
-        let models = vec!["flux".to_owned(), "sdxl".to_owned()];
-        route(parse(text, Some("easel_bot")), private, allowed, &models)
+        route(
+            parse(text, Some("easel_bot")),
+            private,
+            allowed,
+            &settings(),
+        )
     }
 
     #[test]
     fn one_routing_for_intake_and_the_stand_in() {
         let models = vec!["flux".to_owned(), "sdxl".to_owned()];
+        let limits = settings().limits;
         // Plain text: a hint in a private chat, silence in a group and
         // for someone not allowed (nothing to refuse).
         assert_eq!(
@@ -439,7 +463,7 @@ mod tests {
         }
         assert_eq!(
             routed("/help", false, true),
-            Route::Answer(words::help(&models))
+            Route::Answer(words::help(&models, &limits))
         );
         assert_eq!(
             routed("/image", true, true),

@@ -60,7 +60,6 @@ async fn answer_batch(
     username: String,
     updates: Vec<Update>,
 ) {
-    let models = settings.model_names();
     for update in updates {
         match update.kind {
             UpdateKind::Message(msg) => {
@@ -75,12 +74,16 @@ async fn answer_batch(
                 };
                 let input = parse(text, Some(&username));
                 // Intake's own routing: only what needs the log differs.
-                let reply =
-                    match route(input, msg.chat.is_private(), settings.allows(user), &models) {
-                        Route::Ignore => continue,
-                        Route::Answer(text) => text,
-                        Route::UseLog(_) => words::busy(),
-                    };
+                let reply = match route(
+                    input,
+                    msg.chat.is_private(),
+                    settings.allows(user),
+                    &settings,
+                ) {
+                    Route::Ignore => continue,
+                    Route::Answer(text) => text,
+                    Route::UseLog(_) => words::busy(),
+                };
                 api.reply(to, reply).await;
             }
             UpdateKind::CallbackQuery(q) => api.answer_query(&q, words::busy()).await,

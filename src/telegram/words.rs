@@ -13,26 +13,48 @@ pub const COMMANDS: [(&str, &str); 4] = [
     ("help", "how to use this bot"),
 ];
 
-pub fn help(models: &[String]) -> String {
-    let example = models.first().map_or("flux", String::as_str);
+pub fn help(models: &[String], limits: &crate::domain::Limits) -> String {
     format!(
         "I turn a description into an image.\n\n\
-         Write /image=<model>=<what you want to see>, for example:\n\
-         /image={example}=a red fox in the snow, golden hour\n\n\
+         Write /image=<model>=<what you want to see>{}\n\n\
          Models: {}\n\n\
          /queue shows your requests and their place in line.\n\
          /cancel cancels your requests that have not started; /cancel <id> cancels one.\n\n\
+         Under each image, 🔁 Again draws the same prompt once more and 📄 Original sends the image file uncompressed.\n\n\
+         A prompt may have up to {} characters. You can ask {} times in {}, with up to {} requests waiting at once.\n\n\
          I improve your prompt before drawing; the image comes with the prompt I used.",
-        list(models)
+        example(models, "a red fox in the snow, golden hour"),
+        list(models),
+        crate::domain::ids::MAX_PROMPT_CHARS,
+        limits.rate.count,
+        span(limits.rate.window_secs),
+        limits.max_pending,
     )
 }
 
 pub fn usage(models: &[String]) -> String {
-    let example = models.first().map_or("flux", String::as_str);
     format!(
-        "Write /image=<model>=<prompt>, for example:\n/image={example}=a red fox in the snow\n\nModels: {}",
+        "Write /image=<model>=<prompt>{}\n\nModels: {}",
+        example(models, "a red fox in the snow"),
         list(models)
     )
+}
+
+/// ", for example: /image=<first model>=<prompt>", only for a model that
+/// exists.
+fn example(models: &[String], prompt: &str) -> String {
+    models.first().map_or_else(String::new, |m| {
+        format!(", for example:\n/image={m}={prompt}")
+    })
+}
+
+/// A rate-limit window in words: "60 s", "5 min", "1 h".
+fn span(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 && s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
 }
 
 fn list(models: &[String]) -> String {
@@ -210,4 +232,41 @@ pub fn unknown_button() -> String {
 /// Callback answers are at most 200 characters.
 pub fn short(text: &str) -> String {
     text.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Limits, RateLimit};
+
+    #[test]
+    fn help_names_the_buttons_and_the_limits_as_configured() {
+        let limits = Limits {
+            rate: RateLimit {
+                count: 4,
+                window_secs: 300,
+            },
+            max_pending: 2,
+        };
+        let text = help(&["flux".into()], &limits);
+        for part in [
+            "🔁 Again",
+            "📄 Original",
+            "up to 1000 characters",
+            "4 times in 5 min",
+            "up to 2 requests waiting",
+            "/image=flux=",
+        ] {
+            assert!(text.contains(part), "{part:?} not in {text}");
+        }
+    }
+
+    #[test]
+    fn without_a_model_no_example_names_one() {
+        for text in [usage(&[]), help(&[], &Limits::default())] {
+            assert!(!text.contains("/image=flux"), "{text}");
+            assert!(text.contains("none is configured"), "{text}");
+        }
+        assert!(usage(&["sdxl".into()]).contains("/image=sdxl=a red fox"));
+    }
 }
