@@ -20,10 +20,14 @@ use serde::Deserialize;
 
 use crate::domain::{Limits, ModelName};
 
-/// The default system message for the prompt enhancer.
+/// The default system message for the prompt enhancer. The improved
+/// prompt is English whatever the user wrote in (§4): image models follow
+/// English best, and many users write Persian.
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You improve prompts for text-to-image models. Rewrite the user's prompt \
 into one vivid, concrete image description: subject, setting, style, lighting, composition. Keep the user's \
-intent and language. Answer with the improved prompt only, no preamble, no quotes, at most 900 characters.";
+intent. Always write the description in English, whatever language the user wrote in; keep names and any text \
+that should appear in the image as the user wrote them. Answer with the improved prompt only, no preamble, \
+no quotes, at most 900 characters.";
 /// The default user message; `{prompt}` is replaced by the user's prompt.
 pub const DEFAULT_USER_TEMPLATE: &str = "{prompt}";
 

@@ -435,6 +435,30 @@ async fn the_enhancer_sends_the_openai_shape_and_cleans_the_answer() {
 }
 
 #[tokio::test]
+async fn by_default_the_enhancer_asks_for_an_english_prompt_whatever_the_users_language() {
+    let server = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(chat("a red fox in the snow"))
+        .mount(&server)
+        .await;
+    let e = enhancer(&server.uri(), None, None, Duration::from_secs(5));
+    assert_eq!(
+        e.enhance("روباه قرمز در برف").await.prompt,
+        "a red fox in the snow"
+    );
+    let request = &server.received_requests().await.unwrap()[0];
+    let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+    let system = body["messages"][0]["content"].as_str().unwrap();
+    assert_eq!(system, easel::config::DEFAULT_SYSTEM_PROMPT);
+    assert!(
+        system.contains("Always write the description in English"),
+        "{system}"
+    );
+    // The user's words go as they are; the template's default is the prompt.
+    assert_eq!(body["messages"][1]["content"], "روباه قرمز در برف");
+}
+
+#[tokio::test]
 async fn without_a_key_no_authorization_is_sent() {
     let server = MockServer::start().await;
     Mock::given(any())
