@@ -213,11 +213,13 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
     let duplicates: usize = photos.values().map(|n| n - 1).sum();
     // 5. At most one image per generation: a request regenerated only when
     // a kill fell before its `Generated` was durable, so never after its
-    // photo went out (the worker's prompt is the photo's caption here).
+    // photo went out (the worker's prompt is the caption's second line:
+    // the first names the model).
     let mut first_photo: HashMap<String, tokio::time::Instant> = HashMap::new();
     for c in tg.calls().iter().filter(|c| c.method == "sendPhoto") {
         let caption = c.caption.clone().unwrap_or_default();
-        first_photo.entry(caption).or_insert(c.at);
+        let prompt = caption.split_once('\n').map_or(caption.as_str(), |(_, p)| p);
+        first_photo.entry(prompt.to_owned()).or_insert(c.at);
     }
     let mut generations: HashMap<String, usize> = HashMap::new();
     let mut after_photo = Vec::new();

@@ -43,6 +43,10 @@ pub struct ActiveRequest {
     pub origin: Origin,
     pub prompt: Prompt,
     pub enhanced_prompt: Option<String>,
+    /// The prompt to draw is the user's own (enhancement off or failed):
+    /// the caption says so. (Default for checkpoints written before it.)
+    #[serde(default)]
+    pub prompt_as_written: bool,
     pub stage: Stage,
     pub queued_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -187,6 +191,7 @@ impl LiveState {
                     origin: origin.clone(),
                     prompt: prompt.clone(),
                     enhanced_prompt: None,
+                    prompt_as_written: false,
                     stage: Stage::Queued,
                     queued_at: rec.at,
                     started_at: None,
@@ -265,7 +270,10 @@ impl LiveState {
                 lane.in_flight = Some(id);
                 req.started_at = Some(rec.at);
             }
-            Event::Enhanced { prompt, .. } => req.enhanced_prompt = Some(prompt.clone()),
+            Event::Enhanced { prompt, fallback } => {
+                req.enhanced_prompt = Some(prompt.clone());
+                req.prompt_as_written = fallback.is_some();
+            }
             Event::Generated { image, .. } => req.image = Some(image.clone()),
             Event::Regenerating => req.image = None,
             _ => {}

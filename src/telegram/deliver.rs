@@ -83,7 +83,11 @@ impl Deliverer for TelegramDeliverer {
             .enhanced_prompt
             .as_deref()
             .unwrap_or(request.prompt.as_str());
-        let (caption, cut) = fit_utf16(prompt, CAPTION_UNITS);
+        let as_written = request.prompt_as_written || request.enhanced_prompt.is_none();
+        let (caption, cut) = fit_utf16(
+            &words::caption(request.model.as_str(), prompt, as_written),
+            CAPTION_UNITS,
+        );
         let to = Reply {
             chat: request.origin.chat_id.0,
             to_message: request.origin.message_id,

@@ -205,6 +205,16 @@ pub fn queue_header() -> String {
     "Your requests:".into()
 }
 
+/// The photo's caption: the model, then the prompt it drew — the enhanced
+/// one, or the user's own, said so, when there was no enhancement.
+pub fn caption(model: &str, prompt: &str, as_written: bool) -> String {
+    if as_written {
+        format!("🎨 {model} · your prompt, as written\n{prompt}")
+    } else {
+        format!("🎨 {model}\n{prompt}")
+    }
+}
+
 pub fn full_prompt_follows() -> String {
     "Full prompt:".into()
 }

@@ -23,9 +23,16 @@ async fn both_models_end_to_end() {
     assert_eq!(texts[0], "Queued for flux — position 1");
     let photo = app.photo_calls(alice).remove(0);
     assert_eq!(photo.method, "sendPhoto");
+    // The caption names the model, then the enhanced prompt.
     assert_eq!(
         photo.caption.as_deref(),
-        Some("a red fox in the snow, highly detailed, soft cinematic light")
+        Some("🎨 flux\na red fox in the snow, highly detailed, soft cinematic light")
+    );
+    let bobs = app.photo_calls(bob).remove(0);
+    assert!(
+        bobs.caption.as_deref().unwrap_or_default().starts_with("🎨 sdxl\n"),
+        "{:?}",
+        bobs.caption
     );
     let markup = photo.reply_markup.unwrap().to_string();
     assert!(
@@ -796,5 +803,20 @@ async fn in_a_group_only_commands_with_our_name_get_an_unknown_command_reply() {
         .filter(|t| t.starts_with("I don't know that command."))
         .count();
     assert_eq!(unknown, 1, "{texts:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_enhancement_the_caption_says_the_prompt_is_the_users_own() {
+    // No LLM configured: the original prompt is drawn.
+    let mut app = spawn_app(&[("LLM_API_URL", "")]).await;
+    let u = 10_101;
+    app.tg.user_sends(u, u, "/image=sdxl=یک برکه آرام");
+    assert!(app.images_to(u, 1).await);
+    let photo = app.photo_calls(u).remove(0);
+    assert_eq!(
+        photo.caption.as_deref(),
+        Some("🎨 sdxl · your prompt, as written\nیک برکه آرام")
+    );
     app.stop().await;
 }
