@@ -218,7 +218,9 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
     let mut first_photo: HashMap<String, tokio::time::Instant> = HashMap::new();
     for c in tg.calls().iter().filter(|c| c.method == "sendPhoto") {
         let caption = c.caption.clone().unwrap_or_default();
-        let prompt = caption.split_once('\n').map_or(caption.as_str(), |(_, p)| p);
+        let prompt = caption
+            .split_once('\n')
+            .map_or(caption.as_str(), |(_, p)| p);
         first_photo.entry(prompt.to_owned()).or_insert(c.at);
     }
     let mut generations: HashMap<String, usize> = HashMap::new();

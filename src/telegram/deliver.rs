@@ -55,11 +55,20 @@ pub fn fits_as_photo(bytes: &[u8]) -> bool {
     }
 }
 
-pub fn keyboard(id: crate::domain::RequestId) -> InlineKeyboardMarkup {
-    InlineKeyboardMarkup::new(vec![vec![
-        InlineKeyboardButton::callback(words::again_button(), Button::Again(id).data()),
-        InlineKeyboardButton::callback(words::original_button(), Button::Original(id).data()),
-    ]])
+/// The buttons under a delivered image: 🔁 Again, and 📄 Original only
+/// under a photo (a document already is the original file).
+pub fn keyboard(id: crate::domain::RequestId, kind: FileKind) -> InlineKeyboardMarkup {
+    let mut row = vec![InlineKeyboardButton::callback(
+        words::again_button(),
+        Button::Again(id).data(),
+    )];
+    if kind == FileKind::Photo {
+        row.push(InlineKeyboardButton::callback(
+            words::original_button(),
+            Button::Original(id).data(),
+        ));
+    }
+    InlineKeyboardMarkup::new(vec![row])
 }
 
 pub struct TelegramDeliverer {
@@ -93,15 +102,16 @@ impl Deliverer for TelegramDeliverer {
             to_message: request.origin.message_id,
         };
         let bytes = bytes::Bytes::copy_from_slice(image);
+        let kind = if fits_as_photo(image) {
+            FileKind::Photo
+        } else {
+            FileKind::Document
+        };
         let mut upload = Upload {
-            kind: if fits_as_photo(image) {
-                FileKind::Photo
-            } else {
-                FileKind::Document
-            },
+            kind,
             file: InputFile::memory(bytes).file_name(format!("easel-{}.{format}", request.id)),
             caption: Some(caption),
-            buttons: Some(keyboard(request.id)),
+            buttons: Some(keyboard(request.id, kind)),
         };
         let mut sent = self.api.send_file(to, &upload, Policy::Deliver).await;
         if upload.kind == FileKind::Photo
@@ -112,6 +122,7 @@ impl Deliverer for TelegramDeliverer {
             // the original bytes go as a document instead of failing.
             tracing::info!(error = %e, "photo refused; sending as a document");
             upload.kind = FileKind::Document;
+            upload.buttons = Some(keyboard(request.id, FileKind::Document));
             sent = self.api.send_file(to, &upload, Policy::Deliver).await;
         }
         let message = match sent {

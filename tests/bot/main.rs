@@ -30,7 +30,10 @@ async fn both_models_end_to_end() {
     );
     let bobs = app.photo_calls(bob).remove(0);
     assert!(
-        bobs.caption.as_deref().unwrap_or_default().starts_with("🎨 sdxl\n"),
+        bobs.caption
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("🎨 sdxl\n"),
         "{:?}",
         bobs.caption
     );
@@ -426,6 +429,12 @@ async fn big_or_oddly_shaped_images_go_as_documents() {
     for u in [11_001, 11_002] {
         let call = app.photo_calls(u).remove(0);
         assert_eq!(call.method, "sendDocument", "{u}");
+        // A document is the original already: only 🔁 Again is offered.
+        let markup = call.reply_markup.unwrap().to_string();
+        assert!(
+            markup.contains("again:") && !markup.contains("orig:"),
+            "{markup}"
+        );
     }
     assert!(app.photo_calls(11_001)[0].file_len.unwrap() > 10_000_000);
     app.stop().await;
