@@ -15,7 +15,7 @@ use super::turn::Turn;
 use super::words;
 use crate::config::Settings;
 use crate::domain::ids::InvalidPrompt;
-use crate::domain::{ChatId, Event, ModelName, Origin, Prompt, Rejection, RequestId, UserId};
+use crate::domain::{ChatId, Event, ModelName, Origin, Prompt, Rejection, UserId};
 use crate::engine::{AcceptError, Admitted, Core, ImageStore, NewRequest};
 use crate::store::EventStore;
 
@@ -178,15 +178,15 @@ impl<S: EventStore> Intake<S> {
         model: &str,
         prompt: &str,
         mut turn: Turn,
-    ) -> Option<RequestId> {
+    ) -> String {
         // Validation records nothing: the next update may go ahead.
         let checked = self.check_image(model, prompt);
         let (name, prompt) = match checked {
             Ok(ok) => ok,
             Err(text) => {
                 turn.pass();
-                self.send(to, text).await;
-                return None;
+                self.send(to, text.clone()).await;
+                return text;
             }
         };
         let chat = origin.chat_id.0;
@@ -231,14 +231,15 @@ impl<S: EventStore> Intake<S> {
         }
     }
 
-    /// The reply to an admission (queued only once durable).
+    /// The reply to an admission (queued only once durable); returns what
+    /// the user was told.
     async fn answer_admission(
         &self,
         to: Reply,
         chat: i64,
         name: ModelName,
         admitted: Result<Admitted, AcceptError>,
-    ) -> Option<RequestId> {
+    ) -> String {
         if let Ok(Admitted::Queued { id, .. } | Admitted::Duplicate { id }) = &admitted {
             let span = tracing::Span::current();
             span.record("request_id", tracing::field::display(id));
@@ -250,41 +251,43 @@ impl<S: EventStore> Intake<S> {
                 let wait = self.core.read(|s| s.estimated_wait(&name, position));
                 let text = words::queued(name.as_str(), position, wait);
                 if let Some(m) = self.send(to, text.clone()).await {
-                    self.board.register(id, chat, m.id.0, name, text);
+                    self.board.register(id, chat, m.id.0, name, text.clone());
                 }
-                Some(id)
+                text
             }
             Ok(Admitted::Duplicate { id }) => {
                 tracing::info!("redelivered update; its request exists");
                 // A redelivered update: the request exists. If the crash came
                 // before its status reply, send that reply now.
-                if !self.board.has(id) {
-                    let text = self.core.read(|s| {
-                        s.request(id).map(|r| {
-                            let p = s.position(id);
-                            words::status(r.model.as_str(), r.stage, p, None)
-                        })
-                    });
-                    if let Some(text) = text
-                        && let Some(m) = self.send(to, text.clone()).await
-                    {
-                        self.board.register(id, chat, m.id.0, name, text);
-                    }
+                let text = self.core.read(|s| {
+                    s.request(id).map(|r| {
+                        let p = s.position(id);
+                        words::status(r.model.as_str(), r.stage, p, None)
+                    })
+                });
+                if !self.board.has(id)
+                    && let Some(text) = &text
+                    && let Some(m) = self.send(to, text.clone()).await
+                {
+                    self.board.register(id, chat, m.id.0, name, text.clone());
                 }
-                Some(id)
+                text.unwrap_or_else(words::already_done)
             }
             Err(AcceptError::Rejected(Rejection::RateLimited { retry_after_secs })) => {
-                self.send(to, words::rate_limited(retry_after_secs)).await;
-                None
+                let text = words::rate_limited(retry_after_secs);
+                self.send(to, text.clone()).await;
+                text
             }
             Err(AcceptError::Rejected(Rejection::TooManyPending { max, .. })) => {
-                self.send(to, words::too_many_pending(max)).await;
-                None
+                let text = words::too_many_pending(max);
+                self.send(to, text.clone()).await;
+                text
             }
             Err(AcceptError::Store(e)) => {
                 tracing::error!(error = %e, "could not record a request");
-                self.send(to, words::busy()).await;
-                None
+                let text = words::busy();
+                self.send(to, text.clone()).await;
+                text
             }
         }
     }
@@ -370,10 +373,11 @@ impl<S: EventStore> Intake<S> {
                     chat,
                     to_message: query.message.as_ref().map(|m| m.id().0),
                 };
-                tokio::join!(
-                    self.answer(query, words::again_button()),
-                    self.image(to, origin, model.as_str(), prompt.as_str(), turn),
-                );
+                // The notice says what happened: queued and where, or why not.
+                let told = self
+                    .image(to, origin, model.as_str(), prompt.as_str(), turn)
+                    .await;
+                self.answer(query, told).await;
             }
             Button::Original(_) => {
                 let image = events.iter().rev().find_map(|r| match &r.event {

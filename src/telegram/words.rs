@@ -215,6 +215,11 @@ pub fn caption(model: &str, prompt: &str, as_written: bool) -> String {
     }
 }
 
+/// A redelivered request that has finished meanwhile.
+pub fn already_done() -> String {
+    "That request is already finished.".into()
+}
+
 pub fn full_prompt_follows() -> String {
     "Full prompt:".into()
 }

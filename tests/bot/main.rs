@@ -283,14 +283,20 @@ async fn again_and_original_buttons() {
     let prompts = app.flux.stats.prompts.lock().unwrap().clone();
     assert_eq!(prompts.len(), 2);
     assert_eq!(prompts[0], prompts[1], "Again reuses the prompt");
-    assert!(
-        app.tg
-            .calls()
-            .iter()
-            .filter(|c| c.method == "answerCallbackQuery")
-            .count()
-            >= 2
-    );
+    // The 🔁 Again notice says what happened to the new request (it
+    // follows the "Queued" reply, so the photo may come first).
+    let said_queued = app
+        .tg
+        .wait_for(WAIT, |calls| {
+            calls.iter().any(|c| {
+                c.method == "answerCallbackQuery"
+                    && c.text
+                        .as_deref()
+                        .is_some_and(|t| t.starts_with("Queued for flux — position"))
+            })
+        })
+        .await;
+    assert!(said_queued, "{:#?}", app.tg.calls());
 
     // An expired original says so.
     for f in std::fs::read_dir(app.dir.path().join("images")).unwrap() {
