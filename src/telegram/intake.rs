@@ -300,8 +300,16 @@ impl<S: EventStore> Intake<S> {
                 .map(|r| {
                     let position = s.position(r.id);
                     let wait = position.and_then(|p| s.estimated_wait(&r.model, p));
-                    let short = r.id.to_string();
-                    words::queue_line(&short[..18], r.model.as_str(), r.stage, position, wait)
+                    let id = r.id.to_string();
+                    let short = id.get(..8).unwrap_or(&id);
+                    words::queue_line(
+                        short,
+                        r.model.as_str(),
+                        r.stage,
+                        position,
+                        wait,
+                        r.prompt.as_str(),
+                    )
                 })
                 .collect()
         });

@@ -126,12 +126,7 @@ pub fn status(
 ) -> String {
     match stage {
         Stage::Queued => queued(model, position.unwrap_or(1), wait),
-        Stage::Enhancing => format!("{model}: Enhancing prompt…"),
-        Stage::Generating => format!("{model}: Generating…"),
-        Stage::Sending => format!("{model}: Sending…"),
-        Stage::Done => format!("{model}: Done ✅"),
-        Stage::Failed => format!("{model}: Failed."),
-        Stage::Cancelled => format!("{model}: Cancelled."),
+        stage => format!("{model}: {}", stage_words(stage)),
     }
 }
 
@@ -186,18 +181,48 @@ pub fn no_requests() -> String {
 }
 
 /// One line of `/queue`.
+/// How many characters of a prompt `/queue` shows.
+pub const QUEUE_PROMPT_CHARS: usize = 40;
+
+/// One `/queue` line: the short id (what `/cancel` takes), the model, the
+/// state in the status message's own words, and the start of the prompt,
+/// so two requests to one model can be told apart.
 pub fn queue_line(
     short_id: &str,
     model: &str,
     stage: Stage,
     position: Option<usize>,
     wait: Option<Duration>,
+    prompt: &str,
 ) -> String {
-    match (stage, position) {
-        (Stage::Queued, Some(p)) => {
-            format!("• {short_id} {model}: queued, position {p}{}", eta(wait))
-        }
-        (stage, _) => format!("• {short_id} {model}: {stage}"),
+    let state = match (stage, position) {
+        (Stage::Queued, Some(p)) => format!("position {p}{}", eta(wait)),
+        (Stage::Queued, None) => "queued".to_owned(),
+        (stage, _) => stage_words(stage).to_owned(),
+    };
+    let flat: String = prompt
+        .chars()
+        .map(|c| if c.is_whitespace() { ' ' } else { c })
+        .collect();
+    let start: String = flat.chars().take(QUEUE_PROMPT_CHARS).collect();
+    let more = if flat.chars().count() > QUEUE_PROMPT_CHARS {
+        "…"
+    } else {
+        ""
+    };
+    format!("• {short_id} · {model} · {state}\n   “{start}{more}”")
+}
+
+/// A stage as the status message says it.
+fn stage_words(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Queued => "queued",
+        Stage::Enhancing => "Enhancing prompt…",
+        Stage::Generating => "Generating…",
+        Stage::Sending => "Sending…",
+        Stage::Done => "Done ✅",
+        Stage::Failed => "Failed.",
+        Stage::Cancelled => "Cancelled.",
     }
 }
 

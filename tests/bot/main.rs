@@ -220,13 +220,32 @@ async fn cancel_all_and_cancel_by_id_prefix() {
                 == 3)
             .await
     );
+    // In the order they were queued (not the ids' order).
     let ids: Vec<String> = app.core().read(|s| {
-        s.requests()
+        let mut mine: Vec<_> = s
+            .requests()
             .filter(|r| r.origin.user_id.0 == u)
-            .map(|r| r.id.to_string())
-            .collect()
+            .map(|r| (r.queued_at, r.id.to_string()))
+            .collect();
+        mine.sort();
+        mine.into_iter().map(|(_, id)| id).collect()
     });
     assert_eq!(ids.len(), 3);
+    // /queue: a line per request — short id, model, place in line, the
+    // start of the prompt — so requests to one model can be told apart.
+    app.tg.user_sends(u, u, "/queue");
+    assert!(app.text_to(u, "Your requests:").await);
+    let listing = app
+        .tg
+        .texts_to(u)
+        .into_iter()
+        .find(|t| t.starts_with("Your requests:"))
+        .unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let line = format!("• {} · flux · position {}", &id[..8], i + 1);
+        assert!(listing.contains(&line), "{line:?} not in {listing}");
+        assert!(listing.contains(&format!("“queued {i}”")), "{listing}");
+    }
     app.tg
         .user_sends(u, u, &format!("/cancel {}", &ids[1][..13]));
     assert!(app.text_to(u, "Cancelled 1 queued request.").await);
