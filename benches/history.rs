@@ -41,7 +41,7 @@ fn append_history(
     let step_ms = span.num_milliseconds() / requests.max(1) as i64;
     for n in first..first + requests {
         let at = at0 + chrono::Duration::milliseconds((n - first) as i64 * step_ms);
-        let id = RequestId::new_at(at);
+        let id = RequestId::random();
         last = Some(id);
         let e = |event| NewEvent {
             request_id: id,

@@ -12,7 +12,7 @@ use easel::store::{EventStore, NewEvent, SledStore};
 
 fn queued(n: u32) -> Result<NewEvent, Box<dyn std::error::Error>> {
     Ok(NewEvent {
-        request_id: RequestId::new_at(Utc::now()),
+        request_id: RequestId::random(),
         at: Utc::now(),
         event: Event::Queued {
             model: ModelName::parse("flux")?,

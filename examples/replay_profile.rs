@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let prompt = Prompt::parse("a red fox in the snow, golden hour")?;
             for i in 0..n {
                 let at = chrono::Utc::now();
-                let id = RequestId::new_at(at);
+                let id = RequestId::random();
                 let e = |event| NewEvent {
                     request_id: id,
                     at,

@@ -17,9 +17,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::domain::{Command, Stage};
 use crate::engine::{Core, ImageStore, Runner, SystemClock};
 use crate::services::{ImageWorkers, LlmEnhancer, MAX_CONNECTIONS, http_client};
 use crate::store::SledStore;
+use crate::telegram::intake::Refused;
 use crate::telegram::{Intake, StatusBoard, TelegramApi, TelegramDeliverer, poll};
 
 /// Why `easel run` could not start.
@@ -65,6 +67,16 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 /// # Errors
 /// [`StartError::Config`] for a missing or refused token, else what failed.
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<App, StartError> {
+    start_with(settings, shutdown, Refused::default()).await
+}
+
+/// As [`start`], first cancelling the requests an earlier engine of this
+/// process refused to their users (see [`Refused`]) if the log kept them.
+async fn start_with(
+    settings: Settings,
+    shutdown: CancellationToken,
+    refused: Refused,
+) -> Result<App, StartError> {
     let token = settings.telegram_token.clone().ok_or_else(|| {
         StartError::Config("TELEGRAM_BOT_TOKEN is not set; `easel run` needs the bot token.".into())
     })?;
@@ -90,6 +102,16 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ap
     crate::maintenance::fail_unconfigured(&core, &settings)
         .await
         .context("failing the requests of unconfigured models")?;
+    // Kept on the list until done: a start that fails here is retried.
+    for id in refused.list() {
+        if core.read(|s| s.request(id).is_some_and(|r| r.stage == Stage::Queued)) {
+            tracing::warn!(request_id = %id, "cancelling a request its user was told could not be taken (its write reached the disk after all)");
+            core.execute(id, Command::Cancel)
+                .await
+                .context("cancelling a refused request")?;
+        }
+        refused.done(id);
+    }
     let resumed = core
         .recover()
         .await
@@ -159,6 +181,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ap
         board,
         images,
         username: username.clone(),
+        refused: refused.clone(),
     });
     // Operators' read-only queries, while this process holds the log.
     match crate::ops::server::bind(&intake.settings.data_dir.socket()) {
@@ -271,13 +294,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let mut pause = pauses.next().unwrap_or(RESTART_FIRST);
     // Set once an engine ran; lets the stand-in answer during the pauses.
     let mut handover: Option<Handover> = None;
+    // What one engine refused and the next must not run.
+    let refused = Refused::default();
     loop {
         // Each engine has its own token, a child of the process's: a
         // broken log can stop the engine without stopping the process,
         // and the process's signal stops the engine too.
         let engine = shutdown.child_token();
         let started = tokio::time::Instant::now();
-        let app = match start(settings.clone(), engine.clone()).await {
+        let app = match start_with(settings.clone(), engine.clone(), refused.clone()).await {
             Ok(app) => app,
             Err(e) => {
                 // The first start reports every problem; later ones retry

@@ -328,13 +328,24 @@ async fn a_full_disk_mid_run_loses_nothing_acknowledged_and_heals() {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    // Refused means not taken: no request of theirs runs later.
+    // Refused means not taken: no request of theirs runs later. (Part of
+    // a flush the disk refused can still reach it — a write cut short at
+    // the size limit keeps its start — so a refused request may be in the
+    // log; the next engine cancels it before it can start, and
+    // `cancelled` is reachable only from Queued.)
+    let mut kept_but_cancelled = 0;
     for user in &refused {
-        assert!(
-            !records.iter().any(|r| r["user_id"] == *user),
-            "user {user} was told no, but a request of theirs is in the log"
-        );
+        for r in records.iter().filter(|r| r["user_id"] == *user) {
+            assert_eq!(
+                r["status"], "cancelled",
+                "user {user} was told no, but a request of theirs was taken: {r}"
+            );
+            kept_but_cancelled += 1;
+        }
     }
+    println!(
+        "disk-full campaign: {kept_but_cancelled} refused request(s) reached the disk anyway and were cancelled before they could start"
+    );
     for (user, model) in &acknowledged {
         let r = records
             .iter()

@@ -75,7 +75,7 @@ fn main() {
 
 fn queued(update: u32) -> NewEvent {
     NewEvent {
-        request_id: RequestId::new_at(Utc::now()),
+        request_id: RequestId::random(),
         at: Utc::now(),
         event: Event::Queued {
             model: ModelName::parse("flux").expect("valid"),

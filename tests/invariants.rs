@@ -286,7 +286,9 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .core
                     .cancel_queued(UserId(user), None, None)
                     .await
-                    .unwrap();
+                    .unwrap()
+                    .cancelled()
+                    .to_vec();
                 let mut want = Vec::new();
                 for q in &mut model.waiting {
                     q.retain(|id| {

@@ -14,7 +14,7 @@ use chrono::Duration as Span;
 use common::{RecordingDeliverer, ScriptedGenerator, UpperEnhancer};
 use easel::domain::{Command as Cmd, FailureKind, Limits, RateLimit, RequestId};
 use easel::engine::{Admitted, Clock, Core, ImageStore, Runner, StepOutcome};
-use easel::store::SledStore;
+use easel::store::{EventStore, SledStore};
 use serde_json::Value;
 
 fn easel(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
@@ -246,13 +246,40 @@ async fn audit_show_by_prefix_and_ambiguity() {
     ] {
         assert!(human.contains(needle), "{needle} missing:\n{human}");
     }
-    // Every id shares the time prefix "01": ambiguous, candidates listed.
-    let (code, _, err) = easel(d, &["audit", "show", &id[..2]]);
+    // Two requests whose ids share their first 8 characters (random ids
+    // rarely do; these are made so): the short id is ambiguous, and the
+    // candidates are listed.
+    let twins = [
+        "abcdef12-0000-4000-8000-000000000001",
+        "abcdef12-0000-4000-8000-000000000002",
+    ];
+    {
+        let store = SledStore::open(&easel::config::DataDir::new(d).log()).unwrap();
+        for (i, twin) in twins.iter().enumerate() {
+            let mut req = common::request("flux", 40 + i as i64, "a twin");
+            req.origin.update_id = Some(9000 + i as u32);
+            store
+                .append(vec![easel::store::NewEvent {
+                    request_id: RequestId(twin.parse().unwrap()),
+                    at: chrono::Utc::now(),
+                    event: easel::domain::Event::Queued {
+                        model: req.model,
+                        prompt: req.prompt,
+                        origin: req.origin,
+                    },
+                }])
+                .unwrap();
+        }
+    }
+    let (code, _, err) = easel(d, &["audit", "show", "abcdef12"]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("matches") && err.contains(&m.done[0].to_string()),
+        err.contains("matches 2 requests") && twins.iter().all(|t| err.contains(t)),
         "{err}"
     );
+    let (code, out, _) = easel(d, &["audit", "show", twins[1], "--json"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(twins[1]), "{out}");
     let (code, _, err) = easel(d, &["audit", "show", "ffffffff"]);
     assert_eq!(code, 1);
     assert!(err.contains("no request id starts with"), "{err}");
@@ -659,7 +686,7 @@ fn audit_prints_outside_text_with_escapes_made_visible() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(&easel::config::DataDir::new(dir.path()).log()).unwrap();
     let r = common::request("flux", 1, "red fox \u{1b}[2J\u{202e}gnp.exe");
-    let id = RequestId::new_at(chrono::Utc::now());
+    let id = RequestId::random();
     let at = chrono::Utc::now();
     let ev = |event| NewEvent {
         request_id: id,

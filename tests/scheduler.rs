@@ -393,17 +393,97 @@ async fn a_redelivered_cancel_never_reaches_a_later_request() {
         .cancel_queued(UserId(7), None, Some(101))
         .await
         .unwrap();
-    assert_eq!(cancelled, vec![before]);
+    assert_eq!(cancelled.cancelled(), [before]);
     // Update 101 again (a crash before its offset was saved).
     let again = core
         .cancel_queued(UserId(7), None, Some(101))
         .await
         .unwrap();
     assert!(
-        again.is_empty(),
+        again.cancelled().is_empty(),
         "the redelivered /cancel cancelled {again:?}"
     );
     assert!(core.read(|s| s.request(after).is_some()));
+}
+
+#[tokio::test]
+async fn cancel_with_a_prefix_cancels_exactly_one_of_the_users_requests_or_none() {
+    use easel::domain::UserId;
+    use easel::engine::Cancel;
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path(), Arc::new(ScriptedGenerator::default()));
+    let limits = Limits {
+        rate: easel::domain::RateLimit {
+            count: 100,
+            window_secs: 60,
+        },
+        max_pending: 50,
+    };
+    let queue = |user: i64, prompt: String| {
+        let core = Arc::clone(&rig.core);
+        async move {
+            match core
+                .accept(common::request("flux", user, &prompt), &limits)
+                .await
+                .unwrap()
+            {
+                Admitted::Queued { id, .. } => id,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    // 17 queued requests: two of them must share their first character.
+    let mut mine = Vec::new();
+    for i in 0..17 {
+        mine.push(queue(7, format!("prompt {i}")).await);
+    }
+    let other = queue(8, "someone else's".into()).await;
+    let first = |id: &easel::domain::RequestId| id.to_string()[..1].to_owned();
+    let shared = mine
+        .iter()
+        .map(first)
+        .find(|c| mine.iter().filter(|id| first(id) == *c).count() > 1)
+        .unwrap();
+    // Ambiguous: nothing cancelled, the candidates listed (oldest first).
+    match rig
+        .core
+        .cancel_queued(UserId(7), Some(&shared), None)
+        .await
+        .unwrap()
+    {
+        Cancel::Ambiguous(candidates) => {
+            let want: Vec<_> = mine
+                .iter()
+                .filter(|id| first(id) == shared)
+                .copied()
+                .collect();
+            let got: Vec<_> = candidates.iter().map(|(id, _)| *id).collect();
+            assert_eq!(got, want);
+            assert!(candidates.iter().all(|(_, p)| p.starts_with("prompt ")));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rig.core.read(|s| s.requests().count()), 18);
+    // The short id (any case, dashes ignored) cancels exactly that one.
+    let target = mine[5];
+    let short = target.short().to_ascii_uppercase();
+    let done = rig
+        .core
+        .cancel_queued(UserId(7), Some(&short), None)
+        .await
+        .unwrap();
+    assert_eq!(done, Cancel::Done(vec![target]));
+    // Another user's id matches nothing of this user's, and is not cancelled.
+    let theirs = rig
+        .core
+        .cancel_queued(UserId(7), Some(&other.short()), None)
+        .await
+        .unwrap();
+    assert!(
+        theirs.cancelled().is_empty() || mine.iter().any(|m| m.short() == other.short()),
+        "{theirs:?}"
+    );
+    assert!(rig.core.read(|s| s.request(other).is_some()));
 }
 
 #[tokio::test]

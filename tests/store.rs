@@ -16,7 +16,7 @@ fn queued(update: u32) -> NewEvent {
     origin.update_id = Some(update);
     origin.message_id = Some(update as i32);
     NewEvent {
-        request_id: RequestId::new_at(Utc::now()),
+        request_id: RequestId::random(),
         at: Utc::now(),
         event: Event::Queued {
             model: r.model,
@@ -648,4 +648,59 @@ fn a_refused_open_keeps_the_operating_systems_error_kind() {
         "{err:?}"
     );
     assert!(err.to_string().contains("data"), "{err}");
+}
+
+#[tokio::test]
+async fn a_log_from_before_random_ids_gets_its_request_index_rebuilt_in_creation_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let start = Utc::now() - chrono::Duration::hours(1);
+    let mut made = Vec::new();
+    {
+        let store = SledStore::open(&log).unwrap();
+        for i in 0..6i64 {
+            let id = RequestId::random();
+            let mut req = common::request("flux", 1 + i % 2, "a fox");
+            req.origin.update_id = Some(100 + i as u32);
+            store
+                .append(vec![NewEvent {
+                    request_id: id,
+                    at: start + chrono::Duration::minutes(i),
+                    event: Event::Queued {
+                        model: req.model,
+                        prompt: req.prompt,
+                        origin: req.origin,
+                    },
+                }])
+                .unwrap();
+            made.push(id);
+        }
+        assert_eq!(store.downgrade_index_for_tests().unwrap(), 6);
+        assert_eq!(store.count_prefix_for_tests(b'o'), 0);
+    }
+    // Opened twice: the rebuild is done once and repeating it changes nothing.
+    for _ in 0..2 {
+        let store = SledStore::open(&log).unwrap();
+        assert_eq!(store.count_prefix_for_tests(b'x'), 0, "old keys removed");
+        let all: Vec<RequestId> = store
+            .request_ids(None, None, None, false)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(all, made, "creation order, whatever the ids");
+        let user1: Vec<RequestId> = store
+            .request_ids(Some(easel::domain::UserId(1)), None, None, true)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(user1, [made[4], made[2], made[0]]);
+        let since: Vec<RequestId> = store
+            .request_ids(
+                None,
+                Some(start + chrono::Duration::minutes(4)),
+                None,
+                false,
+            )
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(since, made[4..]);
+    }
 }

@@ -6,19 +6,29 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The id of one image request: a UUIDv7, so ids sort by creation time.
+/// The id of one image request: a random UUID (v4), so its first 8
+/// characters — the *short id* users see and `/cancel` takes — are 32
+/// random bits, distinct among a data dir's requests as reliably as that
+/// allows (§2). Time order comes from the log (`seq`, `created_at`), not
+/// from ids. Ids made before this rule (UUIDv7, time first) stay valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RequestId(pub Uuid);
 
+/// Characters of an id shown to users as its short id.
+pub const SHORT_ID_CHARS: usize = 8;
+
 impl RequestId {
-    /// A fresh id. The caller passes the time so the domain stays clock-free.
-    /// Ids sort by creation millisecond; within one millisecond the order is
-    /// random, which keeps short id prefixes distinct for `/cancel <prefix>`.
-    pub fn new_at(at: chrono::DateTime<chrono::Utc>) -> Self {
-        let secs = u64::try_from(at.timestamp()).unwrap_or(0);
-        let ts = uuid::Timestamp::from_unix(uuid::NoContext, secs, at.timestamp_subsec_nanos());
-        RequestId(Uuid::new_v7(ts))
+    /// A fresh, random id.
+    pub fn random() -> Self {
+        RequestId(Uuid::new_v4())
+    }
+
+    /// The first [`SHORT_ID_CHARS`] characters of the id.
+    pub fn short(&self) -> String {
+        let mut text = self.0.to_string();
+        text.truncate(SHORT_ID_CHARS);
+        text
     }
 
     pub fn as_bytes(&self) -> &[u8; 16] {

@@ -47,6 +47,26 @@ pub enum CoreError {
     Invariant(Violation),
 }
 
+/// What a `/cancel` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// These requests are cancelled (none when nothing matched).
+    Done(Vec<RequestId>),
+    /// The prefix matched several of the user's queued requests (oldest
+    /// first, with their prompts): none was cancelled.
+    Ambiguous(Vec<(RequestId, String)>),
+}
+
+impl Cancel {
+    /// The cancelled ids (none when ambiguous).
+    pub fn cancelled(&self) -> &[RequestId] {
+        match self {
+            Cancel::Done(ids) => ids,
+            Cancel::Ambiguous(_) => &[],
+        }
+    }
+}
+
 /// Why a new request was not accepted.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AcceptError {
@@ -216,7 +236,7 @@ impl<S: EventStore> Core<S> {
             return Ok(Admitted::Duplicate { id });
         }
         state.admit(req.origin.user_id, limits, now)?;
-        let id = RequestId::new_at(now);
+        let id = RequestId::random();
         let event = Event::Queued {
             model: req.model,
             prompt: req.prompt,
@@ -325,8 +345,11 @@ impl<S: EventStore> Core<S> {
         }
     }
 
-    /// Cancels every queued request of `user` (optionally only ids starting
-    /// with `prefix`); returns the cancelled ids.
+    /// Cancels `user`'s queued requests: every one without `prefix`; with
+    /// it, exactly the one whose id starts with it (dashes and case
+    /// ignored), or none when several do ([`Cancel::Ambiguous`] lists
+    /// them). Only `user`'s own requests are ever matched. Returns what
+    /// happened.
     ///
     /// `issued_by` is the Telegram update of the cancel: only requests of
     /// earlier updates are cancelled. Update ids rise in the order Telegram
@@ -342,21 +365,47 @@ impl<S: EventStore> Core<S> {
         user: crate::domain::UserId,
         prefix: Option<&str>,
         issued_by: Option<u32>,
-    ) -> Result<Vec<RequestId>, CoreError> {
+    ) -> Result<Cancel, CoreError> {
         let earlier = |r: &crate::projection::ActiveRequest| match (r.origin.update_id, issued_by) {
             (Some(made_by), Some(cancel)) => made_by < cancel,
             _ => true,
         };
-        let ids: Vec<RequestId> = self.read(|s| {
+        let bare = |s: &str| s.replace('-', "").to_ascii_lowercase();
+        let wanted = prefix.map(bare);
+        // Oldest first: by time, then by place in line (one clock tick can
+        // hold several requests).
+        type Match = (
+            chrono::DateTime<chrono::Utc>,
+            Option<usize>,
+            RequestId,
+            String,
+        );
+        let mut matches: Vec<Match> = self.read(|s| {
             s.requests()
                 .filter(|r| r.origin.user_id == user && r.stage == Stage::Queued)
                 .filter(|r| earlier(r))
                 .filter(|r| {
-                    prefix.is_none_or(|p| r.id.to_string().starts_with(&p.to_ascii_lowercase()))
+                    wanted
+                        .as_deref()
+                        .is_none_or(|p| bare(&r.id.to_string()).starts_with(p))
                 })
-                .map(|r| r.id)
+                .map(|r| {
+                    (
+                        r.queued_at,
+                        s.position(r.id),
+                        r.id,
+                        r.prompt.as_str().to_owned(),
+                    )
+                })
                 .collect()
         });
+        matches.sort();
+        if prefix.is_some() && matches.len() > 1 {
+            return Ok(Cancel::Ambiguous(
+                matches.into_iter().map(|(_, _, id, p)| (id, p)).collect(),
+            ));
+        }
+        let ids: Vec<RequestId> = matches.into_iter().map(|(_, _, id, _)| id).collect();
         let mut done = Vec::new();
         for id in ids {
             match self.execute(id, Command::Cancel).await {
@@ -365,7 +414,7 @@ impl<S: EventStore> Core<S> {
                 Err(e) => return Err(e),
             }
         }
-        Ok(done)
+        Ok(Cancel::Done(done))
     }
 
     /// The recovery rule, run once at start: every in-flight request gets a

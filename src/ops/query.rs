@@ -39,16 +39,6 @@ pub enum Query {
     Show { id: RequestId },
 }
 
-/// The smallest (or largest) UUIDv7 of a millisecond: ids sort by time.
-fn uuid_bound(t: DateTime<Utc>, upper: bool) -> RequestId {
-    let ms = u64::try_from(t.timestamp_millis())
-        .unwrap_or(0)
-        .min((1 << 48) - 1);
-    let mut bytes = if upper { [0xFFu8; 16] } else { [0u8; 16] };
-    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    RequestId(uuid::Uuid::from_bytes(bytes))
-}
-
 /// The record of one request, from its indexed events.
 ///
 /// # Errors
@@ -71,12 +61,7 @@ pub fn list<'a>(
     store: &'a impl EventStore,
     filter: &'a Filter,
 ) -> impl Iterator<Item = Result<RequestRecord, StoreError>> + 'a {
-    let ids = store.request_ids(
-        filter.user.map(UserId),
-        filter.since.map(|t| uuid_bound(t, false)),
-        filter.until.map(|t| uuid_bound(t, true)),
-        true,
-    );
+    let ids = store.request_ids(filter.user.map(UserId), filter.since, filter.until, true);
     ids.map(move |id| -> Result<Option<RequestRecord>, StoreError> {
         let Some((record, _)) = record_of(store, id?)? else {
             return Ok(None);
@@ -117,6 +102,9 @@ pub fn find(store: &impl EventStore, prefix: &str) -> Result<Vec<RequestId>, sup
             .collect();
         uuid::Uuid::parse_str(&full).ok().map(RequestId)
     };
-    let ids = store.request_ids(None, pad('0'), pad('f'), false);
+    let (Some(lo), Some(hi)) = (pad('0'), pad('f')) else {
+        return Ok(Vec::new());
+    };
+    let ids = store.ids_between(lo, hi);
     Ok(ids.take(21).collect::<Result<Vec<_>, _>>()?)
 }

@@ -105,19 +105,11 @@ fn due(
     cutoff: DateTime<Utc>,
     max: usize,
 ) -> Result<Vec<(RequestId, Vec<Recorded>)>, StoreError> {
-    let cutoff_ms = u64::try_from(cutoff.timestamp_millis()).unwrap_or(0);
     let mut out = Vec::new();
-    for id in store.request_ids(None, None, None, false) {
+    // Only requests created before the cutoff (the creation-order index):
+    // a request created after it cannot have finished before it.
+    for id in store.request_ids(None, None, Some(cutoff), false) {
         let id = id?;
-        // Ids are UUIDv7, in creation order: a request created after the
-        // cutoff cannot have finished before it, nor can any later one.
-        let created_ms = id.0.get_timestamp().map_or(0, |t| {
-            let (secs, nanos) = t.to_unix();
-            secs * 1000 + u64::from(nanos / 1_000_000)
-        });
-        if created_ms >= cutoff_ms {
-            break;
-        }
         let mut events = Vec::new();
         let mut readable = true;
         for item in store.events_of(id)? {

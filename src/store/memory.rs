@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 use super::{EventStore, NewEvent, ReadItem, Recorded, StoreError};
@@ -19,9 +20,11 @@ struct Log {
     /// Every seq handed out so far (removals never give one back).
     high_water: u64,
     by_request: HashMap<RequestId, Vec<u64>>,
-    /// Request ids in creation order (UUIDv7 order), and per user.
-    requests: BTreeSet<RequestId>,
-    by_user: HashMap<UserId, BTreeSet<RequestId>>,
+    /// Requests in creation order (milliseconds, then id), and per user.
+    requests: BTreeSet<(i64, RequestId)>,
+    by_user: HashMap<UserId, BTreeSet<(i64, RequestId)>>,
+    /// Every request id, in id order (prefix lookups).
+    ids: BTreeSet<RequestId>,
     updates: HashMap<u32, RequestId>,
     messages: HashMap<(ChatId, i32), RequestId>,
     checkpoint: Option<(u64, Vec<u8>)>,
@@ -70,8 +73,13 @@ impl EventStore for MemoryStore {
             let id = rec.request_id;
             log.by_request.entry(id).or_default().push(rec.seq);
             if let Event::Queued { origin, .. } = &rec.event {
-                log.requests.insert(id);
-                log.by_user.entry(origin.user_id).or_default().insert(id);
+                let at = rec.at.timestamp_millis();
+                log.requests.insert((at, id));
+                log.by_user
+                    .entry(origin.user_id)
+                    .or_default()
+                    .insert((at, id));
+                log.ids.insert(id);
                 if let Some(u) = origin.update_id {
                     log.updates.insert(u, id);
                 }
@@ -152,8 +160,8 @@ impl EventStore for MemoryStore {
     fn request_ids(
         &self,
         user: Option<UserId>,
-        from: Option<RequestId>,
-        to: Option<RequestId>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
         newest_first: bool,
     ) -> Box<dyn Iterator<Item = Result<RequestId, StoreError>> + Send + '_> {
         let log = self.lock();
@@ -162,14 +170,27 @@ impl EventStore for MemoryStore {
             Some(u) => log.by_user.get(&u).unwrap_or(&empty),
             None => &log.requests,
         };
+        let (lo, hi) = (
+            since.map_or(i64::MIN, |t| t.timestamp_millis()),
+            until.map_or(i64::MAX, |t| t.timestamp_millis()),
+        );
         let mut ids: Vec<RequestId> = set
             .iter()
-            .filter(|id| from.is_none_or(|f| **id >= f) && to.is_none_or(|t| **id <= t))
-            .copied()
+            .filter(|(at, _)| (lo..=hi).contains(at))
+            .map(|(_, id)| *id)
             .collect();
         if newest_first {
             ids.reverse();
         }
+        Box::new(ids.into_iter().map(Ok))
+    }
+
+    fn ids_between(
+        &self,
+        lo: RequestId,
+        hi: RequestId,
+    ) -> Box<dyn Iterator<Item = Result<RequestId, StoreError>> + Send + '_> {
+        let ids: Vec<RequestId> = self.lock().ids.range(lo..=hi).copied().collect();
         Box::new(ids.into_iter().map(Ok))
     }
 
@@ -207,10 +228,12 @@ impl EventStore for MemoryStore {
                 };
                 removed += 1;
                 if let Event::Queued { origin, .. } = &rec.event {
-                    log.requests.remove(id);
+                    let at = rec.at.timestamp_millis();
+                    log.requests.remove(&(at, *id));
                     if let Some(set) = log.by_user.get_mut(&origin.user_id) {
-                        set.remove(id);
+                        set.remove(&(at, *id));
                     }
+                    log.ids.remove(id);
                     // Intake keys only while they still name this request.
                     if let Some(u) = origin.update_id
                         && log.updates.get(&u) == Some(id)

@@ -214,15 +214,24 @@ pub trait EventStore: Send + Sync + 'static {
     /// [`StoreError::Read`].
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
-    /// Request ids in creation order (UUIDv7 order), newest first when
-    /// `newest_first`, within `[from, to]` when given, only `user`'s when
-    /// given. Served from the request index, not by reading events.
+    /// Request ids in creation order (the time of their `Queued`, to the
+    /// millisecond; ids themselves are random), newest first when
+    /// `newest_first`, created within `[since, until]` when given, only
+    /// `user`'s when given. Served from an index, not by reading events.
     fn request_ids(
         &self,
         user: Option<crate::domain::UserId>,
-        from: Option<RequestId>,
-        to: Option<RequestId>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
         newest_first: bool,
+    ) -> Box<dyn Iterator<Item = Result<RequestId, StoreError>> + Send + '_>;
+
+    /// Request ids from `lo` to `hi` in id order: finding a request by the
+    /// start of its id (`/cancel <prefix>`, `easel audit show <prefix>`).
+    fn ids_between(
+        &self,
+        lo: RequestId,
+        hi: RequestId,
     ) -> Box<dyn Iterator<Item = Result<RequestId, StoreError>> + Send + '_>;
 
     /// Every meta value whose name starts with `prefix`.

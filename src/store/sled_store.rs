@@ -21,18 +21,51 @@ const UPDATE: u8 = b'u';
 const MESSAGE: u8 = b'm';
 const CHECKPOINT: &[u8] = b"c/checkpoint";
 const META: u8 = b'k';
-const USER: u8 = b'x';
+/// Per-user request index before issue 14 (`x<user><id>`, id order);
+/// replaced at open by [`BY_USER`].
+const OLD_USER: u8 = b'x';
+/// Requests in creation order: `o<created ms><id>`.
+const ORDER: u8 = b'o';
+/// A user's requests in creation order: `y<user><created ms><id>`.
+const BY_USER: u8 = b'y';
+/// Meta: which request-index layout the log has ("2": creation order).
+const INDEX_LAYOUT: &str = "index/layout";
 /// Meta: the highest seq the log had written when events were last removed
 /// (retention). Seqs continue above it after a restart, so a seq the
 /// archive holds is never given again.
 const HIGH_WATER: &str = "log/high_water";
 
-/// `x/<user, sign-flipped so negative ids sort first><request id>`.
-fn user_key(user: crate::domain::UserId, id: RequestId) -> [u8; 25] {
+/// A user id as 8 bytes that sort as the numbers do (sign flipped, so
+/// negative ids sort first).
+fn user_bytes(user: crate::domain::UserId) -> [u8; 8] {
+    ((user.0 as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// Milliseconds since 1970 (0 before), the order of the request indexes.
+fn millis(at: chrono::DateTime<chrono::Utc>) -> [u8; 8] {
+    u64::try_from(at.timestamp_millis())
+        .unwrap_or(0)
+        .to_be_bytes()
+}
+
+fn order_key(at: chrono::DateTime<chrono::Utc>, id: RequestId) -> [u8; 25] {
     let mut k = [0u8; 25];
-    k[0] = USER;
-    k[1..9].copy_from_slice(&((user.0 as u64) ^ (1 << 63)).to_be_bytes());
+    k[0] = ORDER;
+    k[1..9].copy_from_slice(&millis(at));
     k[9..].copy_from_slice(id.as_bytes());
+    k
+}
+
+fn user_key(
+    user: crate::domain::UserId,
+    at: chrono::DateTime<chrono::Utc>,
+    id: RequestId,
+) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = BY_USER;
+    k[1..9].copy_from_slice(&user_bytes(user));
+    k[9..17].copy_from_slice(&millis(at));
+    k[17..].copy_from_slice(id.as_bytes());
     k
 }
 
@@ -184,6 +217,51 @@ impl SledStore {
             .insert(event_key(seq), bytes)
             .map(|_| ())
             .map_err(|e| StoreError::Write(self.inner.refused(&e)))
+    }
+
+    /// Turns this log's request indexes back into the layout of before
+    /// issue 14 (per-user keys in id order, no creation-order keys, no
+    /// layout mark), to test the rebuild at the next open. Returns how
+    /// many old keys there are now; [`SledStore::count_prefix_for_tests`]
+    /// counts them again after.
+    ///
+    /// # Errors
+    /// A read or write error.
+    #[cfg(feature = "test-support")]
+    pub fn downgrade_index_for_tests(&self) -> Result<usize, StoreError> {
+        let db = &self.inner.db;
+        let write = |e: sled::Error| StoreError::Write(describe(&e));
+        for prefix in [ORDER, BY_USER] {
+            for key in db.scan_prefix([prefix]).keys() {
+                db.remove(key.map_err(read_err)?).map_err(write)?;
+            }
+        }
+        db.remove(meta_key(INDEX_LAYOUT)).map_err(write)?;
+        let mut old = 0;
+        for kv in db.scan_prefix([EVENT]) {
+            let (k, v) = kv.map_err(read_err)?;
+            if let Ok(rec) = decode_at(&k, &v)
+                && let Event::Queued { origin, .. } = &rec.event
+            {
+                let key = [
+                    &[OLD_USER][..],
+                    &user_bytes(origin.user_id),
+                    rec.request_id.as_bytes(),
+                ]
+                .concat();
+                db.insert(key, Vec::<u8>::new()).map_err(write)?;
+                old += 1;
+            }
+        }
+        db.flush().map_err(write)?;
+        Ok(old)
+    }
+
+    /// How many keys start with `prefix` (`b'x'` old per-user keys, `b'o'`
+    /// creation order, `b'y'` per user).
+    #[cfg(feature = "test-support")]
+    pub fn count_prefix_for_tests(&self, prefix: u8) -> usize {
+        self.inner.db.scan_prefix([prefix]).count()
     }
 
     /// The highest seq this handle has made durable itself (flushed and
@@ -492,6 +570,21 @@ impl Inner {
     /// One flush as leader: covers every append written before it started.
     fn flush_as_leader(&self) {
         let target = self.written.load(Ordering::Acquire);
+        // Once the disk refused, sled's error is sticky and a new flush can
+        // only fail again — or wait on an I/O buffer that will never be
+        // written (seen in the disk-full campaign as a reply that never
+        // came). Every waiter gets the failure at once instead.
+        let reported = self.broken.borrow().clone();
+        if let Some(reason) = reported {
+            self.durable.send_modify(|d| {
+                d.failed_through = d.failed_through.max(target);
+                d.failures += 1;
+                d.error = Some(Cause::from(reason.to_string()));
+            });
+            *lock(&self.flushing) = false;
+            self.durable.send_modify(|_| {});
+            return;
+        }
         // The fsync blocks: on a multi-threaded runtime tokio moves other
         // tasks off this worker meanwhile.
         let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
@@ -551,8 +644,9 @@ fn id_at(value: Option<sled::IVec>) -> Option<RequestId> {
 fn derived_keys(rec: &Recorded) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut keys = vec![(index_key(rec.request_id, rec.seq).to_vec(), Vec::new())];
     if let Event::Queued { origin, .. } = &rec.event {
+        keys.push((order_key(rec.at, rec.request_id).to_vec(), Vec::new()));
         keys.push((
-            user_key(origin.user_id, rec.request_id).to_vec(),
+            user_key(origin.user_id, rec.at, rec.request_id).to_vec(),
             Vec::new(),
         ));
         let id = rec.request_id.as_bytes().to_vec();
@@ -593,11 +687,22 @@ fn meta_key(name: &str) -> Vec<u8> {
 /// whenever it has the checkpoint. (After a refused write sled refuses all
 /// later ones, so no checkpoint can cover an append that failed midway.)
 /// Without a readable checkpoint the whole log is checked.
+///
+/// A log from before the creation-order indexes (issue 14: request ids no
+/// longer sort by time) is re-derived whole once, its old per-user keys
+/// removed, and the layout recorded; every step can be repeated, so a
+/// crash midway is finished at the next open.
 fn reindex_tail(db: &sled::Db, db_file: &std::fs::File) -> Result<u64, StoreError> {
-    let from = read_checkpoint(db)
-        .ok()
-        .flatten()
-        .map_or(0, |(seq, _)| seq + 1);
+    let open_err = |e: sled::Error| StoreError::Open(describe(&e));
+    let layout_ok = db.get(meta_key(INDEX_LAYOUT)).map_err(open_err)?.as_deref() == Some(b"2");
+    let from = if layout_ok {
+        read_checkpoint(db)
+            .ok()
+            .flatten()
+            .map_or(0, |(seq, _)| seq + 1)
+    } else {
+        0
+    };
     let mut repaired = 0;
     for kv in db.range(event_key(from)..=event_key(u64::MAX)) {
         let (k, v) = kv.map_err(|e| StoreError::Open(Cause::from(e.to_string())))?;
@@ -615,6 +720,18 @@ fn reindex_tail(db: &sled::Db, db_file: &std::fs::File) -> Result<u64, StoreErro
                 repaired += 1;
             }
         }
+    }
+    if !layout_ok {
+        for key in db.scan_prefix([OLD_USER]).keys() {
+            db.remove(key.map_err(open_err)?).map_err(open_err)?;
+        }
+        db.insert(meta_key(INDEX_LAYOUT), b"2".to_vec())
+            .map_err(open_err)?;
+        sync_db(db, db_file).map_err(|e| StoreError::Open(describe(&e)))?;
+        if repaired > 0 {
+            tracing::info!(keys = repaired, "request index rebuilt in creation order");
+        }
+        return Ok(repaired);
     }
     if repaired > 0 {
         sync_db(db, db_file).map_err(|e| StoreError::Open(describe(&e)))?;
@@ -790,47 +907,69 @@ impl EventStore for SledStore {
     fn request_ids(
         &self,
         user: Option<crate::domain::UserId>,
-        from: Option<RequestId>,
-        to: Option<RequestId>,
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        until: Option<chrono::DateTime<chrono::Utc>>,
         newest_first: bool,
     ) -> Box<dyn Iterator<Item = Result<RequestId, StoreError>> + Send + '_> {
-        let lo = from.map_or([0u8; 16], |id| *id.as_bytes());
-        let hi = to.map_or([0xFFu8; 16], |id| *id.as_bytes());
-        // Keys: a prefix, then the 16 id bytes, then (for the event index)
-        // a seq; ids repeat in the event index and are deduplicated.
-        let (prefix, id_at): (Vec<u8>, usize) = match user {
-            Some(u) => (user_key(u, RequestId(uuid::Uuid::nil()))[..9].to_vec(), 9),
-            None => (vec![INDEX], 1),
+        let lo = since.map_or([0u8; 8], millis);
+        let hi = until.map_or([0xFFu8; 8], millis);
+        // `o<ms><id>`, or `y<user><ms><id>`: the id is the last 16 bytes.
+        let mut start = match user {
+            Some(u) => [&[BY_USER][..], &user_bytes(u)].concat(),
+            None => vec![ORDER],
         };
-        let mut start = prefix.clone();
+        let mut end = start.clone();
         start.extend_from_slice(&lo);
-        let mut end = prefix;
         end.extend_from_slice(&hi);
-        end.extend_from_slice(&[0xFF; 9]);
+        end.extend_from_slice(&[0xFF; 16]);
         let range = self.inner.db.range(start..=end);
-        let ids =
-            move |kv: sled::Result<(sled::IVec, sled::IVec)>| -> Result<RequestId, StoreError> {
-                let (k, _) = kv.map_err(read_err)?;
-                let bytes: [u8; 16] = k
-                    .get(id_at..id_at + 16)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| StoreError::Read("malformed index key".into()))?;
-                Ok(RequestId(uuid::Uuid::from_bytes(bytes)))
-            };
-        let iter: Box<dyn Iterator<Item = Result<RequestId, StoreError>> + Send> = if newest_first {
+        let ids = |kv: sled::Result<(sled::IVec, sled::IVec)>| -> Result<RequestId, StoreError> {
+            let (k, _) = kv.map_err(read_err)?;
+            let bytes: [u8; 16] = k
+                .len()
+                .checked_sub(16)
+                .and_then(|at| k.get(at..))
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| StoreError::Read("malformed index key".into()))?;
+            Ok(RequestId(uuid::Uuid::from_bytes(bytes)))
+        };
+        if newest_first {
             Box::new(range.rev().map(ids))
         } else {
             Box::new(range.map(ids))
-        };
+        }
+    }
+
+    fn ids_between(
+        &self,
+        lo: RequestId,
+        hi: RequestId,
+    ) -> Box<dyn Iterator<Item = Result<RequestId, StoreError>> + Send + '_> {
+        // The event index `i<id><seq>`: ids repeat, one key per event.
+        let start = index_key(lo, 0);
+        let end = index_key(hi, u64::MAX);
         let mut last: Option<RequestId> = None;
-        Box::new(iter.filter(move |r| match r {
-            Ok(id) if last == Some(*id) => false,
-            Ok(id) => {
-                last = Some(*id);
-                true
-            }
-            Err(_) => true,
-        }))
+        Box::new(
+            self.inner
+                .db
+                .range(start..=end)
+                .map(|kv| -> Result<RequestId, StoreError> {
+                    let (k, _) = kv.map_err(read_err)?;
+                    let bytes: [u8; 16] = k
+                        .get(1..17)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| StoreError::Read("malformed index key".into()))?;
+                    Ok(RequestId(uuid::Uuid::from_bytes(bytes)))
+                })
+                .filter(move |r| match r {
+                    Ok(id) if last == Some(*id) => false,
+                    Ok(id) => {
+                        last = Some(*id);
+                        true
+                    }
+                    Err(_) => true,
+                }),
+        )
     }
 
     fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

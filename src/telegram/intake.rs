@@ -15,8 +15,8 @@ use super::turn::Turn;
 use super::words;
 use crate::config::Settings;
 use crate::domain::ids::InvalidPrompt;
-use crate::domain::{ChatId, Event, ModelName, Origin, Prompt, Rejection, UserId};
-use crate::engine::{AcceptError, Admitted, Core, ImageStore, NewRequest};
+use crate::domain::{ChatId, Event, ModelName, Origin, Prompt, Rejection, RequestId, UserId};
+use crate::engine::{AcceptError, Admitted, Cancel, Core, ImageStore, NewRequest};
 use crate::store::EventStore;
 
 pub struct Intake<S: EventStore> {
@@ -27,6 +27,44 @@ pub struct Intake<S: EventStore> {
     pub images: Arc<ImageStore>,
     /// Our @username, without the `@`.
     pub username: String,
+    /// Requests whose user was told "couldn't take that request" although
+    /// their `Queued` was written (the disk refused its flush): see
+    /// [`Refused`].
+    pub refused: Refused,
+}
+
+/// Requests appended but refused to their users because the disk refused
+/// the flush that would have made them durable. Part of the failed flush
+/// may still have reached the disk (a write cut short at a size limit
+/// keeps its start), so such a request can reappear when the log is
+/// reopened; the next engine of this process cancels it before it runs,
+/// so "refused" means "not taken" (`app::run` hands the list over).
+#[derive(Clone, Default)]
+pub struct Refused(Arc<std::sync::Mutex<Vec<RequestId>>>);
+
+impl Refused {
+    fn note(&self, id: RequestId) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(id);
+    }
+
+    /// The noted requests.
+    pub fn list(&self) -> Vec<RequestId> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Forgets `id` once it is dealt with (cancelled, or not in the log).
+    pub fn done(&self, id: RequestId) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|r| *r != id);
+    }
 }
 
 /// What a message needs, decided before anything is recorded: the one
@@ -153,10 +191,17 @@ impl<S: EventStore> Intake<S> {
                     .cancel_queued(UserId(user_id), prefix.as_deref(), Some(update_id))
                     .await
                 {
-                    Ok(ids) if ids.is_empty() && prefix.is_some() => {
+                    Ok(Cancel::Ambiguous(candidates)) => {
+                        let shown: Vec<(String, String)> = candidates
+                            .iter()
+                            .map(|(id, prompt)| (id.short(), prompt.clone()))
+                            .collect();
+                        words::cancel_ambiguous(prefix.as_deref().unwrap_or_default(), &shown)
+                    }
+                    Ok(Cancel::Done(ids)) if ids.is_empty() && prefix.is_some() => {
                         words::nothing_to_cancel_with(prefix.as_deref().unwrap_or_default())
                     }
-                    Ok(ids) => words::cancelled(ids.len()),
+                    Ok(Cancel::Done(ids)) => words::cancelled(ids.len()),
                     Err(e) => {
                         tracing::error!(error = %e, "cancel failed");
                         words::busy()
@@ -202,7 +247,17 @@ impl<S: EventStore> Intake<S> {
         // Told nobody yet: the reply waits for the disk (shared with the
         // rest of the batch).
         let admitted = match admitted {
-            Ok(a) => self.core.confirm(a).await,
+            Ok(a) => {
+                let written = match &a {
+                    Admitted::Queued { id, .. } => Some(*id),
+                    Admitted::Duplicate { .. } => None,
+                };
+                let confirmed = self.core.confirm(a).await;
+                if let (Err(_), Some(id)) = (&confirmed, written) {
+                    self.refused.note(id);
+                }
+                confirmed
+            }
             Err(e) => Err(e),
         };
         self.answer_admission(to, chat, name, admitted).await

@@ -171,6 +171,21 @@ pub fn cancelled(n: usize) -> String {
     }
 }
 
+/// `/cancel <prefix>` matched several requests: none was cancelled; each
+/// is listed by its short id and the start of its prompt.
+pub fn cancel_ambiguous(prefix: &str, candidates: &[(String, String)]) -> String {
+    let prefix: String = prefix.chars().take(40).collect();
+    let mut text = format!(
+        "\"{prefix}\" matches {} of your queued requests, so I cancelled none. Send /cancel with one of these ids:",
+        candidates.len()
+    );
+    for (short, prompt) in candidates.iter().take(10) {
+        let start: String = prompt.chars().take(QUEUE_PROMPT_CHARS).collect();
+        text.push_str(&format!("\n• {short} “{start}”"));
+    }
+    text
+}
+
 pub fn nothing_to_cancel_with(prefix: &str) -> String {
     let prefix: String = prefix.chars().take(40).collect();
     format!("None of your queued requests has an id starting with \"{prefix}\".")

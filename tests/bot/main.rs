@@ -247,7 +247,7 @@ async fn cancel_all_and_cancel_by_id_prefix() {
         assert!(listing.contains(&format!("“queued {i}”")), "{listing}");
     }
     app.tg
-        .user_sends(u, u, &format!("/cancel {}", &ids[1][..13]));
+        .user_sends(u, u, &format!("/cancel {}", &ids[1][..8]));
     assert!(app.text_to(u, "Cancelled 1 queued request.").await);
     app.tg.user_sends(u, u, "/cancel ffffffff");
     assert!(
