@@ -145,7 +145,8 @@ pub fn failed(model: &str, kind: FailureKind) -> String {
             "the image service answered with something that is not an image. Please try again."
         }
         FailureKind::Refused => {
-            "the image service refused the request. The bot's operator has been told."
+            // No operator alert exists yet (issue 16): say nothing that did not happen.
+            "the image service refused the request. If it keeps happening, please tell the bot's operator."
         }
         FailureKind::NotConfigured => {
             "image generation is not configured for this model right now."
@@ -313,6 +314,25 @@ mod tests {
             "/image=flux=",
         ] {
             assert!(text.contains(part), "{part:?} not in {text}");
+        }
+    }
+
+    #[test]
+    fn no_failure_text_claims_an_alert_that_was_not_sent() {
+        use crate::domain::FailureKind;
+        for kind in [
+            FailureKind::Rejected,
+            FailureKind::Unavailable,
+            FailureKind::TimedOut,
+            FailureKind::BadAnswer,
+            FailureKind::Refused,
+            FailureKind::NotConfigured,
+            FailureKind::Delivery,
+            FailureKind::Internal,
+        ] {
+            let text = failed("flux", kind);
+            assert!(!text.contains("has been told"), "{text}");
+            assert!(text.starts_with("flux: Failed — "), "{text}");
         }
     }
 
