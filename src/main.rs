@@ -44,6 +44,9 @@ enum Command {
         /// Only events at or after this time (RFC 3339 or a date).
         #[arg(long)]
         since: Option<String>,
+        /// The archived history first (requests retention moved out of the log).
+        #[arg(long)]
+        with_archive: bool,
     },
     /// Rebuild every projection from the log (or an exported file) and print each model's queue.
     ///
@@ -60,6 +63,9 @@ enum Command {
         verify: bool,
         #[arg(long)]
         json: bool,
+        /// The archived history first, so the whole life of the data dir replays and verifies.
+        #[arg(long, conflicts_with = "from")]
+        with_archive: bool,
     },
     /// Rewrite the event log without the space sled keeps after retention removed requests (stop the bot first).
     ///
@@ -85,6 +91,7 @@ enum Audit {
         since: Option<String>,
         #[arg(long)]
         until: Option<String>,
+        /// How many, newest first; 0 lists all. Stderr says when more matched.
         #[arg(long, default_value_t = 50)]
         limit: usize,
         /// One JSON object per line.
@@ -236,7 +243,7 @@ fn operate(flag: Option<PathBuf>, command: Command) -> Result<u8, Failure> {
                 status,
                 since: time(since)?,
                 until: time(until)?,
-                limit: Some(limit),
+                limit: (limit > 0).then_some(limit),
             };
             cli::audit_list(&open()?, &filter, json, &mut out)
         }
@@ -244,28 +251,40 @@ fn operate(flag: Option<PathBuf>, command: Command) -> Result<u8, Failure> {
             cli::audit_show(&open()?, &dir.archive(), &id, json, &mut out)
         }
         Command::Audit(Audit::Stats { json }) => cli::audit_stats(&open()?, json, &mut out),
-        Command::Export { since } => {
+        Command::Export {
+            since,
+            with_archive,
+        } => {
             let since = time(since)?;
-            cli::export(&open()?, since, &mut out)
+            let archive = dir.archive();
+            cli::export(
+                &open()?,
+                since,
+                with_archive.then_some(archive.as_path()),
+                &mut out,
+            )
         }
         Command::Replay {
             from: Some(file),
             until_seq,
             verify,
             json,
+            ..
         } => cli::replay(ReplayInput::File(&file), until_seq, verify, json, &mut out),
         Command::Replay {
             from: None,
             until_seq,
             verify,
             json,
-        } => cli::replay(
-            ReplayInput::Source(&open()?),
-            until_seq,
-            verify,
-            json,
-            &mut out,
-        ),
+            with_archive,
+        } => {
+            let archive = dir.archive();
+            let input = ReplayInput::Source {
+                src: &open()?,
+                archive: with_archive.then_some(archive.as_path()),
+            };
+            cli::replay(input, until_seq, verify, json, &mut out)
+        }
         Command::Compact => cli::compact(&dir.log(), &mut out),
         Command::Run => Ok(0),
         #[cfg(feature = "demo")]

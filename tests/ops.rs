@@ -136,6 +136,23 @@ async fn audit_list_table_json_and_every_filter() {
     assert_eq!(code, 0, "{err}");
     let rows = json_lines(&out);
     assert_eq!(rows.len(), 7);
+    assert!(err.is_empty(), "nothing cut, nothing said: {err}");
+    // A cut list says so on stderr; --limit 0 lists all.
+    let (code, out, err) = easel(d, &["audit", "list", "--json", "--limit", "3"]);
+    assert_eq!(code, 0);
+    assert_eq!(json_lines(&out).len(), 3);
+    assert!(
+        err.contains("showing the newest 3; more requests match (--limit 0 lists all)"),
+        "{err}"
+    );
+    let (_, out, err) = easel(d, &["audit", "list", "--json", "--limit", "0"]);
+    assert_eq!(json_lines(&out).len(), 7);
+    assert!(err.is_empty(), "{err}");
+    let (_, _, err) = easel(d, &["audit", "list", "--limit", "7"]);
+    assert!(
+        err.is_empty(),
+        "exactly as many as asked for is not cut: {err}"
+    );
     // Newest first, with the documented fields.
     assert_eq!(rows[0]["id"], m.queued.to_string());
     for key in [
@@ -471,6 +488,22 @@ async fn retention_moves_old_finished_requests_to_the_archive_losing_nothing() {
     );
     // queued, started, enhanced, failed
     assert_eq!(shown["events"].as_array().unwrap().len(), 4);
+
+    // One command for the whole life of the data dir: the archive first,
+    // merged in seq order, gives back the export of before, and verifies.
+    let (code, whole, err) = easel(d, &["export", "--with-archive"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(whole.lines().map(str::to_owned).collect::<Vec<_>>(), before);
+    let (code, out, err) = easel(d, &["replay", "--verify", "--with-archive", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["events"].as_u64(), Some(before.len() as u64));
+    assert_eq!(report["verify"]["ok"], true);
+    assert_eq!(models(&out), models(&state_before));
+    // Without it, only what the log still holds.
+    let (_, out, _) = easel(d, &["replay", "--json"]);
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(report["events"].as_u64().unwrap() < before.len() as u64);
 }
 
 /// `easel compact` on a stopped data dir: one sentence with the sizes, and

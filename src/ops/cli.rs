@@ -14,7 +14,7 @@ use super::source::Source;
 use super::{OpsError, elide, table};
 use crate::domain::{Event, RequestId, Stage};
 use crate::projection::RequestRecord;
-use crate::store::{Corrupt, DecodeError, ReadError, ReadItem};
+use crate::store::{Corrupt, DecodeError, ReadError, ReadItem, Recorded};
 
 type Out<'a> = &'a mut dyn Write;
 type Res = Result<u8, OpsError>;
@@ -75,7 +75,21 @@ fn prompt_width() -> usize {
 }
 
 pub fn audit_list(src: &Source, filter: &Filter, json_out: bool, out: Out<'_>) -> Res {
-    let records = src.list(filter)?;
+    // One more than asked for tells whether the list was cut.
+    let mut wider = filter.clone();
+    wider.limit = filter.limit.map(|n| n.saturating_add(1));
+    let mut records = src.list(&wider)?;
+    let cut = filter.limit.is_some_and(|n| records.len() > n);
+    if let Some(n) = filter.limit {
+        records.truncate(n);
+    }
+    if cut {
+        // A notice beside the output, not an error: the list is what was asked.
+        eprintln!(
+            "easel: showing the newest {}; more requests match (--limit 0 lists all)",
+            records.len()
+        );
+    }
     if json_out {
         for r in &records {
             w(out, &format!("{}\n", to_json(r)?))?;
@@ -441,8 +455,46 @@ pub fn compact(log: &Path, out: Out<'_>) -> Res {
     Ok(0)
 }
 
-pub fn export(src: &Source, since: Option<DateTime<Utc>>, out: Out<'_>) -> Res {
-    for item in src.events(1, None) {
+/// The log's events, after the archived ones when `archive` is given
+/// (`--with-archive`), merged in seq order: the whole life of the data
+/// dir in one stream.
+fn history<'a>(
+    src: &'a Source,
+    archive: Option<&Path>,
+    until_seq: Option<u64>,
+) -> Result<Box<dyn Iterator<Item = Result<Recorded, OpsError>> + 'a>, OpsError> {
+    let log = src.events(1, until_seq);
+    let Some(dir) = archive else {
+        return Ok(log);
+    };
+    let until = until_seq.unwrap_or(u64::MAX);
+    let mut archived = super::retention::archived_events(dir)
+        .map_err(|e| OpsError::failed(format!("cannot read the archive: {e}")))?
+        .into_iter()
+        .filter(move |r| r.seq <= until)
+        .peekable();
+    let mut log = log.peekable();
+    Ok(Box::new(std::iter::from_fn(move || {
+        let take_archived = match (archived.peek(), log.peek()) {
+            (Some(a), Some(Ok(l))) => a.seq < l.seq,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if take_archived {
+            archived.next().map(Ok)
+        } else {
+            log.next()
+        }
+    })))
+}
+
+pub fn export(
+    src: &Source,
+    since: Option<DateTime<Utc>>,
+    archive: Option<&Path>,
+    out: Out<'_>,
+) -> Res {
+    for item in history(src, archive, None)? {
         match item {
             Ok(e) if since.is_none_or(|t| e.at >= t) => {
                 w(out, &format!("{}\n", to_json(&ExportedEvent::from(&e))?))?;
@@ -455,9 +507,13 @@ pub fn export(src: &Source, since: Option<DateTime<Utc>>, out: Out<'_>) -> Res {
     Ok(0)
 }
 
-/// Where replay reads: the data dir, or an exported file.
+/// Where replay reads: the data dir (after its archive with
+/// `--with-archive`), or an exported file.
 pub enum ReplayInput<'a> {
-    Source(&'a Source),
+    Source {
+        src: &'a Source,
+        archive: Option<&'a Path>,
+    },
     File(&'a Path),
 }
 
@@ -576,8 +632,8 @@ pub fn replay(
         }))
     };
     let (items, total): (Box<dyn Iterator<Item = ReadItem> + '_>, u64) = match input {
-        ReplayInput::Source(src) => (
-            Box::new(src.events(1, until_seq).map(|item| match item {
+        ReplayInput::Source { src, archive } => (
+            Box::new(history(src, archive, until_seq)?.map(|item| match item {
                 Ok(rec) => Ok(rec),
                 Err(OpsError::Store(e)) => Err(ReadError::Store(e)),
                 Err(e) => unreadable(e.to_string()),

@@ -154,6 +154,32 @@ fn write_archive(path: &Path, events: &[&Recorded]) -> std::io::Result<u64> {
     Ok(bytes)
 }
 
+/// Every archived event, in seq order (the files hold whole requests, so
+/// their events interleave with each other's and with the log's). Held in
+/// memory: an archive of millions of events wants a streaming merge.
+///
+/// # Errors
+/// A file that cannot be read, or a line that is not an exported event.
+pub fn archived_events(dir: &Path) -> Result<Vec<Recorded>, String> {
+    use std::io::BufRead as _;
+    let mut events = Vec::new();
+    for path in archive_files(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            events.push(
+                super::json::parse_event_line(&line)
+                    .map_err(|e| format!("{} line {}: {e}", path.display(), n + 1))?,
+            );
+        }
+    }
+    events.sort_by_key(|r| r.seq);
+    Ok(events)
+}
+
 /// The archive files, oldest first.
 ///
 /// # Errors
