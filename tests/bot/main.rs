@@ -561,7 +561,7 @@ async fn a_200_long_queue_stays_inside_the_edit_limits() {
         let chat = c.chat_id.unwrap();
         if let Some(prev) = last_edit.insert(chat, c.at) {
             assert!(
-                c.at.duration_since(prev) >= Duration::from_millis(990),
+                c.at.duration_since(prev) >= Duration::from_secs(1),
                 "two edits within a second in chat {chat}"
             );
         }
@@ -852,5 +852,63 @@ async fn without_enhancement_the_caption_says_the_prompt_is_the_users_own() {
         photo.caption.as_deref(),
         Some("🎨 sdxl · your prompt, as written\nیک برکه آرام")
     );
+    app.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_group_gets_at_most_20_edits_a_minute() {
+    let mut app = spawn_app(&[]).await;
+    let group = -100_7777;
+    let users: Vec<i64> = (0..30).map(|i| 77_000 + i).collect();
+    for u in &users {
+        app.tg
+            .user_sends(*u, group, "/image@easel_demo_bot=flux=a group sketch");
+    }
+    assert!(
+        app.tg
+            .wait_for(Duration::from_secs(600), |calls| calls
+                .iter()
+                .filter(|c| c.method == "sendPhoto" && c.chat_id == Some(group))
+                .count()
+                >= users.len())
+            .await,
+        "not all delivered"
+    );
+    // Every status ends as "Done ✅", within the group's budget: 30
+    // edits at 20 a minute take a minute and a half.
+    assert!(
+        app.tg
+            .wait_for(Duration::from_secs(600), |calls| calls
+                .iter()
+                .filter(|c| c.method == "editMessageText"
+                    && c.chat_id == Some(group)
+                    && c.text.as_deref().is_some_and(|t| t.ends_with("Done ✅")))
+                .count()
+                >= users.len())
+            .await,
+        "not every status reached Done"
+    );
+    let edits: Vec<tokio::time::Instant> = app
+        .tg
+        .calls()
+        .iter()
+        .filter(|c| c.method == "editMessageText" && c.chat_id == Some(group))
+        .map(|c| c.at)
+        .collect();
+    assert!(
+        edits.len() > 5,
+        "the group's statuses were edited: {}",
+        edits.len()
+    );
+    for (i, at) in edits.iter().enumerate() {
+        let in_a_minute = edits[i..]
+            .iter()
+            .take_while(|t| t.duration_since(*at) < Duration::from_secs(60))
+            .count();
+        assert!(
+            in_a_minute <= 20,
+            "{in_a_minute} edits of the group within a minute"
+        );
+    }
     app.stop().await;
 }
