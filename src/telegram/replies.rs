@@ -5,7 +5,8 @@
 //! teloxide request is built.
 
 use teloxide::payloads::{
-    AnswerCallbackQuerySetters, SendDocumentSetters, SendMessageSetters, SendPhotoSetters,
+    AnswerCallbackQuerySetters, EditMessageTextSetters, SendDocumentSetters, SendMessageSetters,
+    SendPhotoSetters,
 };
 use teloxide::prelude::Requester;
 use teloxide::types::{
@@ -128,7 +129,8 @@ impl TelegramApi {
         .await
     }
 
-    /// Replaces the text of one of our messages. "Not modified" is `Ok(None)`.
+    /// Replaces the text of one of our messages (and its buttons, when
+    /// given). "Not modified" is `Ok(None)`.
     ///
     /// # Errors
     /// When the call cannot succeed under [`Policy::Reply`].
@@ -137,11 +139,15 @@ impl TelegramApi {
         chat: i64,
         message_id: i32,
         text: String,
+        buttons: Option<InlineKeyboardMarkup>,
     ) -> Result<Option<Message>, TgError> {
         let bot = self.bot().clone();
         self.run("editMessageText", Policy::Reply, || {
-            bot.edit_message_text(ChatId(chat), MessageId(message_id), text.clone())
-                .into_future()
+            let mut r = bot.edit_message_text(ChatId(chat), MessageId(message_id), text.clone());
+            if let Some(b) = buttons.clone() {
+                r = r.reply_markup(b);
+            }
+            r.into_future()
         })
         .await
     }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::api::{TelegramApi, TgErrorKind};
 use super::words;
-use crate::domain::{Event, ModelName, RequestId, Stage};
+use crate::domain::{Event, FailureKind, ModelName, RequestId, Stage};
 use crate::engine::Core;
 use crate::store::{EventStore, Recorded};
 use tokio_util::sync::CancellationToken;
@@ -187,6 +187,32 @@ impl<S: EventStore> Board<S> {
         self.registered
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `id` failed in a way a retry may not meet again (the worker
+    /// was down, slow or answered nonsense; Telegram or our disk failed),
+    /// as opposed to a refusal (content filter, configuration).
+    fn may_pass_on_retry(&self, id: RequestId) -> bool {
+        let Ok(events) = self.core.store().events_of(id) else {
+            return false;
+        };
+        events
+            .into_iter()
+            .rev()
+            .find_map(Result::ok)
+            .is_some_and(|last| {
+                matches!(
+                    last.event,
+                    Event::Failed {
+                        kind: FailureKind::Unavailable
+                            | FailureKind::TimedOut
+                            | FailureKind::BadAnswer
+                            | FailureKind::Delivery
+                            | FailureKind::Internal,
+                        ..
+                    }
+                )
+            })
     }
 
     fn final_from_log(&self, id: RequestId, model: &ModelName) -> Option<String> {
@@ -399,7 +425,13 @@ impl<S: EventStore> Board<S> {
         let (chat, message_id) = (entry.chat, entry.message_id);
         self.budget = self.budget.saturating_sub(1);
         self.chat_next.insert(chat, now + spacing(chat));
-        let result = self.api.edit_text(chat, message_id, text.clone()).await;
+        // A failure that may pass on a retry gets the 🔁 Again button.
+        let buttons = (finished && self.may_pass_on_retry(id))
+            .then(|| super::deliver::keyboard(id, super::replies::FileKind::Document));
+        let result = self
+            .api
+            .edit_text(chat, message_id, text.clone(), buttons)
+            .await;
         match result {
             Ok(_) => {
                 if let Some(e) = self.entries.get_mut(&id) {

@@ -912,3 +912,77 @@ async fn a_busy_group_gets_at_most_20_edits_a_minute() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_that_may_pass_on_a_retry_carries_the_again_button() {
+    // sdxl's worker is down (nothing listens); flux refuses one prompt.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/generate");
+    let mut app = spawn_app(&[("SDXL_WORKER_URL", url.as_str())]).await;
+    let u = 14_001;
+    app.tg.user_sends(u, u, "/image=sdxl=a castle in fog");
+    app.tg.user_sends(u, u, "/image=flux=something nsfw");
+    let final_edit = |ending: &'static str| {
+        move |calls: &[easel::demo::fake_telegram::Call]| {
+            calls.iter().any(|c| {
+                c.method == "editMessageText"
+                    && c.chat_id == Some(u)
+                    && c.text.as_deref().is_some_and(|t| t.ends_with(ending))
+            })
+        }
+    };
+    assert!(
+        app.tg
+            .wait_for(WAIT, final_edit("Please try again later."))
+            .await
+    );
+    assert!(
+        app.tg
+            .wait_for(WAIT, final_edit("Try rephrasing it."))
+            .await
+    );
+    let calls = app.tg.calls();
+    let edit_of = |ending: &str| {
+        calls
+            .iter()
+            .find(|c| {
+                c.method == "editMessageText"
+                    && c.text.as_deref().is_some_and(|t| t.ends_with(ending))
+            })
+            .unwrap()
+            .clone()
+    };
+    // Unavailable may pass: 🔁 Again is offered, and only that.
+    let down = edit_of("Please try again later.");
+    let markup = down
+        .reply_markup
+        .clone()
+        .expect("buttons on the failure")
+        .to_string();
+    assert!(
+        markup.contains("again:") && !markup.contains("orig:"),
+        "{markup}"
+    );
+    // The content filter will refuse the same prompt again: no button.
+    assert!(edit_of("Try rephrasing it.").reply_markup.is_none());
+    // Pressing it queues the same prompt again.
+    let data = helpers::button_data(&down, 0);
+    app.tg.user_presses(u, u, down.message_id.unwrap(), &data);
+    let queued_again = app
+        .tg
+        .wait_for(WAIT, |calls| {
+            calls.iter().any(|c| {
+                c.method == "answerCallbackQuery"
+                    && c.text
+                        .as_deref()
+                        .is_some_and(|t| t.starts_with("Queued for sdxl"))
+            })
+        })
+        .await;
+    assert!(queued_again, "{:#?}", app.tg.calls());
+    app.stop().await;
+}
