@@ -114,7 +114,6 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
                         );
                     }
                     let (model, user) = models.get(&rec.request_id).cloned().unwrap_or_default();
-                    let id = rec.request_id.to_string();
                     let detail = match &rec.event {
                         Event::Failed { kind, .. } => format!(" ({})", kind.as_str()),
                         Event::Generated { attempts, .. } => format!(" (attempts: {attempts})"),
@@ -124,7 +123,8 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
                         "[{:>5.2}s] #{:<3} {} {:<5} {:<5} {}{}",
                         started.elapsed().as_secs_f64(),
                         rec.seq,
-                        &id[id.len() - 8..],
+                        // The short id users see in /queue and give /cancel.
+                        rec.request_id.short(),
                         user,
                         model,
                         rec.event.name(),
