@@ -81,12 +81,7 @@ async fn telegram_failing_on_every_method_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_worker_fails_its_requests_clearly_while_the_other_model_serves() {
     // sdxl points at a port where nothing listens.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}/generate");
+    let url = helpers::dead_url();
     let mut app = spawn_app(&[("SDXL_WORKER_URL", url.as_str())]).await;
     app.tg.user_sends(32_001, 32_001, "/image=sdxl=a castle");
     app.tg.user_sends(32_002, 32_002, "/image=flux=a meadow");

@@ -208,6 +208,30 @@ impl TestApp {
 }
 
 /// The callback data of button `i` under a photo (0: Again, 1: Original).
+/// A loopback URL where nothing listens: a worker that is down.
+pub fn dead_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("http://127.0.0.1:{port}/generate")
+}
+
+impl TestApp {
+    /// Waits (bounded) for a button notice starting with `start`.
+    pub async fn notice_starting(&self, start: &str) -> bool {
+        self.tg
+            .wait_for(WAIT, |calls| {
+                calls.iter().any(|c| {
+                    c.method == "answerCallbackQuery"
+                        && c.text.as_deref().is_some_and(|t| t.starts_with(start))
+                })
+            })
+            .await
+    }
+}
+
 pub fn button_data(photo: &Call, i: usize) -> String {
     photo
         .reply_markup

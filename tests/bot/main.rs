@@ -304,18 +304,11 @@ async fn again_and_original_buttons() {
     assert_eq!(prompts[0], prompts[1], "Again reuses the prompt");
     // The 🔁 Again notice says what happened to the new request (it
     // follows the "Queued" reply, so the photo may come first).
-    let said_queued = app
-        .tg
-        .wait_for(WAIT, |calls| {
-            calls.iter().any(|c| {
-                c.method == "answerCallbackQuery"
-                    && c.text
-                        .as_deref()
-                        .is_some_and(|t| t.starts_with("Queued for flux — position"))
-            })
-        })
-        .await;
-    assert!(said_queued, "{:#?}", app.tg.calls());
+    assert!(
+        app.notice_starting("Queued for flux — position").await,
+        "{:#?}",
+        app.tg.calls()
+    );
 
     // An expired original says so.
     for f in std::fs::read_dir(app.dir.path().join("images")).unwrap() {
@@ -916,12 +909,7 @@ async fn a_busy_group_gets_at_most_20_edits_a_minute() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_that_may_pass_on_a_retry_carries_the_again_button() {
     // sdxl's worker is down (nothing listens); flux refuses one prompt.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}/generate");
+    let url = helpers::dead_url();
     let mut app = spawn_app(&[("SDXL_WORKER_URL", url.as_str())]).await;
     let u = 14_001;
     app.tg.user_sends(u, u, "/image=sdxl=a castle in fog");
@@ -972,17 +960,10 @@ async fn a_failure_that_may_pass_on_a_retry_carries_the_again_button() {
     // Pressing it queues the same prompt again.
     let data = helpers::button_data(&down, 0);
     app.tg.user_presses(u, u, down.message_id.unwrap(), &data);
-    let queued_again = app
-        .tg
-        .wait_for(WAIT, |calls| {
-            calls.iter().any(|c| {
-                c.method == "answerCallbackQuery"
-                    && c.text
-                        .as_deref()
-                        .is_some_and(|t| t.starts_with("Queued for sdxl"))
-            })
-        })
-        .await;
-    assert!(queued_again, "{:#?}", app.tg.calls());
+    assert!(
+        app.notice_starting("Queued for sdxl").await,
+        "{:#?}",
+        app.tg.calls()
+    );
     app.stop().await;
 }
