@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::domain::{Command, Stage};
-use crate::engine::{Core, ImageStore, Runner, SystemClock};
+use crate::engine::{Core, ImageStore, Retries, Runner, SystemClock};
 use crate::services::{ImageWorkers, LlmEnhancer, MAX_CONNECTIONS, http_client};
 use crate::store::SledStore;
 use crate::telegram::intake::Refused;
@@ -125,11 +125,11 @@ async fn start_with(
     );
     let client = http_client(&settings).context("building the HTTP client")?;
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let generator = Arc::new(ImageWorkers::new(
-        client.clone(),
-        &settings,
-        Arc::clone(&permits),
-    ));
+    let retries = Retries::default();
+    let generator = Arc::new(
+        ImageWorkers::new(client.clone(), &settings, Arc::clone(&permits))
+            .with_retries(retries.clone()),
+    );
     let enhancer = Arc::new(LlmEnhancer::new(client, &settings, permits));
 
     let api = Arc::new(
@@ -150,8 +150,12 @@ async fn start_with(
         tracing::warn!(error = %api.describe(&e), "setMyCommands failed");
     }
 
-    let (board, board_task) =
-        StatusBoard::new(Arc::clone(&core), Arc::clone(&api), shutdown.clone());
+    let (board, board_task) = StatusBoard::new(
+        Arc::clone(&core),
+        Arc::clone(&api),
+        retries,
+        shutdown.clone(),
+    );
     let deliverer = Arc::new(TelegramDeliverer::new(Arc::clone(&api)));
     let mut tasks = JoinSet::new();
     tasks.spawn(board_task);

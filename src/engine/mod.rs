@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod images;
+pub mod progress;
 pub mod runner;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use images::ImageStore;
+pub use progress::Retries;
 pub use runner::{
     Deliverer, Delivery, DeliveryFailure, Enhancement, Enhancer, GeneratedImage, GenerationFailure,
     Generator, Runner, StepOutcome,

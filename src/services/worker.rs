@@ -118,6 +118,8 @@ pub struct ImageWorkers {
     /// answer would hold the model's lane forever without it.
     attempt_deadline: Duration,
     permits: Arc<Semaphore>,
+    /// Which retry each model's call is on, for the status messages.
+    retries: crate::engine::Retries,
 }
 
 impl ImageWorkers {
@@ -129,7 +131,15 @@ impl ImageWorkers {
             retry_base: settings.retry_base,
             attempt_deadline: settings.worker_timeout,
             permits,
+            retries: crate::engine::Retries::default(),
         }
+    }
+
+    /// Reports each retry to `retries` (the status board shows them).
+    #[must_use]
+    pub fn with_retries(mut self, retries: crate::engine::Retries) -> Self {
+        self.retries = retries;
+        self
     }
 
     /// For tests and tools: explicit models, backoff base and deadline of
@@ -146,6 +156,7 @@ impl ImageWorkers {
             retry_base,
             attempt_deadline,
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            retries: crate::engine::Retries::default(),
         }
     }
 
@@ -357,8 +368,13 @@ impl Generator for ImageWorkers {
         })
         .notify(|e, delay| {
             tracing::warn!(model = %settings.name, attempt = %e.label(), ?delay, "worker attempt failed; retrying");
+            // The attempts made so far: the next one is retry number that.
+            let made = statuses.lock().unwrap_or_else(PoisonError::into_inner).len();
+            self.retries
+                .set(&settings.name, u32::try_from(made).unwrap_or(u32::MAX));
         })
         .await;
+        self.retries.clear(&settings.name);
         let statuses = statuses
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner);

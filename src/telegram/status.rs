@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::api::{TelegramApi, TgErrorKind};
 use super::words;
 use crate::domain::{Event, FailureKind, ModelName, RequestId, Stage};
-use crate::engine::Core;
+use crate::engine::{Core, Retries};
 use crate::store::{EventStore, Recorded};
 use tokio_util::sync::CancellationToken;
 
@@ -64,11 +64,12 @@ impl StatusBoard {
     pub fn new<S: EventStore>(
         core: Arc<Core<S>>,
         api: Arc<TelegramApi>,
+        retries: Retries,
         shutdown: CancellationToken,
     ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (tx, rx) = mpsc::unbounded_channel();
         let registered = Arc::new(std::sync::Mutex::new(HashSet::new()));
-        let mut task = Board::new(core, api, Arc::clone(&registered));
+        let mut task = Board::new(core, api, retries, Arc::clone(&registered));
         let run = async move { task.run(rx, shutdown).await };
         (StatusBoard { tx, registered }, run)
     }
@@ -109,6 +110,8 @@ impl StatusBoard {
 struct Board<S: EventStore> {
     core: Arc<Core<S>>,
     api: Arc<TelegramApi>,
+    /// The retry each model's worker call is on ("Generating… retry 2 of 3").
+    retries: Retries,
     registered: Arc<std::sync::Mutex<HashSet<RequestId>>>,
     entries: HashMap<RequestId, Entry>,
     /// Final texts of finished requests (they have left the projection).
@@ -126,12 +129,14 @@ impl<S: EventStore> Board<S> {
     fn new(
         core: Arc<Core<S>>,
         api: Arc<TelegramApi>,
+        retries: Retries,
         registered: Arc<std::sync::Mutex<HashSet<RequestId>>>,
     ) -> Self {
         let last_seq = core.store().last_seq();
         let mut board = Board {
             core,
             api,
+            retries,
             registered,
             entries: HashMap::new(),
             finals: HashMap::new(),
@@ -215,6 +220,22 @@ impl<S: EventStore> Board<S> {
             })
     }
 
+    /// A retry started or ended: the requests generating now get their
+    /// status edited (one per model, the one in flight).
+    fn retry_changed(&mut self) {
+        let generating: Vec<RequestId> = self.core.read(|s| {
+            s.requests()
+                .filter(|r| r.stage == Stage::Generating)
+                .map(|r| r.id)
+                .collect()
+        });
+        for id in generating {
+            if self.entries.contains_key(&id) && !self.urgent.contains(&id) {
+                self.urgent.push_back(id);
+            }
+        }
+    }
+
     fn final_from_log(&self, id: RequestId, model: &ModelName) -> Option<String> {
         let events = self.core.store().events_of(id).ok()?;
         let last = events.into_iter().rev().find_map(Result::ok)?;
@@ -227,6 +248,7 @@ impl<S: EventStore> Board<S> {
         shutdown: CancellationToken,
     ) {
         let mut appended = self.core.store().subscribe();
+        let mut retried = self.retries.subscribe();
         let mut next_tick = Instant::now();
         loop {
             let has_work =
@@ -237,6 +259,12 @@ impl<S: EventStore> Board<S> {
                     if r.is_err() { return; }
                     appended.borrow_and_update();
                     self.take_new_events();
+                }
+                r = retried.changed() => {
+                    if r.is_ok() {
+                        retried.borrow_and_update();
+                        self.retry_changed();
+                    }
                 }
                 reg = rx.recv() => match reg {
                     Some((id, entry)) => self.register(id, entry),
@@ -329,6 +357,15 @@ impl<S: EventStore> Board<S> {
         }
         let live = self.core.read(|s| {
             let req = s.request(id)?;
+            if req.stage == Stage::Generating
+                && let Some(n) = self.retries.of(&req.model)
+            {
+                return Some(words::generating_retry(
+                    req.model.as_str(),
+                    n,
+                    crate::services::worker::MAX_RETRIES,
+                ));
+            }
             let position = s.position(id);
             let wait = position.and_then(|p| s.estimated_wait(&req.model, p));
             Some(words::status(req.model.as_str(), req.stage, position, wait))

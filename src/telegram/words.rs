@@ -229,6 +229,11 @@ pub fn queue_line(
     format!("• {short_id} · {model} · {state}\n   “{start}{more}”")
 }
 
+/// The status of a generation whose worker call is being retried.
+pub fn generating_retry(model: &str, retry: u32, of: usize) -> String {
+    format!("{model}: Generating… retry {retry} of {of}")
+}
+
 /// A stage as the status message says it.
 fn stage_words(stage: Stage) -> &'static str {
     match stage {

@@ -967,3 +967,39 @@ async fn a_failure_that_may_pass_on_a_retry_carries_the_again_button() {
     );
     app.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_generation_says_so_on_its_status() {
+    // Backoff from 2 s (virtual time), so each retry shows long enough.
+    let mut app = spawn_app(&[("EASEL_RETRY_BASE_MS", "2000")]).await;
+    let u = 14_101;
+    app.tg
+        .user_sends(u, u, "/image=sdxl=a storm that will explode");
+    // 2 + 4 + 8 s of backoff (with jitter), then the failure.
+    let failed = app
+        .tg
+        .wait_for(Duration::from_secs(120), |calls| {
+            calls.iter().any(|c| {
+                c.method == "editMessageText"
+                    && c.text
+                        .as_deref()
+                        .is_some_and(|t| t.ends_with("Please try again later."))
+            })
+        })
+        .await;
+    assert!(failed, "{:#?}", app.tg.calls());
+    let edits: Vec<String> = app
+        .tg
+        .calls()
+        .iter()
+        .filter(|c| c.method == "editMessageText" && c.chat_id == Some(u))
+        .filter_map(|c| c.text.clone())
+        .collect();
+    assert!(
+        edits
+            .iter()
+            .any(|t| t.starts_with("sdxl: Generating… retry ") && t.ends_with(" of 3")),
+        "{edits:?}"
+    );
+    app.stop().await;
+}
