@@ -53,6 +53,20 @@ impl FailureKind {
             FailureKind::Internal => "internal",
         }
     }
+
+    /// Whether the same request may succeed if tried again: the worker was
+    /// down, slow or answered nonsense, Telegram or our disk failed — as
+    /// opposed to a refusal (content filter, key, configuration).
+    pub fn may_pass_on_retry(self) -> bool {
+        matches!(
+            self,
+            FailureKind::Unavailable
+                | FailureKind::TimedOut
+                | FailureKind::BadAnswer
+                | FailureKind::Delivery
+                | FailureKind::Internal
+        )
+    }
 }
 
 /// An image kept on disk between `Generated` and `Delivered`.

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::api::{TelegramApi, TgErrorKind};
 use super::words;
-use crate::domain::{Event, FailureKind, ModelName, RequestId, Stage};
+use crate::domain::{Event, ModelName, RequestId, Stage};
 use crate::engine::{Core, Retries};
 use crate::store::{EventStore, Recorded};
 use tokio_util::sync::CancellationToken;
@@ -115,7 +115,7 @@ struct Board<S: EventStore> {
     registered: Arc<std::sync::Mutex<HashSet<RequestId>>>,
     entries: HashMap<RequestId, Entry>,
     /// Final texts of finished requests (they have left the projection).
-    finals: HashMap<RequestId, String>,
+    finals: HashMap<RequestId, Final>,
     urgent: VecDeque<RequestId>,
     deferred: HashSet<RequestId>,
     /// Per model, the arrival number the position sweep has reached.
@@ -173,8 +173,8 @@ impl<S: EventStore> Board<S> {
             };
             if self.core.read(|s| s.request(id).is_none()) {
                 match self.final_from_log(id, &entry.model) {
-                    Some(text) => {
-                        self.finals.insert(id, text);
+                    Some(last) => {
+                        self.finals.insert(id, last);
                     }
                     None => {
                         self.forget(id);
@@ -194,32 +194,6 @@ impl<S: EventStore> Board<S> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether `id` failed in a way a retry may not meet again (the worker
-    /// was down, slow or answered nonsense; Telegram or our disk failed),
-    /// as opposed to a refusal (content filter, configuration).
-    fn may_pass_on_retry(&self, id: RequestId) -> bool {
-        let Ok(events) = self.core.store().events_of(id) else {
-            return false;
-        };
-        events
-            .into_iter()
-            .rev()
-            .find_map(Result::ok)
-            .is_some_and(|last| {
-                matches!(
-                    last.event,
-                    Event::Failed {
-                        kind: FailureKind::Unavailable
-                            | FailureKind::TimedOut
-                            | FailureKind::BadAnswer
-                            | FailureKind::Delivery
-                            | FailureKind::Internal,
-                        ..
-                    }
-                )
-            })
-    }
-
     /// A retry started or ended: the requests generating now get their
     /// status edited (one per model, the one in flight).
     fn retry_changed(&mut self) {
@@ -236,7 +210,7 @@ impl<S: EventStore> Board<S> {
         }
     }
 
-    fn final_from_log(&self, id: RequestId, model: &ModelName) -> Option<String> {
+    fn final_from_log(&self, id: RequestId, model: &ModelName) -> Option<Final> {
         let events = self.core.store().events_of(id).ok()?;
         let last = events.into_iter().rev().find_map(Result::ok)?;
         final_text(&last.event, model.as_str())
@@ -293,9 +267,9 @@ impl<S: EventStore> Board<S> {
         }
         // Already finished (a very fast request): show the final text.
         if self.core.read(|s| s.request(id).is_none())
-            && let Some(text) = self.final_from_log(id, &entry.model)
+            && let Some(last) = self.final_from_log(id, &entry.model)
         {
-            self.finals.insert(id, text);
+            self.finals.insert(id, last);
         }
         self.entries.insert(id, entry);
         self.urgent.push_back(id);
@@ -322,8 +296,8 @@ impl<S: EventStore> Board<S> {
             _ => self.entries.get(&id).map(|e| e.model.clone()),
         };
         if let Some(entry) = self.entries.get(&id) {
-            if let Some(text) = final_text(&rec.event, entry.model.as_str()) {
-                self.finals.insert(id, text);
+            if let Some(last) = final_text(&rec.event, entry.model.as_str()) {
+                self.finals.insert(id, last);
             }
             if !self.urgent.contains(&id) {
                 self.urgent.push_back(id);
@@ -350,10 +324,11 @@ impl<S: EventStore> Board<S> {
         }
     }
 
-    /// The text the status message of `id` should show now.
-    fn text_for(&self, id: RequestId) -> Option<String> {
-        if let Some(text) = self.finals.get(&id) {
-            return Some(text.clone());
+    /// What the status message of `id` should show now: a live stage,
+    /// or its final text.
+    fn text_for(&self, id: RequestId) -> Option<Final> {
+        if let Some(last) = self.finals.get(&id) {
+            return Some(last.clone());
         }
         let live = self.core.read(|s| {
             let req = s.request(id)?;
@@ -370,6 +345,7 @@ impl<S: EventStore> Board<S> {
             let wait = position.and_then(|p| s.estimated_wait(&req.model, p));
             Some(words::status(req.model.as_str(), req.stage, position, wait))
         });
+        let live = live.map(|text| Final { text, again: false });
         // The projection can be ahead of the events this board has read:
         // a request that just finished is read from the log.
         live.or_else(|| {
@@ -442,7 +418,7 @@ impl<S: EventStore> Board<S> {
         let Some(entry) = self.entries.get(&id) else {
             return;
         };
-        let Some(text) = self.text_for(id) else {
+        let Some(Final { text, again }) = self.text_for(id) else {
             // Gone without a final text (not in the log): stop tracking.
             self.forget(id);
             return;
@@ -463,8 +439,8 @@ impl<S: EventStore> Board<S> {
         self.budget = self.budget.saturating_sub(1);
         self.chat_next.insert(chat, now + spacing(chat));
         // A failure that may pass on a retry gets the 🔁 Again button.
-        let buttons = (finished && self.may_pass_on_retry(id))
-            .then(|| super::deliver::keyboard(id, super::replies::FileKind::Document));
+        let buttons =
+            again.then(|| super::deliver::keyboard(id, super::replies::FileKind::Document));
         let result = self
             .api
             .edit_text(chat, message_id, text.clone(), buttons)
@@ -500,12 +476,21 @@ impl<S: EventStore> Board<S> {
     }
 }
 
+/// A status message's text, and whether it carries 🔁 Again (only the
+/// final text of a failure that may pass on a retry does).
+#[derive(Clone, Debug)]
+struct Final {
+    text: String,
+    again: bool,
+}
+
 /// The last text of a finished request's status message.
-fn final_text(event: &Event, model: &str) -> Option<String> {
-    match event {
-        Event::Delivered { .. } => Some(words::status(model, Stage::Done, None, None)),
-        Event::Failed { kind, .. } => Some(words::failed(model, *kind)),
-        Event::Cancelled => Some(words::cancelled_one(model)),
-        _ => None,
-    }
+fn final_text(event: &Event, model: &str) -> Option<Final> {
+    let (text, again) = match event {
+        Event::Delivered { .. } => (words::status(model, Stage::Done, None, None), false),
+        Event::Failed { kind, .. } => (words::failed(model, *kind), kind.may_pass_on_retry()),
+        Event::Cancelled => (words::cancelled_one(model), false),
+        _ => return None,
+    };
+    Some(Final { text, again })
 }
