@@ -468,8 +468,7 @@ fn history<'a>(
         return Ok(log);
     };
     let until = until_seq.unwrap_or(u64::MAX);
-    let mut archived = super::retention::archived_events(dir)
-        .map_err(|e| OpsError::failed(format!("cannot read the archive: {e}")))?
+    let mut archived = super::retention::archived_events(dir)?
         .into_iter()
         .filter(move |r| r.seq <= until)
         .peekable();

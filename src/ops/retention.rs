@@ -160,19 +160,22 @@ fn write_archive(path: &Path, events: &[&Recorded]) -> std::io::Result<u64> {
 ///
 /// # Errors
 /// A file that cannot be read, or a line that is not an exported event.
-pub fn archived_events(dir: &Path) -> Result<Vec<Recorded>, String> {
+pub fn archived_events(dir: &Path) -> Result<Vec<Recorded>, super::OpsError> {
     use std::io::BufRead as _;
+    let unreadable =
+        |what: String| super::OpsError::Failed(format!("cannot read the archive: {what}"));
     let mut events = Vec::new();
-    for path in archive_files(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
-        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for path in archive_files(dir).map_err(|e| unreadable(format!("{}: {e}", dir.display())))? {
+        let file = std::fs::File::open(&path)
+            .map_err(|e| unreadable(format!("{}: {e}", path.display())))?;
         for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+            let line = line.map_err(|e| unreadable(format!("{}: {e}", path.display())))?;
             if line.trim().is_empty() {
                 continue;
             }
             events.push(
                 super::json::parse_event_line(&line)
-                    .map_err(|e| format!("{} line {}: {e}", path.display(), n + 1))?,
+                    .map_err(|e| unreadable(format!("{} line {}: {e}", path.display(), n + 1)))?,
             );
         }
     }
