@@ -634,6 +634,15 @@ fn read_err(e: sled::Error) -> StoreError {
     StoreError::Read(describe(&e))
 }
 
+/// The 16 id bytes of an index key at offset `at`.
+fn id_in_key(key: &[u8], at: usize) -> Result<RequestId, StoreError> {
+    let bytes: [u8; 16] = key
+        .get(at..at + 16)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| StoreError::Read("malformed index key".into()))?;
+    Ok(RequestId(uuid::Uuid::from_bytes(bytes)))
+}
+
 fn id_at(value: Option<sled::IVec>) -> Option<RequestId> {
     let bytes: [u8; 16] = value?.as_ref().try_into().ok()?;
     Some(RequestId(uuid::Uuid::from_bytes(bytes)))
@@ -925,13 +934,7 @@ impl EventStore for SledStore {
         let range = self.inner.db.range(start..=end);
         let ids = |kv: sled::Result<(sled::IVec, sled::IVec)>| -> Result<RequestId, StoreError> {
             let (k, _) = kv.map_err(read_err)?;
-            let bytes: [u8; 16] = k
-                .len()
-                .checked_sub(16)
-                .and_then(|at| k.get(at..))
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| StoreError::Read("malformed index key".into()))?;
-            Ok(RequestId(uuid::Uuid::from_bytes(bytes)))
+            id_in_key(&k, k.len().saturating_sub(16))
         };
         if newest_first {
             Box::new(range.rev().map(ids))
@@ -953,14 +956,7 @@ impl EventStore for SledStore {
             self.inner
                 .db
                 .range(start..=end)
-                .map(|kv| -> Result<RequestId, StoreError> {
-                    let (k, _) = kv.map_err(read_err)?;
-                    let bytes: [u8; 16] = k
-                        .get(1..17)
-                        .and_then(|b| b.try_into().ok())
-                        .ok_or_else(|| StoreError::Read("malformed index key".into()))?;
-                    Ok(RequestId(uuid::Uuid::from_bytes(bytes)))
-                })
+                .map(|kv| id_in_key(&kv.map_err(read_err)?.0, 1))
                 .filter(move |r| match r {
                     Ok(id) if last == Some(*id) => false,
                     Ok(id) => {
