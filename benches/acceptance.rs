@@ -23,6 +23,7 @@ fn request(n: u64) -> NewRequest {
             chat_id: ChatId(n as i64),
             message_id: Some(n as i32),
             update_id: Some(n as u32),
+            language: None,
         },
     }
 }

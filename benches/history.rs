@@ -57,6 +57,7 @@ fn append_history(
                     chat_id: ChatId((n % 5000) as i64),
                     message_id: Some(n as i32),
                     update_id: Some(n as u32),
+                    language: None,
                 },
             }),
             e(Event::Started),

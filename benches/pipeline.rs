@@ -114,6 +114,7 @@ async fn run(
                 chat_id: ChatId(n as i64),
                 message_id: None,
                 update_id: None,
+                language: None,
             },
         };
         core.accept(req, &limits).await.expect("accept");

@@ -36,6 +36,7 @@ fn queued_state() -> (LiveState, u64) {
                     chat_id: ChatId(n as i64),
                     message_id: None,
                     update_id: None,
+                    language: None,
                 },
             },
         };

@@ -22,6 +22,7 @@ fn queued(n: u32) -> Result<NewEvent, Box<dyn std::error::Error>> {
                 chat_id: ChatId(1),
                 message_id: None,
                 update_id: Some(n),
+                language: None,
             },
         },
     })

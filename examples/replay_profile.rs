@@ -33,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             chat_id: ChatId(1),
                             message_id: Some(i as i32),
                             update_id: Some(i as u32),
+                            language: None,
                         },
                     }),
                     e(Event::Started),

@@ -142,13 +142,7 @@ async fn start_with(
     );
     let username = who_am_i(&api, shutdown.clone()).await?;
     tracing::info!(%username, "connected to Telegram");
-    let commands = crate::telegram::words::COMMANDS
-        .iter()
-        .map(|(name, about)| BotCommand::new(*name, *about))
-        .collect::<Vec<_>>();
-    if let Err(e) = api.bot().set_my_commands(commands).await {
-        tracing::warn!(error = %api.describe(&e), "setMyCommands failed");
-    }
+    set_commands(&api).await;
 
     let (board, board_task) = StatusBoard::new(
         Arc::clone(&core),
@@ -390,6 +384,26 @@ async fn pause_answering(pause: Duration, h: &mut Handover, shutdown: &Cancellat
 /// refused token (`401 Unauthorized`, `404 Not Found`) is a configuration
 /// error. A Telegram outage at start, or during a restart after the disk
 /// filled, must not stop the bot.
+/// The command menu in every language easel speaks: English as the
+/// default, and one menu per other language for users whose Telegram is
+/// set to it. Best effort: the bot works without a menu.
+async fn set_commands(api: &TelegramApi) {
+    use teloxide::payloads::SetMyCommandsSetters;
+    for lang in crate::telegram::words::Lang::ALL {
+        let commands = crate::telegram::words::commands(lang)
+            .into_iter()
+            .map(|(name, about)| BotCommand::new(name, about))
+            .collect::<Vec<_>>();
+        let mut call = api.bot().set_my_commands(commands);
+        if let Some(code) = lang.menu_code() {
+            call = call.language_code(code);
+        }
+        if let Err(e) = call.await {
+            tracing::warn!(error = %api.describe(&e), ?lang, "setMyCommands failed");
+        }
+    }
+}
+
 async fn who_am_i(api: &TelegramApi, shutdown: CancellationToken) -> Result<String, StartError> {
     use backon::{ExponentialBuilder, Retryable};
     let backoff = ExponentialBuilder::default()

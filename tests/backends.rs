@@ -30,6 +30,7 @@ fn queued(user: i64, update: u32, message: i32, at_min: i64) -> NewEvent {
                 chat_id: ChatId(user),
                 message_id: Some(message),
                 update_id: Some(update),
+                language: None,
             },
         },
     }

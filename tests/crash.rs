@@ -85,6 +85,7 @@ fn queued(update: u32) -> NewEvent {
                 chat_id: ChatId(7),
                 message_id: None,
                 update_id: Some(update),
+                language: None,
             },
         },
     }

@@ -34,6 +34,9 @@ pub struct Call {
     /// Size of an uploaded photo or document.
     pub file_len: Option<usize>,
     pub reply_markup: Option<Value>,
+    /// Every parameter of the call as received (e.g. `commands` and
+    /// `language_code` of setMyCommands); empty for a failed call.
+    pub params: HashMap<String, Value>,
     pub at: Instant,
 }
 
@@ -62,6 +65,8 @@ struct Inner {
     history: HashMap<u32, Value>,
     /// Added to every answer except getUpdates.
     delay: Duration,
+    /// The Telegram `language_code` of users who have one.
+    languages: HashMap<i64, String>,
 }
 
 struct Shared {
@@ -112,6 +117,14 @@ fn chat_json(chat: i64) -> Value {
     } else {
         json!({ "id": chat, "type": "private", "first_name": format!("user{chat}") })
     }
+}
+
+fn user_json(inner: &Inner, user: i64) -> Value {
+    let mut from = json!({ "id": user, "is_bot": false, "first_name": format!("user{user}") });
+    if let Some(code) = inner.languages.get(&user) {
+        from["language_code"] = json!(code);
+    }
+    from
 }
 
 fn bot_user() -> Value {
@@ -187,7 +200,7 @@ impl FakeTelegram {
                     "message_id": message_id,
                     "date": now_unix(),
                     "chat": chat_json(chat),
-                    "from": { "id": user, "is_bot": false, "first_name": format!("user{user}") },
+                    "from": user_json(inner, user),
                     "text": text,
                 }
             })
@@ -218,12 +231,12 @@ impl FakeTelegram {
 
     /// User `user` presses a button with `data` under message `message_id`.
     pub fn user_presses(&self, user: i64, chat: i64, message_id: i32, data: &str) -> u32 {
-        self.push_update(|id, _| {
+        self.push_update(|id, inner| {
             json!({
                 "update_id": id,
                 "callback_query": {
                     "id": format!("cb{id}"),
-                    "from": { "id": user, "is_bot": false, "first_name": format!("user{user}") },
+                    "from": user_json(inner, user),
                     "message": {
                         "message_id": message_id,
                         "date": now_unix(),
@@ -236,6 +249,12 @@ impl FakeTelegram {
                 }
             })
         })
+    }
+
+    /// From now on user `user`'s Telegram app is set to `code` (sent as
+    /// `language_code` with everything the user does, as Telegram does).
+    pub fn set_language(&self, user: i64, code: &str) {
+        self.lock().languages.insert(user, code.to_owned());
     }
 
     /// Every answer (except getUpdates) waits this long, like a slow link.
@@ -476,6 +495,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                 caption: None,
                 file_len: None,
                 reply_markup: None,
+                params: HashMap::new(),
                 at: Instant::now(),
             });
         }
@@ -512,6 +532,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                 caption: None,
                 file_len,
                 reply_markup: None,
+                params: HashMap::new(),
                 at: Instant::now(),
             });
         }
@@ -544,6 +565,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         caption: caption.clone(),
         file_len,
         reply_markup: reply_markup.clone(),
+        params: p.clone(),
         at: Instant::now(),
     };
     let response = match method.as_str() {

@@ -1,7 +1,8 @@
 //! `easel demo`: the real bot against FAKE Telegram, workers and LLM started
 //! in-process on loopback, with a handful of simulated users on both models
 //! (one request fails at the content filter, one user hits the rate limit,
-//! one cancels). It prints each transition as it happens, what each user
+//! one cancels, one writes in Persian from a Telegram set to Persian and is
+//! answered in Persian). It prints each transition as it happens, what each user
 //! saw, the audit table and the verification of the log.
 
 pub mod fake_services;
@@ -30,7 +31,7 @@ struct User {
     name: &'static str,
 }
 
-const USERS: [User; 5] = [
+const USERS: [User; 6] = [
     User {
         id: 501,
         name: "alice",
@@ -50,6 +51,10 @@ const USERS: [User; 5] = [
     User {
         id: 505,
         name: "erin",
+    },
+    User {
+        id: 506,
+        name: "sara",
     },
 ];
 
@@ -139,7 +144,9 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     };
 
     // The simulated users.
-    let [alice, bob, carol, dave, erin] = [501, 502, 503, 504, 505];
+    let [alice, bob, carol, dave, erin, sara] = [501, 502, 503, 504, 505, 506];
+    // Sara's Telegram is set to Persian: she is answered in Persian.
+    tg.set_language(sara, "fa");
     tg.user_sends(alice, alice, "/image=flux=a red fox in the snow");
     tg.user_sends(bob, bob, "/image=sdxl=a lighthouse at dawn, oil painting");
     tg.user_sends(carol, carol, "/image=flux=something nsfw");
@@ -157,6 +164,12 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     .await;
     tg.user_sends(erin, erin, "/cancel");
     tg.user_sends(alice, alice, "/queue");
+    tg.user_sends(
+        sara,
+        sara,
+        "/image=sdxl=یک گربه‌ی نارنجی روی پشت‌بام، شب مهتابی",
+    );
+    tg.user_sends(sara, sara, "/queue");
 
     // Wait until every accepted request is finished.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
@@ -213,6 +226,10 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
                 ),
                 other => other.to_owned(),
             };
+            // As the user sees it: the invisible direction isolates around
+            // Latin words in Persian texts are left out (elide would show
+            // them as escapes, as it does every format character).
+            let shown = shown.replace(['\u{2068}', '\u{2069}'], "");
             println!("    {}", crate::ops::elide(&shown, 110));
         }
     }
@@ -255,13 +272,21 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
             .load(std::sync::atomic::Ordering::SeqCst),
     );
     let rate_limited = tg.texts_to(dave).iter().any(|t| t.contains("too fast"));
-    let expected = status(crate::domain::Stage::Done) == 4
+    // Sara's photo came with a Persian caption.
+    let persian = tg.calls().iter().any(|c| {
+        c.chat_id == Some(sara)
+            && c.caption
+                .as_deref()
+                .is_some_and(|t| t.starts_with("🎨 \u{2068}sdxl\u{2069}\n"))
+    }) && tg.texts_to(sara).iter().any(|t| t.starts_with("در صف"));
+    let expected = status(crate::domain::Stage::Done) == 5
+        && persian
         && status(crate::domain::Stage::Failed) == 1
         && status(crate::domain::Stage::Cancelled) == 1
         && rate_limited
         && report.ok();
     println!(
-        "\n{} in {:.1} s: 4 done, 1 failed (content filter), 1 cancelled, 1 rate-limited.",
+        "\n{} in {:.1} s: 5 done (one in Persian), 1 failed (content filter), 1 cancelled, 1 rate-limited.",
         if expected {
             "Demo finished"
         } else {

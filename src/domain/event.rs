@@ -16,6 +16,11 @@ pub struct Origin {
     pub message_id: Option<i32>,
     /// The Telegram update that carried it.
     pub update_id: Option<u32>,
+    /// The user's Telegram `language_code` when Telegram sent one (the
+    /// status message and the caption speak it). Added after version 1
+    /// records were first written: absent in those, read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
 }
 
 /// Why a request failed, in classes the bot can put into plain words.

@@ -228,6 +228,29 @@ mod tests {
         }
     }
 
+    /// `Origin.language` came after version 1 was first written: a
+    /// version-1 record without it reads as `None`, one with it keeps it,
+    /// and a record without a language is written exactly as before.
+    #[test]
+    fn the_language_of_a_request_is_an_optional_addition_to_version_1() {
+        let old = br#"{"v":1,"seq":7,"request_id":"019abb1c-3a00-7000-8000-000000000001","at":"2026-11-25T10:00:00Z","event":{"type":"queued","model":"flux","prompt":"a fox","origin":{"user_id":42,"chat_id":42,"message_id":1,"update_id":5}}}"#;
+        let rec = decode_json(old).unwrap();
+        let crate::domain::Event::Queued { origin, .. } = &rec.event else {
+            panic!("{rec:?}")
+        };
+        assert_eq!(origin.language, None);
+        assert_eq!(encode_json(&rec).unwrap(), old.to_vec());
+        let new = String::from_utf8(old.to_vec())
+            .unwrap()
+            .replace(r#""update_id":5}"#, r#""update_id":5,"language":"fa-IR"}"#);
+        let rec = decode_json(new.as_bytes()).unwrap();
+        let crate::domain::Event::Queued { origin, .. } = &rec.event else {
+            panic!("{rec:?}")
+        };
+        assert_eq!(origin.language.as_deref(), Some("fa-IR"));
+        assert_eq!(encode_json(&rec).unwrap(), new.into_bytes());
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {

@@ -10,7 +10,7 @@ use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup, InputFile};
 use super::api::{Policy, TelegramApi, TgErrorKind};
 use super::parse::Button;
 use super::replies::{FileKind, Reply, Upload};
-use super::words;
+use super::words::{self, Lang};
 use crate::engine::{Deliverer, Delivery, DeliveryFailure};
 use crate::projection::ActiveRequest;
 
@@ -57,14 +57,14 @@ pub fn fits_as_photo(bytes: &[u8]) -> bool {
 
 /// The buttons under a delivered image: 🔁 Again, and 📄 Original only
 /// under a photo (a document already is the original file).
-pub fn keyboard(id: crate::domain::RequestId, kind: FileKind) -> InlineKeyboardMarkup {
+pub fn keyboard(id: crate::domain::RequestId, kind: FileKind, lang: Lang) -> InlineKeyboardMarkup {
     let mut row = vec![InlineKeyboardButton::callback(
-        words::again_button(),
+        words::again_button(lang),
         Button::Again(id).data(),
     )];
     if kind == FileKind::Photo {
         row.push(InlineKeyboardButton::callback(
-            words::original_button(),
+            words::original_button(lang),
             Button::Original(id).data(),
         ));
     }
@@ -93,8 +93,10 @@ impl Deliverer for TelegramDeliverer {
             .as_deref()
             .unwrap_or(request.prompt.as_str());
         let as_written = request.prompt_as_written || request.enhanced_prompt.is_none();
+        // The language of the user who asked, as recorded with the request.
+        let lang = Lang::of(request.origin.language.as_deref());
         let (caption, cut) = fit_utf16(
-            &words::caption(request.model.as_str(), prompt, as_written),
+            &words::caption(lang, request.model.as_str(), prompt, as_written),
             CAPTION_UNITS,
         );
         let to = Reply {
@@ -111,7 +113,7 @@ impl Deliverer for TelegramDeliverer {
             kind,
             file: InputFile::memory(bytes).file_name(format!("easel-{}.{format}", request.id)),
             caption: Some(caption),
-            buttons: Some(keyboard(request.id, kind)),
+            buttons: Some(keyboard(request.id, kind, lang)),
         };
         let mut sent = self.api.send_file(to, &upload, Policy::Deliver).await;
         if upload.kind == FileKind::Photo
@@ -122,7 +124,7 @@ impl Deliverer for TelegramDeliverer {
             // the original bytes go as a document instead of failing.
             tracing::info!(error = %e, "photo refused; sending as a document");
             upload.kind = FileKind::Document;
-            upload.buttons = Some(keyboard(request.id, FileKind::Document));
+            upload.buttons = Some(keyboard(request.id, FileKind::Document, lang));
             sent = self.api.send_file(to, &upload, Policy::Deliver).await;
         }
         let message = match sent {
@@ -136,7 +138,7 @@ impl Deliverer for TelegramDeliverer {
         };
         if cut {
             let (full, _) = fit_utf16(
-                &format!("{}\n{prompt}", words::full_prompt_follows()),
+                &format!("{}\n{prompt}", words::full_prompt_follows(lang)),
                 MESSAGE_UNITS,
             );
             let below = Reply {

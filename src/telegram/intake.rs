@@ -12,7 +12,7 @@ use super::parse::{Button, Input, parse};
 use super::replies::{FileKind, Reply, Upload};
 use super::status::StatusBoard;
 use super::turn::Turn;
-use super::words;
+use super::words::{self, Lang};
 use crate::config::Settings;
 use crate::domain::ids::InvalidPrompt;
 use crate::domain::{ChatId, Event, ModelName, Origin, Prompt, Rejection, RequestId, UserId};
@@ -83,21 +83,27 @@ pub(crate) enum Route {
 
 /// Routes `input` from a user (`allowed` by the allowlist) in a private
 /// chat or a group.
-pub(crate) fn route(input: Input, private: bool, allowed: bool, settings: &Settings) -> Route {
+pub(crate) fn route(
+    input: Input,
+    private: bool,
+    allowed: bool,
+    settings: &Settings,
+    lang: Lang,
+) -> Route {
     let models = &settings.model_names();
     match input {
         // In a private chat plain text gets a hint; in groups, silence.
-        Input::NotForUs if private && allowed => Route::Answer(words::usage(models)),
+        Input::NotForUs if private && allowed => Route::Answer(words::usage(lang, models)),
         Input::NotForUs => Route::Ignore,
         // In a group, a command without our name may be for another bot.
         Input::UnknownCommand {
             addressed: false, ..
         } if !private => Route::Ignore,
         // The allowlist comes before anything is recorded.
-        _ if !allowed => Route::Answer(words::not_allowed()),
-        Input::Start | Input::Help => Route::Answer(words::help(models, &settings.limits)),
-        Input::ImageUsage => Route::Answer(words::usage(models)),
-        Input::UnknownCommand { .. } => Route::Answer(words::unknown_command()),
+        _ if !allowed => Route::Answer(words::not_allowed(lang)),
+        Input::Start | Input::Help => Route::Answer(words::help(lang, models, &settings.limits)),
+        Input::ImageUsage => Route::Answer(words::usage(lang, models)),
+        Input::UnknownCommand { .. } => Route::Answer(words::unknown_command(lang)),
         input @ (Input::Image { .. } | Input::Queue | Input::Cancel(_)) => Route::UseLog(input),
     }
 }
@@ -149,6 +155,8 @@ impl<S: EventStore> Intake<S> {
             return;
         };
         let user_id = i64::try_from(user.id.0).unwrap_or(i64::MAX);
+        let language = words::language_code(user.language_code.as_deref());
+        let lang = Lang::of(language.as_deref());
         let to = Reply {
             chat: msg.chat.id.0,
             to_message: Some(msg.id.0),
@@ -159,6 +167,7 @@ impl<S: EventStore> Intake<S> {
             msg.chat.is_private(),
             self.allowed(user_id),
             &self.settings,
+            lang,
         );
         let input = match routed {
             Route::UseLog(input) => input,
@@ -177,12 +186,23 @@ impl<S: EventStore> Intake<S> {
                     chat_id: ChatId(msg.chat.id.0),
                     message_id: Some(msg.id.0),
                     update_id: Some(update_id),
+                    language,
                 };
                 self.image(to, origin, &model, &prompt, turn).await;
             }
             Input::Queue => {
-                let text = self.queue_text(UserId(user_id));
+                let (text, seen) = self.queue_text(UserId(user_id), lang);
                 turn.pass();
+                // It may list a request whose "queued" still waits for the
+                // disk: the list is said only once all it shows is durable
+                // (a crash loses nothing a user was told about).
+                let text = match self.core.durable(seen).await {
+                    Ok(()) => text,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the log refused a flush for /queue");
+                        words::busy(lang)
+                    }
+                };
                 self.send(to, text).await;
             }
             Input::Cancel(prefix) => {
@@ -196,15 +216,15 @@ impl<S: EventStore> Intake<S> {
                             .iter()
                             .map(|(id, prompt)| (id.short(), prompt.clone()))
                             .collect();
-                        words::cancel_ambiguous(prefix.as_deref().unwrap_or_default(), &shown)
+                        words::cancel_ambiguous(lang, prefix.as_deref().unwrap_or_default(), &shown)
                     }
                     Ok(Cancel::Done(ids)) if ids.is_empty() && prefix.is_some() => {
-                        words::nothing_to_cancel_with(prefix.as_deref().unwrap_or_default())
+                        words::nothing_to_cancel_with(lang, prefix.as_deref().unwrap_or_default())
                     }
-                    Ok(Cancel::Done(ids)) => words::cancelled(ids.len()),
+                    Ok(Cancel::Done(ids)) => words::cancelled(lang, ids.len()),
                     Err(e) => {
                         tracing::error!(error = %e, "cancel failed");
-                        words::busy()
+                        words::busy(lang)
                     }
                 };
                 turn.pass();
@@ -224,8 +244,9 @@ impl<S: EventStore> Intake<S> {
         prompt: &str,
         mut turn: Turn,
     ) -> String {
+        let lang = Lang::of(origin.language.as_deref());
         // Validation records nothing: the next update may go ahead.
-        let checked = self.check_image(model, prompt);
+        let checked = self.check_image(lang, model, prompt);
         let (name, prompt) = match checked {
             Ok(ok) => ok,
             Err(text) => {
@@ -260,26 +281,32 @@ impl<S: EventStore> Intake<S> {
             }
             Err(e) => Err(e),
         };
-        self.answer_admission(to, chat, name, admitted).await
+        self.answer_admission(to, chat, name, lang, admitted).await
     }
 
     /// The model and prompt of an `/image`, or the reply that refuses it.
-    fn check_image(&self, model: &str, prompt: &str) -> Result<(ModelName, Prompt), String> {
+    fn check_image(
+        &self,
+        lang: Lang,
+        model: &str,
+        prompt: &str,
+    ) -> Result<(ModelName, Prompt), String> {
         let models = self.model_names();
         let Ok(name) = ModelName::parse(model) else {
-            return Err(words::unknown_model(model, &models));
+            return Err(words::unknown_model(lang, model, &models));
         };
         if self.settings.model(&name).is_none() {
             return Err(if self.settings.disabled_models.contains(&name) {
-                words::not_configured(name.as_str())
+                words::not_configured(lang, name.as_str())
             } else {
-                words::unknown_model(model, &models)
+                words::unknown_model(lang, model, &models)
             });
         }
         match Prompt::parse(prompt) {
             Ok(p) => Ok((name, p)),
-            Err(InvalidPrompt::Empty) => Err(words::empty_prompt()),
+            Err(InvalidPrompt::Empty) => Err(words::empty_prompt(lang)),
             Err(InvalidPrompt::TooLong { chars }) => Err(words::prompt_too_long(
+                lang,
                 chars,
                 crate::domain::ids::MAX_PROMPT_CHARS,
             )),
@@ -293,6 +320,7 @@ impl<S: EventStore> Intake<S> {
         to: Reply,
         chat: i64,
         name: ModelName,
+        lang: Lang,
         admitted: Result<Admitted, AcceptError>,
     ) -> String {
         if let Ok(Admitted::Queued { id, .. } | Admitted::Duplicate { id }) = &admitted {
@@ -304,9 +332,10 @@ impl<S: EventStore> Intake<S> {
             Ok(Admitted::Queued { id, position, .. }) => {
                 tracing::info!(position, "queued");
                 let wait = self.core.read(|s| s.estimated_wait(&name, position));
-                let text = words::queued(name.as_str(), position, wait);
+                let text = words::queued(lang, name.as_str(), position, wait);
                 if let Some(m) = self.send(to, text.clone()).await {
-                    self.board.register(id, chat, m.id.0, name, text.clone());
+                    self.board
+                        .register(id, chat, m.id.0, name, lang, text.clone());
                 }
                 text
             }
@@ -317,48 +346,50 @@ impl<S: EventStore> Intake<S> {
                 let text = self.core.read(|s| {
                     s.request(id).map(|r| {
                         let p = s.position(id);
-                        words::status(r.model.as_str(), r.stage, p, None)
+                        words::status(lang, r.model.as_str(), r.stage, p, None)
                     })
                 });
                 if !self.board.has(id)
                     && let Some(text) = &text
                     && let Some(m) = self.send(to, text.clone()).await
                 {
-                    self.board.register(id, chat, m.id.0, name, text.clone());
+                    self.board
+                        .register(id, chat, m.id.0, name, lang, text.clone());
                 }
-                text.unwrap_or_else(words::already_done)
+                text.unwrap_or_else(|| words::already_done(lang))
             }
             Err(AcceptError::Rejected(Rejection::RateLimited { retry_after_secs })) => {
-                let text = words::rate_limited(retry_after_secs);
+                let text = words::rate_limited(lang, retry_after_secs);
                 self.send(to, text.clone()).await;
                 text
             }
             Err(AcceptError::Rejected(Rejection::TooManyPending { max, .. })) => {
-                let text = words::too_many_pending(max);
+                let text = words::too_many_pending(lang, max);
                 self.send(to, text.clone()).await;
                 text
             }
             Err(AcceptError::Store(e)) => {
                 tracing::error!(error = %e, "could not record a request");
-                let text = words::busy();
+                let text = words::busy(lang);
                 self.send(to, text.clone()).await;
                 text
             }
         }
     }
 
-    fn queue_text(&self, user: UserId) -> String {
-        let lines: Vec<String> = self.core.read(|s| {
+    /// The `/queue` reply, and the sequence number of the log it reflects.
+    fn queue_text(&self, user: UserId, lang: Lang) -> (String, u64) {
+        let (lines, seen): (Vec<String>, u64) = self.core.read(|s| {
             let mut mine: Vec<_> = s.requests().filter(|r| r.origin.user_id == user).collect();
             mine.sort_by_key(|r| r.queued_at);
-            mine.iter()
+            let lines = mine
+                .iter()
                 .map(|r| {
                     let position = s.position(r.id);
                     let wait = position.and_then(|p| s.estimated_wait(&r.model, p));
-                    let id = r.id.to_string();
-                    let short = id.get(..8).unwrap_or(&id);
                     words::queue_line(
-                        short,
+                        lang,
+                        &r.id.short(),
                         r.model.as_str(),
                         r.stage,
                         position,
@@ -366,13 +397,15 @@ impl<S: EventStore> Intake<S> {
                         r.prompt.as_str(),
                     )
                 })
-                .collect()
+                .collect();
+            (lines, s.last_seq)
         });
-        if lines.is_empty() {
-            words::no_requests()
+        let text = if lines.is_empty() {
+            words::no_requests(lang)
         } else {
-            format!("{}\n{}", words::queue_header(), lines.join("\n"))
-        }
+            format!("{}\n{}", words::queue_header(lang), lines.join("\n"))
+        };
+        (text, seen)
     }
 
     async fn answer(&self, query: &CallbackQuery, text: String) {
@@ -381,6 +414,8 @@ impl<S: EventStore> Intake<S> {
 
     async fn callback(&self, update_id: u32, query: &CallbackQuery, mut turn: Turn) {
         let user_id = i64::try_from(query.from.id.0).unwrap_or(i64::MAX);
+        let language = words::language_code(query.from.language_code.as_deref());
+        let lang = Lang::of(language.as_deref());
         let button = query.data.as_deref().and_then(Button::parse);
         // Only 🔁 Again records (a new request); every other press passes
         // the turn at once. (Dropping the turn on a path below passes it too.)
@@ -388,15 +423,15 @@ impl<S: EventStore> Intake<S> {
             turn.pass();
         }
         if !self.allowed(user_id) {
-            self.answer(query, words::not_allowed()).await;
+            self.answer(query, words::not_allowed(lang)).await;
             return;
         }
         let Some(chat) = query.message.as_ref().map(|m| m.chat().id.0) else {
-            self.answer(query, words::unknown_button()).await;
+            self.answer(query, words::unknown_button(lang)).await;
             return;
         };
         let Some(button) = button else {
-            self.answer(query, words::unknown_button()).await;
+            self.answer(query, words::unknown_button(lang)).await;
             return;
         };
         let id = button.request();
@@ -404,7 +439,7 @@ impl<S: EventStore> Intake<S> {
             Ok(events) => events.into_iter().filter_map(Result::ok).collect(),
             Err(e) => {
                 tracing::error!(error = %e, "could not read a request for a button");
-                self.answer(query, words::busy()).await;
+                self.answer(query, words::busy(lang)).await;
                 return;
             }
         };
@@ -417,11 +452,11 @@ impl<S: EventStore> Intake<S> {
             origin,
         }) = events.first().map(|r| &r.event)
         else {
-            self.answer(query, words::unknown_button()).await;
+            self.answer(query, words::unknown_button(lang)).await;
             return;
         };
         if origin.chat_id.0 != chat {
-            self.answer(query, words::unknown_button()).await;
+            self.answer(query, words::unknown_button(lang)).await;
             return;
         }
         match button {
@@ -431,6 +466,7 @@ impl<S: EventStore> Intake<S> {
                     chat_id: ChatId(chat),
                     message_id: None,
                     update_id: Some(update_id),
+                    language,
                 };
                 let to = Reply {
                     chat,
@@ -451,10 +487,10 @@ impl<S: EventStore> Intake<S> {
                     .as_ref()
                     .and_then(|i| self.images.load(i).ok().flatten());
                 let (Some(image), Some(bytes)) = (image, bytes) else {
-                    self.answer(query, words::original_expired()).await;
+                    self.answer(query, words::original_expired(lang)).await;
                     return;
                 };
-                self.answer(query, words::original_sending()).await;
+                self.answer(query, words::original_sending(lang)).await;
                 let to = Reply {
                     chat,
                     to_message: query.message.as_ref().map(|m| m.id().0),
@@ -479,7 +515,7 @@ impl<S: EventStore> Intake<S> {
 mod tests {
     use super::{Route, route};
     use crate::telegram::parse::{Input, parse};
-    use crate::telegram::words;
+    use crate::telegram::words::{self, Lang};
 
     fn settings() -> crate::config::Settings {
         let env = [
@@ -505,6 +541,7 @@ mod tests {
             private,
             allowed,
             &settings(),
+            Lang::En,
         )
     }
 
@@ -516,7 +553,7 @@ mod tests {
         // for someone not allowed (nothing to refuse).
         assert_eq!(
             routed("hello", true, true),
-            Route::Answer(words::usage(&models))
+            Route::Answer(words::usage(Lang::En, &models))
         );
         assert_eq!(routed("hello", false, true), Route::Ignore);
         assert_eq!(routed("hello", false, false), Route::Ignore);
@@ -524,21 +561,21 @@ mod tests {
         for text in ["/help", "/image=flux=a fox", "/queue", "/cancel", "/nope"] {
             assert_eq!(
                 routed(text, true, false),
-                Route::Answer(words::not_allowed()),
+                Route::Answer(words::not_allowed(Lang::En)),
                 "{text}"
             );
         }
         assert_eq!(
             routed("/help", false, true),
-            Route::Answer(words::help(&models, &limits))
+            Route::Answer(words::help(Lang::En, &models, &limits))
         );
         assert_eq!(
             routed("/image", true, true),
-            Route::Answer(words::usage(&models))
+            Route::Answer(words::usage(Lang::En, &models))
         );
         assert_eq!(
             routed("/nope", true, true),
-            Route::Answer(words::unknown_command())
+            Route::Answer(words::unknown_command(Lang::En))
         );
         // In a group only a command with our name gets that answer: the
         // others may be another bot's.
@@ -546,11 +583,11 @@ mod tests {
         assert_eq!(routed("/nope", false, false), Route::Ignore);
         assert_eq!(
             routed("/nope@easel_bot", false, true),
-            Route::Answer(words::unknown_command())
+            Route::Answer(words::unknown_command(Lang::En))
         );
         assert_eq!(
             routed("/image==fox", true, true),
-            Route::Answer(words::usage(&models))
+            Route::Answer(words::usage(Lang::En, &models))
         );
         // What needs the log is handed over as parsed.
         assert_eq!(

@@ -67,7 +67,7 @@ pub enum Input {
 /// Parses `text`. `bot_username` (without `@`) lets `/image@ourbot=…` through
 /// and makes `/image@otherbot=…` someone else's business.
 pub fn parse(text: &str, bot_username: Option<&str>) -> Input {
-    let text = text.trim_start();
+    let text = text.trim_start_matches(blank);
     let Some(rest) = text.strip_prefix('/') else {
         return Input::NotForUs;
     };
@@ -100,7 +100,7 @@ pub fn parse(text: &str, bot_username: Option<&str>) -> Input {
             let arg = rest
                 .split_whitespace()
                 .next()
-                .map(|s| s.trim_matches(|c: char| c == '<' || c == '>').to_owned());
+                .map(|s| id_prefix(s.trim_matches(|c: char| c == '<' || c == '>')));
             Input::Cancel(arg.filter(|a| !a.is_empty()))
         }
         "start" => Input::Start,
@@ -111,12 +111,13 @@ pub fn parse(text: &str, bot_username: Option<&str>) -> Input {
 
 fn parse_image(rest: &str) -> Input {
     // `/image=model=prompt`; spaces around the `=` signs are forgiven.
-    let Some(after) = rest.trim_start().strip_prefix('=') else {
+    let Some(after) = rest.trim_start_matches(blank).strip_prefix('=') else {
         return Input::ImageUsage;
     };
     let Some((model, prompt)) = after.split_once('=') else {
         return Input::ImageUsage;
     };
+    let model: String = model.chars().filter(|c| !is_direction_mark(*c)).collect();
     let model = model.trim();
     // `/image==fox` names no model: the usage message says how.
     if model.is_empty() || model.contains(char::is_whitespace) {
@@ -124,8 +125,42 @@ fn parse_image(rest: &str) -> Input {
     }
     Input::Image {
         model: model.to_lowercase(),
-        prompt: strip_controls(prompt).trim().to_owned(),
+        prompt: strip_controls(prompt).trim_matches(blank).to_owned(),
     }
+}
+
+/// Whitespace, or a direction mark: a right-to-left keyboard, or a command
+/// copied out of a Persian text (whose placeholders are isolated), puts
+/// these around what the user meant to write.
+fn blank(c: char) -> bool {
+    c.is_whitespace() || is_direction_mark(c)
+}
+
+/// The invisible Unicode marks that only set text direction (LRM, RLM,
+/// ALM, the embeddings and overrides, the isolates).
+fn is_direction_mark(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// A `/cancel` argument as ids are written: direction marks dropped,
+/// Persian and Arabic-Indic digits (what a Persian keyboard types) read as
+/// ASCII digits, letters lowercased.
+fn id_prefix(arg: &str) -> String {
+    arg.chars()
+        .filter(|c| !is_direction_mark(*c))
+        .map(|c| match c {
+            '\u{06F0}'..='\u{06F9}' => {
+                char::from_u32(c as u32 - 0x06F0 + u32::from(b'0')).unwrap_or(c)
+            }
+            '\u{0660}'..='\u{0669}' => {
+                char::from_u32(c as u32 - 0x0660 + u32::from(b'0')).unwrap_or(c)
+            }
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
 }
 
 /// Removes control characters except newline and tab.
@@ -205,6 +240,18 @@ mod tests {
             ("/status", Input::Queue),
             ("/cancel", Input::Cancel(None)),
             ("/cancel 019abc", Input::Cancel(Some("019abc".into()))),
+            // Typed on a Persian keyboard, or copied out of a Persian reply.
+            ("/cancel ۰۱۹ABC", Input::Cancel(Some("019abc".into()))),
+            (
+                "/cancel \u{2068}019abc\u{2069}",
+                Input::Cancel(Some("019abc".into())),
+            ),
+            ("\u{200F}/image=flux=گربه", image("flux", "گربه")),
+            (
+                "\u{2068}/image=\u{2068}flux\u{2069}=گربه\u{2069}",
+                image("flux", "گربه"),
+            ),
+            ("/image\u{200E}=flux=a fox", image("flux", "a fox")),
             (
                 "/cancel@easel_bot  019abc  ",
                 Input::Cancel(Some("019abc".into())),

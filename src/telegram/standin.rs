@@ -15,7 +15,7 @@ use super::intake::{Route, route};
 use super::parse::parse;
 use super::poll::updates_loop;
 use super::replies::Reply;
-use super::words;
+use super::words::{self, Lang};
 use crate::config::Settings;
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +68,7 @@ async fn answer_batch(
                     .from
                     .as_ref()
                     .map_or(0, |u| i64::try_from(u.id.0).unwrap_or(i64::MAX));
+                let lang = Lang::of(msg.from.as_ref().and_then(|u| u.language_code.as_deref()));
                 let to = Reply {
                     chat: msg.chat.id.0,
                     to_message: Some(msg.id.0),
@@ -79,14 +80,18 @@ async fn answer_batch(
                     msg.chat.is_private(),
                     settings.allows(user),
                     &settings,
+                    lang,
                 ) {
                     Route::Ignore => continue,
                     Route::Answer(text) => text,
-                    Route::UseLog(_) => words::busy(),
+                    Route::UseLog(_) => words::busy(lang),
                 };
                 api.reply(to, reply).await;
             }
-            UpdateKind::CallbackQuery(q) => api.answer_query(&q, words::busy()).await,
+            UpdateKind::CallbackQuery(q) => {
+                let lang = Lang::of(q.from.language_code.as_deref());
+                api.answer_query(&q, words::busy(lang)).await;
+            }
             _ => {}
         }
     }

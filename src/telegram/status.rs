@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::api::{TelegramApi, TgErrorKind};
-use super::words;
+use super::words::{self, Lang};
 use crate::domain::{Event, ModelName, RequestId, Stage};
 use crate::engine::{Core, Retries};
 use crate::store::{EventStore, Recorded};
@@ -47,6 +47,10 @@ struct Entry {
     chat: i64,
     message_id: i32,
     model: ModelName,
+    /// The language of the user who asked (saved entries from before
+    /// languages read as English).
+    #[serde(default)]
+    lang: Lang,
     #[serde(skip)]
     last_text: String,
 }
@@ -81,6 +85,7 @@ impl StatusBoard {
         chat: i64,
         message_id: i32,
         model: ModelName,
+        lang: Lang,
         text: String,
     ) {
         self.lock().insert(id);
@@ -90,6 +95,7 @@ impl StatusBoard {
                 chat,
                 message_id,
                 model,
+                lang,
                 last_text: text,
             },
         ));
@@ -172,7 +178,7 @@ impl<S: EventStore> Board<S> {
                 continue;
             };
             if self.core.read(|s| s.request(id).is_none()) {
-                match self.final_from_log(id, &entry.model) {
+                match self.final_from_log(id, &entry.model, entry.lang) {
                     Some(last) => {
                         self.finals.insert(id, last);
                     }
@@ -210,10 +216,10 @@ impl<S: EventStore> Board<S> {
         }
     }
 
-    fn final_from_log(&self, id: RequestId, model: &ModelName) -> Option<Final> {
+    fn final_from_log(&self, id: RequestId, model: &ModelName, lang: Lang) -> Option<Final> {
         let events = self.core.store().events_of(id).ok()?;
         let last = events.into_iter().rev().find_map(Result::ok)?;
-        final_text(&last.event, model.as_str())
+        final_text(&last.event, model.as_str(), lang)
     }
 
     async fn run(
@@ -267,7 +273,7 @@ impl<S: EventStore> Board<S> {
         }
         // Already finished (a very fast request): show the final text.
         if self.core.read(|s| s.request(id).is_none())
-            && let Some(last) = self.final_from_log(id, &entry.model)
+            && let Some(last) = self.final_from_log(id, &entry.model, entry.lang)
         {
             self.finals.insert(id, last);
         }
@@ -296,7 +302,7 @@ impl<S: EventStore> Board<S> {
             _ => self.entries.get(&id).map(|e| e.model.clone()),
         };
         if let Some(entry) = self.entries.get(&id) {
-            if let Some(last) = final_text(&rec.event, entry.model.as_str()) {
+            if let Some(last) = final_text(&rec.event, entry.model.as_str(), entry.lang) {
                 self.finals.insert(id, last);
             }
             if !self.urgent.contains(&id) {
@@ -330,12 +336,14 @@ impl<S: EventStore> Board<S> {
         if let Some(last) = self.finals.get(&id) {
             return Some(last.clone());
         }
+        let lang = self.entries.get(&id).map(|e| e.lang).unwrap_or_default();
         let live = self.core.read(|s| {
             let req = s.request(id)?;
             if req.stage == Stage::Generating
                 && let Some(n) = self.retries.of(&req.model)
             {
                 return Some(words::generating_retry(
+                    lang,
                     req.model.as_str(),
                     n,
                     crate::services::worker::MAX_RETRIES,
@@ -343,14 +351,20 @@ impl<S: EventStore> Board<S> {
             }
             let position = s.position(id);
             let wait = position.and_then(|p| s.estimated_wait(&req.model, p));
-            Some(words::status(req.model.as_str(), req.stage, position, wait))
+            Some(words::status(
+                lang,
+                req.model.as_str(),
+                req.stage,
+                position,
+                wait,
+            ))
         });
         let live = live.map(|text| Final { text, again: false });
         // The projection can be ahead of the events this board has read:
         // a request that just finished is read from the log.
         live.or_else(|| {
-            let model = self.entries.get(&id)?.model.clone();
-            self.final_from_log(id, &model)
+            let entry = self.entries.get(&id)?;
+            self.final_from_log(id, &entry.model, entry.lang)
         })
     }
 
@@ -439,8 +453,9 @@ impl<S: EventStore> Board<S> {
         self.budget = self.budget.saturating_sub(1);
         self.chat_next.insert(chat, now + spacing(chat));
         // A failure that may pass on a retry gets the 🔁 Again button.
+        let lang = entry.lang;
         let buttons =
-            again.then(|| super::deliver::keyboard(id, super::replies::FileKind::Document));
+            again.then(|| super::deliver::keyboard(id, super::replies::FileKind::Document, lang));
         let result = self
             .api
             .edit_text(chat, message_id, text.clone(), buttons)
@@ -485,11 +500,11 @@ struct Final {
 }
 
 /// The last text of a finished request's status message.
-fn final_text(event: &Event, model: &str) -> Option<Final> {
+fn final_text(event: &Event, model: &str, lang: Lang) -> Option<Final> {
     let (text, again) = match event {
-        Event::Delivered { .. } => (words::status(model, Stage::Done, None, None), false),
-        Event::Failed { kind, .. } => (words::failed(model, *kind), kind.may_pass_on_retry()),
-        Event::Cancelled => (words::cancelled_one(model), false),
+        Event::Delivered { .. } => (words::status(lang, model, Stage::Done, None, None), false),
+        Event::Failed { kind, .. } => (words::failed(lang, model, *kind), kind.may_pass_on_retry()),
+        Event::Cancelled => (words::cancelled_one(lang, model), false),
         _ => return None,
     };
     Some(Final { text, again })

@@ -1003,3 +1003,148 @@ async fn a_retried_generation_says_so_on_its_status() {
     );
     app.stop().await;
 }
+
+/// §2 Language: a user whose Telegram is set to Persian is answered in
+/// Persian (Persian digits, Latin names isolated), from the first reply to
+/// the caption and the buttons, across a restart (the language is
+/// recorded with the request); a user without a language code beside them
+/// is answered in English; the command menu exists in both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persian_speaking_user_is_answered_in_persian() {
+    let mut app = spawn_app(&[]).await;
+    let (sara, tom) = (14_001, 14_002);
+    app.tg.set_language(sara, "fa");
+    // The menu: English for everyone, Persian for Persian-speaking users.
+    assert!(
+        app.tg
+            .wait_for(WAIT, |c| c
+                .iter()
+                .filter(|c| c.method == "setMyCommands")
+                .count()
+                == 2)
+            .await
+    );
+    let menus: Vec<_> = app
+        .tg
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "setMyCommands")
+        .collect();
+    let menu = |code: Option<&str>| {
+        menus
+            .iter()
+            .find(|c| c.params.get("language_code").and_then(|v| v.as_str()) == code)
+            .map(|c| c.params["commands"].to_string())
+            .unwrap_or_else(|| panic!("no menu for {code:?}: {menus:#?}"))
+    };
+    assert!(menu(None).contains("how to use this bot"), "{}", menu(None));
+    assert!(
+        menu(Some("fa")).contains("راهنمای این ربات"),
+        "{}",
+        menu(Some("fa"))
+    );
+
+    app.tg.user_sends(sara, sara, "/help");
+    assert!(
+        app.text_to(sara, "من توضیح شما را به تصویر تبدیل می‌کنم")
+            .await
+    );
+    assert!(app.text_to(sara, "۱۰۰۰ نویسه").await);
+    app.tg.user_sends(sara, sara, "/image=dalle=گربه");
+    assert!(
+        app.text_to(sara, "مدلی به نام «\u{2068}dalle\u{2069}» وجود ندارد")
+            .await
+    );
+
+    // A request held at the worker, then one queued behind it; a restart.
+    app.tg
+        .user_sends(sara, sara, "/image=flux=held روباه قرمز در برف");
+    assert!(
+        app.text_to(sara, "در صف \u{2068}flux\u{2069} — نوبت ۱")
+            .await
+    );
+    app.tg.user_sends(tom, tom, "/image=flux=a red fox");
+    assert!(app.text_to(tom, "Queued for flux — position ").await);
+    app.tg.user_sends(sara, sara, "/image=flux=گربه‌ای روی ماه");
+    // Behind Tom: position 2 or 3 (the first may have left the queue).
+    assert!(
+        app.tg
+            .wait_for(WAIT, |c| c.iter().any(|c| c.chat_id == Some(sara)
+                && c.text.as_deref().is_some_and(
+                    |t| t.ends_with("نوبت ۲") || t.ends_with("نوبت ۳")
+                )))
+            .await,
+        "{:#?}",
+        app.tg.texts_to(sara)
+    );
+    app.tg.user_sends(sara, sara, "/queue");
+    assert!(app.text_to(sara, "درخواست‌های شما:").await);
+    assert!(
+        app.tg
+            .wait_for(WAIT, |_| app.flux.stats.in_flight.load(Ordering::SeqCst)
+                == 1)
+            .await
+    );
+    app.restart().await;
+    app.flux.release();
+    assert!(app.images_to(sara, 2).await, "{:#?}", app.tg.calls());
+    assert!(app.images_to(tom, 1).await);
+    for photo in app.photo_calls(sara) {
+        let caption = photo.caption.unwrap_or_default();
+        assert!(
+            caption.starts_with("🎨 \u{2068}flux\u{2069}\n"),
+            "{caption}"
+        );
+        let markup = photo.reply_markup.unwrap().to_string();
+        assert!(
+            markup.contains("🔁 دوباره") && markup.contains("📄 فایل اصلی"),
+            "{markup}"
+        );
+    }
+    assert!(app.any_message_ends_with(sara, "انجام شد ✅").await);
+    // Tom, beside her, without a language code: English throughout.
+    assert!(app.status_ends_with(tom, 0, "Done ✅").await);
+    let toms = app.photo_calls(tom).remove(0);
+    assert!(toms.caption.unwrap_or_default().starts_with("🎨 flux\n"));
+    assert!(toms.reply_markup.unwrap().to_string().contains("🔁 Again"));
+    // The language is in the record, for the audit and the export.
+    let languages: Vec<Option<String>> = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .filter_map(|r| match r.event {
+            easel::domain::Event::Queued { origin, .. } => Some(origin.language),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        languages,
+        [Some("fa".to_owned()), None, Some("fa".to_owned())],
+        "{languages:?}"
+    );
+    // 🔁 Again, pressed by her: the notice is Persian too.
+    let photo = app.photo_calls(sara).remove(0);
+    app.tg.user_presses(
+        sara,
+        sara,
+        photo.message_id.unwrap(),
+        &helpers::button_data(&photo, 0),
+    );
+    assert!(
+        app.notice_starting("در صف \u{2068}flux\u{2069} — نوبت ")
+            .await,
+        "{:#?}",
+        app.tg.calls()
+    );
+    assert!(app.images_to(sara, 3).await);
+    // An id copied out of a Persian reply, typed with Persian digits:
+    // /cancel still reads it (nothing is queued now, so it says so).
+    app.tg.user_sends(sara, sara, "/cancel ۰۱۲\u{2069}");
+    assert!(
+        app.text_to(sara, "«\u{2068}012\u{2069}»").await,
+        "{:#?}",
+        app.tg.texts_to(sara)
+    );
+    app.stop().await;
+}

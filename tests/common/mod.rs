@@ -49,6 +49,7 @@ pub fn request(model_name: &str, user: i64, prompt: &str) -> NewRequest {
             chat_id: ChatId(user),
             message_id: Some(update as i32),
             update_id: Some(update),
+            language: None,
         },
     }
 }

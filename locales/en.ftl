@@ -1,0 +1,127 @@
+# Every text a Telegram user sees, in English (the fallback language).
+# Read by src/telegram/words.rs, which fills the { $placeholders }.
+# Every message here exists in every other locales/*.ftl with the same
+# placeholders (a test checks it). Commands stay as written in every
+# language: /image, /queue, /cancel, /help.
+
+## The command menu (setMyCommands): at most 256 characters each.
+
+command-image = /image=<model>=<prompt> — make an image
+command-queue = your requests and their place in line
+command-cancel = cancel your queued requests
+command-help = how to use this bot
+
+## /help, /start and the usage hint.
+
+help =
+    I turn a description into an image.
+
+    Write /image=<model>=<what you want to see>{ $model-count ->
+        [0] {""}
+       *[other] , for example:
+            { $example }
+    }
+
+    Models: { $models }
+
+    /queue shows your requests and their place in line.
+    /cancel cancels your requests that have not started; /cancel <id> cancels one.
+
+    Under each image, { $again } draws the same prompt once more and { $original } sends the image file uncompressed.
+
+    A prompt may have up to { $max-chars } characters. You can ask { $count } times in { $window }, with up to { $pending } requests waiting at once.
+
+    I improve your prompt before drawing; the image comes with the prompt I used.
+usage =
+    Write /image=<model>=<prompt>{ $model-count ->
+        [0] {""}
+       *[other] , for example:
+            { $example }
+    }
+
+    Models: { $models }
+# The prompts of the examples in /help and the usage hint.
+example-prompt-help = a red fox in the snow, golden hour
+example-prompt-usage = a red fox in the snow
+models-none = none is configured right now
+list-separator = {", "}
+
+## Durations.
+
+span-seconds = { $n } s
+span-minutes = { $n } min
+span-hours = { $n } h
+
+## Refusals.
+
+unknown-command = I don't know that command. /help shows what I can do.
+not-allowed = Sorry, this bot is private.
+unknown-model = There is no model called "{ $asked }". Available: { $models }.
+not-configured = Image generation is not configured for { $model } right now.
+empty-prompt = The prompt is empty. Write what you want to see after the second =.
+prompt-too-long = The prompt has { $chars } characters; the limit is { $max }. Please shorten it.
+rate-limited = You're sending requests too fast. Please try again in { $secs } s.
+too-many-pending = You already have { $max } requests waiting. Please wait for one to finish, or /cancel.
+busy = Sorry, I couldn't take that request right now. Please try again in a minute.
+
+## The status message, edited as the request moves on.
+
+queued = Queued for { $model } — position { $position }
+queued-wait = Queued for { $model } — position { $position } (about { $wait })
+status = { $model }: { $stage }
+generating-retry = { $model }: Generating… retry { $retry } of { $of }
+stage-queued = queued
+stage-enhancing = Enhancing prompt…
+stage-generating = Generating…
+stage-sending = Sending…
+stage-done = Done ✅
+stage-failed = Failed.
+stage-cancelled = Cancelled.
+failed = { $model }: Failed — { $why }
+why-rejected = the model's content filter rejected this prompt. Try rephrasing it.
+why-unavailable = the image service is unavailable right now. Please try again later.
+why-timed-out = the image service took too long to answer. Please try again later.
+why-bad-answer = the image service answered with something that is not an image. Please try again.
+# No operator alert exists yet: say nothing that did not happen.
+why-refused = the image service refused the request. If it keeps happening, please tell the bot's operator.
+why-not-configured = image generation is not configured for this model right now.
+why-delivery = Telegram would not take the image.
+why-internal = something went wrong on our side. Please try again.
+cancelled-one = { $model }: Cancelled.
+already-done = That request is already finished.
+
+## /cancel
+
+cancelled = { $n ->
+        [0] You have no queued requests to cancel (requests that have started can't be cancelled).
+        [one] Cancelled 1 queued request.
+       *[other] Cancelled { $n } queued requests.
+    }
+cancel-ambiguous = "{ $prefix }" matches { $n } of your queued requests, so I cancelled none. Send /cancel with one of these ids:
+cancel-candidate = • { $id } “{ $prompt }”
+nothing-to-cancel-with = None of your queued requests has an id starting with "{ $prefix }".
+
+## /queue
+
+no-requests = You have no requests in progress. /help shows how to make one.
+queue-header = Your requests:
+queue-line =
+    • { $id } · { $model } · { $state }
+       “{ $prompt }”
+queue-position = position { $position }
+queue-position-wait = position { $position } (about { $wait })
+
+## The delivered image and its buttons.
+
+caption =
+    🎨 { $model }
+    { $prompt }
+caption-as-written =
+    🎨 { $model } · your prompt, as written
+    { $prompt }
+full-prompt-follows = Full prompt:
+again-button = 🔁 Again
+original-button = 📄 Original
+original-expired = The original file has expired; use { $again } to make a new image.
+original-sending = Sending the original file…
+unknown-button = This button no longer works.
