@@ -25,6 +25,7 @@ fn request(n: u64) -> NewRequest {
             update_id: Some(n as u32),
             language: None,
         },
+        preset: None,
     }
 }
 

@@ -59,6 +59,7 @@ fn append_history(
                     update_id: Some(n as u32),
                     language: None,
                 },
+                preset: None,
             }),
             e(Event::Started),
             e(Event::Enhanced {

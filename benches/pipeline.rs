@@ -116,6 +116,7 @@ async fn run(
                 update_id: None,
                 language: None,
             },
+            preset: None,
         };
         core.accept(req, &limits).await.expect("accept");
     }

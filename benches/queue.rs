@@ -38,6 +38,7 @@ fn queued_state() -> (LiveState, u64) {
                     update_id: None,
                     language: None,
                 },
+                preset: None,
             },
         };
         state.apply(&rec).expect("apply");

@@ -24,6 +24,7 @@ fn queued(n: u32) -> Result<NewEvent, Box<dyn std::error::Error>> {
                 update_id: Some(n),
                 language: None,
             },
+            preset: None,
         },
     })
 }

@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             update_id: Some(i as u32),
                             language: None,
                         },
+                        preset: None,
                     }),
                     e(Event::Started),
                     e(Event::Enhanced {

@@ -9,6 +9,7 @@
 command-image = /image=<model>=<prompt> — make an image
 command-queue = your requests and their place in line
 command-cancel = cancel your queued requests
+command-presets = prompt presets: /image=<model>=<preset>=<prompt>
 command-help = how to use this bot
 
 ## /help, /start and the usage hint.
@@ -25,7 +26,11 @@ help =
     Models: { $models }
 
     /queue shows your requests and their place in line.
-    /cancel cancels your requests that have not started; /cancel <id> cancels one.
+    /cancel cancels your requests that have not started; /cancel <id> cancels one.{ $preset-count ->
+        [0] {""}
+       *[other] {""}
+            /presets lists the presets: styles you can put between the model and your prompt.
+    }
 
     Under each image, { $again } draws the same prompt once more and { $original } sends the image file uncompressed.
 
@@ -52,6 +57,15 @@ span-seconds = { $n } s
 span-minutes = { $n } min
 span-hours = { $n } h
 
+## /presets
+
+presets-none = No presets are configured.
+presets-header = Presets: write one between the model and your prompt.
+preset-line = • { $name }{ $only ->
+        [0] {""}
+       *[other] {" "}(only { $models })
+    }: { $example }
+
 ## Refusals.
 
 unknown-command = I don't know that command. /help shows what I can do.
@@ -59,6 +73,8 @@ not-allowed = Sorry, this bot is private.
 unknown-model = There is no model called "{ $asked }". Available: { $models }.
 not-configured = Image generation is not configured for { $model } right now.
 empty-prompt = The prompt is empty. Write what you want to see after the second =.
+preset-not-for-model = Preset { $preset } is only for { $models }.
+prompt-too-long-preset = With preset { $preset } the prompt has { $chars } characters; the limit is { $max }. Please shorten it.
 prompt-too-long = The prompt has { $chars } characters; the limit is { $max }. Please shorten it.
 rate-limited = You're sending requests too fast. Please try again in { $secs } s.
 too-many-pending = You already have { $max } requests waiting. Please wait for one to finish, or /cancel.

@@ -10,6 +10,7 @@
 command-image = ساختن تصویر: /image=<model>=<prompt>
 command-queue = درخواست‌های شما و نوبتشان
 command-cancel = لغو درخواست‌هایی که در صف‌اند
+command-presets = پیش‌تنظیم‌ها: /image=<model>=<preset>=<prompt>
 command-help = راهنمای این ربات
 
 ## /help, /start and the usage hint.
@@ -31,7 +32,12 @@ help =
     /queue
     لغو درخواست‌هایی که هنوز شروع نشده‌اند (یا فقط یکی، با شناسه‌اش):
     /cancel
-    /cancel <id>
+    /cancel <id>{ $preset-count ->
+        [0] {""}
+       *[other] {""}
+            پیش‌تنظیم‌ها، سبک‌هایی که می‌توانید بین مدل و توضیح بنویسید:
+            /presets
+    }
 
     زیر هر تصویر، { $again } همان توضیح را یک بار دیگر می‌کشد و { $original } فایل تصویر را بدون فشرده‌سازی می‌فرستد.
 
@@ -59,6 +65,15 @@ span-seconds = { $n } ثانیه
 span-minutes = { $n } دقیقه
 span-hours = { $n } ساعت
 
+## /presets
+
+presets-none = هیچ پیش‌تنظیمی راه‌اندازی نشده است.
+presets-header = پیش‌تنظیم‌ها: نام یکی را بین مدل و توضیح بنویسید.
+preset-line = • { $name }{ $only ->
+        [0] {""}
+       *[other] {" "}(فقط { $models })
+    }: { $example }
+
 ## Refusals.
 
 unknown-command =
@@ -68,6 +83,8 @@ not-allowed = متأسفم، این ربات خصوصی است.
 unknown-model = مدلی به نام «{ $asked }» وجود ندارد. مدل‌های موجود: { $models }.
 not-configured = ساختن تصویر با { $model } در حال حاضر راه‌اندازی نشده است.
 empty-prompt = توضیح تصویر خالی است. بعد از = دوم بنویسید چه می‌خواهید ببینید.
+preset-not-for-model = پیش‌تنظیم { $preset } فقط برای { $models } است.
+prompt-too-long-preset = با پیش‌تنظیم { $preset } توضیح { $chars } نویسه می‌شود و حداکثر { $max } نویسه مجاز است. لطفاً کوتاه‌ترش کنید.
 prompt-too-long = توضیح شما { $chars } نویسه دارد و حداکثر { $max } نویسه مجاز است. لطفاً کوتاه‌ترش کنید.
 rate-limited = درخواست‌ها را خیلی سریع می‌فرستید. لطفاً { $secs } ثانیه دیگر دوباره امتحان کنید.
 too-many-pending =

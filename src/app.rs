@@ -142,7 +142,7 @@ async fn start_with(
     );
     let username = who_am_i(&api, shutdown.clone()).await?;
     tracing::info!(%username, "connected to Telegram");
-    set_commands(&api).await;
+    set_commands(&api, &settings).await;
 
     let (board, board_task) = StatusBoard::new(
         Arc::clone(&core),
@@ -387,10 +387,10 @@ async fn pause_answering(pause: Duration, h: &mut Handover, shutdown: &Cancellat
 /// The command menu in every language easel speaks: English as the
 /// default, and one menu per other language for users whose Telegram is
 /// set to it. Best effort: the bot works without a menu.
-async fn set_commands(api: &TelegramApi) {
+async fn set_commands(api: &TelegramApi, settings: &Settings) {
     use teloxide::payloads::SetMyCommandsSetters;
     for lang in crate::telegram::words::Lang::ALL {
-        let commands = crate::telegram::words::commands(lang)
+        let commands = crate::telegram::words::commands(lang, !settings.presets.is_empty())
             .into_iter()
             .map(|(name, about)| BotCommand::new(name, about))
             .collect::<Vec<_>>();

@@ -8,7 +8,8 @@ mod sections;
 pub use data_dir::DataDir;
 use sections::{
     CONNECT_TIMEOUT_SECS, LLM_TIMEOUT_SECS, RETRY_BASE_MS, Vars, WORKER_TIMEOUT_SECS,
-    limits_section, llm_section, log_section, models_section, storage_section, telegram_section,
+    limits_section, llm_section, log_section, models_section, presets_section, storage_section,
+    telegram_section,
 };
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -107,6 +108,31 @@ pub struct ModelSettings {
     pub key_var: Option<String>,
 }
 
+/// A named prompt template from easel.toml (`[presets.<name>]`, §8):
+/// `/image=<model>=<name>=<prompt>` draws `template` with `{prompt}`
+/// replaced by the user's prompt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preset {
+    /// Lowercase; matched case-insensitively.
+    pub name: String,
+    /// Holds `{prompt}` exactly once.
+    pub template: String,
+    /// The models it may be used with; empty means every model.
+    pub models: Vec<ModelName>,
+}
+
+impl Preset {
+    /// The prompt to draw: the template around the user's prompt.
+    pub fn apply(&self, prompt: &str) -> String {
+        self.template.replacen("{prompt}", prompt, 1)
+    }
+
+    /// Whether it may be used with `model`.
+    pub fn allows(&self, model: &ModelName) -> bool {
+        self.models.is_empty() || self.models.contains(model)
+    }
+}
+
 /// The OpenAI-compatible prompt enhancer.
 #[derive(Clone, Debug)]
 pub struct LlmSettings {
@@ -142,6 +168,8 @@ pub struct Settings {
     /// (`EASEL_RETENTION_DAYS`); `None` keeps everything in the log.
     pub retention: Option<Duration>,
     pub log_filter: String,
+    /// Prompt presets, by name.
+    pub presets: Vec<Preset>,
 }
 
 /// Every problem found in the configuration, one sentence each.
@@ -158,9 +186,18 @@ struct FileModel {
 }
 
 #[derive(Deserialize, Default)]
+struct FilePreset {
+    template: String,
+    #[serde(default)]
+    models: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
 struct FileConfig {
     #[serde(default)]
     models: Vec<FileModel>,
+    #[serde(default)]
+    presets: BTreeMap<String, FilePreset>,
     #[serde(flatten)]
     values: BTreeMap<String, toml::Value>,
 }
@@ -242,6 +279,7 @@ impl Settings {
         };
         let (telegram_token, telegram_api_url) = telegram_section(&vars);
         let (models, disabled_models) = models_section(&vars, &file.models);
+        let presets = presets_section(&vars, &file.presets, &models, &disabled_models);
         let llm = llm_section(&vars);
         let (limits, allowed_users) = limits_section(&vars);
         let worker_timeout = Duration::from_secs(vars.number(&WORKER_TIMEOUT_SECS));
@@ -269,6 +307,7 @@ impl Settings {
                 originals_ttl,
                 retention,
                 log_filter,
+                presets,
             }),
             _ => Err(ConfigError(problems)),
         }
@@ -282,6 +321,20 @@ impl Settings {
     /// Whether `user` may use the bot (an empty allowlist allows everyone).
     pub fn allows(&self, user: i64) -> bool {
         self.allowed_users.is_empty() || self.allowed_users.contains(&user)
+    }
+
+    /// The preset a prompt starts with, and the prompt after it:
+    /// `anime=a cat` names preset `anime` when one is configured under
+    /// that name (any case); anything else is no preset, and the whole
+    /// text is the prompt (§8).
+    pub fn preset_in<'p>(&self, prompt: &'p str) -> Option<(&Preset, &'p str)> {
+        let (name, rest) = prompt.split_once('=')?;
+        let name = name.trim();
+        let preset = self
+            .presets
+            .iter()
+            .find(|p| p.name.eq_ignore_ascii_case(name))?;
+        Some((preset, rest.trim()))
     }
 
     pub fn model(&self, name: &ModelName) -> Option<&ModelSettings> {

@@ -32,6 +32,7 @@ fn queued(user: i64, update: u32, message: i32, at_min: i64) -> NewEvent {
                 update_id: Some(update),
                 language: None,
             },
+            preset: None,
         },
     }
 }

@@ -297,3 +297,109 @@ fn no_secret_in_debug_or_display() {
     assert_eq!(s.secrets().len(), 4);
     assert!(printed.contains("http://127.0.0.1:1/flux?…"));
 }
+
+const PRESETS: &str = r#"
+[presets.anime]
+template = "{prompt}, anime style, cel shading"
+
+[presets.Photo]
+template = "a photograph of {prompt}, 35 mm"
+models = ["sdxl"]
+"#;
+
+#[test]
+fn presets_from_easel_toml() {
+    let s = settings(
+        &[
+            ("FLUX_WORKER_URL", "http://127.0.0.1:1/flux"),
+            ("SDXL_WORKER_URL", "http://127.0.0.1:1/sdxl"),
+            ("SDXL_API_KEY", "a-real-looking-key"),
+        ],
+        Some(PRESETS),
+    )
+    .unwrap();
+    let names: Vec<&str> = s.presets.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["anime", "photo"], "names are lowercase");
+    let (anime, rest) = s.preset_in("ANIME = a cat").unwrap();
+    assert_eq!((anime.name.as_str(), rest), ("anime", "a cat"));
+    assert_eq!(anime.apply(rest), "a cat, anime style, cel shading");
+    let (photo, _) = s.preset_in("photo=a dog").unwrap();
+    let flux = easel::domain::ModelName::parse("flux").unwrap();
+    let sdxl = easel::domain::ModelName::parse("sdxl").unwrap();
+    assert!(!photo.allows(&flux) && photo.allows(&sdxl));
+    assert!(anime.allows(&flux) && anime.allows(&sdxl));
+    // Not a preset: the text is the prompt, `=` and all.
+    for prompt in [
+        "a cat",
+        "anim=a cat",
+        "anime",
+        "x=anime=a cat",
+        "an ime=a cat",
+        "e=mc²",
+        "=anime=a cat",
+    ] {
+        assert!(s.preset_in(prompt).is_none(), "{prompt}");
+    }
+    // A template's `{prompt}` is replaced once; braces in the user's
+    // prompt are the user's.
+    assert_eq!(
+        anime.apply("{prompt}"),
+        "{prompt}, anime style, cel shading"
+    );
+}
+
+#[test]
+fn preset_problems_are_named() {
+    let cases = [
+        (
+            "[presets.bad]\ntemplate = \"no placeholder\"",
+            "Preset bad in easel.toml needs a template with {prompt} exactly once.",
+        ),
+        (
+            "[presets.twice]\ntemplate = \"{prompt} {prompt}\"",
+            "Preset twice in easel.toml needs a template with {prompt} exactly once.",
+        ),
+        (
+            "[presets.x]\ntemplate = \"{prompt}\"\nmodels = [\"dalle\"]",
+            "Preset x in easel.toml names model \"dalle\", which is not declared.",
+        ),
+        (
+            "[presets.\"a b\"]\ntemplate = \"{prompt}\"",
+            "Preset name \"a b\" in easel.toml must be 1 to 32 letters, digits, '-' or '_'.",
+        ),
+        (
+            "[presets.Anime]\ntemplate = \"{prompt}\"\n[presets.anime]\ntemplate = \"{prompt}\"",
+            "is declared twice (names ignore case).",
+        ),
+        (
+            "[presets.long]\ntemplate = \"{prompt}LONG\"",
+            "The template of preset long is longer than 500 characters",
+        ),
+    ];
+    for (toml, sentence) in cases {
+        let toml = toml.replace("LONG", &"x".repeat(500));
+        let err = settings(&[], Some(&toml)).unwrap_err();
+        assert!(err.contains(sentence), "{toml}: {err}");
+    }
+}
+
+proptest::proptest! {
+    /// A prompt is read as preset + prompt only when the text before its
+    /// first `=` is a configured preset's name (any case, spaces around
+    /// forgiven); any other prompt, `=` or not, is left whole.
+    #[test]
+    fn only_a_configured_name_before_the_first_equals_is_a_preset(
+        prompt in "\\PC{0,80}",
+        upper in proptest::bool::ANY,
+    ) {
+        let s = settings(&[("SDXL_WORKER_URL", "http://127.0.0.1:1/sdxl"), ("SDXL_API_KEY", "a-real-looking-key")], Some(PRESETS)).unwrap();
+        let head = prompt.split_once('=').map(|(h, _)| h.trim().to_ascii_lowercase());
+        let names_one = matches!(head.as_deref(), Some("anime" | "photo"));
+        proptest::prop_assert_eq!(s.preset_in(&prompt).is_some(), names_one);
+        let name = if upper { "ANIME" } else { "anime" };
+        let text = format!("{name}={prompt}");
+        let (p, rest) = s.preset_in(&text).unwrap();
+        proptest::prop_assert_eq!(p.name.as_str(), "anime");
+        proptest::prop_assert_eq!(rest, prompt.trim());
+    }
+}

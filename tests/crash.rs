@@ -87,6 +87,7 @@ fn queued(update: u32) -> NewEvent {
                 update_id: Some(update),
                 language: None,
             },
+            preset: None,
         },
     }
 }
@@ -331,6 +332,7 @@ fn lifecycle_child(dir: &str, base: u32) {
                         model,
                         prompt,
                         origin,
+                        preset,
                     },
                 ..
             } = queued(update)
@@ -343,6 +345,7 @@ fn lifecycle_child(dir: &str, base: u32) {
                         model,
                         prompt,
                         origin,
+                        preset,
                     },
                     &limits,
                 )

@@ -283,6 +283,7 @@ async fn audit_show_by_prefix_and_ambiguity() {
                         model: req.model,
                         prompt: req.prompt,
                         origin: req.origin,
+                        preset: None,
                     },
                 }])
                 .unwrap();
@@ -732,6 +733,7 @@ fn audit_prints_outside_text_with_escapes_made_visible() {
                 model: r.model,
                 prompt: r.prompt,
                 origin: r.origin,
+                preset: None,
             }),
             ev(Event::Started),
             ev(Event::Enhanced {
@@ -764,4 +766,48 @@ fn audit_prints_outside_text_with_escapes_made_visible() {
     assert!(out.contains("red fox \\u{1b}[2J\\u{202e}gnp.exe"), "{out}");
     assert!(out.contains("a fox\\u{1b}]0;pwned\\u{7}"), "{out}");
     assert!(out.contains("worker said \\u{1b}[31mNO\\u{9b}"), "{out}");
+}
+
+/// §8: the preset of a request — its name and what the user wrote — is
+/// shown by `audit show` (text and JSON) and travels in `export`.
+#[test]
+fn audit_show_and_export_carry_the_preset() {
+    use easel::domain::{Event, PresetUse};
+    use easel::store::{EventStore, NewEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&easel::config::DataDir::new(dir.path()).log()).unwrap();
+    let r = common::request("flux", 1, "a cat, anime style");
+    let id = RequestId::random();
+    store
+        .append(vec![NewEvent {
+            request_id: id,
+            at: chrono::Utc::now(),
+            event: Event::Queued {
+                model: r.model,
+                prompt: r.prompt,
+                origin: r.origin,
+                preset: Some(PresetUse {
+                    name: "anime".into(),
+                    prompt: "a cat".into(),
+                }),
+            },
+        }])
+        .unwrap();
+    drop(store);
+    let short = id.short();
+    let (code, out, err) = easel(dir.path(), &["audit", "show", &short]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("prompt    a cat, anime style\n"), "{out}");
+    assert!(
+        out.contains("preset    anime (the user wrote: a cat)\n"),
+        "{out}"
+    );
+    let (_, out, _) = easel(dir.path(), &["audit", "show", &short, "--json"]);
+    let shown: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(shown["preset"]["name"], "anime");
+    assert_eq!(shown["preset"]["prompt"], "a cat");
+    assert_eq!(shown["events"][0]["preset"]["name"], "anime");
+    let (_, out, _) = easel(dir.path(), &["export"]);
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(first["preset"]["prompt"], "a cat", "{first}");
 }

@@ -22,6 +22,7 @@ fn queued(update: u32) -> NewEvent {
             model: r.model,
             prompt: r.prompt,
             origin,
+            preset: None,
         },
     }
 }
@@ -670,6 +671,7 @@ async fn a_log_from_before_random_ids_gets_its_request_index_rebuilt_in_creation
                         model: req.model,
                         prompt: req.prompt,
                         origin: req.origin,
+                        preset: None,
                     },
                 }])
                 .unwrap();

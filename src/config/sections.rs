@@ -9,8 +9,8 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use super::{
-    DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE, DataDir, FileModel, LlmSettings, ModelSettings,
-    Protocol, ServiceUrl, is_placeholder,
+    DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE, DataDir, FileModel, FilePreset, LlmSettings,
+    ModelSettings, Preset, Protocol, ServiceUrl, is_placeholder,
 };
 use crate::domain::admission::{MAX_RATE_WINDOW_SECS, MAX_RECENT_PER_USER};
 use crate::domain::{Limits, ModelName, RateLimit};
@@ -242,6 +242,66 @@ pub(super) fn models_section(
         declare(&m.name, None, url, protocol, m.key_env.clone());
     }
     (models, disabled)
+}
+
+/// easel.toml's `[presets.<name>]`: a name a prompt can start with, a
+/// template holding `{prompt}` once, and optionally the models it is for
+/// (each one declared).
+pub(super) fn presets_section(
+    vars: &Vars<'_>,
+    declared: &BTreeMap<String, FilePreset>,
+    models: &[ModelSettings],
+    disabled: &[ModelName],
+) -> Vec<Preset> {
+    let mut presets: Vec<Preset> = Vec::new();
+    for (name, p) in declared {
+        let lower = name.to_ascii_lowercase();
+        if ModelName::parse(&lower).is_err() {
+            vars.problem(format!(
+                "Preset name \"{name}\" in easel.toml must be 1 to 32 letters, digits, '-' or '_'."
+            ));
+            continue;
+        }
+        if presets.iter().any(|q| q.name == lower) {
+            vars.problem(format!(
+                "Preset {lower} is declared twice (names ignore case)."
+            ));
+            continue;
+        }
+        if p.template.matches("{prompt}").count() != 1 {
+            vars.problem(format!(
+                "Preset {lower} in easel.toml needs a template with {{prompt}} exactly once."
+            ));
+            continue;
+        }
+        let limit = crate::domain::ids::MAX_PROMPT_CHARS;
+        if p.template.chars().count() > limit / 2 {
+            vars.problem(format!(
+                "The template of preset {lower} is longer than {} characters, which leaves too little room for a prompt.",
+                limit / 2
+            ));
+            continue;
+        }
+        let mut for_models = Vec::new();
+        for m in &p.models {
+            match ModelName::parse(m) {
+                Ok(m) if models.iter().any(|x| x.name == m) || disabled.contains(&m) => {
+                    for_models.push(m);
+                }
+                _ => vars.problem(format!(
+                    "Preset {lower} in easel.toml names model \"{m}\", which is not declared."
+                )),
+            }
+        }
+        presets.push(Preset {
+            name: lower,
+            template: p.template.clone(),
+            models: for_models,
+        });
+    }
+    // Listed (and matched) by their lowercase names.
+    presets.sort_by(|a, b| a.name.cmp(&b.name));
+    presets
 }
 
 /// The prompt enhancer: on when `LLM_API_URL` is set.

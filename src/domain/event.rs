@@ -23,6 +23,14 @@ pub struct Origin {
     pub language: Option<String>,
 }
 
+/// A prompt preset applied to a request (§8): its name and the prompt as
+/// the user wrote it, before the template was put around it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresetUse {
+    pub name: String,
+    pub prompt: String,
+}
+
 /// Why a request failed, in classes the bot can put into plain words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
@@ -96,6 +104,11 @@ pub enum Event {
         model: ModelName,
         prompt: Prompt,
         origin: Origin,
+        /// The preset the prompt was made with (`prompt` is then its
+        /// template around what the user wrote). An optional addition to
+        /// version 1: absent when none was used.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        preset: Option<PresetUse>,
     },
     /// Handed to its model by the scheduler (Queued → Enhancing).
     Started,
@@ -189,7 +202,7 @@ mod de {
     use serde::de::value::MapAccessDeserializer;
     use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-    use super::{Event, FailureKind, ImageRef, Origin};
+    use super::{Event, FailureKind, ImageRef, Origin, PresetUse};
     use crate::domain::ids::{ModelName, Prompt};
     use crate::domain::lifecycle::Stage;
 
@@ -198,6 +211,8 @@ mod de {
         model: ModelName,
         prompt: Prompt,
         origin: Origin,
+        #[serde(default)]
+        preset: Option<PresetUse>,
     }
     #[derive(Deserialize)]
     struct Enhanced {
@@ -275,6 +290,7 @@ mod de {
                         model: q.model,
                         prompt: q.prompt,
                         origin: q.origin,
+                        preset: q.preset,
                     }
                 }
                 "started" => unit(map, Event::Started)?,

@@ -82,8 +82,11 @@ pub enum AcceptError {
 #[derive(Clone, Debug)]
 pub struct NewRequest {
     pub model: ModelName,
+    /// The prompt to draw (a preset's template around the user's prompt
+    /// when `preset` is set).
     pub prompt: Prompt,
     pub origin: Origin,
+    pub preset: Option<crate::domain::PresetUse>,
 }
 
 /// The answer to an accepted (or already accepted) request.
@@ -243,6 +246,7 @@ impl<S: EventStore> Core<S> {
             model: req.model,
             prompt: req.prompt,
             origin: req.origin,
+            preset: req.preset,
         };
         let rec = self
             .append_locked(&mut state, id, event, now)

@@ -182,6 +182,13 @@ pub fn audit_show(src: &Source, archive: &Path, prefix: &str, json_out: bool, ou
         when(record.updated_at, now),
         super::visible(&record.prompt)
     );
+    if let Some(p) = &record.preset {
+        text.push_str(&format!(
+            "preset    {} (the user wrote: {})\n",
+            super::visible(&p.name),
+            super::visible(&p.prompt)
+        ));
+    }
     if let Some(e) = &record.enhanced_prompt {
         text.push_str(&format!("enhanced  {}\n", super::visible(e)));
     }

@@ -177,6 +177,7 @@ impl LiveState {
             model,
             prompt,
             origin,
+            ..
         } = &rec.event
         {
             if self.requests.contains_key(&id) {

@@ -19,6 +19,10 @@ pub struct RequestRecord {
     pub chat_id: ChatId,
     pub model: ModelName,
     pub prompt: String,
+    /// The preset the prompt was made with (`prompt` is its template
+    /// around what the user wrote, `preset.prompt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<crate::domain::PresetUse>,
     pub enhanced_prompt: Option<String>,
     pub status: Stage,
     pub error: Option<String>,
@@ -65,6 +69,7 @@ impl RequestRecord {
             model,
             prompt,
             origin,
+            preset,
         } = &first.event
         else {
             return None;
@@ -75,6 +80,7 @@ impl RequestRecord {
             chat_id: origin.chat_id,
             model: model.clone(),
             prompt: prompt.as_str().to_owned(),
+            preset: preset.clone(),
             enhanced_prompt: None,
             status: Stage::Queued,
             error: None,

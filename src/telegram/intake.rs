@@ -15,7 +15,9 @@ use super::turn::Turn;
 use super::words::{self, Lang};
 use crate::config::Settings;
 use crate::domain::ids::InvalidPrompt;
-use crate::domain::{ChatId, Event, ModelName, Origin, Prompt, Rejection, RequestId, UserId};
+use crate::domain::{
+    ChatId, Event, ModelName, Origin, PresetUse, Prompt, Rejection, RequestId, UserId,
+};
 use crate::engine::{AcceptError, Admitted, Cancel, Core, ImageStore, NewRequest};
 use crate::store::EventStore;
 
@@ -31,6 +33,17 @@ pub struct Intake<S: EventStore> {
     /// their `Queued` was written (the disk refused its flush): see
     /// [`Refused`].
     pub refused: Refused,
+}
+
+/// What an `/image` asks to draw.
+enum Draw<'a> {
+    /// The user's text, which may start with a preset's name.
+    Text(&'a str),
+    /// A request drawn again (🔁 Again) as it was recorded.
+    Again {
+        prompt: &'a str,
+        preset: Option<PresetUse>,
+    },
 }
 
 /// Requests appended but refused to their users because the disk refused
@@ -101,7 +114,13 @@ pub(crate) fn route(
         } if !private => Route::Ignore,
         // The allowlist comes before anything is recorded.
         _ if !allowed => Route::Answer(words::not_allowed(lang)),
-        Input::Start | Input::Help => Route::Answer(words::help(lang, models, &settings.limits)),
+        Input::Start | Input::Help => Route::Answer(words::help(
+            lang,
+            models,
+            &settings.limits,
+            settings.presets.len(),
+        )),
+        Input::Presets => Route::Answer(words::presets(lang, &settings.presets, models)),
         Input::ImageUsage => Route::Answer(words::usage(lang, models)),
         Input::UnknownCommand { .. } => Route::Answer(words::unknown_command(lang)),
         input @ (Input::Image { .. } | Input::Queue | Input::Cancel(_)) => Route::UseLog(input),
@@ -188,7 +207,8 @@ impl<S: EventStore> Intake<S> {
                     update_id: Some(update_id),
                     language,
                 };
-                self.image(to, origin, &model, &prompt, turn).await;
+                self.image(to, origin, &model, Draw::Text(&prompt), turn)
+                    .await;
             }
             Input::Queue => {
                 let (text, seen) = self.queue_text(UserId(user_id), lang);
@@ -241,13 +261,13 @@ impl<S: EventStore> Intake<S> {
         to: Reply,
         origin: Origin,
         model: &str,
-        prompt: &str,
+        draw: Draw<'_>,
         mut turn: Turn,
     ) -> String {
         let lang = Lang::of(origin.language.as_deref());
         // Validation records nothing: the next update may go ahead.
-        let checked = self.check_image(lang, model, prompt);
-        let (name, prompt) = match checked {
+        let checked = self.check_image(lang, model, draw);
+        let (name, prompt, preset) = match checked {
             Ok(ok) => ok,
             Err(text) => {
                 turn.pass();
@@ -261,6 +281,7 @@ impl<S: EventStore> Intake<S> {
                 model: name.clone(),
                 prompt,
                 origin,
+                preset,
             },
             &self.settings.limits,
         );
@@ -284,13 +305,14 @@ impl<S: EventStore> Intake<S> {
         self.answer_admission(to, chat, name, lang, admitted).await
     }
 
-    /// The model and prompt of an `/image`, or the reply that refuses it.
+    /// The model, the prompt to draw and the preset it was made with, or
+    /// the reply that refuses the `/image`.
     fn check_image(
         &self,
         lang: Lang,
         model: &str,
-        prompt: &str,
-    ) -> Result<(ModelName, Prompt), String> {
+        draw: Draw<'_>,
+    ) -> Result<(ModelName, Prompt, Option<PresetUse>), String> {
         let models = self.model_names();
         let Ok(name) = ModelName::parse(model) else {
             return Err(words::unknown_model(lang, model, &models));
@@ -302,14 +324,44 @@ impl<S: EventStore> Intake<S> {
                 words::unknown_model(lang, model, &models)
             });
         }
-        match Prompt::parse(prompt) {
-            Ok(p) => Ok((name, p)),
+        let too_long =
+            |chars| words::prompt_too_long(lang, chars, crate::domain::ids::MAX_PROMPT_CHARS);
+        let parse = |text: &str| match Prompt::parse(text) {
+            Ok(p) => Ok(p),
             Err(InvalidPrompt::Empty) => Err(words::empty_prompt(lang)),
-            Err(InvalidPrompt::TooLong { chars }) => Err(words::prompt_too_long(
-                lang,
-                chars,
-                crate::domain::ids::MAX_PROMPT_CHARS,
-            )),
+            Err(InvalidPrompt::TooLong { chars }) => Err(too_long(chars)),
+        };
+        match draw {
+            // Drawn again as recorded: its preset was applied already.
+            Draw::Again { prompt, preset } => Ok((name, parse(prompt)?, preset)),
+            Draw::Text(text) => match self.settings.preset_in(text) {
+                None => Ok((name, parse(text)?, None)),
+                Some((preset, rest)) => {
+                    if !preset.allows(&name) {
+                        let allowed: Vec<String> =
+                            preset.models.iter().map(ToString::to_string).collect();
+                        return Err(words::preset_not_for_model(lang, &preset.name, &allowed));
+                    }
+                    let written = parse(rest)?;
+                    let drawn = match Prompt::parse(&preset.apply(written.as_str())) {
+                        Ok(p) => p,
+                        Err(InvalidPrompt::TooLong { chars }) => {
+                            return Err(words::prompt_too_long_with_preset(
+                                lang,
+                                &preset.name,
+                                chars,
+                                crate::domain::ids::MAX_PROMPT_CHARS,
+                            ));
+                        }
+                        Err(InvalidPrompt::Empty) => return Err(words::empty_prompt(lang)),
+                    };
+                    let used = PresetUse {
+                        name: preset.name.clone(),
+                        prompt: written.as_str().to_owned(),
+                    };
+                    Ok((name, drawn, Some(used)))
+                }
+            },
         }
     }
 
@@ -450,6 +502,7 @@ impl<S: EventStore> Intake<S> {
             model,
             prompt,
             origin,
+            preset,
         }) = events.first().map(|r| &r.event)
         else {
             self.answer(query, words::unknown_button(lang)).await;
@@ -474,7 +527,16 @@ impl<S: EventStore> Intake<S> {
                 };
                 // The notice says what happened: queued and where, or why not.
                 let told = self
-                    .image(to, origin, model.as_str(), prompt.as_str(), turn)
+                    .image(
+                        to,
+                        origin,
+                        model.as_str(),
+                        Draw::Again {
+                            prompt: prompt.as_str(),
+                            preset: preset.clone(),
+                        },
+                        turn,
+                    )
                     .await;
                 self.answer(query, told).await;
             }
@@ -567,7 +629,7 @@ mod tests {
         }
         assert_eq!(
             routed("/help", false, true),
-            Route::Answer(words::help(Lang::En, &models, &limits))
+            Route::Answer(words::help(Lang::En, &models, &limits, 0))
         );
         assert_eq!(
             routed("/image", true, true),

@@ -52,6 +52,8 @@ pub enum Input {
     Queue,
     /// `/cancel` or `/cancel <id-prefix>`.
     Cancel(Option<String>),
+    /// `/presets`.
+    Presets,
     /// `/start`.
     Start,
     /// `/help`.
@@ -103,6 +105,7 @@ pub fn parse(text: &str, bot_username: Option<&str>) -> Input {
                 .map(|s| id_prefix(s.trim_matches(|c: char| c == '<' || c == '>')));
             Input::Cancel(arg.filter(|a| !a.is_empty()))
         }
+        "presets" => Input::Presets,
         "start" => Input::Start,
         "help" => Input::Help,
         _ => Input::UnknownCommand { name, addressed },
@@ -258,6 +261,8 @@ mod tests {
             ),
             ("/start", Input::Start),
             ("/help", Input::Help),
+            ("/presets", Input::Presets),
+            ("/presets@easel_bot", Input::Presets),
             ("/HELP", Input::Help),
             (
                 "/frobnicate",

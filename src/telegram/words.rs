@@ -185,18 +185,26 @@ fn n(number: impl Into<FluentValue<'static>>) -> FluentValue<'static> {
 
 /// The command menu Telegram shows (`setMyCommands`) in `lang`: name,
 /// description. The names are the same in every language.
-pub fn commands(lang: Lang) -> Vec<(&'static str, String)> {
-    ["image", "queue", "cancel", "help"]
+/// `/presets` is in the menu only when presets are configured.
+pub fn commands(lang: Lang, with_presets: bool) -> Vec<(&'static str, String)> {
+    ["image", "queue", "cancel", "presets", "help"]
         .into_iter()
+        .filter(|name| with_presets || *name != "presets")
         .map(|name| (name, t(lang, &format!("command-{name}"), &[])))
         .collect()
 }
 
-pub fn help(lang: Lang, models: &[String], limits: &crate::domain::Limits) -> String {
+pub fn help(
+    lang: Lang,
+    models: &[String],
+    limits: &crate::domain::Limits,
+    presets: usize,
+) -> String {
     t(
         lang,
         "help",
         &[
+            ("preset-count", n(presets)),
             ("model-count", n(models.len())),
             ("example", s(example(lang, models, "example-prompt-help"))),
             ("models", s(list(lang, models))),
@@ -272,6 +280,65 @@ pub fn unknown_model(lang: Lang, asked: &str, models: &[String]) -> String {
         lang,
         "unknown-model",
         &[("asked", s(asked)), ("models", s(list(lang, models)))],
+    )
+}
+
+/// `/presets`: each preset with a one-line example, on a model it is for.
+pub fn presets(lang: Lang, presets: &[crate::config::Preset], models: &[String]) -> String {
+    if presets.is_empty() {
+        return t(lang, "presets-none", &[]);
+    }
+    let mut text = t(lang, "presets-header", &[]);
+    for p in presets {
+        let model = p
+            .models
+            .iter()
+            .map(ToString::to_string)
+            .find(|m| models.contains(m))
+            .or_else(|| {
+                p.models
+                    .is_empty()
+                    .then(|| models.first().cloned())
+                    .flatten()
+            });
+        let example = model.map_or_else(String::new, |m| {
+            format!(
+                "/image={m}={}={}",
+                p.name,
+                t(lang, "example-prompt-usage", &[])
+            )
+        });
+        let only: Vec<String> = p.models.iter().map(ToString::to_string).collect();
+        text.push('\n');
+        text.push_str(&t(
+            lang,
+            "preset-line",
+            &[
+                ("name", s(p.name.as_str())),
+                ("only", n(only.len())),
+                ("models", s(list(lang, &only))),
+                ("example", s(example)),
+            ],
+        ));
+    }
+    text
+}
+
+/// A preset named for a model it is not for.
+pub fn preset_not_for_model(lang: Lang, preset: &str, models: &[String]) -> String {
+    t(
+        lang,
+        "preset-not-for-model",
+        &[("preset", s(preset)), ("models", s(list(lang, models)))],
+    )
+}
+
+/// The prompt fits, but not inside the preset's template.
+pub fn prompt_too_long_with_preset(lang: Lang, preset: &str, chars: usize, max: usize) -> String {
+    t(
+        lang,
+        "prompt-too-long-preset",
+        &[("preset", s(preset)), ("chars", n(chars)), ("max", n(max))],
     )
 }
 
@@ -620,9 +687,24 @@ mod tests {
         };
         let long = "ع".repeat(crate::domain::ids::MAX_PROMPT_CHARS);
         let wait = Some(Duration::from_secs(86_400));
+        let many_presets: Vec<crate::config::Preset> = (0..20)
+            .map(|i| crate::config::Preset {
+                name: format!("preset{i:02}-{}", "p".repeat(24)),
+                template: format!("{{prompt}}, {}", "t".repeat(400)),
+                models: if i % 2 == 0 {
+                    Vec::new()
+                } else {
+                    vec![crate::domain::ModelName::parse(&models[1]).unwrap()]
+                },
+            })
+            .collect();
         let mut all = vec![
-            help(lang, &models, &limits),
-            help(lang, &[], &limits),
+            help(lang, &models, &limits, 1000),
+            help(lang, &[], &limits, 0),
+            presets(lang, &many_presets, &models),
+            presets(lang, &[], &models),
+            preset_not_for_model(lang, &"p".repeat(32), &models),
+            prompt_too_long_with_preset(lang, &"p".repeat(32), usize::MAX, 1000),
             usage(lang, &models),
             usage(lang, &[]),
             unknown_command(lang),
@@ -691,15 +773,18 @@ mod tests {
             assert!(head.encode_utf16().count() < 100, "{head}");
             // Buttons and the command menu: Telegram takes 1–256
             // characters per description, names of 1–32 lowercase letters.
-            for (name, about) in commands(lang) {
+            for (name, about) in commands(lang, true) {
                 assert!(
                     (1..=32).contains(&name.len()) && name.chars().all(|c| c.is_ascii_lowercase())
                 );
                 assert!((1..=256).contains(&about.chars().count()), "{about}");
             }
             assert_eq!(
-                commands(lang).iter().map(|c| c.0).collect::<Vec<_>>(),
-                commands(Lang::En).iter().map(|c| c.0).collect::<Vec<_>>(),
+                commands(lang, true).iter().map(|c| c.0).collect::<Vec<_>>(),
+                commands(Lang::En, true)
+                    .iter()
+                    .map(|c| c.0)
+                    .collect::<Vec<_>>(),
                 "commands are the same in every language"
             );
         }
@@ -763,7 +848,10 @@ mod tests {
             },
             max_pending: 2,
         };
-        let text = help(Lang::En, &["flux".into()], &limits);
+        let text = help(Lang::En, &["flux".into()], &limits, 0);
+        assert!(!text.contains("/presets"), "{text}");
+        assert!(help(Lang::En, &["flux".into()], &limits, 2).contains("/presets"));
+        assert!(help(Lang::Fa, &["flux".into()], &limits, 2).contains("/presets"));
         for part in [
             "🔁 Again",
             "📄 Original",
@@ -774,7 +862,7 @@ mod tests {
         ] {
             assert!(text.contains(part), "{part:?} not in {text}");
         }
-        let text = help(Lang::Fa, &["flux".into()], &limits);
+        let text = help(Lang::Fa, &["flux".into()], &limits, 0);
         for part in [
             again_button(Lang::Fa),
             original_button(Lang::Fa),
@@ -802,13 +890,46 @@ mod tests {
     #[test]
     fn without_a_model_no_example_names_one() {
         for lang in Lang::ALL {
-            for text in [usage(lang, &[]), help(lang, &[], &Limits::default())] {
+            for text in [usage(lang, &[]), help(lang, &[], &Limits::default(), 0)] {
                 assert!(!text.contains("/image=flux"), "{text}");
                 assert!(text.contains(&t(lang, "models-none", &[])), "{text}");
             }
         }
         assert!(usage(Lang::En, &["sdxl".into()]).contains("/image=sdxl=a red fox"));
         assert!(usage(Lang::Fa, &["sdxl".into()]).contains("/image=sdxl=روباهی سرخ"));
+    }
+
+    #[test]
+    fn presets_are_listed_with_an_example_on_a_model_they_are_for() {
+        let presets = [
+            crate::config::Preset {
+                name: "anime".into(),
+                template: "{prompt}, anime style".into(),
+                models: Vec::new(),
+            },
+            crate::config::Preset {
+                name: "photo".into(),
+                template: "a photo of {prompt}".into(),
+                models: vec![crate::domain::ModelName::parse("sdxl").unwrap()],
+            },
+        ];
+        let models = ["flux".to_owned(), "sdxl".to_owned()];
+        assert_eq!(
+            presets_text(Lang::En, &presets, &models),
+            "Presets: write one between the model and your prompt.\n\
+             • anime: /image=flux=anime=a red fox in the snow\n\
+             • photo (only sdxl): /image=sdxl=photo=a red fox in the snow"
+        );
+        let fa = presets_text(Lang::Fa, &presets, &models);
+        assert!(fa.contains("(فقط \u{2068}sdxl\u{2069})"), "{fa}");
+        assert_eq!(
+            presets_text(Lang::En, &[], &models),
+            "No presets are configured."
+        );
+    }
+
+    fn presets_text(lang: Lang, p: &[crate::config::Preset], models: &[String]) -> String {
+        presets(lang, p, models)
     }
 
     #[test]
@@ -833,7 +954,7 @@ mod tests {
         );
         assert_eq!(caption(Lang::En, "flux", "a fox", false), "🎨 flux\na fox");
         assert_eq!(
-            help(Lang::En, &["flux".into()], &Limits::default())
+            help(Lang::En, &["flux".into()], &Limits::default(), 0)
                 .lines()
                 .nth(2),
             Some("Write /image=<model>=<what you want to see>, for example:")

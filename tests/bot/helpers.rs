@@ -32,10 +32,17 @@ pub struct TestApp {
     pub llm: FakeLlm,
     pub dir: tempfile::TempDir,
     pub env: HashMap<String, String>,
+    /// The easel.toml the bot is started with, if any.
+    pub toml: Option<String>,
     pub bot: Option<Running>,
 }
 
 pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
+    spawn_app_with(extra, None).await
+}
+
+/// [`spawn_app`] with an easel.toml.
+pub async fn spawn_app_with(extra: &[(&str, &str)], toml: Option<&str>) -> TestApp {
     panic_report::install();
     capture_logs();
     let tg = FakeTelegram::start(TOKEN).await.unwrap();
@@ -69,6 +76,7 @@ pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
         llm,
         dir,
         env,
+        toml: toml.map(str::to_owned),
         bot: None,
     };
     app.start().await;
@@ -82,8 +90,8 @@ impl TestApp {
 
     pub async fn start(&mut self) {
         let env = self.env.clone();
-        let settings =
-            Settings::from_sources(|k| env.get(k).cloned(), None).expect("test settings");
+        let settings = Settings::from_sources(|k| env.get(k).cloned(), self.toml.as_deref())
+            .expect("test settings");
         let stop = tokio_util::sync::CancellationToken::new();
         let rx = stop.clone();
         let running = app::start(settings, rx).await.expect("the bot starts");

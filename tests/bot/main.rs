@@ -1148,3 +1148,83 @@ async fn a_persian_speaking_user_is_answered_in_persian() {
     );
     app.stop().await;
 }
+
+/// §8 Presets: applied before enhancement when the name is configured
+/// (any case), refused on a model it is not for, listed by /presets,
+/// recorded with the request (name and the user's own words), kept by 🔁
+/// Again; text that merely has an `=` stays the prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preset_is_applied_recorded_and_kept_by_again() {
+    let toml = r#"
+[presets.anime]
+template = "{prompt}, anime style, cel shading"
+[presets.photo]
+template = "a photograph of {prompt}"
+models = ["sdxl"]
+"#;
+    let mut app = helpers::spawn_app_with(&[], Some(toml)).await;
+    let u = 15_001;
+    app.tg.user_sends(u, u, "/presets");
+    assert!(app.text_to(u, "• anime: /image=flux=anime=a red fox").await);
+    assert!(
+        app.text_to(u, "• photo (only sdxl): /image=sdxl=photo=")
+            .await
+    );
+    app.tg.user_sends(u, u, "/image=flux=photo=a dog");
+    assert!(app.text_to(u, "Preset photo is only for sdxl.").await);
+
+    app.tg.user_sends(u, u, "/image=flux=Anime=a cat on a roof");
+    assert!(app.images_to(u, 1).await, "{:#?}", app.tg.calls());
+    let drawn = app.flux.stats.prompts.lock().unwrap().clone();
+    assert!(
+        drawn[0].starts_with("a cat on a roof, anime style, cel shading"),
+        "{drawn:?}"
+    );
+    app.tg.user_sends(u, u, "/image=flux=e=mc2, a chalkboard");
+    assert!(app.images_to(u, 2).await);
+    let drawn = app.flux.stats.prompts.lock().unwrap().clone();
+    assert!(drawn[1].starts_with("e=mc2, a chalkboard"), "{drawn:?}");
+
+    // 🔁 Again under the preset's image draws the same, preset recorded.
+    let photo = app.photo_calls(u).remove(0);
+    app.tg.user_presses(
+        u,
+        u,
+        photo.message_id.unwrap(),
+        &helpers::button_data(&photo, 0),
+    );
+    assert!(app.images_to(u, 3).await);
+    let drawn = app.flux.stats.prompts.lock().unwrap().clone();
+    assert_eq!(drawn[2], drawn[0]);
+    let queued: Vec<(String, Option<easel::domain::PresetUse>)> = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .filter_map(|r| match r.event {
+            easel::domain::Event::Queued { prompt, preset, .. } => {
+                Some((prompt.as_str().to_owned(), preset))
+            }
+            _ => None,
+        })
+        .collect();
+    let anime = Some(easel::domain::PresetUse {
+        name: "anime".into(),
+        prompt: "a cat on a roof".into(),
+    });
+    assert_eq!(
+        queued,
+        [
+            (
+                "a cat on a roof, anime style, cel shading".to_owned(),
+                anime.clone()
+            ),
+            ("e=mc2, a chalkboard".to_owned(), None),
+            (
+                "a cat on a roof, anime style, cel shading".to_owned(),
+                anime
+            ),
+        ]
+    );
+    app.stop().await;
+}

@@ -51,6 +51,7 @@ pub fn request(model_name: &str, user: i64, prompt: &str) -> NewRequest {
             update_id: Some(update),
             language: None,
         },
+        preset: None,
     }
 }
 
