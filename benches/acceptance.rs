@@ -26,6 +26,7 @@ fn request(n: u64) -> NewRequest {
             language: None,
         },
         preset: None,
+        remembered: false,
     }
 }
 

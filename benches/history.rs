@@ -60,6 +60,7 @@ fn append_history(
                     language: None,
                 },
                 preset: None,
+                remembered: false,
             }),
             e(Event::Started),
             e(Event::Enhanced {

@@ -117,6 +117,7 @@ async fn run(
                 language: None,
             },
             preset: None,
+            remembered: false,
         };
         core.accept(req, &limits).await.expect("accept");
     }

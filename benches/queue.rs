@@ -39,6 +39,7 @@ fn queued_state() -> (LiveState, u64) {
                     language: None,
                 },
                 preset: None,
+                remembered: false,
             },
         };
         state.apply(&rec).expect("apply");

@@ -25,6 +25,7 @@ fn queued(n: u32) -> Result<NewEvent, Box<dyn std::error::Error>> {
                 language: None,
             },
             preset: None,
+            remembered: false,
         },
     })
 }

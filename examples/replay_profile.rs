@@ -36,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             language: None,
                         },
                         preset: None,
+                        remembered: false,
                     }),
                     e(Event::Started),
                     e(Event::Enhanced {

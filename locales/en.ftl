@@ -10,6 +10,7 @@ command-image = /image=<model>=<prompt> — make an image
 command-queue = your requests and their place in line
 command-cancel = cancel your queued requests
 command-presets = prompt presets: /image=<model>=<preset>=<prompt>
+command-model = the model /image <prompt> uses: /model <name>
 command-help = how to use this bot
 
 ## /help, /start and the usage hint.
@@ -25,6 +26,7 @@ help =
 
     Models: { $models }
 
+    /model <name> remembers a model; then /image <what you want to see> is enough.
     /queue shows your requests and their place in line.
     /cancel cancels your requests that have not started; /cancel <id> cancels one.{ $preset-count ->
         [0] {""}
@@ -65,6 +67,14 @@ preset-line = • { $name }{ $only ->
         [0] {""}
        *[other] {" "}(only { $models })
     }: { $example }
+
+## /model
+
+model-chosen-is = Your model: { $model }. /image <prompt> draws with it.
+model-default-is = You have not chosen a model; /image <prompt> draws with { $model }.
+model-none = No model is configured right now.
+model-choices = Choose one with /model <name>: { $models }.
+model-set = From now on /image <prompt> draws with { $model }.
 
 ## Refusals.
 

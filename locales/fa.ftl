@@ -11,6 +11,7 @@ command-image = ساختن تصویر: /image=<model>=<prompt>
 command-queue = درخواست‌های شما و نوبتشان
 command-cancel = لغو درخواست‌هایی که در صف‌اند
 command-presets = پیش‌تنظیم‌ها: /image=<model>=<preset>=<prompt>
+command-model = مدلی که /image <prompt> به کار می‌برد: /model <name>
 command-help = راهنمای این ربات
 
 ## /help, /start and the usage hint.
@@ -28,6 +29,8 @@ help =
 
     مدل‌ها: { $models }
 
+    مدلی را برایتان به خاطر بسپارم تا از آن پس فقط توضیح را بنویسید:
+    /model <name>
     درخواست‌های شما و نوبتشان:
     /queue
     لغو درخواست‌هایی که هنوز شروع نشده‌اند (یا فقط یکی، با شناسه‌اش):
@@ -73,6 +76,16 @@ preset-line = • { $name }{ $only ->
         [0] {""}
        *[other] {" "}(فقط { $models })
     }: { $example }
+
+## /model
+
+model-chosen-is = مدل شما: { $model }. این دستور با آن می‌کشد: /image <prompt>
+model-default-is = هنوز مدلی انتخاب نکرده‌اید؛ این دستور با { $model } می‌کشد: /image <prompt>
+model-none = فعلاً هیچ مدلی راه‌اندازی نشده است.
+model-choices =
+    مدل‌ها: { $models }. برای انتخاب، نام مدل را بعد از این دستور بفرستید:
+    /model
+model-set = از این پس این دستور با { $model } می‌کشد: /image <prompt>
 
 ## Refusals.
 

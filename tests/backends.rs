@@ -33,6 +33,7 @@ fn queued(user: i64, update: u32, message: i32, at_min: i64) -> NewEvent {
                 language: None,
             },
             preset: None,
+            remembered: false,
         },
     }
 }

@@ -88,6 +88,7 @@ fn queued(update: u32) -> NewEvent {
                 language: None,
             },
             preset: None,
+            remembered: false,
         },
     }
 }
@@ -333,6 +334,7 @@ fn lifecycle_child(dir: &str, base: u32) {
                         prompt,
                         origin,
                         preset,
+                        remembered,
                     },
                 ..
             } = queued(update)
@@ -346,6 +348,7 @@ fn lifecycle_child(dir: &str, base: u32) {
                         prompt,
                         origin,
                         preset,
+                        remembered,
                     },
                     &limits,
                 )

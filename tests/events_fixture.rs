@@ -46,6 +46,7 @@ fn expected() -> Vec<Recorded> {
                     language: None,
                 },
                 preset: None,
+                remembered: false,
             },
         ),
         r(2, 1, "2026-11-25T10:00:01.250Z", Event::Started),
@@ -95,6 +96,7 @@ fn expected() -> Vec<Recorded> {
                     language: None,
                 },
                 preset: None,
+                remembered: false,
             },
         ),
         r(7, 2, "2026-11-25T10:01:01Z", Event::Started),
@@ -156,6 +158,7 @@ fn expected() -> Vec<Recorded> {
                     language: None,
                 },
                 preset: None,
+                remembered: false,
             },
         ),
         r(14, 3, "2026-11-25T10:03:05Z", Event::Cancelled),
@@ -261,4 +264,77 @@ fn an_event_object_whose_type_is_not_first_still_decodes() {
         codec::decode_json(unknown.as_bytes()),
         Err(codec::DecodeError::Json(_))
     ));
+}
+
+/// Version 2 (§8): `model_chosen` (written as v2), and a `queued` with the
+/// optional additions to v1 (`language`, `preset`, `remembered`), written
+/// as v1. Committed once, like the v1 fixture.
+const FIXTURE_V2: &str = include_str!("fixtures/events-v2.jsonl");
+
+fn expected_v2() -> Vec<Recorded> {
+    let user = UserId(43);
+    vec![
+        Recorded {
+            seq: 15,
+            request_id: RequestId::choices_of(user),
+            at: at("2026-11-25T10:05:00Z"),
+            event: Event::ModelChosen {
+                user_id: user,
+                model: ModelName::parse("sdxl").unwrap(),
+            },
+        },
+        Recorded {
+            seq: 16,
+            request_id: id(4),
+            at: at("2026-11-25T10:06:00.500Z"),
+            event: Event::Queued {
+                model: ModelName::parse("sdxl").unwrap(),
+                prompt: Prompt::parse("گربه‌ای روی ماه, anime style").unwrap(),
+                origin: Origin {
+                    user_id: user,
+                    chat_id: ChatId(43),
+                    message_id: Some(79),
+                    update_id: Some(900003),
+                    language: Some("fa".into()),
+                },
+                preset: Some(easel::domain::PresetUse {
+                    name: "anime".into(),
+                    prompt: "گربه‌ای روی ماه".into(),
+                }),
+                remembered: true,
+            },
+        },
+    ]
+}
+
+#[test]
+fn the_v2_fixture_decodes_and_is_still_written_so() {
+    let decoded: Vec<Recorded> = FIXTURE_V2
+        .lines()
+        .map(|l| codec::decode_json(l.as_bytes()).unwrap())
+        .collect();
+    assert_eq!(decoded, expected_v2());
+    for (line, rec) in FIXTURE_V2.lines().zip(expected_v2()) {
+        assert_eq!(
+            String::from_utf8(codec::encode_json(&rec).unwrap()).unwrap(),
+            line
+        );
+    }
+    // Only the new event type needs the new version.
+    let versions: Vec<&str> = FIXTURE_V2.lines().map(|l| &l[..6]).collect();
+    assert_eq!(versions, ["{\"v\":2", "{\"v\":1"]);
+    // After the v1 history, the choice applies to the request after it.
+    let mut state = LiveState::default();
+    for rec in expected().into_iter().chain(expected_v2()) {
+        state.apply(&rec).unwrap();
+    }
+    assert_eq!(
+        state.chosen_model(UserId(43)).map(ModelName::as_str),
+        Some("sdxl")
+    );
+    // An export line of each reads back the same.
+    for rec in expected_v2() {
+        let line = easel::ops::json::event_line(&rec).unwrap();
+        assert_eq!(easel::ops::json::parse_event_line(&line).unwrap(), rec);
+    }
 }

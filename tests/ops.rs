@@ -284,6 +284,7 @@ async fn audit_show_by_prefix_and_ambiguity() {
                         prompt: req.prompt,
                         origin: req.origin,
                         preset: None,
+                        remembered: false,
                     },
                 }])
                 .unwrap();
@@ -734,6 +735,7 @@ fn audit_prints_outside_text_with_escapes_made_visible() {
                 prompt: r.prompt,
                 origin: r.origin,
                 preset: None,
+                remembered: false,
             }),
             ev(Event::Started),
             ev(Event::Enhanced {
@@ -790,6 +792,7 @@ fn audit_show_and_export_carry_the_preset() {
                     name: "anime".into(),
                     prompt: "a cat".into(),
                 }),
+                remembered: false,
             },
         }])
         .unwrap();
@@ -810,4 +813,56 @@ fn audit_show_and_export_carry_the_preset() {
     let (_, out, _) = easel(dir.path(), &["export"]);
     let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(first["preset"]["prompt"], "a cat", "{first}");
+}
+
+/// §8: `replay --verify` checks that a request drawn with the remembered
+/// model names the choice in force when it was queued (a later `/model`
+/// never applies to it), and that a choice is kept under its user's id.
+#[test]
+fn verify_checks_the_remembered_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let choices = easel::domain::RequestId::choices_of(easel::domain::UserId(7)).to_string();
+    assert_eq!(choices, "6561736c-6d00-8000-8000-000000000007");
+    let (a, b) = (
+        "019abb1c-3a00-7000-8000-00000000000a",
+        "019abb1c-3a00-7000-8000-00000000000b",
+    );
+    let remembered = |model: &str| {
+        format!(
+            "\"type\":\"queued\",\"model\":\"{model}\",\"prompt\":\"p\",\"origin\":{{\"user_id\":7,\"chat_id\":7,\"message_id\":null,\"update_id\":null}},\"remembered\":true"
+        )
+    };
+    let chose = "\"type\":\"model_chosen\",\"user_id\":7,\"model\":\"sdxl\"";
+    let good = [
+        line(1, &choices, "01", chose),
+        line(2, a, "02", &remembered("sdxl")),
+    ];
+    let early = [
+        line(1, a, "01", &remembered("sdxl")),
+        line(2, &choices, "02", chose),
+    ];
+    let misfiled = [line(1, b, "01", chose)];
+    for (name, lines, verdict) in [
+        ("good", &good[..], None),
+        ("early", &early[..], Some(("seq 1", "remembered model"))),
+        (
+            "misfiled",
+            &misfiled[..],
+            Some(("seq 1", "not its user's id")),
+        ),
+    ] {
+        let file = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let (code, _, err) = easel(
+            dir.path(),
+            &["replay", "--verify", "--from", file.to_str().unwrap()],
+        );
+        match verdict {
+            None => assert_eq!(code, 0, "{name}: {err}"),
+            Some((seq, needle)) => {
+                assert_eq!(code, 1, "{name}");
+                assert!(err.contains(seq) && err.contains(needle), "{name}: {err}");
+            }
+        }
+    }
 }

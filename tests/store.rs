@@ -23,6 +23,7 @@ fn queued(update: u32) -> NewEvent {
             prompt: r.prompt,
             origin,
             preset: None,
+            remembered: false,
         },
     }
 }
@@ -672,6 +673,7 @@ async fn a_log_from_before_random_ids_gets_its_request_index_rebuilt_in_creation
                         prompt: req.prompt,
                         origin: req.origin,
                         preset: None,
+                        remembered: false,
                     },
                 }])
                 .unwrap();

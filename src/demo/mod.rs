@@ -2,7 +2,8 @@
 //! in-process on loopback, with a handful of simulated users on both models
 //! (one request fails at the content filter, one user hits the rate limit,
 //! one cancels, one writes in Persian from a Telegram set to Persian and is
-//! answered in Persian). It prints each transition as it happens, what each user
+//! answered in Persian, one uses a prompt preset, one remembers a model with
+//! `/model` and then names none). It prints each transition as it happens, what each user
 //! saw, the audit table and the verification of the log.
 
 pub mod fake_services;
@@ -93,7 +94,9 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         ("EASEL_RETRY_BASE_MS", "20".to_owned()),
         ("EASEL_WORKER_TIMEOUT_SECS", "10".to_owned()),
     ]);
-    let settings = Settings::from_sources(|k| env.get(k).cloned(), None)
+    // A prompt preset, as an operator would put it in easel.toml.
+    let toml = "[presets.oil]\ntemplate = \"{prompt}, oil painting, thick brush strokes\"\n";
+    let settings = Settings::from_sources(|k| env.get(k).cloned(), Some(toml))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let stop = tokio_util::sync::CancellationToken::new();
     let running = app::start(settings, stop.clone())
@@ -112,11 +115,17 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
             loop {
                 for rec in core.store().read_from(next).filter_map(Result::ok) {
                     next = rec.seq + 1;
-                    if let Event::Queued { model, origin, .. } = &rec.event {
-                        models.insert(
-                            rec.request_id,
-                            (model.to_string(), name_of(origin.user_id.0)),
-                        );
+                    match &rec.event {
+                        Event::Queued { model, origin, .. } => {
+                            models.insert(
+                                rec.request_id,
+                                (model.to_string(), name_of(origin.user_id.0)),
+                            );
+                        }
+                        Event::ModelChosen { user_id, model } => {
+                            models.insert(rec.request_id, (model.to_string(), name_of(user_id.0)));
+                        }
+                        _ => {}
                     }
                     let (model, user) = models.get(&rec.request_id).cloned().unwrap_or_default();
                     let detail = match &rec.event {
@@ -148,7 +157,8 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     // Sara's Telegram is set to Persian: she is answered in Persian.
     tg.set_language(sara, "fa");
     tg.user_sends(alice, alice, "/image=flux=a red fox in the snow");
-    tg.user_sends(bob, bob, "/image=sdxl=a lighthouse at dawn, oil painting");
+    // Bob uses the `oil` preset.
+    tg.user_sends(bob, bob, "/image=sdxl=oil=a lighthouse at dawn");
     tg.user_sends(carol, carol, "/image=flux=something nsfw");
     tokio::time::sleep(Duration::from_millis(100)).await;
     tg.user_sends(erin, erin, "/image=flux=a slow sunset over the sea");
@@ -164,6 +174,9 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     .await;
     tg.user_sends(erin, erin, "/cancel");
     tg.user_sends(alice, alice, "/queue");
+    // Alice remembers sdxl, then names no model.
+    tg.user_sends(alice, alice, "/model sdxl");
+    tg.user_sends(alice, alice, "/image a paper boat on a puddle");
     tg.user_sends(
         sara,
         sara,
@@ -279,14 +292,24 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
                 .as_deref()
                 .is_some_and(|t| t.starts_with("🎨 \u{2068}sdxl\u{2069}\n"))
     }) && tg.texts_to(sara).iter().any(|t| t.starts_with("در صف"));
-    let expected = status(crate::domain::Stage::Done) == 5
+    // Bob's preset was applied before enhancement; Alice's second image
+    // was drawn by her remembered model.
+    let preset = records
+        .iter()
+        .any(|r| r.preset.as_ref().is_some_and(|p| p.name == "oil"));
+    let remembered = records
+        .iter()
+        .any(|r| r.user_id.0 == alice && r.model.as_str() == "sdxl");
+    let expected = status(crate::domain::Stage::Done) == 6
+        && preset
+        && remembered
         && persian
         && status(crate::domain::Stage::Failed) == 1
         && status(crate::domain::Stage::Cancelled) == 1
         && rate_limited
         && report.ok();
     println!(
-        "\n{} in {:.1} s: 5 done (one in Persian), 1 failed (content filter), 1 cancelled, 1 rate-limited.",
+        "\n{} in {:.1} s: 6 done (one in Persian, one with a preset, one by a remembered model), 1 failed (content filter), 1 cancelled, 1 rate-limited.",
         if expected {
             "Demo finished"
         } else {

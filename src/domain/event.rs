@@ -109,7 +109,16 @@ pub enum Event {
         /// version 1: absent when none was used.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         preset: Option<PresetUse>,
+        /// The user named no model and `model` is the one they chose with
+        /// `/model` (§8); replay checks it was their choice at that point.
+        /// An optional addition to version 1: absent means false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        remembered: bool,
     },
+    /// A user chose the model `/image <prompt>` draws with (§8). Not an
+    /// event of a request: it is kept under the user's own id,
+    /// [`RequestId::choices_of`](crate::domain::RequestId::choices_of).
+    ModelChosen { user_id: UserId, model: ModelName },
     /// Handed to its model by the scheduler (Queued → Enhancing).
     Started,
     /// The prompt to generate from (Enhancing → Generating). `fallback` says
@@ -148,7 +157,7 @@ impl Event {
     /// The lifecycle step this event is, except `Queued`, which creates a request.
     pub fn step(&self) -> Option<Step> {
         Some(match self {
-            Event::Queued { .. } => return None,
+            Event::Queued { .. } | Event::ModelChosen { .. } => return None,
             Event::Started => Step::Start,
             Event::Enhanced { .. } => Step::Enhanced,
             Event::Generated { .. } => Step::Generated,
@@ -164,6 +173,7 @@ impl Event {
     pub fn name(&self) -> &'static str {
         match self {
             Event::Queued { .. } => "queued",
+            Event::ModelChosen { .. } => "model_chosen",
             Event::Started => "started",
             Event::Enhanced { .. } => "enhanced",
             Event::Generated { .. } => "generated",
@@ -184,6 +194,7 @@ impl Event {
         matches!(
             self,
             Event::Queued { .. }
+                | Event::ModelChosen { .. }
                 | Event::Generated { .. }
                 | Event::Delivered { .. }
                 | Event::Failed { .. }
@@ -203,7 +214,7 @@ mod de {
     use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 
     use super::{Event, FailureKind, ImageRef, Origin, PresetUse};
-    use crate::domain::ids::{ModelName, Prompt};
+    use crate::domain::ids::{ModelName, Prompt, UserId};
     use crate::domain::lifecycle::Stage;
 
     #[derive(Deserialize)]
@@ -213,6 +224,13 @@ mod de {
         origin: Origin,
         #[serde(default)]
         preset: Option<PresetUse>,
+        #[serde(default)]
+        remembered: bool,
+    }
+    #[derive(Deserialize)]
+    struct ModelChosen {
+        user_id: UserId,
+        model: ModelName,
     }
     #[derive(Deserialize)]
     struct Enhanced {
@@ -291,6 +309,14 @@ mod de {
                         prompt: q.prompt,
                         origin: q.origin,
                         preset: q.preset,
+                        remembered: q.remembered,
+                    }
+                }
+                "model_chosen" => {
+                    let c: ModelChosen = rest(map)?;
+                    Event::ModelChosen {
+                        user_id: c.user_id,
+                        model: c.model,
                     }
                 }
                 "started" => unit(map, Event::Started)?,

@@ -24,6 +24,17 @@ impl RequestId {
         RequestId(Uuid::new_v4())
     }
 
+    /// The id a user's model choices (`ModelChosen`, §8) are kept under:
+    /// one per user, derived from the user id, a version-8 UUID (so never
+    /// equal to a request's random version-4 id) reading
+    /// `6561736c-6d00-8000-8xxx-xxxxxxxxxxxx` ("easlm", then the user id).
+    pub fn choices_of(user: UserId) -> RequestId {
+        let high: u128 = 0x6561_736c_6d00_8000 << 64;
+        let variant: u128 = 0x8000_0000_0000_0000;
+        let low = u128::from(user.0.cast_unsigned() & 0x3fff_ffff_ffff_ffff);
+        RequestId(uuid::Uuid::from_u128(high | variant | low))
+    }
+
     /// The first [`SHORT_ID_CHARS`] characters of the id.
     pub fn short(&self) -> String {
         let mut text = self.0.to_string();

@@ -76,6 +76,11 @@ pub enum AcceptError {
     Rejected(#[from] Rejection),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The append of request `id`'s `Queued` failed part way: part of it
+    /// may still reach the disk with a later flush, so the caller must
+    /// treat `id` as refused-but-maybe-written (intake's `Refused`).
+    #[error("{error}")]
+    Unwritten { id: RequestId, error: StoreError },
 }
 
 /// A new request as intake hands it over (already parsed and validated).
@@ -87,6 +92,8 @@ pub struct NewRequest {
     pub prompt: Prompt,
     pub origin: Origin,
     pub preset: Option<crate::domain::PresetUse>,
+    /// The user named no model; `model` is the one they chose (§8).
+    pub remembered: bool,
 }
 
 /// The answer to an accepted (or already accepted) request.
@@ -247,14 +254,16 @@ impl<S: EventStore> Core<S> {
             prompt: req.prompt,
             origin: req.origin,
             preset: req.preset,
+            remembered: req.remembered,
         };
         let rec = self
             .append_locked(&mut state, id, event, now)
-            .map_err(|e| match e {
-                CoreError::Store(s) => AcceptError::Store(s),
-                other => AcceptError::Store(StoreError::Write(crate::store::Cause::from(
-                    other.to_string(),
-                ))),
+            .map_err(|e| AcceptError::Unwritten {
+                id,
+                error: match e {
+                    CoreError::Store(s) => s,
+                    other => StoreError::Write(crate::store::Cause::from(other.to_string())),
+                },
             })?;
         let position = state.position(id).unwrap_or(0);
         Ok(Admitted::Queued {
@@ -366,6 +375,34 @@ impl<S: EventStore> Core<S> {
     ///
     /// # Errors
     /// A store error; requests cancelled before it stay cancelled.
+    /// Remembers `model` as the one `user`'s `/image <prompt>` draws with
+    /// (§8): a `ModelChosen` under the user's choices id, on disk before
+    /// this returns (the user is told right after).
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn choose_model(
+        &self,
+        user: crate::domain::UserId,
+        model: ModelName,
+    ) -> Result<Recorded, CoreError> {
+        let rec = {
+            let mut state = self.lock();
+            let now = self.clock.now();
+            self.append_locked(
+                &mut state,
+                RequestId::choices_of(user),
+                Event::ModelChosen {
+                    user_id: user,
+                    model,
+                },
+                now,
+            )?
+        };
+        self.durable(rec.seq).await?;
+        Ok(rec)
+    }
+
     pub async fn cancel_queued(
         &self,
         user: crate::domain::UserId,

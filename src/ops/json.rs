@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::domain::{Event, RequestId};
 use crate::store::Recorded;
-use crate::store::codec::CURRENT_VERSION;
+use crate::store::codec::{CURRENT_VERSION, version_of};
 
 /// The export form of one event (`easel export`, the query socket, `audit
 /// show --json`): `seq`, `request_id`, `at` (RFC 3339, milliseconds), the
@@ -32,7 +32,7 @@ impl<'a> From<&'a Recorded> for ExportedEvent<'a> {
             request_id: rec.request_id,
             at: rec.at,
             event: &rec.event,
-            v: CURRENT_VERSION,
+            v: version_of(&rec.event),
         }
     }
 }
@@ -70,7 +70,8 @@ pub fn parse_event_line(line: &str) -> Result<Recorded, String> {
         .map(|t| t.with_timezone(&chrono::Utc))
         .ok_or_else(|| format!("event {seq} has no valid time"))?;
     match obj.remove("v").and_then(|v| v.as_u64()) {
-        None | Some(1) => {}
+        None => {}
+        Some(v) if v >= 1 && v <= u64::from(CURRENT_VERSION) => {}
         Some(v) => return Err(format!("event {seq} has unknown version {v}")),
     }
     let event: Event =

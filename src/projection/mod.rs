@@ -100,6 +100,17 @@ pub enum Violation {
         model: ModelName,
         other: RequestId,
     },
+    #[error(
+        "seq {seq}, request {id}: queued on {model} as the user's remembered model, but their choice at that point was {chosen}"
+    )]
+    NotRemembered {
+        seq: u64,
+        id: RequestId,
+        model: ModelName,
+        chosen: String,
+    },
+    #[error("seq {seq}: a model choice recorded under {id}, which is not its user's id")]
+    ChoiceMisfiled { seq: u64, id: RequestId },
 }
 
 impl Violation {
@@ -112,6 +123,8 @@ impl Violation {
             Violation::Illegal { .. } => "illegal_transition",
             Violation::NotFifo { .. } => "fifo",
             Violation::TwoInFlight { .. } => "one_at_a_time",
+            Violation::NotRemembered { .. } => "remembered_model",
+            Violation::ChoiceMisfiled { .. } => "model_choice",
         }
     }
 
@@ -122,7 +135,9 @@ impl Violation {
             | Violation::UnknownRequest { id, .. }
             | Violation::Illegal { id, .. }
             | Violation::NotFifo { id, .. }
-            | Violation::TwoInFlight { id, .. } => Some(*id),
+            | Violation::TwoInFlight { id, .. }
+            | Violation::NotRemembered { id, .. }
+            | Violation::ChoiceMisfiled { id, .. } => Some(*id),
         }
     }
 
@@ -133,7 +148,9 @@ impl Violation {
             | Violation::UnknownRequest { seq, .. }
             | Violation::Illegal { seq, .. }
             | Violation::NotFifo { seq, .. }
-            | Violation::TwoInFlight { seq, .. } => *seq,
+            | Violation::TwoInFlight { seq, .. }
+            | Violation::NotRemembered { seq, .. }
+            | Violation::ChoiceMisfiled { seq, .. } => *seq,
         }
     }
 }
@@ -147,9 +164,18 @@ pub struct LiveState {
     lanes: BTreeMap<ModelName, Lane>,
     requests: BTreeMap<RequestId, ActiveRequest>,
     users: BTreeMap<UserId, UserLoad>,
+    /// Each user's remembered model (`/model`, §8). (Default for
+    /// checkpoints written before it.)
+    #[serde(default)]
+    chosen: BTreeMap<UserId, ModelName>,
 }
 
 impl LiveState {
+    /// The model `user` chose with `/model`, if any.
+    pub fn chosen_model(&self, user: UserId) -> Option<&ModelName> {
+        self.chosen.get(&user)
+    }
+
     /// Applies one event. An event that breaks a rule changes nothing and
     /// is returned as a [`Violation`]; the live process never appends one.
     ///
@@ -173,15 +199,36 @@ impl LiveState {
     fn apply_event(&mut self, rec: &Recorded) -> Result<(), Violation> {
         let id = rec.request_id;
         let seq = rec.seq;
+        if let Event::ModelChosen { user_id, model } = &rec.event {
+            if id != RequestId::choices_of(*user_id) {
+                return Err(Violation::ChoiceMisfiled { seq, id });
+            }
+            self.chosen.insert(*user_id, model.clone());
+            return Ok(());
+        }
         if let Event::Queued {
             model,
             prompt,
             origin,
+            remembered,
             ..
         } = &rec.event
         {
             if self.requests.contains_key(&id) {
                 return Err(Violation::DuplicateRequest { seq, id });
+            }
+            // A request drawn with the remembered model names the choice in
+            // force when it was queued: a later /model never applies to it.
+            if *remembered && self.chosen.get(&origin.user_id) != Some(model) {
+                return Err(Violation::NotRemembered {
+                    seq,
+                    id,
+                    model: model.clone(),
+                    chosen: self
+                        .chosen
+                        .get(&origin.user_id)
+                        .map_or_else(|| "none".to_owned(), ToString::to_string),
+                });
             }
             self.lanes.entry(model.clone()).or_default().queue.push(id);
             self.requests.insert(

@@ -70,6 +70,7 @@ impl RequestRecord {
             prompt,
             origin,
             preset,
+            ..
         } = &first.event
         else {
             return None;

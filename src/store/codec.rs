@@ -8,9 +8,23 @@ use serde::{Deserialize, Serialize};
 use super::Recorded;
 use crate::domain::{Event, RequestId};
 
-/// The version written today. Bump it (and add a decoder arm, an upcast and
-/// a fixture) whenever the stored shape of any event changes.
-pub const CURRENT_VERSION: u16 = 1;
+/// The newest version. Bump it (and add a decoder arm, an upcast and a
+/// fixture) whenever the stored shape of any event changes.
+///
+/// Version 2 is version 1 plus the event type `model_chosen` (§8). A
+/// record is written at the lowest version whose readers read it whole
+/// ([`version_of`]): every other event stays version 1 byte for byte, and
+/// a version-1-only reader refuses a `model_chosen` with "unknown schema
+/// version 2" instead of a confusing decode error.
+pub const CURRENT_VERSION: u16 = 2;
+
+/// The version a record of `event` is written at.
+pub fn version_of(event: &Event) -> u16 {
+    match event {
+        Event::ModelChosen { .. } => 2,
+        _ => 1,
+    }
+}
 
 /// Why stored bytes could not be read back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -100,7 +114,7 @@ fn fast_utc(b: &[u8]) -> Option<DateTime<Utc>> {
 /// Only if serde cannot serialize the event, which our types never cause.
 pub fn encode_json(rec: &Recorded) -> Result<Vec<u8>, serde_json::Error> {
     serde_json::to_vec(&StoredRef {
-        v: CURRENT_VERSION,
+        v: version_of(&rec.event),
         seq: rec.seq,
         request_id: rec.request_id,
         at: rec.at,
@@ -114,7 +128,8 @@ pub fn encode_json(rec: &Recorded) -> Result<Vec<u8>, serde_json::Error> {
 /// [`DecodeError::UnknownVersion`] or [`DecodeError::Json`].
 pub fn decode_json(json: &[u8]) -> Result<Recorded, DecodeError> {
     match peek_version(json)? {
-        1 => {
+        // Version 2 adds an event type to version 1's shape: one reader.
+        1 | 2 => {
             let s: StoredV1 =
                 serde_json::from_slice(json).map_err(|e| DecodeError::Json(e.to_string()))?;
             Ok(Recorded {

@@ -37,8 +37,9 @@ pub struct Intake<S: EventStore> {
 
 /// What an `/image` asks to draw.
 enum Draw<'a> {
-    /// The user's text, which may start with a preset's name.
-    Text(&'a str),
+    /// The user's text, which may start with a preset's name;
+    /// `remembered` when the model is the user's remembered choice.
+    Text { text: &'a str, remembered: bool },
     /// A request drawn again (🔁 Again) as it was recorded.
     Again {
         prompt: &'a str,
@@ -123,7 +124,9 @@ pub(crate) fn route(
         Input::Presets => Route::Answer(words::presets(lang, &settings.presets, models)),
         Input::ImageUsage => Route::Answer(words::usage(lang, models)),
         Input::UnknownCommand { .. } => Route::Answer(words::unknown_command(lang)),
-        input @ (Input::Image { .. } | Input::Queue | Input::Cancel(_)) => Route::UseLog(input),
+        input @ (Input::Image { .. } | Input::Queue | Input::Cancel(_) | Input::Model(_)) => {
+            Route::UseLog(input)
+        }
     }
 }
 
@@ -207,8 +210,28 @@ impl<S: EventStore> Intake<S> {
                     update_id: Some(update_id),
                     language,
                 };
-                self.image(to, origin, &model, Draw::Text(&prompt), turn)
-                    .await;
+                // No model named: the user's remembered one, else the first.
+                let (model, remembered) = match model {
+                    Some(m) => (m, false),
+                    None => match self.default_model(UserId(user_id)) {
+                        Some(chosen) => chosen,
+                        None => {
+                            turn.pass();
+                            self.send(to, words::usage(lang, &self.model_names())).await;
+                            return;
+                        }
+                    },
+                };
+                let draw = Draw::Text {
+                    text: &prompt,
+                    remembered,
+                };
+                self.image(to, origin, &model, draw, turn).await;
+            }
+            Input::Model(choice) => {
+                let text = self.model_choice(UserId(user_id), choice, lang).await;
+                turn.pass();
+                self.send(to, text).await;
             }
             Input::Queue => {
                 let (text, seen) = self.queue_text(UserId(user_id), lang);
@@ -266,6 +289,13 @@ impl<S: EventStore> Intake<S> {
     ) -> String {
         let lang = Lang::of(origin.language.as_deref());
         // Validation records nothing: the next update may go ahead.
+        let remembered = matches!(
+            draw,
+            Draw::Text {
+                remembered: true,
+                ..
+            }
+        );
         let checked = self.check_image(lang, model, draw);
         let (name, prompt, preset) = match checked {
             Ok(ok) => ok,
@@ -282,6 +312,7 @@ impl<S: EventStore> Intake<S> {
                 prompt,
                 origin,
                 preset,
+                remembered,
             },
             &self.settings.limits,
         );
@@ -299,6 +330,12 @@ impl<S: EventStore> Intake<S> {
                     self.refused.note(id);
                 }
                 confirmed
+            }
+            // The append failed part way: the request may still reach the
+            // disk, so it is noted like a refused flush (see `Refused`).
+            Err(AcceptError::Unwritten { id, error }) => {
+                self.refused.note(id);
+                Err(AcceptError::Unwritten { id, error })
             }
             Err(e) => Err(e),
         };
@@ -334,7 +371,7 @@ impl<S: EventStore> Intake<S> {
         match draw {
             // Drawn again as recorded: its preset was applied already.
             Draw::Again { prompt, preset } => Ok((name, parse(prompt)?, preset)),
-            Draw::Text(text) => match self.settings.preset_in(text) {
+            Draw::Text { text, .. } => match self.settings.preset_in(text) {
                 None => Ok((name, parse(text)?, None)),
                 Some((preset, rest)) => {
                     if !preset.allows(&name) {
@@ -362,6 +399,54 @@ impl<S: EventStore> Intake<S> {
                     Ok((name, drawn, Some(used)))
                 }
             },
+        }
+    }
+
+    /// The model an `/image` without one draws with: the user's
+    /// remembered choice while it is configured (and whether it was that),
+    /// else the first configured model; None when there is no model.
+    fn default_model(&self, user: UserId) -> Option<(String, bool)> {
+        let chosen = self.core.read(|s| s.chosen_model(user).cloned());
+        match chosen.filter(|m| self.settings.model(m).is_some()) {
+            Some(m) => Some((m.to_string(), true)),
+            None => self.model_names().into_iter().next().map(|m| (m, false)),
+        }
+    }
+
+    /// `/model`: shows the remembered model and the choices; `/model
+    /// <name>` remembers a configured model (durably, before saying so).
+    async fn model_choice(&self, user: UserId, choice: Option<String>, lang: Lang) -> String {
+        let models = self.model_names();
+        let Some(choice) = choice else {
+            let (chosen, seen) = self
+                .core
+                .read(|s| (s.chosen_model(user).cloned(), s.last_seq));
+            // Says only what is on disk (the choice may be a moment old).
+            if let Err(e) = self.core.durable(seen).await {
+                tracing::error!(error = %e, "the log refused a flush for /model");
+                return words::busy(lang);
+            }
+            let used = self.default_model(user).map(|(m, _)| m);
+            return words::model_shown(
+                lang,
+                chosen.as_ref().map(ModelName::as_str),
+                used.as_deref(),
+                &models,
+            );
+        };
+        let name = match ModelName::parse(&choice) {
+            Ok(name) if self.settings.model(&name).is_some() => name,
+            Ok(name) if self.settings.disabled_models.contains(&name) => {
+                return words::not_configured(lang, name.as_str());
+            }
+            _ => return words::unknown_model(lang, &choice, &models),
+        };
+        match self.core.choose_model(user, name.clone()).await {
+            Ok(_) => words::model_chosen(lang, name.as_str()),
+            Err(e) => {
+                tracing::error!(error = %e, "could not record a model choice");
+                words::busy(lang)
+            }
         }
     }
 
@@ -420,7 +505,7 @@ impl<S: EventStore> Intake<S> {
                 self.send(to, text.clone()).await;
                 text
             }
-            Err(AcceptError::Store(e)) => {
+            Err(AcceptError::Store(e) | AcceptError::Unwritten { error: e, .. }) => {
                 tracing::error!(error = %e, "could not record a request");
                 let text = words::busy(lang);
                 self.send(to, text.clone()).await;
@@ -503,6 +588,7 @@ impl<S: EventStore> Intake<S> {
             prompt,
             origin,
             preset,
+            ..
         }) = events.first().map(|r| &r.event)
         else {
             self.answer(query, words::unknown_button(lang)).await;
@@ -655,7 +741,7 @@ mod tests {
         assert_eq!(
             routed("/image=flux=a fox", false, true),
             Route::UseLog(Input::Image {
-                model: "flux".into(),
+                model: Some("flux".into()),
                 prompt: "a fox".into()
             })
         );

@@ -43,11 +43,19 @@ impl Button {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
     /// `/image=<model>=<prompt>`: model lowercased, prompt trimmed, control
-    /// characters (other than newline and tab) removed. Either may be empty;
-    /// admission says what is wrong.
-    Image { model: String, prompt: String },
+    /// characters (other than newline and tab) removed. The prompt may be
+    /// empty; admission says what is wrong. `model` is None for
+    /// `/image <prompt>` and `/image=<prompt>` (no second `=`): the user's
+    /// remembered model draws it (§8).
+    Image {
+        model: Option<String>,
+        prompt: String,
+    },
     /// `/image` alone or malformed.
     ImageUsage,
+    /// `/model` (show the remembered model and the choices) or
+    /// `/model <name>` (remember it).
+    Model(Option<String>),
     /// `/queue` or `/status`.
     Queue,
     /// `/cancel` or `/cancel <id-prefix>`.
@@ -106,6 +114,17 @@ pub fn parse(text: &str, bot_username: Option<&str>) -> Input {
             Input::Cancel(arg.filter(|a| !a.is_empty()))
         }
         "presets" => Input::Presets,
+        "model" => Input::Model(
+            rest.split_whitespace()
+                .next()
+                .map(|m| {
+                    m.chars()
+                        .filter(|c| !is_direction_mark(*c))
+                        .collect::<String>()
+                })
+                .map(|m| m.to_lowercase())
+                .filter(|m| !m.is_empty()),
+        ),
         "start" => Input::Start,
         "help" => Input::Help,
         _ => Input::UnknownCommand { name, addressed },
@@ -115,10 +134,29 @@ pub fn parse(text: &str, bot_username: Option<&str>) -> Input {
 fn parse_image(rest: &str) -> Input {
     // `/image=model=prompt`; spaces around the `=` signs are forgiven.
     let Some(after) = rest.trim_start_matches(blank).strip_prefix('=') else {
-        return Input::ImageUsage;
+        // `/image <prompt>`: the remembered model; `/image` alone: usage.
+        let prompt = strip_controls(rest).trim_matches(blank).to_owned();
+        let spaced = rest.starts_with(blank);
+        return if prompt.is_empty() || !spaced {
+            Input::ImageUsage
+        } else {
+            Input::Image {
+                model: None,
+                prompt,
+            }
+        };
     };
     let Some((model, prompt)) = after.split_once('=') else {
-        return Input::ImageUsage;
+        // `/image=<prompt>`: the remembered model.
+        let prompt = strip_controls(after).trim_matches(blank).to_owned();
+        return if prompt.is_empty() {
+            Input::ImageUsage
+        } else {
+            Input::Image {
+                model: None,
+                prompt,
+            }
+        };
     };
     let model: String = model.chars().filter(|c| !is_direction_mark(*c)).collect();
     let model = model.trim();
@@ -127,7 +165,7 @@ fn parse_image(rest: &str) -> Input {
         return Input::ImageUsage;
     }
     Input::Image {
-        model: model.to_lowercase(),
+        model: Some(model.to_lowercase()),
         prompt: strip_controls(prompt).trim_matches(blank).to_owned(),
     }
 }
@@ -199,7 +237,15 @@ mod tests {
 
     fn image(model: &str, prompt: &str) -> Input {
         Input::Image {
-            model: model.into(),
+            model: Some(model.into()),
+            prompt: prompt.into(),
+        }
+    }
+
+    /// An `/image` with no model named: the remembered one draws it.
+    fn remembered(prompt: &str) -> Input {
+        Input::Image {
+            model: None,
             prompt: prompt.into(),
         }
     }
@@ -236,8 +282,23 @@ mod tests {
             ("/image=unknown=a fox", image("unknown", "a fox")),
             ("/image", Input::ImageUsage),
             ("/image@easel_bot", Input::ImageUsage),
-            ("/image flux a fox", Input::ImageUsage),
-            ("/image=flux", Input::ImageUsage),
+            ("/image flux a fox", remembered("flux a fox")),
+            (
+                "/image a red fox = winter",
+                remembered("a red fox = winter"),
+            ),
+            ("/image=flux", remembered("flux")),
+            ("/image= a fox in snow ", remembered("a fox in snow")),
+            ("/image@easel_bot a fox", remembered("a fox")),
+            ("/image   ", Input::ImageUsage),
+            ("/image=", Input::ImageUsage),
+            ("/image,fox", Input::ImageUsage),
+            ("/model", Input::Model(None)),
+            ("/model SDXL", Input::Model(Some("sdxl".into()))),
+            (
+                "/model@easel_bot  flux  ",
+                Input::Model(Some("flux".into())),
+            ),
             ("/image=fl ux=a fox", Input::ImageUsage),
             ("/queue", Input::Queue),
             ("/status", Input::Queue),
@@ -310,11 +371,20 @@ mod tests {
         fn any_prompt_survives(model in "[a-zA-Z0-9_-]{1,12}", prompt in "\\PC{0,300}") {
             match parse(&format!("/image={model}={prompt}"), None) {
                 Input::Image { model: m, prompt: p } => {
-                    prop_assert_eq!(m, model.to_lowercase());
+                    prop_assert_eq!(m, Some(model.to_lowercase()));
                     prop_assert_eq!(p, prompt.trim());
                 }
                 other => prop_assert!(false, "{:?}", other),
             }
+        }
+
+        /// `/image <prompt>` and `/image=<prompt>` (no second `=`) leave the
+        /// model to the user's remembered one, the prompt as written.
+        #[test]
+        fn a_prompt_without_a_model_round_trips(prompt in "[^=\\s\\p{C}][^=\\p{C}]{0,200}") {
+            let want = Input::Image { model: None, prompt: prompt.trim().to_owned() };
+            prop_assert_eq!(parse(&format!("/image {prompt}"), None), want.clone());
+            prop_assert_eq!(parse(&format!("/image={prompt}"), None), want);
         }
     }
 }

@@ -187,7 +187,7 @@ fn n(number: impl Into<FluentValue<'static>>) -> FluentValue<'static> {
 /// description. The names are the same in every language.
 /// `/presets` is in the menu only when presets are configured.
 pub fn commands(lang: Lang, with_presets: bool) -> Vec<(&'static str, String)> {
-    ["image", "queue", "cancel", "presets", "help"]
+    ["image", "model", "queue", "cancel", "presets", "help"]
         .into_iter()
         .filter(|name| with_presets || *name != "presets")
         .map(|name| (name, t(lang, &format!("command-{name}"), &[])))
@@ -340,6 +340,30 @@ pub fn prompt_too_long_with_preset(lang: Lang, preset: &str, chars: usize, max: 
         "prompt-too-long-preset",
         &[("preset", s(preset)), ("chars", n(chars)), ("max", n(max))],
     )
+}
+
+/// `/model`: the remembered model (or none), the one `/image <prompt>`
+/// uses now, and the choices.
+pub fn model_shown(
+    lang: Lang,
+    chosen: Option<&str>,
+    used: Option<&str>,
+    models: &[String],
+) -> String {
+    let head = match (chosen, used) {
+        (Some(c), Some(u)) if c == u => t(lang, "model-chosen-is", &[("model", s(c))]),
+        (_, Some(u)) => t(lang, "model-default-is", &[("model", s(u))]),
+        (_, None) => t(lang, "model-none", &[]),
+    };
+    format!(
+        "{head}\n{}",
+        t(lang, "model-choices", &[("models", s(list(lang, models)))])
+    )
+}
+
+/// `/model <name>` was remembered.
+pub fn model_chosen(lang: Lang, model: &str) -> String {
+    t(lang, "model-set", &[("model", s(model))])
 }
 
 pub fn not_configured(lang: Lang, model: &str) -> String {

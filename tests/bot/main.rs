@@ -123,7 +123,8 @@ async fn every_rejection_is_a_reply() {
         ),
         ("/image=flux=   ", "The prompt is empty."),
         ("/image", "Write /image=<model>=<prompt>"),
-        ("/image flux a fox", "Write /image=<model>=<prompt>"),
+        // (`/image <prompt>` draws with the remembered model: §8.)
+        ("/image   ", "Write /image=<model>=<prompt>"),
         ("/image==a fox", "Write /image=<model>=<prompt>"),
         (
             "/image=sdxl=a fox",
@@ -1226,5 +1227,83 @@ models = ["sdxl"]
             ),
         ]
     );
+    app.stop().await;
+}
+
+/// §8 Remembered model: `/model <name>` is an event in the log; `/image
+/// <prompt>` and `/image=<prompt>` use it, across a restart; before any
+/// choice the first configured model draws; `/model` says which is used;
+/// replay verifies every request's remembered model was the choice in
+/// force when it was queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_model_survives_a_restart_and_applies_to_later_requests() {
+    let mut app = spawn_app(&[("EASEL_RATE_LIMIT", "20/60")]).await;
+    let u = 15_101;
+    app.tg.user_sends(u, u, "/model");
+    assert!(
+        app.text_to(
+            u,
+            "You have not chosen a model; /image <prompt> draws with flux."
+        )
+        .await
+    );
+    app.tg.user_sends(u, u, "/image a fox before any choice");
+    assert!(app.images_to(u, 1).await);
+    app.tg.user_sends(u, u, "/model dalle");
+    assert!(app.text_to(u, "There is no model called \"dalle\"").await);
+    app.tg.user_sends(u, u, "/model SDXL");
+    assert!(
+        app.text_to(u, "From now on /image <prompt> draws with sdxl.")
+            .await
+    );
+    app.restart().await;
+    app.tg.user_sends(u, u, "/image=an owl after the restart");
+    assert!(app.images_to(u, 2).await, "{:#?}", app.tg.calls());
+    app.tg.user_sends(u, u, "/model");
+    assert!(app.text_to(u, "Your model: sdxl.").await);
+    // Naming a model still wins.
+    app.tg.user_sends(u, u, "/image=flux=a named flux");
+    assert!(app.images_to(u, 3).await);
+    let captions: Vec<String> = app
+        .photo_calls(u)
+        .into_iter()
+        .filter_map(|c| c.caption)
+        .collect();
+    assert!(
+        captions[0].starts_with("🎨 flux\na fox before any choice"),
+        "{captions:?}"
+    );
+    assert!(
+        captions[1].starts_with("🎨 sdxl\nan owl after the restart"),
+        "{captions:?}"
+    );
+    assert!(captions[2].starts_with("🎨 flux\n"), "{captions:?}");
+    // In the log: the choice, and which request used it.
+    let log: Vec<(String, bool)> = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .filter_map(|r| match r.event {
+            easel::domain::Event::Queued {
+                model, remembered, ..
+            } => Some((model.to_string(), remembered)),
+            easel::domain::Event::ModelChosen { model, .. } => {
+                Some((format!("chose {model}"), false))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        log,
+        [
+            ("flux".to_owned(), false),
+            ("chose sdxl".to_owned(), false),
+            ("sdxl".to_owned(), true),
+            ("flux".to_owned(), false),
+        ]
+    );
+    let report = easel::ops::verify(app.core().store().read_from(1)).unwrap();
+    assert!(report.ok(), "{:?}", report.violations);
     app.stop().await;
 }

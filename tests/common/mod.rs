@@ -52,6 +52,7 @@ pub fn request(model_name: &str, user: i64, prompt: &str) -> NewRequest {
             language: None,
         },
         preset: None,
+        remembered: false,
     }
 }
 
