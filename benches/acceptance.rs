@@ -27,6 +27,7 @@ fn request(n: u64) -> NewRequest {
         },
         preset: None,
         remembered: false,
+        input: None,
     }
 }
 

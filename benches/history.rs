@@ -61,6 +61,7 @@ fn append_history(
                 },
                 preset: None,
                 remembered: false,
+                input: None,
             }),
             e(Event::Started),
             e(Event::Enhanced {

@@ -35,6 +35,7 @@ impl Generator for Worker {
         &self,
         _model: &ModelName,
         _prompt: &str,
+        _input: Option<&[u8]>,
     ) -> Result<GeneratedImage, GenerationFailure> {
         if self.stuck {
             std::future::pending::<()>().await;
@@ -118,6 +119,7 @@ async fn run(
             },
             preset: None,
             remembered: false,
+            input: None,
         };
         core.accept(req, &limits).await.expect("accept");
     }

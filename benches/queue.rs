@@ -40,6 +40,7 @@ fn queued_state() -> (LiveState, u64) {
                 },
                 preset: None,
                 remembered: false,
+                input: None,
             },
         };
         state.apply(&rec).expect("apply");

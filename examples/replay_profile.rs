@@ -37,6 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         },
                         preset: None,
                         remembered: false,
+                        input: None,
                     }),
                     e(Event::Started),
                     e(Event::Enhanced {

@@ -76,6 +76,17 @@ model-none = No model is configured right now.
 model-choices = Choose one with /model <name>: { $models }.
 model-set = From now on /image <prompt> draws with { $model }.
 
+## Image to image: a photo with the command as its caption, or the
+## command as a reply to a photo.
+
+no-input-image = { $model } cannot start from a photo. { $able ->
+        [0] No model here can.
+       *[other] Models that can: { $models }.
+    }
+input-too-big = That photo is larger than { $max } MB, more than I may fetch from Telegram.
+input-unreadable = I could not fetch that photo as an image. Please send it again.
+input-expired = The photo that request started from is no longer kept. Please send it again.
+
 ## Refusals.
 
 unknown-command = I don't know that command. /help shows what I can do.

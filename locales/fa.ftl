@@ -87,6 +87,16 @@ model-choices =
     /model
 model-set = از این پس این دستور با { $model } می‌کشد: /image <prompt>
 
+## Image to image.
+
+no-input-image = { $model } نمی‌تواند از روی عکس بکشد. { $able ->
+        [0] هیچ مدلی در اینجا نمی‌تواند.
+       *[other] مدل‌هایی که می‌توانند: { $models }.
+    }
+input-too-big = این عکس از { $max } مگابایت بزرگ‌تر است، بیشتر از آنچه می‌توانم از تلگرام بگیرم.
+input-unreadable = نتوانستم این عکس را بگیرم. لطفاً دوباره بفرستید.
+input-expired = عکسی که آن درخواست از رویش کشیده شد دیگر نگه داشته نمی‌شود. لطفاً دوباره بفرستید.
+
 ## Refusals.
 
 unknown-command =

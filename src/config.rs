@@ -106,6 +106,9 @@ pub struct ModelSettings {
     /// Bearer key (sdxl-post models), from the variable named `key_var`.
     pub key: Option<SecretString>,
     pub key_var: Option<String>,
+    /// Image to image (§8): the strength sent with an input image, when
+    /// the model takes one (`img2img = true` in easel.toml).
+    pub img2img: Option<f64>,
 }
 
 /// A named prompt template from easel.toml (`[presets.<name>]`, §8):
@@ -183,6 +186,9 @@ struct FileModel {
     url: Option<String>,
     protocol: String,
     key_env: Option<String>,
+    #[serde(default)]
+    img2img: bool,
+    strength: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]

@@ -105,6 +105,13 @@ pub fn sweep_images<S: EventStore>(
     ttl: Duration,
 ) -> std::io::Result<usize> {
     let mut removed = 0;
+    // Input images (image to image) are named by no request: they are
+    // kept while an unfinished request names one.
+    let inputs: std::collections::HashSet<String> = core.read(|s| {
+        s.requests()
+            .filter_map(|r| r.input.as_ref().map(|i| i.file.clone()))
+            .collect()
+    });
     for entry in std::fs::read_dir(images.dir())? {
         let entry = entry?;
         let path = entry.path();
@@ -119,13 +126,18 @@ pub fn sweep_images<S: EventStore>(
             continue;
         }
         // Kept images are named `<request id>.<ext>` (see ImageStore).
-        let active = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.split('.').next())
-            .and_then(|s| s.parse().ok())
-            .map(RequestId)
-            .is_some_and(|id| core.read(|s| s.request(id).is_some()));
+        let named = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| inputs.contains(n));
+        let active = named
+            || path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.split('.').next())
+                .and_then(|s| s.parse().ok())
+                .map(RequestId)
+                .is_some_and(|id| core.read(|s| s.request(id).is_some()));
         if !active && std::fs::remove_file(&path).is_ok() {
             removed += 1;
         }

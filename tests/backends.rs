@@ -34,6 +34,7 @@ fn queued(user: i64, update: u32, message: i32, at_min: i64) -> NewEvent {
             },
             preset: None,
             remembered: false,
+            input: None,
         },
     }
 }

@@ -403,3 +403,36 @@ proptest::proptest! {
         proptest::prop_assert_eq!(rest, prompt.trim());
     }
 }
+
+#[test]
+fn img2img_models_from_easel_toml() {
+    let model = |extra: &str| {
+        format!(
+            "[[models]]\nname = \"paint\"\nurl = \"http://127.0.0.1:1/p\"\nprotocol = \"sdxl-post\"\nkey_env = \"PAINT_KEY\"\n{extra}"
+        )
+    };
+    let vars = [("PAINT_KEY", "a-real-looking-key")];
+    let s = settings(&vars, Some(&model("img2img = true"))).unwrap();
+    assert_eq!(s.models[0].img2img, Some(0.6), "the default strength");
+    let s = settings(&vars, Some(&model("img2img = true\nstrength = 0.45"))).unwrap();
+    assert_eq!(s.models[0].img2img, Some(0.45));
+    let s = settings(&vars, Some(&model(""))).unwrap();
+    assert_eq!(s.models[0].img2img, None);
+    for (toml, sentence) in [
+        (
+            model("strength = 0.5"),
+            "Model paint in easel.toml sets strength without img2img = true.",
+        ),
+        (
+            model("img2img = true\nstrength = 1.5"),
+            "Model paint in easel.toml has strength 1.5; use a number above 0 and at most 1.",
+        ),
+        (
+            "[[models]]\nname = \"f2\"\nurl = \"http://127.0.0.1:1/f\"\nprotocol = \"flux-get\"\nimg2img = true\n".to_owned(),
+            "Model f2 in easel.toml speaks flux-get, which cannot carry an input image; img2img needs sdxl-post.",
+        ),
+    ] {
+        let err = settings(&vars, Some(&toml)).unwrap_err();
+        assert!(err.contains(sentence), "{toml}: {err}");
+    }
+}

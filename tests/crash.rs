@@ -89,6 +89,7 @@ fn queued(update: u32) -> NewEvent {
             },
             preset: None,
             remembered: false,
+            input: None,
         },
     }
 }
@@ -335,6 +336,7 @@ fn lifecycle_child(dir: &str, base: u32) {
                         origin,
                         preset,
                         remembered,
+                        input,
                     },
                 ..
             } = queued(update)
@@ -349,6 +351,7 @@ fn lifecycle_child(dir: &str, base: u32) {
                         origin,
                         preset,
                         remembered,
+                        input,
                     },
                     &limits,
                 )

@@ -285,6 +285,7 @@ async fn audit_show_by_prefix_and_ambiguity() {
                         origin: req.origin,
                         preset: None,
                         remembered: false,
+                        input: None,
                     },
                 }])
                 .unwrap();
@@ -736,6 +737,7 @@ fn audit_prints_outside_text_with_escapes_made_visible() {
                 origin: r.origin,
                 preset: None,
                 remembered: false,
+                input: None,
             }),
             ev(Event::Started),
             ev(Event::Enhanced {
@@ -793,6 +795,7 @@ fn audit_show_and_export_carry_the_preset() {
                     prompt: "a cat".into(),
                 }),
                 remembered: false,
+                input: None,
             },
         }])
         .unwrap();

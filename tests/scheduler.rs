@@ -294,6 +294,7 @@ impl Generator for GatedGenerator {
         &self,
         model: &ModelName,
         _prompt: &str,
+        _input: Option<&[u8]>,
     ) -> Result<GeneratedImage, GenerationFailure> {
         if model.as_str() == "flux" {
             let _permit = self
@@ -498,23 +499,35 @@ async fn the_janitor_removes_expired_images_but_never_those_of_an_unfinished_req
     let gone = easel::domain::RequestId(uuid::Uuid::now_v7());
     rig.images.keep(gone, PNG, "png").unwrap();
     std::fs::write(rig.images.dir().join("notes.txt"), b"x").unwrap();
+    // Image to image: the input of an unfinished request, and one no
+    // unfinished request names any more.
+    let input = rig.images.keep_input(PNG, "png").unwrap();
+    let mut with_input = common::request("sdxl", 2, "the same, in snow");
+    with_input.input = Some(input.clone());
+    let limits = Limits {
+        max_pending: 50,
+        ..Limits::default()
+    };
+    rig.core.accept(with_input, &limits).await.unwrap();
+    rig.images.keep_input(PNG, "png").unwrap();
 
     // Younger than the lifetime: nothing goes.
     assert_eq!(
         sweep_images(&rig.core, &rig.images, Duration::from_secs(3600)).unwrap(),
         0
     );
-    // Past it: all but the unfinished request's image.
+    // Past it: all but the unfinished requests' image and input.
     assert_eq!(
         sweep_images(&rig.core, &rig.images, Duration::ZERO).unwrap(),
-        2
+        3
     );
     assert!(rig.images.load(&kept).unwrap().is_some());
+    assert!(rig.images.load(&input).unwrap().is_some());
     let left: Vec<_> = std::fs::read_dir(rig.images.dir())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left.len(), 2, "{left:?}");
 }
 
 #[tokio::test]

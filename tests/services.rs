@@ -73,7 +73,7 @@ async fn both(answer: ResponseTemplate) -> Vec<(Result<GeneratedImage, Generatio
     let mut out = Vec::new();
     for name in ["flux", "sdxl"] {
         let before = server.received_requests().await.unwrap().len();
-        let r = w.generate(&model(name), "a red fox").await;
+        let r = w.generate(&model(name), "a red fox", None).await;
         let calls = server.received_requests().await.unwrap().len() - before;
         out.push((r, calls));
     }
@@ -174,7 +174,7 @@ async fn a_retry_that_succeeds_records_every_attempt() {
         SDXL_KEY,
         Duration::from_secs(5),
     );
-    let img = w.generate(&model("flux"), "fox").await.unwrap();
+    let img = w.generate(&model("flux"), "fox", None).await.unwrap();
     assert_eq!(
         (img.attempts, img.statuses),
         (3, vec!["503".to_owned(), "503".into(), "200".into()])
@@ -202,7 +202,7 @@ async fn too_many_requests_honours_retry_after() {
         Duration::from_secs(5),
     );
     let started = Instant::now();
-    let img = w.generate(&model("sdxl"), "fox").await.unwrap();
+    let img = w.generate(&model("sdxl"), "fox", None).await.unwrap();
     // The backoff base is 1 ms: only Retry-After explains a wait of ~1 s.
     assert!(
         started.elapsed() >= Duration::from_millis(950),
@@ -270,7 +270,7 @@ async fn a_read_timeout_is_retried_then_timed_out() {
         Duration::from_millis(200),
     );
     for name in ["flux", "sdxl"] {
-        let f = w.generate(&model(name), "fox").await.unwrap_err();
+        let f = w.generate(&model(name), "fox", None).await.unwrap_err();
         assert_eq!((f.kind, f.attempts), (FailureKind::TimedOut, 4));
         assert_eq!(f.statuses, vec!["timeout"; 4]);
     }
@@ -287,7 +287,7 @@ async fn a_refused_connection_is_retried_then_unavailable() {
     let url = format!("http://127.0.0.1:{port}");
     let w = workers(&url, &url, SDXL_KEY, Duration::from_secs(1));
     for name in ["flux", "sdxl"] {
-        let f = w.generate(&model(name), "fox").await.unwrap_err();
+        let f = w.generate(&model(name), "fox", None).await.unwrap_err();
         assert_eq!((f.kind, f.attempts), (FailureKind::Unavailable, 4));
         assert!(
             !f.reason.contains(&port.to_string()),
@@ -324,18 +324,27 @@ async fn each_protocol_speaks_its_own_shape() {
         Duration::from_secs(5),
     );
     assert_eq!(
-        w.generate(&model("flux"), prompt).await.unwrap().format,
+        w.generate(&model("flux"), prompt, None)
+            .await
+            .unwrap()
+            .format,
         "png"
     );
     assert_eq!(
-        w.generate(&model("sdxl"), prompt).await.unwrap().format,
+        w.generate(&model("sdxl"), prompt, None)
+            .await
+            .unwrap()
+            .format,
         "jpeg"
     );
     // flux sends no credentials at all.
     let requests = server.received_requests().await.unwrap();
     assert!(requests[0].headers.get("authorization").is_none());
     // A model that is not configured fails without a call.
-    let f = w.generate(&model("kandinsky"), prompt).await.unwrap_err();
+    let f = w
+        .generate(&model("kandinsky"), prompt, None)
+        .await
+        .unwrap_err();
     assert_eq!((f.kind, f.attempts), (FailureKind::NotConfigured, 0));
 }
 
@@ -359,7 +368,7 @@ async fn a_wrong_key_is_refused_by_the_fake_and_never_echoed() {
         "wrong-key-9999",
         Duration::from_secs(5),
     );
-    let f = w.generate(&model("sdxl"), "fox").await.unwrap_err();
+    let f = w.generate(&model("sdxl"), "fox", None).await.unwrap_err();
     assert_eq!((f.kind, f.attempts), (FailureKind::Refused, 1));
     assert!(!f.reason.contains("wrong-key-9999"), "{}", f.reason);
     assert!(f.reason.contains("[redacted]"), "{}", f.reason);
@@ -369,7 +378,7 @@ async fn a_wrong_key_is_refused_by_the_fake_and_never_echoed() {
         SDXL_KEY,
         Duration::from_secs(5),
     );
-    assert!(right.generate(&model("sdxl"), "fox").await.is_ok());
+    assert!(right.generate(&model("sdxl"), "fox", None).await.is_ok());
 }
 
 // ---- the prompt enhancer ------------------------------------------------
@@ -607,7 +616,7 @@ async fn a_trickling_worker_cannot_hold_the_lane_past_the_deadline() {
         Duration::from_millis(300),
     );
     let failure = workers
-        .generate(&model("flux"), "a fox")
+        .generate(&model("flux"), "a fox", None)
         .await
         .expect_err("a trickle is no image");
     assert_eq!(failure.kind, FailureKind::TimedOut, "{failure:?}");

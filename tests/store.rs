@@ -24,6 +24,7 @@ fn queued(update: u32) -> NewEvent {
             origin,
             preset: None,
             remembered: false,
+            input: None,
         },
     }
 }
@@ -674,6 +675,7 @@ async fn a_log_from_before_random_ids_gets_its_request_index_rebuilt_in_creation
                         origin: req.origin,
                         preset: None,
                         remembered: false,
+                        input: None,
                     },
                 }])
                 .unwrap();

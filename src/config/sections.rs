@@ -65,6 +65,8 @@ const DEFAULT_RATE: RateLimit = RateLimit {
 };
 const DEFAULT_RETENTION_DAYS: u64 = 30;
 const DEFAULT_LLM_MODEL: &str = "gpt-4o-mini";
+/// How far an img2img model may move from the input image (§8).
+const DEFAULT_STRENGTH: f64 = 0.6;
 const DEFAULT_TELEGRAM_API_URL: &str = "https://api.telegram.org";
 
 /// Where values come from: the environment, then easel.toml's top-level
@@ -178,7 +180,8 @@ pub(super) fn models_section(
                        url_var: Option<&str>,
                        url: Option<String>,
                        protocol: Protocol,
-                       key_var: Option<String>| {
+                       key_var: Option<String>,
+                       img2img: Option<f64>| {
         let Ok(model) = ModelName::parse(name) else {
             vars.problem(format!(
                 "Model name \"{name}\" in easel.toml must be 1 to 32 letters, digits, '-' or '_'."
@@ -206,6 +209,7 @@ pub(super) fn models_section(
             protocol,
             key,
             key_var,
+            img2img,
         });
     };
     declare(
@@ -214,6 +218,7 @@ pub(super) fn models_section(
         vars.get("FLUX_WORKER_URL"),
         Protocol::FluxGet,
         None,
+        None,
     );
     declare(
         "sdxl",
@@ -221,6 +226,7 @@ pub(super) fn models_section(
         vars.get("SDXL_WORKER_URL"),
         Protocol::SdxlPost,
         Some("SDXL_API_KEY".into()),
+        None,
     );
     for m in declared {
         let Some(protocol) = Protocol::parse(&m.protocol) else {
@@ -239,7 +245,35 @@ pub(super) fn models_section(
             m.name.to_ascii_uppercase().replace('-', "_")
         );
         let url = (vars.env)(&env_var).or_else(|| m.url.clone());
-        declare(&m.name, None, url, protocol, m.key_env.clone());
+        // Image to image sends the input in the JSON body: sdxl-post only.
+        let img2img = match (m.img2img, protocol, m.strength) {
+            (false, _, None) => None,
+            (false, _, Some(_)) => {
+                vars.problem(format!(
+                    "Model {} in easel.toml sets strength without img2img = true.",
+                    m.name
+                ));
+                continue;
+            }
+            (true, Protocol::FluxGet, _) => {
+                vars.problem(format!(
+                    "Model {} in easel.toml speaks flux-get, which cannot carry an input image; img2img needs sdxl-post.",
+                    m.name
+                ));
+                continue;
+            }
+            (true, Protocol::SdxlPost, s) => match s.unwrap_or(DEFAULT_STRENGTH) {
+                s if s > 0.0 && s <= 1.0 => Some(s),
+                s => {
+                    vars.problem(format!(
+                        "Model {} in easel.toml has strength {s}; use a number above 0 and at most 1.",
+                        m.name
+                    ));
+                    continue;
+                }
+            },
+        };
+        declare(&m.name, None, url, protocol, m.key_env.clone(), img2img);
     }
     (models, disabled)
 }

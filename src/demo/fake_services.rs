@@ -19,6 +19,9 @@ use base64::Engine as _;
 
 use super::png::png;
 
+/// An input image a worker call carried, and its strength.
+pub type InputSeen = (Vec<u8>, f64);
+
 /// Counters a test can read: calls, and the most calls at once.
 pub struct WorkerStats {
     /// Turned true by [`FakeWorker::release`]; `held` prompts wait for it.
@@ -30,6 +33,9 @@ pub struct WorkerStats {
     /// Each call's prompt and when it arrived, for ordering checks against
     /// the fake Telegram's calls (same clock).
     pub calls_at: std::sync::Mutex<Vec<(String, tokio::time::Instant)>>,
+    /// Image to image: each call's input image (decoded from the body's
+    /// base64 `image`) and `strength`, or None for a text-only call.
+    pub inputs: std::sync::Mutex<Vec<Option<InputSeen>>>,
 }
 
 impl Default for WorkerStats {
@@ -41,6 +47,7 @@ impl Default for WorkerStats {
             max_in_flight: AtomicUsize::new(0),
             prompts: std::sync::Mutex::new(Vec::new()),
             calls_at: std::sync::Mutex::new(Vec::new()),
+            inputs: std::sync::Mutex::new(Vec::new()),
         }
     }
 }
@@ -144,9 +151,33 @@ async fn sdxl_post(
             return (StatusCode::UNAUTHORIZED, "invalid api key").into_response();
         }
     }
-    let prompt = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
+    let json = serde_json::from_slice::<serde_json::Value>(&body).ok();
+    let prompt = json
+        .as_ref()
         .and_then(|v| v.get("prompt").and_then(|p| p.as_str().map(str::to_owned)));
+    // Image to image: `image` (base64) and `strength` travel together.
+    let input = match json.as_ref().map(|v| (v.get("image"), v.get("strength"))) {
+        Some((Some(image), Some(strength))) => {
+            let bytes = image
+                .as_str()
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+            match (bytes, strength.as_f64()) {
+                (Some(bytes), Some(s)) if s > 0.0 && s <= 1.0 => Some((bytes, s)),
+                _ => {
+                    return (StatusCode::BAD_REQUEST, "bad image or strength").into_response();
+                }
+            }
+        }
+        Some((None, None)) | None => None,
+        Some(_) => {
+            return (StatusCode::BAD_REQUEST, "image and strength go together").into_response();
+        }
+    };
+    s.stats
+        .inputs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(input);
     match prompt {
         Some(p) => answer(&s, p).await,
         None => (StatusCode::BAD_REQUEST, "expected JSON {\"prompt\": ...}").into_response(),

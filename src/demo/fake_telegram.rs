@@ -67,6 +67,10 @@ struct Inner {
     delay: Duration,
     /// The Telegram `language_code` of users who have one.
     languages: HashMap<i64, String>,
+    /// Files users sent, by `file_id` (getFile and the file download).
+    files: HashMap<String, Vec<u8>>,
+    /// The photo of each message that has one, for replies to it.
+    photos: HashMap<(i64, i32), Value>,
 }
 
 struct Shared {
@@ -202,6 +206,77 @@ impl FakeTelegram {
                     "chat": chat_json(chat),
                     "from": user_json(inner, user),
                     "text": text,
+                }
+            })
+        });
+        (update_id, message_id)
+    }
+
+    /// User `user` sends a photo (`bytes`, declared `width`×`height`) with
+    /// `caption` in `chat`, as Telegram does: the sizes it made, smallest
+    /// first, each with its own `file_id` (here all the same bytes, the
+    /// largest declared as `declared_size` bytes). Returns (update id,
+    /// message id).
+    pub fn user_sends_photo(
+        &self,
+        user: i64,
+        chat: i64,
+        caption: Option<&str>,
+        bytes: &[u8],
+        declared_size: usize,
+    ) -> (u32, i32) {
+        let mut message_id = 0;
+        let update_id = self.push_update(|id, inner| {
+            inner.next_message_id += 1;
+            message_id = inner.next_message_id;
+            let small = format!("photo{message_id}s");
+            let large = format!("photo{message_id}l");
+            inner.files.insert(small.clone(), bytes.to_vec());
+            inner.files.insert(large.clone(), bytes.to_vec());
+            let photo = json!([
+                { "file_id": small, "file_unique_id": format!("u{small}"), "width": 90, "height": 90, "file_size": bytes.len() },
+                { "file_id": large, "file_unique_id": format!("u{large}"), "width": 1024, "height": 1024, "file_size": declared_size },
+            ]);
+            inner.photos.insert((chat, message_id), photo.clone());
+            let mut message = json!({
+                "message_id": message_id,
+                "date": now_unix(),
+                "chat": chat_json(chat),
+                "from": user_json(inner, user),
+                "photo": photo,
+            });
+            if let Some(c) = caption {
+                message["caption"] = json!(c);
+            }
+            json!({ "update_id": id, "message": message })
+        });
+        (update_id, message_id)
+    }
+
+    /// User `user` answers message `to` (a photo of theirs, say) with `text`.
+    pub fn user_replies(&self, user: i64, chat: i64, to: i32, text: &str) -> (u32, i32) {
+        let mut message_id = 0;
+        let update_id = self.push_update(|id, inner| {
+            inner.next_message_id += 1;
+            message_id = inner.next_message_id;
+            let mut replied = json!({
+                "message_id": to,
+                "date": now_unix(),
+                "chat": chat_json(chat),
+                "from": user_json(inner, user),
+            });
+            if let Some(photo) = inner.photos.get(&(chat, to)) {
+                replied["photo"] = photo.clone();
+            }
+            json!({
+                "update_id": id,
+                "message": {
+                    "message_id": message_id,
+                    "date": now_unix(),
+                    "chat": chat_json(chat),
+                    "from": user_json(inner, user),
+                    "text": text,
+                    "reply_to_message": replied,
                 }
             })
         });
@@ -459,6 +534,21 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         tokio::time::sleep(delay).await;
     }
     let path = percent_decode(req.uri().path());
+    // A file download: `/file/bot<token>/<file_path>`.
+    if let Some(rest) = path.strip_prefix("/file/bot") {
+        let inner = shared.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(file_path) = rest
+            .strip_prefix(inner.token.as_str())
+            .and_then(|p| p.strip_prefix('/'))
+        else {
+            return error(401, "Unauthorized", None);
+        };
+        let id = file_path.strip_prefix("photos/").unwrap_or(file_path);
+        return match inner.files.get(id) {
+            Some(bytes) => (StatusCode::OK, bytes.clone()).into_response(),
+            None => error(404, "Not Found", None),
+        };
+    }
     let mut parts = path.rsplit('/');
     // teloxide writes method names in PascalCase (`SendMessage`); the Bot
     // API is case-insensitive about them.
@@ -575,6 +665,16 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             "can_connect_to_business": false, "has_main_web_app": false,
         })),
         "setMyCommands" | "deleteWebhook" | "answerCallbackQuery" => ok(json!(true)),
+        "getFile" => {
+            let id = p.get("file_id").and_then(Value::as_str).unwrap_or_default();
+            match inner.files.get(id) {
+                Some(bytes) => ok(json!({
+                    "file_id": id, "file_unique_id": format!("u{id}"),
+                    "file_size": bytes.len(), "file_path": format!("photos/{id}"),
+                })),
+                None => error(400, "Bad Request: invalid file_id", None),
+            }
+        }
         "sendMessage" | "sendPhoto" | "sendDocument" => {
             let Some(chat) = chat_id else {
                 return error(400, "Bad Request: chat_id is empty", None);

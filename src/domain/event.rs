@@ -114,6 +114,12 @@ pub enum Event {
         /// An optional addition to version 1: absent means false.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         remembered: bool,
+        /// The input image of an image-to-image request (§8), kept on disk
+        /// (synced) before this event was written. A record with one is
+        /// written as version 2: a version-1 reader would drop it and draw
+        /// from the text alone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<ImageRef>,
     },
     /// A user chose the model `/image <prompt>` draws with (§8). Not an
     /// event of a request: it is kept under the user's own id,
@@ -226,6 +232,8 @@ mod de {
         preset: Option<PresetUse>,
         #[serde(default)]
         remembered: bool,
+        #[serde(default)]
+        input: Option<ImageRef>,
     }
     #[derive(Deserialize)]
     struct ModelChosen {
@@ -310,6 +318,7 @@ mod de {
                         origin: q.origin,
                         preset: q.preset,
                         remembered: q.remembered,
+                        input: q.input,
                     }
                 }
                 "model_chosen" => {

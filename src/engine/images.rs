@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 
 use crate::domain::{ImageRef, RequestId};
 
-/// A folder of images, one file per request.
+/// How the file name of a kept input image starts.
+pub const INPUT_PREFIX: &str = "input-";
+
+/// A folder of images: one generated image per request, and the input
+/// images of image-to-image requests.
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     dir: PathBuf,
@@ -34,8 +38,26 @@ impl ImageStore {
     /// # Errors
     /// Any I/O error (disk full, permissions).
     pub fn keep(&self, id: RequestId, bytes: &[u8], format: &str) -> std::io::Result<ImageRef> {
+        self.write(format!("{id}.{format}"), bytes, format)
+    }
+
+    /// Keeps the input image of an image-to-image request (§8) as
+    /// `input-<random uuid>.<format>`, synced with its folder, before the
+    /// request is recorded (so before its user is told "queued"). The
+    /// maintenance sweep keeps it while an unfinished request names it.
+    ///
+    /// # Errors
+    /// As [`ImageStore::keep`].
+    pub fn keep_input(&self, bytes: &[u8], format: &str) -> std::io::Result<ImageRef> {
+        self.write(
+            format!("{INPUT_PREFIX}{}.{format}", uuid::Uuid::new_v4()),
+            bytes,
+            format,
+        )
+    }
+
+    fn write(&self, file: String, bytes: &[u8], format: &str) -> std::io::Result<ImageRef> {
         use std::os::unix::fs::OpenOptionsExt;
-        let file = format!("{id}.{format}");
         let tmp = self.dir.join(format!("{file}.tmp"));
         let mut f = fs::OpenOptions::new()
             .write(true)

@@ -94,6 +94,8 @@ pub struct NewRequest {
     pub preset: Option<crate::domain::PresetUse>,
     /// The user named no model; `model` is the one they chose (§8).
     pub remembered: bool,
+    /// The input image, already kept on disk (image to image, §8).
+    pub input: Option<crate::domain::ImageRef>,
 }
 
 /// The answer to an accepted (or already accepted) request.
@@ -255,6 +257,7 @@ impl<S: EventStore> Core<S> {
             origin: req.origin,
             preset: req.preset,
             remembered: req.remembered,
+            input: req.input,
         };
         let rec = self
             .append_locked(&mut state, id, event, now)

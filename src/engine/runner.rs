@@ -48,10 +48,12 @@ pub struct GenerationFailure {
 
 /// Asks a model's worker for an image.
 pub trait Generator: Send + Sync + 'static {
+    /// `input`: the input image of an image-to-image request (§8).
     fn generate(
         &self,
         model: &ModelName,
         prompt: &str,
+        input: Option<&[u8]>,
     ) -> impl Future<Output = Result<GeneratedImage, GenerationFailure>> + Send;
 }
 
@@ -206,7 +208,26 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
             .enhanced_prompt
             .as_deref()
             .unwrap_or(req.prompt.as_str());
-        Some(match self.generator.generate(&self.model, prompt).await {
+        // Image to image: the kept input, read for each attempt's body.
+        let input = match &req.input {
+            None => None,
+            Some(kept) => match self.images.load(kept) {
+                Ok(Some(bytes)) => Some(bytes),
+                Ok(None) | Err(_) => {
+                    return Some(Command::Fail {
+                        kind: FailureKind::Internal,
+                        reason: "the input image is no longer on disk".into(),
+                        attempts: 0,
+                        statuses: Vec::new(),
+                    });
+                }
+            },
+        };
+        let generated = self
+            .generator
+            .generate(&self.model, prompt, input.as_deref())
+            .await;
+        Some(match generated {
             Ok(img) => match self.images.keep(req.id, &img.bytes, &img.format) {
                 Ok(image) => Command::FinishGenerating {
                     image,

@@ -189,6 +189,14 @@ pub fn audit_show(src: &Source, archive: &Path, prefix: &str, json_out: bool, ou
             super::visible(&p.prompt)
         ));
     }
+    if let Some(input) = &record.input {
+        text.push_str(&format!(
+            "input     {} ({} bytes {}; image to image)\n",
+            super::visible(&input.file),
+            input.bytes,
+            input.format
+        ));
+    }
     if let Some(e) = &record.enhanced_prompt {
         text.push_str(&format!("enhanced  {}\n", super::visible(e)));
     }

@@ -51,6 +51,10 @@ pub struct ActiveRequest {
     pub queued_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub image: Option<ImageRef>,
+    /// The input image of an image-to-image request (§8). (Default for
+    /// checkpoints written before it.)
+    #[serde(default)]
+    pub input: Option<ImageRef>,
 }
 
 /// A user's load: unfinished requests and recent acceptance times.
@@ -211,6 +215,7 @@ impl LiveState {
             prompt,
             origin,
             remembered,
+            input,
             ..
         } = &rec.event
         {
@@ -244,6 +249,7 @@ impl LiveState {
                     queued_at: rec.at,
                     started_at: None,
                     image: None,
+                    input: input.clone(),
                 },
             );
             let user = self.users.entry(origin.user_id).or_default();

@@ -23,6 +23,9 @@ pub struct RequestRecord {
     /// around what the user wrote, `preset.prompt`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preset: Option<crate::domain::PresetUse>,
+    /// The kept input image of an image-to-image request (§8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<crate::domain::ImageRef>,
     pub enhanced_prompt: Option<String>,
     pub status: Stage,
     pub error: Option<String>,
@@ -70,6 +73,7 @@ impl RequestRecord {
             prompt,
             origin,
             preset,
+            input,
             ..
         } = &first.event
         else {
@@ -82,6 +86,7 @@ impl RequestRecord {
             model: model.clone(),
             prompt: prompt.as_str().to_owned(),
             preset: preset.clone(),
+            input: input.clone(),
             enhanced_prompt: None,
             status: Stage::Queued,
             error: None,

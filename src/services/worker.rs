@@ -160,10 +160,13 @@ impl ImageWorkers {
         }
     }
 
+    /// One call; `body` is the sdxl-post JSON (`prompt`, and for image to
+    /// image `image` and `strength`).
     async fn attempt(
         &self,
         model: &ModelSettings,
         prompt: &str,
+        body: &serde_json::Value,
     ) -> Result<(Vec<u8>, ImageFormat), Attempt> {
         let _permit = self
             .permits
@@ -176,10 +179,7 @@ impl ImageWorkers {
                 .get(model.url.expose().clone())
                 .query(&[("prompt", prompt)]),
             Protocol::SdxlPost => {
-                let r = self
-                    .client
-                    .post(model.url.expose().clone())
-                    .json(&serde_json::json!({ "prompt": prompt }));
+                let r = self.client.post(model.url.expose().clone()).json(body);
                 match &model.key {
                     Some(key) => r.bearer_auth(key.expose_secret()),
                     None => r,
@@ -328,6 +328,7 @@ impl Generator for ImageWorkers {
         &self,
         model: &ModelName,
         prompt: &str,
+        input: Option<&[u8]>,
     ) -> Result<GeneratedImage, GenerationFailure> {
         let Some(settings) = self.models.iter().find(|m| &m.name == model) else {
             return Err(GenerationFailure {
@@ -348,8 +349,19 @@ impl Generator for ImageWorkers {
                     .max(Duration::from_secs(1)),
             )
             .with_jitter();
+        // Image to image (§8): encoded once, sent with every attempt; only
+        // a model configured with img2img gets it (intake refuses an
+        // input for the others, so this is a second line of defence).
+        let body = match (input, settings.img2img) {
+            (Some(bytes), Some(strength)) => serde_json::json!({
+                "prompt": prompt,
+                "image": base64::engine::general_purpose::STANDARD.encode(bytes),
+                "strength": strength,
+            }),
+            _ => serde_json::json!({ "prompt": prompt }),
+        };
         let result = (|| async {
-            let r = self.attempt(settings, prompt).await;
+            let r = self.attempt(settings, prompt, &body).await;
             let label = match &r {
                 Ok(_) => "200".to_owned(),
                 Err(a) => a.label(),

@@ -11,7 +11,8 @@ use crate::domain::{Event, RequestId};
 /// The newest version. Bump it (and add a decoder arm, an upcast and a
 /// fixture) whenever the stored shape of any event changes.
 ///
-/// Version 2 is version 1 plus the event type `model_chosen` (§8). A
+/// Version 2 is version 1 plus the event type `model_chosen` and the
+/// `input` image of a `queued` (§8). A
 /// record is written at the lowest version whose readers read it whole
 /// ([`version_of`]): every other event stays version 1 byte for byte, and
 /// a version-1-only reader refuses a `model_chosen` with "unknown schema
@@ -21,7 +22,7 @@ pub const CURRENT_VERSION: u16 = 2;
 /// The version a record of `event` is written at.
 pub fn version_of(event: &Event) -> u16 {
     match event {
-        Event::ModelChosen { .. } => 2,
+        Event::ModelChosen { .. } | Event::Queued { input: Some(_), .. } => 2,
         _ => 1,
     }
 }
@@ -264,6 +265,31 @@ mod tests {
         };
         assert_eq!(origin.language.as_deref(), Some("fa-IR"));
         assert_eq!(encode_json(&rec).unwrap(), new.into_bytes());
+    }
+
+    /// A `queued` with an input image needs a version-2 reader (a
+    /// version-1 one would drop the image and draw from the text alone);
+    /// without one it stays version 1.
+    #[test]
+    fn a_queued_with_an_input_image_is_written_as_version_2() {
+        let old = br#"{"v":1,"seq":7,"request_id":"019abb1c-3a00-7000-8000-000000000001","at":"2026-11-25T10:00:00Z","event":{"type":"queued","model":"paint","prompt":"in snow","origin":{"user_id":42,"chat_id":42,"message_id":1,"update_id":5}}}"#;
+        let mut rec = decode_json(old).unwrap();
+        let crate::domain::Event::Queued { input, .. } = &mut rec.event else {
+            panic!("{rec:?}")
+        };
+        *input = Some(crate::domain::ImageRef {
+            file: "input-0b7c.png".into(),
+            bytes: 12,
+            format: "png".into(),
+        });
+        let json = encode_json(&rec).unwrap();
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(text.starts_with("{\"v\":2,"), "{text}");
+        assert!(
+            text.ends_with(r#""input":{"file":"input-0b7c.png","bytes":12,"format":"png"}}}"#),
+            "{text}"
+        );
+        assert_eq!(decode_json(&json).unwrap(), rec);
     }
 
     proptest! {

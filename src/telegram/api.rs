@@ -115,6 +115,11 @@ impl TelegramApi {
         &self.bot
     }
 
+    /// `text` without the token.
+    pub fn scrubbed(&self, text: &str) -> String {
+        scrub(text, self.token.expose_secret())
+    }
+
     /// Formats an error without the token or any URL.
     pub fn describe(&self, e: &RequestError) -> String {
         let text = match e {

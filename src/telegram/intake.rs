@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use teloxide::types::{CallbackQuery, InputFile, Message, Update, UpdateKind};
+use teloxide::types::{CallbackQuery, InputFile, Message, PhotoSize, Update, UpdateKind};
 
 use super::api::{Policy, TelegramApi};
 use super::parse::{Button, Input, parse};
@@ -33,6 +33,17 @@ pub struct Intake<S: EventStore> {
     /// their `Queued` was written (the disk refused its flush): see
     /// [`Refused`].
     pub refused: Refused,
+}
+
+/// The largest photo a bot may download from Telegram (20 MB).
+const MAX_INPUT_BYTES: u32 = 20_000_000;
+
+/// The input image of an `/image` (image to image, §8).
+enum InputImage {
+    /// The sizes of a photo the message has or answers, to fetch.
+    Photo(Vec<PhotoSize>),
+    /// The input of a request drawn again (🔁 Again), already kept.
+    Kept(crate::domain::ImageRef),
 }
 
 /// What an `/image` asks to draw.
@@ -172,7 +183,10 @@ impl<S: EventStore> Intake<S> {
     }
 
     async fn message(&self, update_id: u32, msg: &Message, mut turn: Turn) {
-        let Some(text) = msg.text() else { return };
+        // A photo's caption is its text (image to image, §8).
+        let Some(text) = msg.text().or_else(|| msg.caption()) else {
+            return;
+        };
         let Some(user) = msg.from.as_ref() else {
             return;
         };
@@ -226,7 +240,13 @@ impl<S: EventStore> Intake<S> {
                     text: &prompt,
                     remembered,
                 };
-                self.image(to, origin, &model, draw, turn).await;
+                // The photo it was sent with, or the photo it answers.
+                let photo = msg
+                    .photo()
+                    .or_else(|| msg.reply_to_message().and_then(Message::photo))
+                    .map(<[PhotoSize]>::to_vec)
+                    .map(InputImage::Photo);
+                self.image(to, origin, &model, draw, photo, turn).await;
             }
             Input::Model(choice) => {
                 let text = self.model_choice(UserId(user_id), choice, lang).await;
@@ -285,6 +305,7 @@ impl<S: EventStore> Intake<S> {
         origin: Origin,
         model: &str,
         draw: Draw<'_>,
+        input: Option<InputImage>,
         mut turn: Turn,
     ) -> String {
         let lang = Lang::of(origin.language.as_deref());
@@ -297,7 +318,17 @@ impl<S: EventStore> Intake<S> {
             }
         );
         let checked = self.check_image(lang, model, draw);
-        let (name, prompt, preset) = match checked {
+        let checked = match checked {
+            Ok((name, prompt, preset)) => match input {
+                None => Ok((name, prompt, preset, None)),
+                Some(input) => self
+                    .input_image(lang, &name, input)
+                    .await
+                    .map(|kept| (name, prompt, preset, Some(kept))),
+            },
+            Err(text) => Err(text),
+        };
+        let (name, prompt, preset, input) = match checked {
             Ok(ok) => ok,
             Err(text) => {
                 turn.pass();
@@ -313,6 +344,7 @@ impl<S: EventStore> Intake<S> {
                 origin,
                 preset,
                 remembered,
+                input,
             },
             &self.settings.limits,
         );
@@ -400,6 +432,65 @@ impl<S: EventStore> Intake<S> {
                 }
             },
         }
+    }
+
+    /// The input image of an image-to-image request, on disk (synced)
+    /// before the request is recorded; or the reply that refuses it: a
+    /// model without img2img, a photo too big to fetch, one that cannot be
+    /// fetched or read, or (🔁 Again) one no longer kept.
+    async fn input_image(
+        &self,
+        lang: Lang,
+        model: &ModelName,
+        input: InputImage,
+    ) -> Result<crate::domain::ImageRef, String> {
+        if self
+            .settings
+            .model(model)
+            .is_none_or(|m| m.img2img.is_none())
+        {
+            let able: Vec<String> = self
+                .settings
+                .models
+                .iter()
+                .filter(|m| m.img2img.is_some())
+                .map(|m| m.name.to_string())
+                .collect();
+            return Err(words::no_input_image(lang, model.as_str(), &able));
+        }
+        let sizes = match input {
+            InputImage::Kept(kept) => {
+                return match self.images.load(&kept) {
+                    Ok(Some(_)) => Ok(kept),
+                    _ => Err(words::input_expired(lang)),
+                };
+            }
+            InputImage::Photo(sizes) => sizes,
+        };
+        // The largest size Telegram lets a bot download (20 MB).
+        let Some(best) = sizes
+            .iter()
+            .filter(|p| p.file.size <= MAX_INPUT_BYTES)
+            .max_by_key(|p| u64::from(p.width) * u64::from(p.height))
+        else {
+            return Err(words::input_too_big(lang, MAX_INPUT_BYTES / 1_000_000));
+        };
+        let bytes = match self.api.download(&best.file.id, MAX_INPUT_BYTES).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not fetch an input photo");
+                return Err(words::input_unreadable(lang));
+            }
+        };
+        let Some(format) = crate::services::image_format::ImageFormat::sniff(&bytes) else {
+            return Err(words::input_unreadable(lang));
+        };
+        self.images
+            .keep_input(&bytes, format.extension())
+            .map_err(|e| {
+                tracing::error!(error = %e, "could not keep an input photo");
+                words::busy(lang)
+            })
     }
 
     /// The model an `/image` without one draws with: the user's
@@ -588,6 +679,7 @@ impl<S: EventStore> Intake<S> {
             prompt,
             origin,
             preset,
+            input,
             ..
         }) = events.first().map(|r| &r.event)
         else {
@@ -621,6 +713,7 @@ impl<S: EventStore> Intake<S> {
                             prompt: prompt.as_str(),
                             preset: preset.clone(),
                         },
+                        input.clone().map(InputImage::Kept),
                         turn,
                     )
                     .await;

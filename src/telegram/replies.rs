@@ -13,7 +13,7 @@ use teloxide::types::{
     CallbackQuery, ChatId, InlineKeyboardMarkup, InputFile, Message, MessageId, ReplyParameters,
 };
 
-use super::api::{Policy, TelegramApi, TgError};
+use super::api::{Policy, TelegramApi, TgError, TgErrorKind};
 use super::words;
 
 /// Where a reply goes: a chat, and the message it answers (if any; sent
@@ -150,6 +150,52 @@ impl TelegramApi {
             r.into_future()
         })
         .await
+    }
+
+    /// Fetches a file a user sent: `getFile`, then the download, at most
+    /// `max` bytes (Telegram lets bots download 20 MB). Errors carry
+    /// neither the token nor the file URL (which holds the token).
+    ///
+    /// # Errors
+    /// A [`TgError`]: `Api` for a refusal or a file over `max`, `Network`
+    /// for a download that broke off.
+    pub async fn download(
+        &self,
+        file: &teloxide::types::FileId,
+        max: u32,
+    ) -> Result<Vec<u8>, TgError> {
+        use futures_util::StreamExt as _;
+        use teloxide::net::Download as _;
+        let too_big = || TgError {
+            kind: TgErrorKind::Api,
+            text: format!("the file is larger than {max} bytes"),
+        };
+        let bot = self.bot().clone();
+        let meta = self
+            .run("getFile", Policy::Reply, || {
+                bot.get_file(file.clone()).into_future()
+            })
+            .await?
+            .ok_or_else(|| TgError {
+                kind: TgErrorKind::Api,
+                text: "getFile gave no file".into(),
+            })?;
+        if meta.meta.size > max {
+            return Err(too_big());
+        }
+        let mut stream = bot.download_file_stream(&meta.path);
+        let mut out = Vec::with_capacity(meta.meta.size as usize);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| TgError {
+                kind: TgErrorKind::Network,
+                text: self.scrubbed(&e.without_url().to_string()),
+            })?;
+            if out.len() + chunk.len() > max as usize {
+                return Err(too_big());
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
     }
 
     /// Answers a button press with a short notice (best effort).

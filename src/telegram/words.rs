@@ -366,6 +366,35 @@ pub fn model_chosen(lang: Lang, model: &str) -> String {
     t(lang, "model-set", &[("model", s(model))])
 }
 
+/// An input image (a photo's caption, or a reply to a photo) for a model
+/// that cannot use one; `able` are the models that can.
+pub fn no_input_image(lang: Lang, model: &str, able: &[String]) -> String {
+    t(
+        lang,
+        "no-input-image",
+        &[
+            ("model", s(model)),
+            ("able", n(able.len())),
+            ("models", s(list(lang, able))),
+        ],
+    )
+}
+
+/// The photo is larger than a bot may fetch.
+pub fn input_too_big(lang: Lang, max_mb: u32) -> String {
+    t(lang, "input-too-big", &[("max", n(max_mb))])
+}
+
+/// The photo could not be fetched, or is not an image.
+pub fn input_unreadable(lang: Lang) -> String {
+    t(lang, "input-unreadable", &[])
+}
+
+/// 🔁 Again on an image-to-image request whose input is no longer kept.
+pub fn input_expired(lang: Lang) -> String {
+    t(lang, "input-expired", &[])
+}
+
 pub fn not_configured(lang: Lang, model: &str) -> String {
     t(lang, "not-configured", &[("model", s(model))])
 }

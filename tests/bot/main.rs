@@ -1307,3 +1307,99 @@ async fn a_remembered_model_survives_a_restart_and_applies_to_later_requests() {
     assert!(report.ok(), "{:?}", report.violations);
     app.stop().await;
 }
+
+/// §8 Image to image: `/image=…` as a photo's caption, or as a reply to a
+/// photo, draws from that photo on a model with `img2img = true` (its POST
+/// body gets the image and the configured strength); the input is kept on
+/// disk before "queued" and recorded; 🔁 Again reuses it; a model without
+/// img2img and a photo over 20 MB are refused with a reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_to_image_from_a_caption_and_from_a_reply() {
+    let probe = easel::demo::fake_services::FakeWorker::sdxl(helpers::SDXL_KEY, Duration::ZERO)
+        .await
+        .unwrap();
+    let toml = format!(
+        "[[models]]\nname = \"paint\"\nurl = \"{}\"\nprotocol = \"sdxl-post\"\nkey_env = \"SDXL_API_KEY\"\nimg2img = true\nstrength = 0.45\n",
+        probe.url
+    );
+    let mut app = helpers::spawn_app_with(&[], Some(&toml)).await;
+    let u = 15_201;
+    let photo = easel::demo::png::png(64, 48, 7);
+    let (_, photo_msg) = app.tg.user_sends_photo(
+        u,
+        u,
+        Some("/image=paint=the same, in snow"),
+        &photo,
+        photo.len(),
+    );
+    assert!(app.images_to(u, 1).await, "{:#?}", app.tg.calls());
+    app.tg
+        .user_replies(u, u, photo_msg, "/image=paint=the same, at night");
+    assert!(app.images_to(u, 2).await, "{:#?}", app.tg.calls());
+    let inputs = probe.stats.inputs.lock().unwrap().clone();
+    assert_eq!(
+        inputs,
+        [Some((photo.clone(), 0.45)), Some((photo.clone(), 0.45))]
+    );
+
+    // The input is in the record and on disk; 🔁 Again draws from it again.
+    let queued: Vec<easel::domain::ImageRef> = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .filter_map(|r| match r.event {
+            easel::domain::Event::Queued { input, .. } => input,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(queued.len(), 2);
+    for input in &queued {
+        assert!(input.file.starts_with("input-"), "{input:?}");
+        let on_disk = std::fs::read(app.dir.path().join("images").join(&input.file)).unwrap();
+        assert_eq!(on_disk, photo);
+    }
+    let first = app.photo_calls(u).remove(0);
+    app.tg.user_presses(
+        u,
+        u,
+        first.message_id.unwrap(),
+        &helpers::button_data(&first, 0),
+    );
+    assert!(app.images_to(u, 3).await);
+    assert_eq!(
+        probe.stats.inputs.lock().unwrap()[2],
+        Some((photo.clone(), 0.45))
+    );
+
+    // Refusals, each a reply; nothing reaches a worker.
+    let calls = probe.stats.calls.load(Ordering::SeqCst);
+    app.tg
+        .user_sends_photo(u, u, Some("/image=flux=a fox"), &photo, photo.len());
+    assert!(
+        app.text_to(u, "flux cannot start from a photo. Models that can: paint.")
+            .await
+    );
+    assert_eq!(probe.stats.calls.load(Ordering::SeqCst), calls);
+    // A photo whose largest size is over the 20 MB a bot may fetch: the
+    // largest size within it is used.
+    app.tg
+        .user_sends_photo(u, u, Some("/image=paint=huge"), &photo, 25_000_000);
+    assert!(app.images_to(u, 4).await, "{:?}", app.tg.texts_to(u));
+    let gets: Vec<String> = app
+        .tg
+        .calls()
+        .iter()
+        .filter(|c| c.method == "getFile")
+        .filter_map(|c| {
+            c.params
+                .get("file_id")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(gets.last().is_some_and(|id| id.ends_with('s')), "{gets:?}");
+    assert!(gets[..2].iter().all(|id| id.ends_with('l')), "{gets:?}");
+    assert_eq!(app.flux.stats.calls.load(Ordering::SeqCst), 0);
+    app.stop().await;
+}

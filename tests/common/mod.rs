@@ -53,6 +53,7 @@ pub fn request(model_name: &str, user: i64, prompt: &str) -> NewRequest {
         },
         preset: None,
         remembered: false,
+        input: None,
     }
 }
 
@@ -84,6 +85,7 @@ impl Generator for ScriptedGenerator {
         &self,
         model: &ModelName,
         prompt: &str,
+        _input: Option<&[u8]>,
     ) -> Result<GeneratedImage, GenerationFailure> {
         self.calls
             .lock()
