@@ -28,6 +28,7 @@ fn request(n: u64) -> NewRequest {
         preset: None,
         remembered: false,
         input: None,
+        images: 1,
     }
 }
 

@@ -62,6 +62,7 @@ fn append_history(
                 preset: None,
                 remembered: false,
                 input: None,
+                images: 1,
             }),
             e(Event::Started),
             e(Event::Enhanced {

@@ -61,6 +61,16 @@ impl Deliverer for Sink {
             message_id: Some(1),
         })
     }
+
+    async fn deliver_album(
+        &self,
+        _r: &ActiveRequest,
+        _i: &[easel::engine::KeptImage],
+    ) -> Result<Delivery, DeliveryFailure> {
+        Ok(Delivery {
+            message_id: Some(1),
+        })
+    }
 }
 
 fn cpu_secs() -> f64 {
@@ -120,6 +130,7 @@ async fn run(
             preset: None,
             remembered: false,
             input: None,
+            images: 1,
         };
         core.accept(req, &limits).await.expect("accept");
     }

@@ -41,6 +41,7 @@ fn queued_state() -> (LiveState, u64) {
                 preset: None,
                 remembered: false,
                 input: None,
+                images: 1,
             },
         };
         state.apply(&rec).expect("apply");

@@ -27,6 +27,7 @@ fn queued(n: u32) -> Result<NewEvent, Box<dyn std::error::Error>> {
             preset: None,
             remembered: false,
             input: None,
+            images: 1,
         },
     })
 }

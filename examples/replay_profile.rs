@@ -38,6 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         preset: None,
                         remembered: false,
                         input: None,
+                        images: 1,
                     }),
                     e(Event::Started),
                     e(Event::Enhanced {

@@ -125,6 +125,11 @@ why-not-configured = image generation is not configured for this model right now
 why-delivery = Telegram would not take the image.
 why-internal = something went wrong on our side. Please try again.
 cancelled-one = { $model }: Cancelled.
+generating-image = { $model }: Generating… image { $index } of { $of }
+album-footer = 🎨 { $model } · { $kept } of { $of } images
+album-image-failed = Image { $index } failed: { $why }
+variations-range = Ask for 2 to { $max } images, e.g. /image=flux*3=a cat.
+variations-off = This bot makes one image per request.
 already-done = That request is already finished.
 
 ## /cancel

@@ -139,6 +139,13 @@ why-not-configured = ساختن تصویر با این مدل در حال حاض
 why-delivery = تلگرام تصویر را نپذیرفت.
 why-internal = مشکلی در سمت ما پیش آمد. لطفاً دوباره امتحان کنید.
 cancelled-one = { $model }: لغو شد.
+generating-image = { $model }: در حال ساختن تصویر { $index } از { $of }…
+album-footer = 🎨 { $model } · { $kept } از { $of } تصویر
+album-image-failed = تصویر { $index } ساخته نشد: { $why }
+variations-range =
+    می‌توانید ۲ تا { $max } تصویر بخواهید، برای نمونه:
+    /image=flux*3=a cat
+variations-off = این ربات برای هر درخواست یک تصویر می‌سازد.
 already-done = آن درخواست تمام شده است.
 
 ## /cancel

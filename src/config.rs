@@ -7,9 +7,9 @@ mod data_dir;
 mod sections;
 pub use data_dir::DataDir;
 use sections::{
-    CONNECT_TIMEOUT_SECS, LLM_TIMEOUT_SECS, RETRY_BASE_MS, Vars, WORKER_TIMEOUT_SECS,
-    limits_section, llm_section, log_section, models_section, presets_section, storage_section,
-    telegram_section,
+    CONNECT_TIMEOUT_SECS, LLM_TIMEOUT_SECS, MAX_VARIATIONS, RETRY_BASE_MS, Vars,
+    WORKER_TIMEOUT_SECS, limits_section, llm_section, log_section, models_section, presets_section,
+    storage_section, telegram_section,
 };
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -173,6 +173,8 @@ pub struct Settings {
     pub log_filter: String,
     /// Prompt presets, by name.
     pub presets: Vec<Preset>,
+    /// The most images one request may ask for (`EASEL_MAX_VARIATIONS`).
+    pub max_variations: u32,
 }
 
 /// Every problem found in the configuration, one sentence each.
@@ -292,6 +294,7 @@ impl Settings {
         let connect_timeout = Duration::from_secs(vars.number(&CONNECT_TIMEOUT_SECS));
         let llm_timeout = Duration::from_secs(vars.number(&LLM_TIMEOUT_SECS));
         let retry_base = Duration::from_millis(vars.number(&RETRY_BASE_MS));
+        let max_variations = u32::try_from(vars.number(&MAX_VARIATIONS)).unwrap_or(1);
         let (data_dir, originals_ttl, retention) = storage_section(&vars);
         let log_filter = log_section(&vars);
 
@@ -314,9 +317,16 @@ impl Settings {
                 retention,
                 log_filter,
                 presets,
+                max_variations,
             }),
             _ => Err(ConfigError(problems)),
         }
+    }
+
+    /// The most images a request may ask for now: `EASEL_MAX_VARIATIONS`,
+    /// and never more than the rate limit lets one request count.
+    pub fn variations_allowed(&self) -> u32 {
+        self.max_variations.min(self.limits.rate.count)
     }
 
     /// The configured models' names, in order (for help and usage texts).

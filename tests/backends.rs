@@ -35,6 +35,7 @@ fn queued(user: i64, update: u32, message: i32, at_min: i64) -> NewEvent {
             preset: None,
             remembered: false,
             input: None,
+            images: 1,
         },
     }
 }

@@ -90,6 +90,7 @@ fn queued(update: u32) -> NewEvent {
             preset: None,
             remembered: false,
             input: None,
+            images: 1,
         },
     }
 }
@@ -337,6 +338,7 @@ fn lifecycle_child(dir: &str, base: u32) {
                         preset,
                         remembered,
                         input,
+                        images,
                     },
                 ..
             } = queued(update)
@@ -352,6 +354,7 @@ fn lifecycle_child(dir: &str, base: u32) {
                         preset,
                         remembered,
                         input,
+                        images,
                     },
                     &limits,
                 )

@@ -286,6 +286,7 @@ async fn audit_show_by_prefix_and_ambiguity() {
                         preset: None,
                         remembered: false,
                         input: None,
+                        images: 1,
                     },
                 }])
                 .unwrap();
@@ -738,6 +739,7 @@ fn audit_prints_outside_text_with_escapes_made_visible() {
                 preset: None,
                 remembered: false,
                 input: None,
+                images: 1,
             }),
             ev(Event::Started),
             ev(Event::Enhanced {
@@ -796,6 +798,7 @@ fn audit_show_and_export_carry_the_preset() {
                 }),
                 remembered: false,
                 input: None,
+                images: 1,
             },
         }])
         .unwrap();

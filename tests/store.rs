@@ -25,6 +25,7 @@ fn queued(update: u32) -> NewEvent {
             preset: None,
             remembered: false,
             input: None,
+            images: 1,
         },
     }
 }
@@ -676,6 +677,7 @@ async fn a_log_from_before_random_ids_gets_its_request_index_rebuilt_in_creation
                         preset: None,
                         remembered: false,
                         input: None,
+                        images: 1,
                     },
                 }])
                 .unwrap();

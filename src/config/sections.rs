@@ -59,6 +59,14 @@ const MAX_PENDING_PER_USER: Knob = Knob {
     min: 1,
     max: 1000,
 };
+/// Images one `/image=<model>*N=…` may ask for (§8): 1 turns variations
+/// off; at most 10, the most one Telegram album holds.
+pub(super) const MAX_VARIATIONS: Knob = Knob {
+    var: "EASEL_MAX_VARIATIONS",
+    default: 4,
+    min: 1,
+    max: 10,
+};
 const DEFAULT_RATE: RateLimit = RateLimit {
     count: 5,
     window_secs: 60,

@@ -36,6 +36,12 @@ pub struct WorkerStats {
     /// Image to image: each call's input image (decoded from the body's
     /// base64 `image`) and `strength`, or None for a text-only call.
     pub inputs: std::sync::Mutex<Vec<Option<InputSeen>>>,
+    /// Call numbers (1 = this worker's first call) that wait for
+    /// [`FakeWorker::release`], whatever their prompt.
+    pub hold_calls: std::sync::Mutex<Vec<usize>>,
+    /// Call numbers answered as a content-filter rejection (`400`,
+    /// "flagged"), whatever their prompt.
+    pub reject_calls: std::sync::Mutex<Vec<usize>>,
 }
 
 impl Default for WorkerStats {
@@ -48,6 +54,8 @@ impl Default for WorkerStats {
             prompts: std::sync::Mutex::new(Vec::new()),
             calls_at: std::sync::Mutex::new(Vec::new()),
             inputs: std::sync::Mutex::new(Vec::new()),
+            hold_calls: std::sync::Mutex::new(Vec::new()),
+            reject_calls: std::sync::Mutex::new(Vec::new()),
         }
     }
 }
@@ -197,7 +205,13 @@ impl Drop for InFlight<'_> {
 
 async fn answer(s: &WorkerState, prompt: String) -> Response {
     let stats = &s.stats;
-    stats.calls.fetch_add(1, Ordering::SeqCst);
+    let call = stats.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let scripted = |list: &std::sync::Mutex<Vec<usize>>| {
+        list.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&call)
+    };
+    let (hold, reject) = (scripted(&stats.hold_calls), scripted(&stats.reject_calls));
     let now = stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     let _in_flight = InFlight(stats);
     stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -217,11 +231,17 @@ async fn answer(s: &WorkerState, prompt: String) -> Response {
         delay += Duration::from_millis(1500);
     }
     tokio::time::sleep(delay).await;
-    if lower.contains("held") {
+    if lower.contains("held") || hold {
         let mut released = stats.released.subscribe();
         let _ = tokio::time::timeout(Duration::from_secs(60), released.wait_for(|r| *r)).await;
     }
-    if lower.contains("nsfw") {
+    if reject {
+        (
+            StatusCode::BAD_REQUEST,
+            "this request was flagged by moderation",
+        )
+            .into_response()
+    } else if lower.contains("nsfw") {
         (
             StatusCode::BAD_REQUEST,
             "{\"errors\":[{\"message\":\"Input prompt contains NSFW content\",\"code\":3030}],\"success\":false}",

@@ -702,6 +702,51 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             }
             ok(message)
         }
+        "sendMediaGroup" => {
+            let Some(chat) = chat_id else {
+                return error(400, "Bad Request: chat_id is empty", None);
+            };
+            let media = p
+                .get("media")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if !(2..=10).contains(&media.len()) {
+                return error(400, "Bad Request: wrong number of media in the group", None);
+            }
+            let kinds: Vec<&str> = media.iter().filter_map(|m| m["type"].as_str()).collect();
+            if kinds.iter().any(|k| *k != kinds[0]) {
+                return error(
+                    400,
+                    "Bad Request: documents can't be mixed with other media types",
+                    None,
+                );
+            }
+            let mut messages = Vec::new();
+            for item in &media {
+                inner.next_message_id += 1;
+                let id = inner.next_message_id;
+                call.message_id.get_or_insert(id);
+                let caption = item["caption"].as_str();
+                if caption.is_some() {
+                    call.caption = caption.map(str::to_owned);
+                }
+                inner
+                    .messages
+                    .insert((chat, id), caption.unwrap_or_default().to_owned());
+                let mut message = json!({ "message_id": id, "date": now_unix(), "chat": chat_json(chat), "from": bot_user(), "media_group_id": "album" });
+                if item["type"] == "photo" {
+                    message["photo"] = json!([{ "file_id": format!("photo{id}"), "file_unique_id": format!("up{id}"), "width": 64, "height": 64 }]);
+                } else {
+                    message["document"] = json!({ "file_id": format!("doc{id}"), "file_unique_id": format!("ud{id}"), "file_name": "image.png" });
+                }
+                if let Some(c) = caption {
+                    message["caption"] = json!(c);
+                }
+                messages.push(message);
+            }
+            ok(Value::Array(messages))
+        }
         "editMessageText" => {
             let (Some(chat), Some(id)) = (chat_id, as_i64(p.get("message_id"))) else {
                 return error(

@@ -55,6 +55,23 @@ pub fn admit(
     limits: &Limits,
     now: DateTime<Utc>,
 ) -> Result<(), Rejection> {
+    admit_weighted(pending, recent, limits, now, 1)
+}
+
+/// [`admit`] for a request that counts `weight` toward the rate limit (a
+/// request for N variations counts N, §8). A weight above the limit's
+/// count can never pass; intake keeps N within it.
+///
+/// # Errors
+/// As [`admit`].
+pub fn admit_weighted(
+    pending: u32,
+    recent: &[DateTime<Utc>],
+    limits: &Limits,
+    now: DateTime<Utc>,
+    weight: u32,
+) -> Result<(), Rejection> {
+    let weight = weight.max(1) as usize;
     if pending >= limits.max_pending {
         return Err(Rejection::TooManyPending {
             pending,
@@ -66,11 +83,15 @@ pub fn admit(
     );
     let since = now - window;
     let in_window: Vec<&DateTime<Utc>> = recent.iter().filter(|t| **t > since).collect();
-    if in_window.len() >= limits.rate.count as usize {
-        // The user may try again when the oldest acceptance that still
-        // counts leaves the window.
-        let idx = in_window.len() - limits.rate.count as usize;
-        let frees_at = *in_window[idx] + window;
+    let count = limits.rate.count as usize;
+    if in_window.len() + weight > count {
+        // The user may try again when enough of the oldest acceptances that
+        // still count have left the window to make room for `weight` (a
+        // weight above the count never fits: a whole window is said).
+        let leave = in_window.len() + weight - count;
+        let frees_at = in_window
+            .get(leave - 1)
+            .map_or(now + window, |t| **t + window);
         let wait = (frees_at - now).num_milliseconds().max(0);
         let secs = u64::try_from((wait + 999) / 1000).unwrap_or(0).max(1);
         return Err(Rejection::RateLimited {
@@ -87,6 +108,41 @@ mod tests {
 
     fn t(s: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(1_700_000_000 + s, 0).single().unwrap()
+    }
+
+    #[test]
+    fn a_request_for_n_images_counts_n() {
+        let limits = Limits {
+            rate: RateLimit {
+                count: 5,
+                window_secs: 60,
+            },
+            max_pending: 10,
+        };
+        let recent = [t(0), t(10), t(20)];
+        assert_eq!(admit_weighted(0, &recent, &limits, t(30), 2), Ok(()));
+        // 3 + 3 > 5: one acceptance must leave first, the one at t(0).
+        assert_eq!(
+            admit_weighted(0, &recent, &limits, t(30), 3),
+            Err(Rejection::RateLimited {
+                retry_after_secs: 30
+            })
+        );
+        // Two must leave: t(0) and t(10).
+        assert_eq!(
+            admit_weighted(0, &recent, &limits, t(30), 4),
+            Err(Rejection::RateLimited {
+                retry_after_secs: 40
+            })
+        );
+        // More than the limit itself never fits: a whole window.
+        assert_eq!(
+            admit_weighted(0, &[], &limits, t(30), 6),
+            Err(Rejection::RateLimited {
+                retry_after_secs: 60
+            })
+        );
+        assert_eq!(admit_weighted(0, &[], &limits, t(30), 5), Ok(()));
     }
 
     #[test]

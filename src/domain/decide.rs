@@ -27,6 +27,14 @@ pub enum Command {
         attempts: u32,
         statuses: Vec<String>,
     },
+    /// One image of a variation request is done (kept, or failed).
+    RecordVariation {
+        index: u32,
+        image: Option<ImageRef>,
+        failure: Option<super::event::VariationFailure>,
+        attempts: u32,
+        statuses: Vec<String>,
+    },
     FinishSending {
         message_id: Option<i32>,
     },
@@ -77,6 +85,19 @@ pub fn decide(stage: Stage, command: Command) -> Result<Event, Refusal> {
             statuses,
         } => Event::Generated {
             image,
+            attempts,
+            statuses,
+        },
+        Command::RecordVariation {
+            index,
+            image,
+            failure,
+            attempts,
+            statuses,
+        } => Event::Variation {
+            index,
+            image,
+            failure,
             attempts,
             statuses,
         },

@@ -31,6 +31,22 @@ pub struct PresetUse {
     pub prompt: String,
 }
 
+/// Why one image of a variation request failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariationFailure {
+    pub kind: FailureKind,
+    pub reason: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if takes a reference
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
 /// Why a request failed, in classes the bot can put into plain words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
@@ -120,6 +136,23 @@ pub enum Event {
         /// from the text alone.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<ImageRef>,
+        /// How many images of the prompt (variations, §8): 1 for a plain
+        /// request (absent), 2 up to `EASEL_MAX_VARIATIONS`. A record with
+        /// more than one is written as version 2.
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        images: u32,
+    },
+    /// One image of a variation request is done (Generating → Generating):
+    /// image `index` (from 1, in order) kept on disk before this is
+    /// written, or its failure. After the last, `generated` (at least one
+    /// image) or `failed` (none) ends the stage. Version 2.
+    Variation {
+        index: u32,
+        image: Option<ImageRef>,
+        failure: Option<VariationFailure>,
+        attempts: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        statuses: Vec<String>,
     },
     /// A user chose the model `/image <prompt>` draws with (§8). Not an
     /// event of a request: it is kept under the user's own id,
@@ -167,6 +200,7 @@ impl Event {
             Event::Started => Step::Start,
             Event::Enhanced { .. } => Step::Enhanced,
             Event::Generated { .. } => Step::Generated,
+            Event::Variation { .. } => Step::Variation,
             Event::Delivered { .. } => Step::Delivered,
             Event::Failed { .. } => Step::Fail,
             Event::Cancelled => Step::Cancel,
@@ -183,6 +217,7 @@ impl Event {
             Event::Started => "started",
             Event::Enhanced { .. } => "enhanced",
             Event::Generated { .. } => "generated",
+            Event::Variation { .. } => "variation",
             Event::Delivered { .. } => "delivered",
             Event::Failed { .. } => "failed",
             Event::Cancelled => "cancelled",
@@ -202,6 +237,7 @@ impl Event {
             Event::Queued { .. }
                 | Event::ModelChosen { .. }
                 | Event::Generated { .. }
+                | Event::Variation { .. }
                 | Event::Delivered { .. }
                 | Event::Failed { .. }
                 | Event::Cancelled
@@ -234,6 +270,17 @@ mod de {
         remembered: bool,
         #[serde(default)]
         input: Option<ImageRef>,
+        #[serde(default = "super::one")]
+        images: u32,
+    }
+    #[derive(Deserialize)]
+    struct Variation {
+        index: u32,
+        image: Option<ImageRef>,
+        failure: Option<super::VariationFailure>,
+        attempts: u32,
+        #[serde(default)]
+        statuses: Vec<String>,
     }
     #[derive(Deserialize)]
     struct ModelChosen {
@@ -319,6 +366,17 @@ mod de {
                         preset: q.preset,
                         remembered: q.remembered,
                         input: q.input,
+                        images: q.images,
+                    }
+                }
+                "variation" => {
+                    let v: Variation = rest(map)?;
+                    Event::Variation {
+                        index: v.index,
+                        image: v.image,
+                        failure: v.failure,
+                        attempts: v.attempts,
+                        statuses: v.statuses,
                     }
                 }
                 "model_chosen" => {

@@ -66,6 +66,9 @@ pub enum Step {
     Enhanced,
     /// The worker gave an image, kept on disk: Generating → Sending.
     Generated,
+    /// One image of a variation request is done (kept, or failed), and
+    /// the next may follow: Generating → Generating.
+    Variation,
     /// Telegram accepted the image: Sending → Done.
     Delivered,
     /// Any non-terminal → Failed.
@@ -79,10 +82,11 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 8] = [
+    pub const ALL: [Step; 9] = [
         Step::Start,
         Step::Enhanced,
         Step::Generated,
+        Step::Variation,
         Step::Delivered,
         Step::Fail,
         Step::Cancel,
@@ -127,7 +131,7 @@ impl Lifecycle {
     fn generating(event: &Step) -> Outcome<State> {
         match event {
             Step::Generated => Transition(State::sending()),
-            Step::Resume => Transition(State::generating()),
+            Step::Variation | Step::Resume => Transition(State::generating()),
             _ => Super,
         }
     }

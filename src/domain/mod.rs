@@ -9,6 +9,6 @@ pub mod lifecycle;
 
 pub use admission::{Limits, RateLimit, Rejection};
 pub use decide::{Command, Refusal, SchedulingFacts, decide};
-pub use event::{Event, FailureKind, ImageRef, Origin, PresetUse};
+pub use event::{Event, FailureKind, ImageRef, Origin, PresetUse, VariationFailure};
 pub use ids::{ChatId, ModelName, Prompt, RequestId, UserId};
 pub use lifecycle::{IllegalTransition, Stage, Step, next_stage};

@@ -41,6 +41,22 @@ impl ImageStore {
         self.write(format!("{id}.{format}"), bytes, format)
     }
 
+    /// Keeps image `index` of a variation request as
+    /// `<request id>.<index>.<format>` (synced), before its `variation`
+    /// event is written.
+    ///
+    /// # Errors
+    /// As [`ImageStore::keep`].
+    pub fn keep_variation(
+        &self,
+        id: RequestId,
+        index: u32,
+        bytes: &[u8],
+        format: &str,
+    ) -> std::io::Result<ImageRef> {
+        self.write(format!("{id}.{index}.{format}"), bytes, format)
+    }
+
     /// Keeps the input image of an image-to-image request (§8) as
     /// `input-<random uuid>.<format>`, synced with its folder, before the
     /// request is recorded (so before its user is told "queued"). The

@@ -18,7 +18,7 @@ pub use images::ImageStore;
 pub use progress::Retries;
 pub use runner::{
     Deliverer, Delivery, DeliveryFailure, Enhancement, Enhancer, GeneratedImage, GenerationFailure,
-    Generator, Runner, StepOutcome,
+    Generator, KeptImage, Runner, StepOutcome,
 };
 
 use crate::domain::{
@@ -96,6 +96,8 @@ pub struct NewRequest {
     pub remembered: bool,
     /// The input image, already kept on disk (image to image, §8).
     pub input: Option<crate::domain::ImageRef>,
+    /// Images of the prompt (variations, §8); 1 for a plain request.
+    pub images: u32,
 }
 
 /// The answer to an accepted (or already accepted) request.
@@ -249,7 +251,7 @@ impl<S: EventStore> Core<S> {
         {
             return Ok(Admitted::Duplicate { id });
         }
-        state.admit(req.origin.user_id, limits, now)?;
+        state.admit(req.origin.user_id, limits, now, req.images)?;
         let id = RequestId::random();
         let event = Event::Queued {
             model: req.model,
@@ -258,6 +260,7 @@ impl<S: EventStore> Core<S> {
             preset: req.preset,
             remembered: req.remembered,
             input: req.input,
+            images: req.images,
         };
         let rec = self
             .append_locked(&mut state, id, event, now)

@@ -74,6 +74,13 @@ pub enum DeliveryFailure {
     Interrupted,
 }
 
+/// One kept image to send: its bytes and format (`png`, `jpeg`, `webp`).
+#[derive(Clone, Debug)]
+pub struct KeptImage {
+    pub bytes: Vec<u8>,
+    pub format: String,
+}
+
 /// Sends the image to the user.
 pub trait Deliverer: Send + Sync + 'static {
     fn deliver(
@@ -81,6 +88,14 @@ pub trait Deliverer: Send + Sync + 'static {
         request: &ActiveRequest,
         image: &[u8],
         format: &str,
+    ) -> impl Future<Output = Result<Delivery, DeliveryFailure>> + Send;
+
+    /// The kept images of a variation request (§8), as one album; the
+    /// request's `variations` say which images failed.
+    fn deliver_album(
+        &self,
+        request: &ActiveRequest,
+        images: &[KeptImage],
     ) -> impl Future<Output = Result<Delivery, DeliveryFailure>> + Send;
 }
 
@@ -204,6 +219,9 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
     /// Generating: the worker's image, kept on disk (and synced) before
     /// `Generated` is recorded; or the failure.
     async fn generate(&self, req: &ActiveRequest) -> Option<Command> {
+        if req.images > 1 {
+            return self.generate_variation(req).await;
+        }
         let prompt = req
             .enhanced_prompt
             .as_deref()
@@ -253,10 +271,125 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
         })
     }
 
+    /// Generating a variation request (§8): the next image not yet done
+    /// — kept on disk before its `variation` is recorded, or its failure —
+    /// so a restart resumes at the first missing image and never makes a
+    /// kept one again. After the last: `generated` naming the first kept
+    /// image, or `failed` when none was.
+    async fn generate_variation(&self, req: &ActiveRequest) -> Option<Command> {
+        let index = req.variations.len() as u32 + 1;
+        if index > req.images {
+            let kept = req.variations.iter().find_map(|v| v.image.clone());
+            return Some(match kept {
+                Some(image) => Command::FinishGenerating {
+                    image,
+                    attempts: 0,
+                    statuses: Vec::new(),
+                },
+                None => {
+                    let last = req.variations.iter().rev().find_map(|v| v.failure.clone());
+                    Command::Fail {
+                        kind: last.as_ref().map_or(FailureKind::Internal, |f| f.kind),
+                        reason: format!(
+                            "none of the {} images was made{}",
+                            req.images,
+                            last.map(|f| format!(" (last: {})", f.reason))
+                                .unwrap_or_default()
+                        ),
+                        attempts: 0,
+                        statuses: Vec::new(),
+                    }
+                }
+            });
+        }
+        let prompt = req
+            .enhanced_prompt
+            .as_deref()
+            .unwrap_or(req.prompt.as_str());
+        let input = match &req.input {
+            None => None,
+            Some(kept) => match self.images.load(kept) {
+                Ok(Some(bytes)) => Some(bytes),
+                Ok(None) | Err(_) => {
+                    return Some(Command::Fail {
+                        kind: FailureKind::Internal,
+                        reason: "the input image is no longer on disk".into(),
+                        attempts: 0,
+                        statuses: Vec::new(),
+                    });
+                }
+            },
+        };
+        let generated = self
+            .generator
+            .generate(&self.model, prompt, input.as_deref())
+            .await;
+        let failed = |kind, reason, attempts, statuses| Command::RecordVariation {
+            index,
+            image: None,
+            failure: Some(crate::domain::VariationFailure { kind, reason }),
+            attempts,
+            statuses,
+        };
+        Some(match generated {
+            Ok(img) => match self
+                .images
+                .keep_variation(req.id, index, &img.bytes, &img.format)
+            {
+                Ok(image) => Command::RecordVariation {
+                    index,
+                    image: Some(image),
+                    failure: None,
+                    attempts: img.attempts,
+                    statuses: img.statuses,
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "could not keep an image");
+                    failed(
+                        FailureKind::Internal,
+                        format!("could not keep the image: {}", e.kind()),
+                        img.attempts,
+                        img.statuses,
+                    )
+                }
+            },
+            Err(f) => failed(f.kind, f.reason, f.attempts, f.statuses),
+        })
+    }
+
     /// Sending: the kept image to the user; without it (gone or
     /// unreadable), back to Generating. None when the shutdown cut the
     /// delivery short: nothing to record.
     async fn send(&self, req: &ActiveRequest) -> Option<Command> {
+        if req.images > 1 {
+            // The album: every kept image still on disk; none → made again.
+            let kept: Vec<KeptImage> = req
+                .variations
+                .iter()
+                .filter_map(|v| v.image.as_ref())
+                .filter_map(|i| {
+                    self.images.load(i).ok().flatten().map(|bytes| KeptImage {
+                        bytes,
+                        format: i.format.clone(),
+                    })
+                })
+                .collect();
+            if kept.is_empty() {
+                return Some(Command::Regenerate);
+            }
+            return Some(match self.deliverer.deliver_album(req, &kept).await {
+                Ok(d) => Command::FinishSending {
+                    message_id: d.message_id,
+                },
+                Err(DeliveryFailure::Refused { reason }) => Command::Fail {
+                    kind: FailureKind::Delivery,
+                    reason,
+                    attempts: 0,
+                    statuses: Vec::new(),
+                },
+                Err(DeliveryFailure::Interrupted) => return None,
+            });
+        }
         let kept = match &req.image {
             Some(image) => self
                 .images

@@ -189,6 +189,25 @@ pub fn audit_show(src: &Source, archive: &Path, prefix: &str, json_out: bool, ou
             super::visible(&p.prompt)
         ));
     }
+    if record.images > 1 {
+        let kept = record
+            .variations
+            .iter()
+            .filter(|v| v.error.is_none())
+            .count();
+        text.push_str(&format!(
+            "images    {} asked, {kept} of {} made so far\n",
+            record.images,
+            record.variations.len()
+        ));
+        for v in record.variations.iter().filter(|v| v.error.is_some()) {
+            text.push_str(&format!(
+                "          image {} failed: {}\n",
+                v.index,
+                super::visible(v.error.as_deref().unwrap_or_default())
+            ));
+        }
+    }
     if let Some(input) = &record.input {
         text.push_str(&format!(
             "input     {} ({} bytes {}; image to image)\n",

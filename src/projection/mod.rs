@@ -55,6 +55,24 @@ pub struct ActiveRequest {
     /// checkpoints written before it.)
     #[serde(default)]
     pub input: Option<ImageRef>,
+    /// Images asked for (variations, §8); 1 for a plain request.
+    #[serde(default = "one")]
+    pub images: u32,
+    /// The images of a variation request done so far, in order: each kept
+    /// (`Some`) or failed (`None`, with why).
+    #[serde(default)]
+    pub variations: Vec<VariationDone>,
+}
+
+/// One finished image of a variation request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariationDone {
+    pub image: Option<ImageRef>,
+    pub failure: Option<crate::domain::VariationFailure>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A user's load: unfinished requests and recent acceptance times.
@@ -115,6 +133,16 @@ pub enum Violation {
     },
     #[error("seq {seq}: a model choice recorded under {id}, which is not its user's id")]
     ChoiceMisfiled { seq: u64, id: RequestId },
+    #[error(
+        "seq {seq}, request {id}: image {index} of {of} recorded where image {expected} was next"
+    )]
+    VariationOrder {
+        seq: u64,
+        id: RequestId,
+        index: u32,
+        expected: u32,
+        of: u32,
+    },
 }
 
 impl Violation {
@@ -129,6 +157,7 @@ impl Violation {
             Violation::TwoInFlight { .. } => "one_at_a_time",
             Violation::NotRemembered { .. } => "remembered_model",
             Violation::ChoiceMisfiled { .. } => "model_choice",
+            Violation::VariationOrder { .. } => "variation_order",
         }
     }
 
@@ -141,7 +170,8 @@ impl Violation {
             | Violation::NotFifo { id, .. }
             | Violation::TwoInFlight { id, .. }
             | Violation::NotRemembered { id, .. }
-            | Violation::ChoiceMisfiled { id, .. } => Some(*id),
+            | Violation::ChoiceMisfiled { id, .. }
+            | Violation::VariationOrder { id, .. } => Some(*id),
         }
     }
 
@@ -154,7 +184,8 @@ impl Violation {
             | Violation::NotFifo { seq, .. }
             | Violation::TwoInFlight { seq, .. }
             | Violation::NotRemembered { seq, .. }
-            | Violation::ChoiceMisfiled { seq, .. } => *seq,
+            | Violation::ChoiceMisfiled { seq, .. }
+            | Violation::VariationOrder { seq, .. } => *seq,
         }
     }
 }
@@ -216,6 +247,7 @@ impl LiveState {
             origin,
             remembered,
             input,
+            images,
             ..
         } = &rec.event
         {
@@ -250,6 +282,8 @@ impl LiveState {
                     started_at: None,
                     image: None,
                     input: input.clone(),
+                    images: (*images).max(1),
+                    variations: Vec::new(),
                 },
             );
             let user = self.users.entry(origin.user_id).or_default();
@@ -258,7 +292,10 @@ impl LiveState {
             while user.recent.front().is_some_and(|t| *t <= horizon) {
                 user.recent.pop_front();
             }
-            user.recent.push_back(rec.at);
+            // A request for N variations counts N toward the rate limit.
+            for _ in 0..(*images).max(1) {
+                user.recent.push_back(rec.at);
+            }
             while user.recent.len() > MAX_RECENT_PER_USER {
                 user.recent.pop_front();
             }
@@ -288,6 +325,20 @@ impl LiveState {
             from,
             event: name,
         })?;
+        // A variation request's images are done in order, one at a time,
+        // never more than it asked for.
+        if let Event::Variation { index, .. } = &rec.event {
+            let want = req.variations.len() as u32 + 1;
+            if *index != want || *index > req.images {
+                return Err(Violation::VariationOrder {
+                    seq,
+                    id,
+                    index: *index,
+                    expected: want,
+                    of: req.images,
+                });
+            }
+        }
         let model = req.model.clone();
         let lane = self.lanes.entry(model.clone()).or_default();
         if matches!(rec.event, Event::Started) {
@@ -329,7 +380,15 @@ impl LiveState {
                 req.prompt_as_written = fallback.is_some();
             }
             Event::Generated { image, .. } => req.image = Some(image.clone()),
-            Event::Regenerating => req.image = None,
+            Event::Variation { image, failure, .. } => req.variations.push(VariationDone {
+                image: image.clone(),
+                failure: failure.clone(),
+            }),
+            // The kept images are gone: every image is made again.
+            Event::Regenerating => {
+                req.image = None;
+                req.variations.clear();
+            }
             _ => {}
         }
         if to.is_terminal() {
@@ -405,12 +464,13 @@ impl LiveState {
         user: UserId,
         limits: &Limits,
         now: DateTime<Utc>,
+        weight: u32,
     ) -> Result<(), admission::Rejection> {
         let (pending, recent) = match self.users.get(&user) {
             Some(u) => (u.pending, u.recent.iter().copied().collect::<Vec<_>>()),
             None => (0, Vec::new()),
         };
-        admission::admit(pending, &recent, limits, now)
+        admission::admit_weighted(pending, &recent, limits, now, weight)
     }
 
     /// Estimated wait before a request at `position` finishes, from recent

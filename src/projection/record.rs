@@ -26,6 +26,12 @@ pub struct RequestRecord {
     /// The kept input image of an image-to-image request (§8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input: Option<crate::domain::ImageRef>,
+    /// Images asked for (variations, §8); absent from the JSON when 1.
+    #[serde(skip_serializing_if = "is_one", default = "one")]
+    pub images: u32,
+    /// Each image of a variation request, in order: kept, or why not.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub variations: Vec<ImageOutcome>,
     pub enhanced_prompt: Option<String>,
     pub status: Stage,
     pub error: Option<String>,
@@ -45,6 +51,23 @@ pub struct RequestRecord {
     /// When the stage now under way began, per the event that began it.
     #[serde(skip, default)]
     began: Vec<(&'static str, DateTime<Utc>)>,
+}
+
+/// One image of a variation request as the audit shows it: kept when
+/// `error` is None.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageOutcome {
+    pub index: u32,
+    pub error: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if takes a reference
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// Times as §5 shows them: RFC 3339 in UTC with milliseconds
@@ -74,6 +97,7 @@ impl RequestRecord {
             origin,
             preset,
             input,
+            images,
             ..
         } = &first.event
         else {
@@ -87,6 +111,8 @@ impl RequestRecord {
             prompt: prompt.as_str().to_owned(),
             preset: preset.clone(),
             input: input.clone(),
+            images: *images,
+            variations: Vec::new(),
             enhanced_prompt: None,
             status: Stage::Queued,
             error: None,
@@ -114,7 +140,25 @@ impl RequestRecord {
         self.time(e);
         match &e.event {
             Event::Enhanced { prompt, .. } => self.enhanced_prompt = Some(prompt.clone()),
-            Event::Generated { attempts, .. } => self.attempts = *attempts,
+            // A variation request counts every image's attempts instead.
+            Event::Generated { attempts, .. } if self.variations.is_empty() => {
+                self.attempts = *attempts;
+            }
+            Event::Variation {
+                index,
+                failure,
+                attempts,
+                ..
+            } => {
+                self.attempts += attempts;
+                self.variations.push(ImageOutcome {
+                    index: *index,
+                    error: failure
+                        .as_ref()
+                        .map(|f| format!("{}: {}", f.kind.as_str(), f.reason)),
+                });
+            }
+            Event::Regenerating => self.variations.clear(),
             Event::Failed {
                 kind,
                 reason,

@@ -22,7 +22,10 @@ pub const CURRENT_VERSION: u16 = 2;
 /// The version a record of `event` is written at.
 pub fn version_of(event: &Event) -> u16 {
     match event {
-        Event::ModelChosen { .. } | Event::Queued { input: Some(_), .. } => 2,
+        Event::ModelChosen { .. }
+        | Event::Variation { .. }
+        | Event::Queued { input: Some(_), .. } => 2,
+        Event::Queued { images, .. } if *images != 1 => 2,
         _ => 1,
     }
 }

@@ -11,7 +11,7 @@ use super::api::{Policy, TelegramApi, TgErrorKind};
 use super::parse::Button;
 use super::replies::{FileKind, Reply, Upload};
 use super::words::{self, Lang};
-use crate::engine::{Deliverer, Delivery, DeliveryFailure};
+use crate::engine::{Deliverer, Delivery, DeliveryFailure, KeptImage};
 use crate::projection::ActiveRequest;
 
 /// Telegram's caption limit, in UTF-16 code units.
@@ -69,6 +69,17 @@ pub fn keyboard(id: crate::domain::RequestId, kind: FileKind, lang: Lang) -> Inl
         ));
     }
     InlineKeyboardMarkup::new(vec![row])
+}
+
+/// The button under an album's follow-up: 🔁 Again (the same prompt, the
+/// same number of images). 📄 Original is not offered: an album's images
+/// are already the files the worker made when sent as documents, and one
+/// button cannot name one image of several.
+pub fn album_keyboard(id: crate::domain::RequestId, lang: Lang) -> InlineKeyboardMarkup {
+    InlineKeyboardMarkup::new(vec![vec![InlineKeyboardButton::callback(
+        words::again_button(lang),
+        Button::Again(id).data(),
+    )]])
 }
 
 pub struct TelegramDeliverer {
@@ -152,6 +163,91 @@ impl Deliverer for TelegramDeliverer {
         }
         Ok(Delivery {
             message_id: message.map(|m| m.id.0),
+        })
+    }
+
+    async fn deliver_album(
+        &self,
+        request: &ActiveRequest,
+        images: &[KeptImage],
+    ) -> Result<Delivery, DeliveryFailure> {
+        let lang = Lang::of(request.origin.language.as_deref());
+        let prompt = request
+            .enhanced_prompt
+            .as_deref()
+            .unwrap_or(request.prompt.as_str());
+        let as_written = request.prompt_as_written || request.enhanced_prompt.is_none();
+        let (caption, _) = fit_utf16(
+            &words::caption(lang, request.model.as_str(), prompt, as_written),
+            CAPTION_UNITS,
+        );
+        let to = Reply {
+            chat: request.origin.chat_id.0,
+            to_message: request.origin.message_id,
+        };
+        // An album is all photos or all documents (Telegram will not mix
+        // them): one image beyond a photo's limits makes them documents.
+        let kind = if images.iter().all(|i| fits_as_photo(&i.bytes)) {
+            FileKind::Photo
+        } else {
+            FileKind::Document
+        };
+        let files: Vec<InputFile> = images
+            .iter()
+            .enumerate()
+            .map(|(n, i)| {
+                InputFile::memory(bytes::Bytes::copy_from_slice(&i.bytes)).file_name(format!(
+                    "easel-{}-{}.{}",
+                    request.id,
+                    n + 1,
+                    i.format
+                ))
+            })
+            .collect();
+        let sent = self
+            .api
+            .send_album(to, kind, &files, caption, Policy::Deliver)
+            .await;
+        let album = match sent {
+            Ok(m) => m.unwrap_or_default(),
+            Err(e) if e.kind == TgErrorKind::ShuttingDown => {
+                return Err(DeliveryFailure::Interrupted);
+            }
+            Err(e) => return Err(DeliveryFailure::Refused { reason: e.text }),
+        };
+        // The buttons and what failed, in a short follow-up (an album
+        // carries no buttons). Best effort: the images are delivered.
+        let failed: Vec<(u32, crate::domain::FailureKind)> = request
+            .variations
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.failure.as_ref().map(|f| (i as u32 + 1, f.kind)))
+            .collect();
+        let footer = words::album_footer(
+            lang,
+            request.model.as_str(),
+            images.len(),
+            request.images,
+            &failed,
+        );
+        let below = Reply {
+            chat: to.chat,
+            to_message: album.first().map(|m| m.id.0),
+        };
+        if let Err(e) = self
+            .api
+            .send_text_with_buttons(
+                below,
+                footer,
+                album_keyboard(request.id, lang),
+                Policy::Deliver,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "could not send an album's follow-up");
+        }
+        Ok(Delivery {
+            message_id: album.first().map(|m| m.id.0),
         })
     }
 }

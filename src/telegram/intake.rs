@@ -49,12 +49,18 @@ enum InputImage {
 /// What an `/image` asks to draw.
 enum Draw<'a> {
     /// The user's text, which may start with a preset's name;
-    /// `remembered` when the model is the user's remembered choice.
-    Text { text: &'a str, remembered: bool },
+    /// `remembered` when the model is the user's remembered choice;
+    /// `images` the variations asked for (`model*N`).
+    Text {
+        text: &'a str,
+        remembered: bool,
+        images: Option<u32>,
+    },
     /// A request drawn again (🔁 Again) as it was recorded.
     Again {
         prompt: &'a str,
         preset: Option<PresetUse>,
+        images: u32,
     },
 }
 
@@ -216,7 +222,11 @@ impl<S: EventStore> Intake<S> {
             }
         };
         match input {
-            Input::Image { model, prompt } => {
+            Input::Image {
+                model,
+                prompt,
+                images,
+            } => {
                 let origin = Origin {
                     user_id: UserId(user_id),
                     chat_id: ChatId(msg.chat.id.0),
@@ -239,6 +249,7 @@ impl<S: EventStore> Intake<S> {
                 let draw = Draw::Text {
                     text: &prompt,
                     remembered,
+                    images,
                 };
                 // The photo it was sent with, or the photo it answers.
                 let photo = msg
@@ -317,6 +328,21 @@ impl<S: EventStore> Intake<S> {
                 ..
             }
         );
+        let images = match draw {
+            Draw::Text { images, .. } => images.unwrap_or(1),
+            Draw::Again { images, .. } => images,
+        };
+        let allowed = self.settings.variations_allowed();
+        let wants_more = match draw {
+            Draw::Text { images, .. } => images.is_some(),
+            Draw::Again { .. } => images > 1,
+        };
+        if wants_more && !(2..=allowed).contains(&images) {
+            let text = words::variations_range(lang, allowed);
+            turn.pass();
+            self.send(to, text.clone()).await;
+            return text;
+        }
         let checked = self.check_image(lang, model, draw);
         let checked = match checked {
             Ok((name, prompt, preset)) => match input {
@@ -345,6 +371,7 @@ impl<S: EventStore> Intake<S> {
                 preset,
                 remembered,
                 input,
+                images,
             },
             &self.settings.limits,
         );
@@ -402,7 +429,7 @@ impl<S: EventStore> Intake<S> {
         };
         match draw {
             // Drawn again as recorded: its preset was applied already.
-            Draw::Again { prompt, preset } => Ok((name, parse(prompt)?, preset)),
+            Draw::Again { prompt, preset, .. } => Ok((name, parse(prompt)?, preset)),
             Draw::Text { text, .. } => match self.settings.preset_in(text) {
                 None => Ok((name, parse(text)?, None)),
                 Some((preset, rest)) => {
@@ -680,6 +707,7 @@ impl<S: EventStore> Intake<S> {
             origin,
             preset,
             input,
+            images,
             ..
         }) = events.first().map(|r| &r.event)
         else {
@@ -712,6 +740,7 @@ impl<S: EventStore> Intake<S> {
                         Draw::Again {
                             prompt: prompt.as_str(),
                             preset: preset.clone(),
+                            images: *images,
                         },
                         input.clone().map(InputImage::Kept),
                         turn,
@@ -835,7 +864,8 @@ mod tests {
             routed("/image=flux=a fox", false, true),
             Route::UseLog(Input::Image {
                 model: Some("flux".into()),
-                prompt: "a fox".into()
+                prompt: "a fox".into(),
+                images: None,
             })
         );
         assert_eq!(routed("/queue", true, true), Route::UseLog(Input::Queue));

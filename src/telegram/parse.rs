@@ -50,6 +50,9 @@ pub enum Input {
     Image {
         model: Option<String>,
         prompt: String,
+        /// `/image=<model>*N=<prompt>`: N images of the prompt (variations,
+        /// §8); None for one. Admission checks the range.
+        images: Option<u32>,
     },
     /// `/image` alone or malformed.
     ImageUsage,
@@ -143,6 +146,7 @@ fn parse_image(rest: &str) -> Input {
             Input::Image {
                 model: None,
                 prompt,
+                images: None,
             }
         };
     };
@@ -155,11 +159,26 @@ fn parse_image(rest: &str) -> Input {
             Input::Image {
                 model: None,
                 prompt,
+                images: None,
             }
         };
     };
     let model: String = model.chars().filter(|c| !is_direction_mark(*c)).collect();
     let model = model.trim();
+    // `flux*3`: three images (spaces around the `*` forgiven). Only digits
+    // after the `*` make a count; any other `*` stays in the name (and
+    // admission says there is no such model). A `*` in the prompt is the
+    // prompt's.
+    let (model, images) = match model.rsplit_once('*') {
+        Some((name, n))
+            if !name.trim().is_empty()
+                && !n.trim().is_empty()
+                && n.trim().bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            (name.trim(), Some(n.trim().parse().unwrap_or(u32::MAX)))
+        }
+        _ => (model, None),
+    };
     // `/image==fox` names no model: the usage message says how.
     if model.is_empty() || model.contains(char::is_whitespace) {
         return Input::ImageUsage;
@@ -167,6 +186,7 @@ fn parse_image(rest: &str) -> Input {
     Input::Image {
         model: Some(model.to_lowercase()),
         prompt: strip_controls(prompt).trim_matches(blank).to_owned(),
+        images,
     }
 }
 
@@ -239,6 +259,15 @@ mod tests {
         Input::Image {
             model: Some(model.into()),
             prompt: prompt.into(),
+            images: None,
+        }
+    }
+
+    fn images(model: &str, n: u32, prompt: &str) -> Input {
+        Input::Image {
+            model: Some(model.into()),
+            prompt: prompt.into(),
+            images: Some(n),
         }
     }
 
@@ -247,6 +276,7 @@ mod tests {
         Input::Image {
             model: None,
             prompt: prompt.into(),
+            images: None,
         }
     }
 
@@ -293,6 +323,17 @@ mod tests {
             ("/image   ", Input::ImageUsage),
             ("/image=", Input::ImageUsage),
             ("/image,fox", Input::ImageUsage),
+            ("/image=flux*3=a cat", images("flux", 3, "a cat")),
+            ("/image=FLUX * 4 = a cat", images("flux", 4, "a cat")),
+            ("/image=flux*1=a cat", images("flux", 1, "a cat")),
+            (
+                "/image=flux*99999999999=a cat",
+                images("flux", u32::MAX, "a cat"),
+            ),
+            ("/image=flux=a cat*3=x", image("flux", "a cat*3=x")),
+            ("/image=flux=2*3=6", image("flux", "2*3=6")),
+            ("/image=flux*x=a cat", image("flux*x", "a cat")),
+            ("/image=*3=a cat", image("*3", "a cat")),
             ("/model", Input::Model(None)),
             ("/model SDXL", Input::Model(Some("sdxl".into()))),
             (
@@ -370,7 +411,7 @@ mod tests {
         #[test]
         fn any_prompt_survives(model in "[a-zA-Z0-9_-]{1,12}", prompt in "\\PC{0,300}") {
             match parse(&format!("/image={model}={prompt}"), None) {
-                Input::Image { model: m, prompt: p } => {
+                Input::Image { model: m, prompt: p, images: None } => {
                     prop_assert_eq!(m, Some(model.to_lowercase()));
                     prop_assert_eq!(p, prompt.trim());
                 }
@@ -378,11 +419,24 @@ mod tests {
             }
         }
 
+        /// `/image=<model>*N=<prompt>` asks for N images; a `*` or an `=`
+        /// in the prompt never makes a count or a model.
+        #[test]
+        fn a_count_is_read_only_after_the_model(model in "[a-z][a-z0-9_-]{0,11}", n in 0u32..100, prompt in "[^\\s\\p{C}]\\PC{0,100}") {
+            let text = format!("/image={model}*{n}={prompt}");
+            let want = Input::Image { model: Some(model.clone()), prompt: prompt.trim().to_owned(), images: Some(n) };
+            prop_assert_eq!(parse(&text, None), want);
+            let text = format!("/image={model}={prompt}");
+            let parsed = parse(&text, None);
+            let is_plain = matches!(parsed, Input::Image { images: None, .. });
+            prop_assert!(is_plain, "{:?}", parsed);
+        }
+
         /// `/image <prompt>` and `/image=<prompt>` (no second `=`) leave the
         /// model to the user's remembered one, the prompt as written.
         #[test]
         fn a_prompt_without_a_model_round_trips(prompt in "[^=\\s\\p{C}][^=\\p{C}]{0,200}") {
-            let want = Input::Image { model: None, prompt: prompt.trim().to_owned() };
+            let want = Input::Image { model: None, prompt: prompt.trim().to_owned(), images: None };
             prop_assert_eq!(parse(&format!("/image {prompt}"), None), want.clone());
             prop_assert_eq!(parse(&format!("/image={prompt}"), None), want);
         }

@@ -5,8 +5,8 @@
 //! teloxide request is built.
 
 use teloxide::payloads::{
-    AnswerCallbackQuerySetters, EditMessageTextSetters, SendDocumentSetters, SendMessageSetters,
-    SendPhotoSetters,
+    AnswerCallbackQuerySetters, EditMessageTextSetters, SendDocumentSetters, SendMediaGroupSetters,
+    SendMessageSetters, SendPhotoSetters,
 };
 use teloxide::prelude::Requester;
 use teloxide::types::{
@@ -71,6 +71,80 @@ impl TelegramApi {
         let bot = self.bot().clone();
         self.run("sendMessage", Policy::Reply, || {
             let mut r = bot.send_message(ChatId(to.chat), text.clone());
+            if let Some(p) = to.parameters() {
+                r = r.reply_parameters(p);
+            }
+            r.into_future()
+        })
+        .await
+    }
+
+    /// Sends `text` with `buttons` under it (the follow-up of an album,
+    /// which cannot carry buttons itself), under `policy`.
+    ///
+    /// # Errors
+    /// When the call cannot succeed under `policy`.
+    pub async fn send_text_with_buttons(
+        &self,
+        to: Reply,
+        text: String,
+        buttons: InlineKeyboardMarkup,
+        policy: Policy,
+    ) -> Result<Option<Message>, TgError> {
+        let bot = self.bot().clone();
+        self.run("sendMessage", policy, || {
+            let mut r = bot
+                .send_message(ChatId(to.chat), text.clone())
+                .reply_markup(buttons.clone());
+            if let Some(p) = to.parameters() {
+                r = r.reply_parameters(p);
+            }
+            r.into_future()
+        })
+        .await
+    }
+
+    /// Sends images as one album (`sendMediaGroup`, 2 to 10 items, all
+    /// photos or all documents; the caption on the first). Returns the
+    /// album's messages.
+    ///
+    /// # Errors
+    /// When the call cannot succeed under `policy`.
+    pub async fn send_album(
+        &self,
+        to: Reply,
+        kind: FileKind,
+        files: &[InputFile],
+        caption: String,
+        policy: Policy,
+    ) -> Result<Option<Vec<Message>>, TgError> {
+        use teloxide::types::{InputMedia, InputMediaDocument, InputMediaPhoto};
+        let bot = self.bot().clone();
+        self.run("sendMediaGroup", policy, || {
+            let media: Vec<InputMedia> = files
+                .iter()
+                .enumerate()
+                .map(|(i, file)| {
+                    let caption = (i == 0).then(|| caption.clone());
+                    match kind {
+                        FileKind::Photo => {
+                            let mut m = InputMediaPhoto::new(file.clone());
+                            if let Some(c) = caption {
+                                m = m.caption(c);
+                            }
+                            InputMedia::Photo(m)
+                        }
+                        FileKind::Document => {
+                            let mut m = InputMediaDocument::new(file.clone());
+                            if let Some(c) = caption {
+                                m = m.caption(c);
+                            }
+                            InputMedia::Document(m)
+                        }
+                    }
+                })
+                .collect();
+            let mut r = bot.send_media_group(ChatId(to.chat), media);
             if let Some(p) = to.parameters() {
                 r = r.reply_parameters(p);
             }

@@ -349,6 +349,16 @@ impl<S: EventStore> Board<S> {
                     crate::services::worker::MAX_RETRIES,
                 ));
             }
+            // A variation request says which image it is making.
+            if req.stage == Stage::Generating && req.images > 1 {
+                let index = (req.variations.len() as u32 + 1).min(req.images);
+                return Some(words::generating_image(
+                    lang,
+                    req.model.as_str(),
+                    index,
+                    req.images,
+                ));
+            }
             let position = s.position(id);
             let wait = position.and_then(|p| s.estimated_wait(&req.model, p));
             Some(words::status(

@@ -461,6 +461,15 @@ pub fn status(
 }
 
 pub fn failed(lang: Lang, model: &str, kind: FailureKind) -> String {
+    t(
+        lang,
+        "failed",
+        &[("model", s(model)), ("why", s(failure_words(lang, kind)))],
+    )
+}
+
+/// Why a generation failed, in plain words.
+fn failure_words(lang: Lang, kind: FailureKind) -> String {
     let why = match kind {
         FailureKind::Rejected => "why-rejected",
         FailureKind::Unavailable => "why-unavailable",
@@ -472,11 +481,7 @@ pub fn failed(lang: Lang, model: &str, kind: FailureKind) -> String {
         FailureKind::Delivery => "why-delivery",
         FailureKind::Internal => "why-internal",
     };
-    t(
-        lang,
-        "failed",
-        &[("model", s(model)), ("why", s(t(lang, why, &[])))],
-    )
+    t(lang, why, &[])
 }
 
 pub fn cancelled_one(lang: Lang, model: &str) -> String {
@@ -597,6 +602,48 @@ pub fn caption(lang: Lang, model: &str, prompt: &str, as_written: bool) -> Strin
         "caption"
     };
     t(lang, id, &[("model", s(model)), ("prompt", s(prompt))])
+}
+
+/// The follow-up under an album: how many images came, and which failed
+/// and why.
+pub fn album_footer(
+    lang: Lang,
+    model: &str,
+    kept: usize,
+    of: u32,
+    failed: &[(u32, FailureKind)],
+) -> String {
+    let mut text = t(
+        lang,
+        "album-footer",
+        &[("model", s(model)), ("kept", n(kept)), ("of", n(of))],
+    );
+    for (index, kind) in failed {
+        text.push('\n');
+        text.push_str(&t(
+            lang,
+            "album-image-failed",
+            &[("index", n(*index)), ("why", s(failure_words(lang, *kind)))],
+        ));
+    }
+    text
+}
+
+/// The status of a variation request while image `index` of `of` is made.
+pub fn generating_image(lang: Lang, model: &str, index: u32, of: u32) -> String {
+    t(
+        lang,
+        "generating-image",
+        &[("model", s(model)), ("index", n(index)), ("of", n(of))],
+    )
+}
+
+/// A count of variations outside what is allowed (or variations off).
+pub fn variations_range(lang: Lang, max: u32) -> String {
+    if max < 2 {
+        return t(lang, "variations-off", &[]);
+    }
+    t(lang, "variations-range", &[("max", n(max))])
 }
 
 /// A redelivered request that has finished meanwhile.

@@ -1403,3 +1403,168 @@ async fn image_to_image_from_a_caption_and_from_a_reply() {
     assert_eq!(app.flux.stats.calls.load(Ordering::SeqCst), 0);
     app.stop().await;
 }
+
+fn album_calls(app: &helpers::TestApp, chat: i64) -> Vec<easel::demo::fake_telegram::Call> {
+    app.tg
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "sendMediaGroup" && c.chat_id == Some(chat))
+        .collect()
+}
+
+/// §8 Variations: `/image=flux*3=…` is one request, three generations one
+/// after the other in flux's lane; one fails and the others still arrive
+/// as one album (caption on the first) with a follow-up that says what
+/// failed and carries 🔁 Again; the request counts 3 toward the rate
+/// limit; a count out of range is a reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_variations_arrive_as_one_album_even_when_one_fails() {
+    let mut app = spawn_app(&[]).await;
+    let u = 15_301;
+    app.tg.user_sends(u, u, "/image=flux*9=too many");
+    assert!(
+        app.text_to(u, "Ask for 2 to 4 images, e.g. /image=flux*3=a cat.")
+            .await
+    );
+    app.flux.stats.reject_calls.lock().unwrap().push(2);
+    app.tg.user_sends(u, u, "/image=flux*3=a lighthouse in fog");
+    assert!(
+        app.tg
+            .wait_for(WAIT, |c| c.iter().any(|c| c.method == "sendMediaGroup"))
+            .await,
+        "{:#?}",
+        app.tg.calls()
+    );
+    let album = album_calls(&app, u).remove(0);
+    let media = album.params["media"].as_array().unwrap().clone();
+    assert_eq!(media.len(), 2, "{media:?}");
+    assert!(media.iter().all(|m| m["type"] == "photo"));
+    assert!(
+        media[0]["caption"]
+            .as_str()
+            .unwrap()
+            .starts_with("🎨 flux\na lighthouse in fog"),
+        "{media:?}"
+    );
+    assert!(
+        media[1]
+            .get("caption")
+            .is_none_or(serde_json::Value::is_null)
+    );
+    assert!(
+        app.text_to(
+            u,
+            "🎨 flux · 2 of 3 images\nImage 2 failed: the model's content filter rejected this prompt."
+        )
+        .await,
+        "{:?}",
+        app.tg.texts_to(u)
+    );
+    assert!(app.status_ends_with(u, 0, "Done ✅").await);
+    assert_eq!(app.flux.stats.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(app.flux.stats.max_in_flight.load(Ordering::SeqCst), 1);
+    // The log: three variation events in order, then generated, delivered.
+    let names: Vec<String> = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .map(|r| match r.event {
+            easel::domain::Event::Variation { index, image, .. } => {
+                format!(
+                    "variation {index} {}",
+                    if image.is_some() { "kept" } else { "failed" }
+                )
+            }
+            e => e.name().to_owned(),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "queued",
+            "started",
+            "enhanced",
+            "variation 1 kept",
+            "variation 2 failed",
+            "variation 3 kept",
+            "generated",
+            "delivered"
+        ]
+    );
+    // 3 of the 5 per minute are used: another 3 is too many, 2 fit.
+    app.tg.user_sends(u, u, "/image=flux*3=three more");
+    assert!(app.text_to(u, "You're sending requests too fast.").await);
+    // 🔁 Again under the album asks for 3 again: refused by the same rule.
+    let footer = app
+        .tg
+        .calls()
+        .into_iter()
+        .find(|c| {
+            c.method == "sendMessage"
+                && c.text.as_deref().is_some_and(|t| t.contains("of 3 images"))
+        })
+        .unwrap();
+    let again = footer.reply_markup.as_ref().unwrap()["inline_keyboard"][0][0]["callback_data"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.tg
+        .user_presses(u, u, footer.message_id.unwrap(), &again);
+    assert!(
+        app.notice_starting("You're sending requests too fast.")
+            .await
+    );
+    let report = easel::ops::verify(app.core().store().read_from(1)).unwrap();
+    assert!(report.ok(), "{:?}", report.violations);
+    app.stop().await;
+}
+
+/// §8 Variations across a restart: images already made are kept, not made
+/// again — the generation resumes at the first missing image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_album_resumes_at_the_first_missing_image() {
+    let mut app = spawn_app(&[]).await;
+    let u = 15_401;
+    // The worker's second call (image 2) waits; the restart comes then.
+    app.flux.stats.hold_calls.lock().unwrap().push(2);
+    app.tg.user_sends(u, u, "/image=flux*3=paper boats");
+    assert!(
+        app.tg
+            .wait_for(WAIT, |_| app.flux.stats.calls.load(Ordering::SeqCst) == 2
+                && app.flux.stats.in_flight.load(Ordering::SeqCst) == 1)
+            .await
+    );
+    assert!(
+        app.eventually(|a| a
+            .core()
+            .read(|s| s.requests().any(|r| r.variations.len() == 1)))
+            .await
+    );
+    app.restart().await;
+    app.flux.release();
+    assert!(
+        app.tg
+            .wait_for(WAIT, |c| c.iter().any(|c| c.method == "sendMediaGroup"))
+            .await
+    );
+    let media = album_calls(&app, u).remove(0).params["media"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(media, 3);
+    // Image 1 once; image 2 twice (the restart cut its call); image 3 once.
+    assert_eq!(app.flux.stats.calls.load(Ordering::SeqCst), 4);
+    let indices: Vec<u32> = app
+        .core()
+        .store()
+        .read_from(1)
+        .filter_map(Result::ok)
+        .filter_map(|r| match r.event {
+            easel::domain::Event::Variation { index, .. } => Some(index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(indices, [1, 2, 3]);
+    app.stop().await;
+}

@@ -54,6 +54,7 @@ pub fn request(model_name: &str, user: i64, prompt: &str) -> NewRequest {
         preset: None,
         remembered: false,
         input: None,
+        images: 1,
     }
 }
 
@@ -131,6 +132,25 @@ impl Deliverer for RecordingDeliverer {
             .lock()
             .unwrap()
             .push((request.id, image.to_vec()));
+        Ok(Delivery {
+            message_id: Some(1),
+        })
+    }
+
+    async fn deliver_album(
+        &self,
+        request: &ActiveRequest,
+        images: &[easel::engine::KeptImage],
+    ) -> Result<Delivery, DeliveryFailure> {
+        if std::mem::take(&mut *self.fail_next.lock().unwrap()) {
+            return Err(DeliveryFailure::Refused {
+                reason: "scripted delivery failure".into(),
+            });
+        }
+        let mut delivered = self.delivered.lock().unwrap();
+        for image in images {
+            delivered.push((request.id, image.bytes.clone()));
+        }
         Ok(Delivery {
             message_id: Some(1),
         })
