@@ -872,3 +872,56 @@ fn verify_checks_the_remembered_model() {
         }
     }
 }
+
+/// §8: `replay --verify` checks a variation request's images are recorded
+/// in order, never beyond the count it asked for.
+#[test]
+fn verify_checks_variations_are_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = "019abb1c-3a00-7000-8000-00000000000a";
+    let queued3 = "\"type\":\"queued\",\"model\":\"flux\",\"prompt\":\"p\",\"origin\":{\"user_id\":1,\"chat_id\":1,\"message_id\":null,\"update_id\":null},\"images\":2";
+    let variation = |i: u32| {
+        format!(
+            "\"type\":\"variation\",\"index\":{i},\"image\":null,\"failure\":{{\"kind\":\"rejected\",\"reason\":\"r\"}},\"attempts\":1"
+        )
+    };
+    let head = [
+        line(1, a, "01", queued3),
+        line(2, a, "02", "\"type\":\"started\""),
+        line(
+            3,
+            a,
+            "03",
+            "\"type\":\"enhanced\",\"prompt\":\"p\",\"fallback\":null",
+        ),
+    ];
+    let mut good = head.to_vec();
+    good.push(line(4, a, "04", &variation(1)));
+    good.push(line(5, a, "05", &variation(2)));
+    let mut skipped = head.to_vec();
+    skipped.push(line(4, a, "04", &variation(2)));
+    let mut beyond = good.clone();
+    beyond.push(line(6, a, "06", &variation(3)));
+    for (name, lines, verdict) in [
+        ("good", good, None),
+        ("skipped", skipped, Some("seq 4")),
+        ("beyond", beyond, Some("seq 6")),
+    ] {
+        let file = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let (code, _, err) = easel(
+            dir.path(),
+            &["replay", "--verify", "--from", file.to_str().unwrap()],
+        );
+        match verdict {
+            None => assert_eq!(code, 0, "{name}: {err}"),
+            Some(seq) => {
+                assert_eq!(code, 1, "{name}");
+                assert!(
+                    err.contains(seq) && err.contains("recorded where image"),
+                    "{name}: {err}"
+                );
+            }
+        }
+    }
+}

@@ -3,7 +3,8 @@
 //! (one request fails at the content filter, one user hits the rate limit,
 //! one cancels, one writes in Persian from a Telegram set to Persian and is
 //! answered in Persian, one uses a prompt preset, one remembers a model with
-//! `/model` and then names none). It prints each transition as it happens, what each user
+//! `/model` and then names none, one asks for two variations and gets an
+//! album). It prints each transition as it happens, what each user
 //! saw, the audit table and the verification of the log.
 
 pub mod fake_services;
@@ -32,7 +33,7 @@ struct User {
     name: &'static str,
 }
 
-const USERS: [User; 6] = [
+const USERS: [User; 7] = [
     User {
         id: 501,
         name: "alice",
@@ -56,6 +57,10 @@ const USERS: [User; 6] = [
     User {
         id: 506,
         name: "sara",
+    },
+    User {
+        id: 507,
+        name: "frank",
     },
 ];
 
@@ -153,7 +158,7 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     };
 
     // The simulated users.
-    let [alice, bob, carol, dave, erin, sara] = [501, 502, 503, 504, 505, 506];
+    let [alice, bob, carol, dave, erin, sara, frank] = [501, 502, 503, 504, 505, 506, 507];
     // Sara's Telegram is set to Persian: she is answered in Persian.
     tg.set_language(sara, "fa");
     tg.user_sends(alice, alice, "/image=flux=a red fox in the snow");
@@ -183,6 +188,8 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         "/image=sdxl=یک گربه‌ی نارنجی روی پشت‌بام، شب مهتابی",
     );
     tg.user_sends(sara, sara, "/queue");
+    // Frank asks for two variations of one prompt: one album.
+    tg.user_sends(frank, frank, "/image=flux*2=a paper lantern festival");
 
     // Wait until every accepted request is finished.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
@@ -227,6 +234,14 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
                 "editMessageText" => {
                     format!("  edited: {}", call.text.as_deref().unwrap_or_default())
                 }
+                "sendMediaGroup" => format!(
+                    "album: {} images, caption: {}",
+                    call.params
+                        .get("media")
+                        .and_then(serde_json::Value::as_array)
+                        .map_or(0, Vec::len),
+                    call.caption.as_deref().unwrap_or_default()
+                ),
                 "sendPhoto" | "sendDocument" => format!(
                     "{}: {} bytes, caption: {}",
                     if call.method == "sendPhoto" {
@@ -300,7 +315,12 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     let remembered = records
         .iter()
         .any(|r| r.user_id.0 == alice && r.model.as_str() == "sdxl");
-    let expected = status(crate::domain::Stage::Done) == 6
+    let album = tg
+        .calls()
+        .iter()
+        .any(|c| c.method == "sendMediaGroup" && c.chat_id == Some(frank));
+    let expected = status(crate::domain::Stage::Done) == 7
+        && album
         && preset
         && remembered
         && persian
@@ -309,7 +329,7 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         && rate_limited
         && report.ok();
     println!(
-        "\n{} in {:.1} s: 6 done (one in Persian, one with a preset, one by a remembered model), 1 failed (content filter), 1 cancelled, 1 rate-limited.",
+        "\n{} in {:.1} s: 7 done (one in Persian, one with a preset, one by a remembered model, one album of 2), 1 failed (content filter), 1 cancelled, 1 rate-limited.",
         if expected {
             "Demo finished"
         } else {
