@@ -4,7 +4,11 @@
 //! not yet made durable) across three models and several users. After every
 //! operation: FIFO per model, at most one in flight per model, no accepted
 //! request lost, replay of the log == live state, checkpoint + tail == live
-//! state. `PROPTEST_CASES` raises the case count (default 24).
+//! state. Requests may ask for several images (variations, §8): they count
+//! that many toward the rate limit, their images are made one per step in
+//! order, a failed image does not fail the request unless all did, and no
+//! image is made twice (a step's generator calls are counted against the
+//! model). `PROPTEST_CASES` raises the case count (default 24).
 
 mod common;
 
@@ -36,6 +40,7 @@ enum Op {
     Accept {
         model: usize,
         user: i64,
+        images: u32,
     },
     Step {
         model: usize,
@@ -55,7 +60,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..3usize, 0..5i64).prop_map(|(model, user)| Op::Accept { model, user }),
+        6 => (0..3usize, 0..5i64, prop_oneof![3 => Just(1u32), 1 => 2..=3u32])
+            .prop_map(|(model, user, images)| Op::Accept { model, user, images }),
         8 => (0..3usize, proptest::bool::weighted(0.2)).prop_map(|(model, fail)| Op::Step { model, fail }),
         1 => (0..5i64).prop_map(|user| Op::Cancel { user }),
         2 => (1..20i64).prop_map(|secs| Op::Tick { secs }),
@@ -74,17 +80,23 @@ struct Model {
     pending: HashMap<i64, u32>,
     accepted_at: HashMap<i64, Vec<DateTime<Utc>>>,
     accepted: BTreeSet<RequestId>,
+    /// Images asked for, per request (1 for a plain request).
+    images: HashMap<RequestId, u32>,
+    /// Per variation request: images done so far, and how many were kept.
+    done: HashMap<RequestId, (u32, u32)>,
+    /// Generator calls expected since the system last started.
+    calls: usize,
 }
 
 impl Model {
-    fn admit(&self, user: i64, now: DateTime<Utc>) -> bool {
+    fn admit(&self, user: i64, now: DateTime<Utc>, images: u32) -> bool {
         let pending = self.pending.get(&user).copied().unwrap_or(0);
         let since = now - Duration::seconds(LIMITS.rate.window_secs as i64);
         let recent = self
             .accepted_at
             .get(&user)
             .map_or(0, |v| v.iter().filter(|t| **t > since).count());
-        pending < LIMITS.max_pending && recent < LIMITS.rate.count as usize
+        pending < LIMITS.max_pending && recent + images as usize <= LIMITS.rate.count as usize
     }
 
     fn finish(&mut self, id: RequestId) {
@@ -185,6 +197,15 @@ fn check(sys: &System, model: &Model) -> Result<(), TestCaseError> {
             );
         }
     }
+    // A variation request's images done so far are the model's: recorded
+    // durably, in order, never lost or repeated.
+    for (id, (done, kept)) in &model.done {
+        if let Some(r) = live.request(*id) {
+            prop_assert_eq!(r.variations.len() as u32, *done, "images done of {}", id);
+            let live_kept = r.variations.iter().filter(|v| v.image.is_some()).count() as u32;
+            prop_assert_eq!(live_kept, *kept, "images kept of {}", id);
+        }
+    }
     for (user, pending) in &model.pending {
         prop_assert_eq!(live.user(UserId(*user)).map_or(0, |u| u.pending), *pending);
     }
@@ -215,22 +236,27 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut model = Model::default();
     for op in ops {
         match op {
-            Op::Accept { model: i, user } => {
+            Op::Accept {
+                model: i,
+                user,
+                images,
+            } => {
                 let now = clock.now();
-                let expect_ok = model.admit(user, now);
-                match sys
-                    .core
-                    .accept(common::request(MODELS[i], user, "a prompt"), &LIMITS)
-                    .await
-                {
+                let expect_ok = model.admit(user, now, images);
+                let mut request = common::request(MODELS[i], user, "a prompt");
+                request.images = images;
+                match sys.core.accept(request, &LIMITS).await {
                     Ok(Admitted::Queued { id, position, .. }) => {
                         prop_assert!(expect_ok, "accepted past a limit");
                         model.waiting[i].push_back(id);
                         prop_assert_eq!(position, model.waiting[i].len());
                         model.owner.insert(id, user);
                         *model.pending.entry(user).or_default() += 1;
-                        model.accepted_at.entry(user).or_default().push(now);
+                        for _ in 0..images {
+                            model.accepted_at.entry(user).or_default().push(now);
+                        }
                         model.accepted.insert(id);
+                        model.images.insert(id, images);
                     }
                     Err(AcceptError::Rejected(r)) => {
                         prop_assert!(!expect_ok, "wrongly rejected: {:?}", r);
@@ -254,7 +280,28 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         .map(|id| (id, Stage::Enhancing)),
                     Some((id, Stage::Enhancing)) => Some((id, Stage::Generating)),
                     Some((id, Stage::Generating)) => {
-                        Some((id, if fail { Stage::Failed } else { Stage::Sending }))
+                        let n = model.images.get(&id).copied().unwrap_or(1);
+                        let (done, kept) = model.done.get(&id).copied().unwrap_or((0, 0));
+                        if n == 1 {
+                            model.calls += 1;
+                            Some((id, if fail { Stage::Failed } else { Stage::Sending }))
+                        } else if done < n {
+                            // One image per step, in order; a failed one
+                            // is recorded and the next follows.
+                            model.calls += 1;
+                            model.done.insert(id, (done + 1, kept + u32::from(!fail)));
+                            Some((id, Stage::Generating))
+                        } else {
+                            // All done: no image is made again.
+                            Some((
+                                id,
+                                if kept > 0 {
+                                    Stage::Sending
+                                } else {
+                                    Stage::Failed
+                                },
+                            ))
+                        }
                     }
                     Some((id, Stage::Sending)) => Some((id, Stage::Done)),
                     Some(other) => {
@@ -311,15 +358,22 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Crash => {
                 drop(sys);
                 sys = start(dir.path(), &clock).await;
+                model.calls = 0;
             }
             Op::PowerCut => {
                 sys.core.store().lose_unsynced_for_tests().unwrap();
                 drop(sys);
                 sys = start(dir.path(), &clock).await;
+                model.calls = 0;
                 after_power_cut(&sys, &mut model)?;
             }
         }
         check(&sys, &model)?;
+        prop_assert_eq!(
+            sys.generator.calls.lock().unwrap().len(),
+            model.calls,
+            "generator calls: an image was made twice, or one was skipped"
+        );
     }
     Ok(())
 }
