@@ -288,3 +288,67 @@ fn queued_replies(tg: &FakeTelegram) -> Vec<(i64, String)> {
     out.dedup();
     out
 }
+
+/// §8 Variations under `kill -9`: the built binary is killed while image 2
+/// of 3 is being made; after the restart the album is completed from the
+/// first missing image (image 1 is not made again), arrives whole, and the
+/// history verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_album_resumes_at_the_first_missing_image() {
+    let tg = FakeTelegram::start(TOKEN).await.unwrap();
+    let flux = FakeWorker::flux(Duration::from_millis(10)).await.unwrap();
+    let sdxl = FakeWorker::sdxl(KEY, Duration::from_millis(10))
+        .await
+        .unwrap();
+    let llm = FakeLlm::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The worker's second call (image 2) waits: the kill comes then.
+    flux.stats.hold_calls.lock().unwrap().push(2);
+    let mut child = spawn(dir.path(), &tg, &flux, &sdxl, &llm);
+    let user = 7001;
+    tg.user_sends(user, user, "/image=flux*3=paper boats on a pond");
+    assert!(
+        tg.wait_for(Duration::from_secs(20), |_| flux
+            .stats
+            .calls
+            .load(Ordering::SeqCst)
+            == 2
+            && flux.stats.in_flight.load(Ordering::SeqCst) == 1)
+            .await,
+        "image 2 never started"
+    );
+    child.kill().unwrap(); // SIGKILL, image 1 kept and recorded
+    child.wait().unwrap();
+    let mut child = spawn(dir.path(), &tg, &flux, &sdxl, &llm);
+    assert!(
+        tg.wait_for(Duration::from_secs(30), |c| c
+            .iter()
+            .any(|c| c.method == "sendMediaGroup" && c.chat_id == Some(user)))
+            .await,
+        "no album after the restart"
+    );
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    child.wait().unwrap();
+    let album = tg
+        .calls()
+        .into_iter()
+        .find(|c| c.method == "sendMediaGroup")
+        .unwrap();
+    assert_eq!(album.params["media"].as_array().map(Vec::len), Some(3));
+    // Image 1 once, image 2 twice (the kill cut its call), image 3 once.
+    assert_eq!(flux.stats.calls.load(Ordering::SeqCst), 4);
+    let (code, out) = cli(dir.path(), &["export"]);
+    assert_eq!(code, 0, "{out}");
+    let indices: Vec<u64> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["type"] == "variation")
+        .filter_map(|e| e["index"].as_u64())
+        .collect();
+    assert_eq!(indices, [1, 2, 3]);
+    let (code, out) = cli(dir.path(), &["replay", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+}
