@@ -198,10 +198,21 @@ pub fn table(records: &[RequestRecord], prompt_width: usize) -> String {
     ]);
     for r in records {
         let took = (r.updated_at - r.created_at).num_milliseconds() as f64 / 1000.0;
+        // How it was asked (§8): variations, a preset, an input image.
+        let mut model = r.model.to_string();
+        if r.images > 1 {
+            model.push_str(&format!(" ×{}", r.images));
+        }
+        if let Some(p) = &r.preset {
+            model.push_str(&format!(" [{}]", visible(&p.name)));
+        }
+        if r.input.is_some() {
+            model.push_str(" +photo");
+        }
         table.add_row(vec![
             r.id.to_string(),
             r.user_id.0.to_string(),
-            r.model.to_string(),
+            model,
             r.status.to_string(),
             r.attempts.to_string(),
             cli::when(r.created_at, chrono::Utc::now()),
