@@ -819,6 +819,15 @@ fn audit_show_and_export_carry_the_preset() {
     let (_, out, _) = easel(dir.path(), &["export"]);
     let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(first["preset"]["prompt"], "a cat", "{first}");
+    let (code, out, err) = easel(dir.path(), &["audit", "stats"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("presets: anime 1\n"), "{out}");
+    let (_, out, _) = easel(dir.path(), &["audit", "stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(stats["asked"]["presets"]["anime"], 1, "{stats}");
+    assert_eq!(stats["asked"]["variation_requests"], 0, "{stats}");
+    let (_, out, _) = easel(dir.path(), &["audit", "list"]);
+    assert!(out.contains("flux [anime]"), "{out}");
 }
 
 /// §8: `replay --verify` checks that a request drawn with the remembered

@@ -297,6 +297,20 @@ pub struct StatsReport {
     pub stages: StageStats,
     /// Failure reasons, most frequent first.
     pub failures: Vec<FailureCount>,
+    /// How requests were asked for (§8).
+    pub asked: AskedStats,
+}
+
+/// Presets used (by name), variation requests and their images, and
+/// image-to-image requests.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct AskedStats {
+    pub presets: BTreeMap<String, u64>,
+    pub variation_requests: u64,
+    pub images_asked: u64,
+    pub images_made: u64,
+    pub images_failed: u64,
+    pub with_input_image: u64,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -341,7 +355,21 @@ impl StatsReport {
         let mut by_model: BTreeMap<String, BTreeMap<Stage, u64>> = BTreeMap::new();
         let mut durations: HashMap<&'static str, Vec<i64>> = HashMap::new();
         let mut failures: HashMap<String, u64> = HashMap::new();
+        let mut asked = AskedStats::default();
         let mut count = |r: &RequestRecord| {
+            if let Some(p) = &r.preset {
+                *asked.presets.entry(p.name.clone()).or_default() += 1;
+            }
+            if r.images > 1 {
+                asked.variation_requests += 1;
+                asked.images_asked += u64::from(r.images);
+                let failed = r.variations.iter().filter(|v| v.error.is_some()).count() as u64;
+                asked.images_failed += failed;
+                asked.images_made += r.variations.len() as u64 - failed;
+            }
+            if r.input.is_some() {
+                asked.with_input_image += 1;
+            }
             *by_model
                 .entry(r.model.to_string())
                 .or_default()
@@ -401,6 +429,7 @@ impl StatsReport {
             by_model,
             stages,
             failures: ranked,
+            asked,
         }
     }
 
@@ -435,6 +464,30 @@ impl StatsReport {
             ]);
         }
         text.push_str(&format!("{d}\n"));
+        let a = &self.asked;
+        if !a.presets.is_empty() || a.variation_requests > 0 || a.with_input_image > 0 {
+            text.push('\n');
+            if !a.presets.is_empty() {
+                let used: Vec<String> = a
+                    .presets
+                    .iter()
+                    .map(|(name, n)| format!("{} {n}", super::visible(name)))
+                    .collect();
+                text.push_str(&format!("presets: {}\n", used.join(", ")));
+            }
+            if a.variation_requests > 0 {
+                text.push_str(&format!(
+                    "variations: {} requests, {} images asked, {} made, {} failed\n",
+                    a.variation_requests, a.images_asked, a.images_made, a.images_failed
+                ));
+            }
+            if a.with_input_image > 0 {
+                text.push_str(&format!(
+                    "image to image: {} requests\n",
+                    a.with_input_image
+                ));
+            }
+        }
         if !self.failures.is_empty() {
             text.push_str("\nfailure reasons:\n");
             for f in self.failures.iter().take(20) {
