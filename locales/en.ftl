@@ -26,7 +26,11 @@ help =
 
     Models: { $models }
 
-    /model <name> remembers a model; then /image <what you want to see> is enough.
+    /model <name> remembers a model; then /image <what you want to see> is enough.{ $max-images ->
+        [1] {""}
+       *[other] {""}
+            /image=<model>*3=<prompt> makes 3 images at once (up to { $max-images }), sent as one album.
+    }
     /queue shows your requests and their place in line.
     /cancel cancels your requests that have not started; /cancel <id> cancels one.{ $preset-count ->
         [0] {""}

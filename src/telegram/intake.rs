@@ -137,6 +137,7 @@ pub(crate) fn route(
             models,
             &settings.limits,
             settings.presets.len(),
+            settings.variations_allowed(),
         )),
         Input::Presets => Route::Answer(words::presets(lang, &settings.presets, models)),
         Input::ImageUsage => Route::Answer(words::usage(lang, models)),
@@ -837,7 +838,7 @@ mod tests {
         }
         assert_eq!(
             routed("/help", false, true),
-            Route::Answer(words::help(Lang::En, &models, &limits, 0))
+            Route::Answer(words::help(Lang::En, &models, &limits, 0, 4))
         );
         assert_eq!(
             routed("/image", true, true),

@@ -199,12 +199,14 @@ pub fn help(
     models: &[String],
     limits: &crate::domain::Limits,
     presets: usize,
+    max_images: u32,
 ) -> String {
     t(
         lang,
         "help",
         &[
             ("preset-count", n(presets)),
+            ("max-images", n(max_images)),
             ("model-count", n(models.len())),
             ("example", s(example(lang, models, "example-prompt-help"))),
             ("models", s(list(lang, models))),
@@ -799,8 +801,8 @@ mod tests {
             })
             .collect();
         let mut all = vec![
-            help(lang, &models, &limits, 1000),
-            help(lang, &[], &limits, 0),
+            help(lang, &models, &limits, 1000, 10),
+            help(lang, &[], &limits, 0, 1),
             presets(lang, &many_presets, &models),
             presets(lang, &[], &models),
             preset_not_for_model(lang, &"p".repeat(32), &models),
@@ -948,10 +950,18 @@ mod tests {
             },
             max_pending: 2,
         };
-        let text = help(Lang::En, &["flux".into()], &limits, 0);
+        let text = help(Lang::En, &["flux".into()], &limits, 0, 1);
+        assert!(!text.contains("*3"), "{text}");
+        assert!(
+            help(Lang::En, &["flux".into()], &limits, 0, 4)
+                .contains("/image=<model>*3=<prompt> makes 3 images at once (up to 4)")
+        );
+        assert!(
+            help(Lang::Fa, &["flux".into()], &limits, 0, 4).contains("/image=<model>*3=<prompt>")
+        );
         assert!(!text.contains("/presets"), "{text}");
-        assert!(help(Lang::En, &["flux".into()], &limits, 2).contains("/presets"));
-        assert!(help(Lang::Fa, &["flux".into()], &limits, 2).contains("/presets"));
+        assert!(help(Lang::En, &["flux".into()], &limits, 2, 1).contains("/presets"));
+        assert!(help(Lang::Fa, &["flux".into()], &limits, 2, 1).contains("/presets"));
         for part in [
             "🔁 Again",
             "📄 Original",
@@ -962,7 +972,7 @@ mod tests {
         ] {
             assert!(text.contains(part), "{part:?} not in {text}");
         }
-        let text = help(Lang::Fa, &["flux".into()], &limits, 0);
+        let text = help(Lang::Fa, &["flux".into()], &limits, 0, 1);
         for part in [
             again_button(Lang::Fa),
             original_button(Lang::Fa),
@@ -990,7 +1000,7 @@ mod tests {
     #[test]
     fn without_a_model_no_example_names_one() {
         for lang in Lang::ALL {
-            for text in [usage(lang, &[]), help(lang, &[], &Limits::default(), 0)] {
+            for text in [usage(lang, &[]), help(lang, &[], &Limits::default(), 0, 1)] {
                 assert!(!text.contains("/image=flux"), "{text}");
                 assert!(text.contains(&t(lang, "models-none", &[])), "{text}");
             }
@@ -1054,7 +1064,7 @@ mod tests {
         );
         assert_eq!(caption(Lang::En, "flux", "a fox", false), "🎨 flux\na fox");
         assert_eq!(
-            help(Lang::En, &["flux".into()], &Limits::default(), 0)
+            help(Lang::En, &["flux".into()], &Limits::default(), 0, 1)
                 .lines()
                 .nth(2),
             Some("Write /image=<model>=<what you want to see>, for example:")
