@@ -57,6 +57,23 @@ pub trait Generator: Send + Sync + 'static {
     ) -> impl Future<Output = Result<GeneratedImage, GenerationFailure>> + Send;
 }
 
+/// The command a delivery's result makes: done, failed, or nothing to
+/// record (cut short by the shutdown: resumed after the next start).
+fn delivered(result: Result<Delivery, DeliveryFailure>) -> Option<Command> {
+    match result {
+        Ok(d) => Some(Command::FinishSending {
+            message_id: d.message_id,
+        }),
+        Err(DeliveryFailure::Refused { reason }) => Some(Command::Fail {
+            kind: FailureKind::Delivery,
+            reason,
+            attempts: 0,
+            statuses: Vec::new(),
+        }),
+        Err(DeliveryFailure::Interrupted) => None,
+    }
+}
+
 /// Telegram took the image.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Delivery {
@@ -222,29 +239,10 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
         if req.images > 1 {
             return self.generate_variation(req).await;
         }
-        let prompt = req
-            .enhanced_prompt
-            .as_deref()
-            .unwrap_or(req.prompt.as_str());
-        // Image to image: the kept input, read for each attempt's body.
-        let input = match &req.input {
-            None => None,
-            Some(kept) => match self.images.load(kept) {
-                Ok(Some(bytes)) => Some(bytes),
-                Ok(None) | Err(_) => {
-                    return Some(Command::Fail {
-                        kind: FailureKind::Internal,
-                        reason: "the input image is no longer on disk".into(),
-                        attempts: 0,
-                        statuses: Vec::new(),
-                    });
-                }
-            },
+        let generated = match self.draw(req).await {
+            Ok(generated) => generated,
+            Err(fail) => return Some(fail),
         };
-        let generated = self
-            .generator
-            .generate(&self.model, prompt, input.as_deref())
-            .await;
         Some(match generated {
             Ok(img) => match self.images.keep(req.id, &img.bytes, &img.format) {
                 Ok(image) => Command::FinishGenerating {
@@ -269,6 +267,37 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                 statuses: f.statuses,
             },
         })
+    }
+
+    /// One call of the generator for `req`: the enhanced prompt (or the
+    /// user's), and for image to image the kept input, read once for all of
+    /// the call's attempts. Err: the request fails (its input is gone).
+    async fn draw(
+        &self,
+        req: &ActiveRequest,
+    ) -> Result<Result<GeneratedImage, GenerationFailure>, Command> {
+        let prompt = req
+            .enhanced_prompt
+            .as_deref()
+            .unwrap_or(req.prompt.as_str());
+        let input = match &req.input {
+            None => None,
+            Some(kept) => match self.images.load(kept) {
+                Ok(Some(bytes)) => Some(bytes),
+                Ok(None) | Err(_) => {
+                    return Err(Command::Fail {
+                        kind: FailureKind::Internal,
+                        reason: "the input image is no longer on disk".into(),
+                        attempts: 0,
+                        statuses: Vec::new(),
+                    });
+                }
+            },
+        };
+        Ok(self
+            .generator
+            .generate(&self.model, prompt, input.as_deref())
+            .await)
     }
 
     /// Generating a variation request (§8): the next image not yet done
@@ -302,28 +331,10 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                 }
             });
         }
-        let prompt = req
-            .enhanced_prompt
-            .as_deref()
-            .unwrap_or(req.prompt.as_str());
-        let input = match &req.input {
-            None => None,
-            Some(kept) => match self.images.load(kept) {
-                Ok(Some(bytes)) => Some(bytes),
-                Ok(None) | Err(_) => {
-                    return Some(Command::Fail {
-                        kind: FailureKind::Internal,
-                        reason: "the input image is no longer on disk".into(),
-                        attempts: 0,
-                        statuses: Vec::new(),
-                    });
-                }
-            },
+        let generated = match self.draw(req).await {
+            Ok(generated) => generated,
+            Err(fail) => return Some(fail),
         };
-        let generated = self
-            .generator
-            .generate(&self.model, prompt, input.as_deref())
-            .await;
         let failed = |kind, reason, attempts, statuses| Command::RecordVariation {
             index,
             image: None,
@@ -377,18 +388,7 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
             if kept.is_empty() {
                 return Some(Command::Regenerate);
             }
-            return Some(match self.deliverer.deliver_album(req, &kept).await {
-                Ok(d) => Command::FinishSending {
-                    message_id: d.message_id,
-                },
-                Err(DeliveryFailure::Refused { reason }) => Command::Fail {
-                    kind: FailureKind::Delivery,
-                    reason,
-                    attempts: 0,
-                    statuses: Vec::new(),
-                },
-                Err(DeliveryFailure::Interrupted) => return None,
-            });
+            return delivered(self.deliverer.deliver_album(req, &kept).await);
         }
         let kept = match &req.image {
             Some(image) => self
@@ -397,21 +397,12 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                 .map(|b| b.map(|b| (b, image.format.clone()))),
             None => Ok(None),
         };
-        Some(match kept {
-            Ok(Some((bytes, format))) => match self.deliverer.deliver(req, &bytes, &format).await {
-                Ok(d) => Command::FinishSending {
-                    message_id: d.message_id,
-                },
-                Err(DeliveryFailure::Refused { reason }) => Command::Fail {
-                    kind: FailureKind::Delivery,
-                    reason,
-                    attempts: 0,
-                    statuses: Vec::new(),
-                },
-                Err(DeliveryFailure::Interrupted) => return None,
-            },
-            Ok(None) | Err(_) => Command::Regenerate,
-        })
+        match kept {
+            Ok(Some((bytes, format))) => {
+                delivered(self.deliverer.deliver(req, &bytes, &format).await)
+            }
+            Ok(None) | Err(_) => Some(Command::Regenerate),
+        }
     }
 
     /// Steps until there is nothing to do, then sleeps until the log grows;

@@ -82,6 +82,41 @@ pub fn album_keyboard(id: crate::domain::RequestId, lang: Lang) -> InlineKeyboar
     )]])
 }
 
+/// What goes with a request's image(s): the user's language (as recorded
+/// with the request), the prompt drawn, the caption fitted to Telegram's
+/// limit (and whether it was cut), and where it goes (a reply to the
+/// user's message).
+struct Drawn<'a> {
+    lang: Lang,
+    prompt: &'a str,
+    caption: String,
+    cut: bool,
+    to: Reply,
+}
+
+fn drawn(request: &ActiveRequest) -> Drawn<'_> {
+    let lang = Lang::of(request.origin.language.as_deref());
+    let prompt = request
+        .enhanced_prompt
+        .as_deref()
+        .unwrap_or(request.prompt.as_str());
+    let as_written = request.prompt_as_written || request.enhanced_prompt.is_none();
+    let (caption, cut) = fit_utf16(
+        &words::caption(lang, request.model.as_str(), prompt, as_written),
+        CAPTION_UNITS,
+    );
+    Drawn {
+        lang,
+        prompt,
+        caption,
+        cut,
+        to: Reply {
+            chat: request.origin.chat_id.0,
+            to_message: request.origin.message_id,
+        },
+    }
+}
+
 pub struct TelegramDeliverer {
     api: Arc<TelegramApi>,
 }
@@ -99,21 +134,13 @@ impl Deliverer for TelegramDeliverer {
         image: &[u8],
         format: &str,
     ) -> Result<Delivery, DeliveryFailure> {
-        let prompt = request
-            .enhanced_prompt
-            .as_deref()
-            .unwrap_or(request.prompt.as_str());
-        let as_written = request.prompt_as_written || request.enhanced_prompt.is_none();
-        // The language of the user who asked, as recorded with the request.
-        let lang = Lang::of(request.origin.language.as_deref());
-        let (caption, cut) = fit_utf16(
-            &words::caption(lang, request.model.as_str(), prompt, as_written),
-            CAPTION_UNITS,
-        );
-        let to = Reply {
-            chat: request.origin.chat_id.0,
-            to_message: request.origin.message_id,
-        };
+        let Drawn {
+            lang,
+            prompt,
+            caption,
+            cut,
+            to,
+        } = drawn(request);
         let bytes = bytes::Bytes::copy_from_slice(image);
         let kind = if fits_as_photo(image) {
             FileKind::Photo
@@ -171,20 +198,9 @@ impl Deliverer for TelegramDeliverer {
         request: &ActiveRequest,
         images: &[KeptImage],
     ) -> Result<Delivery, DeliveryFailure> {
-        let lang = Lang::of(request.origin.language.as_deref());
-        let prompt = request
-            .enhanced_prompt
-            .as_deref()
-            .unwrap_or(request.prompt.as_str());
-        let as_written = request.prompt_as_written || request.enhanced_prompt.is_none();
-        let (caption, _) = fit_utf16(
-            &words::caption(lang, request.model.as_str(), prompt, as_written),
-            CAPTION_UNITS,
-        );
-        let to = Reply {
-            chat: request.origin.chat_id.0,
-            to_message: request.origin.message_id,
-        };
+        let Drawn {
+            lang, caption, to, ..
+        } = drawn(request);
         // An album is all photos or all documents (Telegram will not mix
         // them): one image beyond a photo's limits makes them documents.
         let kind = if images.iter().all(|i| fits_as_photo(&i.bytes)) {

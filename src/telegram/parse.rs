@@ -138,30 +138,15 @@ fn parse_image(rest: &str) -> Input {
     // `/image=model=prompt`; spaces around the `=` signs are forgiven.
     let Some(after) = rest.trim_start_matches(blank).strip_prefix('=') else {
         // `/image <prompt>`: the remembered model; `/image` alone: usage.
-        let prompt = strip_controls(rest).trim_matches(blank).to_owned();
-        let spaced = rest.starts_with(blank);
-        return if prompt.is_empty() || !spaced {
-            Input::ImageUsage
+        return if rest.starts_with(blank) {
+            remembered_model(rest)
         } else {
-            Input::Image {
-                model: None,
-                prompt,
-                images: None,
-            }
+            Input::ImageUsage
         };
     };
     let Some((model, prompt)) = after.split_once('=') else {
         // `/image=<prompt>`: the remembered model.
-        let prompt = strip_controls(after).trim_matches(blank).to_owned();
-        return if prompt.is_empty() {
-            Input::ImageUsage
-        } else {
-            Input::Image {
-                model: None,
-                prompt,
-                images: None,
-            }
-        };
+        return remembered_model(after);
     };
     let model: String = model.chars().filter(|c| !is_direction_mark(*c)).collect();
     let model = model.trim();
@@ -187,6 +172,21 @@ fn parse_image(rest: &str) -> Input {
         model: Some(model.to_lowercase()),
         prompt: strip_controls(prompt).trim_matches(blank).to_owned(),
         images,
+    }
+}
+
+/// An `/image` that names no model: the user's remembered one draws the
+/// prompt (§8); an empty prompt gets the usage message.
+fn remembered_model(prompt: &str) -> Input {
+    let prompt = strip_controls(prompt).trim_matches(blank).to_owned();
+    if prompt.is_empty() {
+        Input::ImageUsage
+    } else {
+        Input::Image {
+            model: None,
+            prompt,
+            images: None,
+        }
     }
 }
 

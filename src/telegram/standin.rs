@@ -63,7 +63,10 @@ async fn answer_batch(
     for update in updates {
         match update.kind {
             UpdateKind::Message(msg) => {
-                let Some(text) = msg.text() else { continue };
+                // A photo's caption is its text (image to image).
+                let Some(text) = msg.text().or_else(|| msg.caption()) else {
+                    continue;
+                };
                 let user = msg
                     .from
                     .as_ref()

@@ -708,15 +708,6 @@ mod tests {
         FailureKind::Delivery,
         FailureKind::Internal,
     ];
-    const ALL_STAGES: [Stage; 7] = [
-        Stage::Queued,
-        Stage::Enhancing,
-        Stage::Generating,
-        Stage::Sending,
-        Stage::Done,
-        Stage::Failed,
-        Stage::Cancelled,
-    ];
 
     /// The ids of the messages of `lang`'s file, read with Fluent's own
     /// parser.
@@ -835,7 +826,7 @@ mod tests {
             unknown_button(lang),
             cancelled_one(lang, model),
         ];
-        for stage in ALL_STAGES {
+        for stage in Stage::ALL {
             all.push(status(lang, model, stage, Some(usize::MAX), wait));
             all.push(queue_line(
                 lang,
