@@ -171,6 +171,8 @@ pub struct Settings {
     /// (`EASEL_RETENTION_DAYS`); `None` keeps everything in the log.
     pub retention: Option<Duration>,
     pub log_filter: String,
+    /// How log lines are written (`EASEL_LOG_FORMAT`).
+    pub log_format: crate::telemetry::LogFormat,
     /// Prompt presets, by name.
     pub presets: Vec<Preset>,
     /// The most images one request may ask for (`EASEL_MAX_VARIATIONS`).
@@ -296,7 +298,7 @@ impl Settings {
         let retry_base = Duration::from_millis(vars.number(&RETRY_BASE_MS));
         let max_variations = u32::try_from(vars.number(&MAX_VARIATIONS)).unwrap_or(1);
         let (data_dir, originals_ttl, retention) = storage_section(&vars);
-        let log_filter = log_section(&vars);
+        let (log_filter, log_format) = log_section(&vars);
 
         let problems = vars.problems.into_inner();
         match (problems.is_empty(), telegram_api_url) {
@@ -316,6 +318,7 @@ impl Settings {
                 originals_ttl,
                 retention,
                 log_filter,
+                log_format,
                 presets,
                 max_variations,
             }),

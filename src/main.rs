@@ -115,16 +115,13 @@ enum Audit {
     },
 }
 
-fn init_tracing(filter: &str) {
+fn init_tracing(filter: &str, format: easel::telemetry::LogFormat) {
     // `easel run` has checked RUST_LOG with its settings; the demo's own
     // filter is fixed. "info" is the fallback of neither, only of a bug.
     let filter = easel::telemetry::log_filter(filter)
         .or_else(|_| easel::telemetry::log_filter("info"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    easel::telemetry::install(filter, format, std::io::stderr);
 }
 
 /// Everything that can stop the binary, printed once by [`main`].
@@ -302,7 +299,7 @@ fn run(data_dir: Option<PathBuf>) -> Result<u8, Failure> {
     if let Some(dir) = data_dir {
         settings.data_dir = easel::config::DataDir::new(dir);
     }
-    init_tracing(&settings.log_filter);
+    init_tracing(&settings.log_filter, settings.log_format);
     runtime()?.block_on(async move {
         let stop = tokio_util::sync::CancellationToken::new();
         let signal = stop.clone();
@@ -342,7 +339,7 @@ async fn wait_for_signal() {
 #[cfg(feature = "demo")]
 fn demo(data_dir: Option<PathBuf>) -> Result<u8, Failure> {
     // The demo prints its own story; only errors are logged beside it.
-    init_tracing("error");
+    init_tracing("error", easel::telemetry::LogFormat::Text);
     match runtime()?.block_on(easel::demo::run(data_dir)) {
         Ok(true) => Ok(0),
         Ok(false) => Err(Failure::CheckFailed),

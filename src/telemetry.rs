@@ -16,6 +16,56 @@
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::ParseError;
+use tracing_subscriber::fmt::MakeWriter;
+
+/// How log lines are written (`EASEL_LOG_FORMAT`, §7).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Lines for people (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers: the event's fields
+    /// under `fields`, and every span it happened in under `spans` (the
+    /// innermost under `span`) — so each line about a request carries its
+    /// `request_id` and `model`, recorded on the `update` and `step`
+    /// spans.
+    Json,
+}
+
+/// Installs the process's subscriber: `filter` (see [`log_filter`]) in
+/// `format`, written to `writer`. False when one was installed already.
+pub fn install<W>(filter: EnvFilter, format: LogFormat, writer: W) -> bool
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => builder.try_init().is_ok(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init()
+            .is_ok(),
+    }
+}
+
+/// The JSON subscriber of [`install`], not installed (for tests that
+/// check its lines under `with_default`).
+pub fn json_subscriber<W>(filter: EnvFilter, writer: W) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .json()
+        .with_current_span(true)
+        .with_span_list(true)
+        .finish()
+}
 
 /// The cap on sled's page cache (see the module doc). More specific than
 /// any plain `sled=…` directive, so it holds whatever the operator wrote.
@@ -84,6 +134,62 @@ mod tests {
             subscriber,
             || tracing::enabled!(target: "sled::pagecache::iobuf", Level::DEBUG),
         )
+    }
+
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `EASEL_LOG_FORMAT=json`: one JSON object per line, and a line
+    /// inside a request's span carries its `request_id` and `model` even
+    /// when they were recorded on the span after it was opened (as intake
+    /// does once it has a request).
+    #[test]
+    fn json_lines_parse_and_carry_the_request_id() {
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber =
+            super::json_subscriber(log_filter("info").unwrap(), move || writer.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "update",
+                update_id = 7,
+                request_id = tracing::field::Empty,
+                model = tracing::field::Empty
+            );
+            let _in = span.enter();
+            tracing::info!("parsed");
+            span.record("request_id", "0123abcd-0000-4000-8000-000000000000");
+            span.record("model", "flux");
+            let step = tracing::info_span!("step", stage = "generating");
+            let _step = step.enter();
+            tracing::warn!(status = 503, "worker busy; retrying");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["fields"]["message"], "parsed");
+        assert!(lines[0]["spans"][0]["request_id"].is_null(), "{text}");
+        let last = &lines[1];
+        assert_eq!(last["level"], "WARN");
+        assert_eq!(last["fields"]["status"], 503);
+        let update = &last["spans"][0];
+        assert_eq!(update["name"], "update");
+        assert_eq!(update["request_id"], "0123abcd-0000-4000-8000-000000000000");
+        assert_eq!(update["model"], "flux");
+        assert_eq!(last["span"]["name"], "step");
     }
 
     #[test]

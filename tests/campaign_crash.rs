@@ -50,7 +50,21 @@ fn spawn(
     sdxl: &FakeWorker,
     llm: &FakeLlm,
 ) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_easel"))
+    spawn_with(dir, tg, flux, sdxl, llm, &[], Stdio::null())
+}
+
+/// [`spawn`] with more variables (which win) and stderr going to `stderr`.
+fn spawn_with(
+    dir: &std::path::Path,
+    tg: &FakeTelegram,
+    flux: &FakeWorker,
+    sdxl: &FakeWorker,
+    llm: &FakeLlm,
+    extra: &[(&str, &str)],
+    stderr: Stdio,
+) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_easel"));
+    command
         .arg("run")
         .current_dir(dir)
         .env("TELEGRAM_BOT_TOKEN", TOKEN)
@@ -65,9 +79,11 @@ fn spawn(
         .env("EASEL_WORKER_TIMEOUT_SECS", "10")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start easel")
+        .stderr(stderr);
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    command.spawn().expect("start easel")
 }
 
 fn cli(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
@@ -351,4 +367,80 @@ async fn kill_9_mid_album_resumes_at_the_first_missing_image() {
     assert_eq!(indices, [1, 2, 3]);
     let (code, out) = cli(dir.path(), &["replay", "--verify"]);
     assert_eq!(code, 0, "{out}");
+}
+
+/// §7 `EASEL_LOG_FORMAT=json`: the built binary writes one JSON object per
+/// line on stderr; the lines about a request carry its `request_id` (and
+/// `model`) in their spans; no secret is in any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_request_id_and_no_secret() {
+    let tg = FakeTelegram::start(TOKEN).await.unwrap();
+    let flux = FakeWorker::flux(Duration::from_millis(10)).await.unwrap();
+    let sdxl = FakeWorker::sdxl(KEY, Duration::from_millis(10))
+        .await
+        .unwrap();
+    let llm = FakeLlm::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.jsonl");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut child = spawn_with(
+        dir.path(),
+        &tg,
+        &flux,
+        &sdxl,
+        &llm,
+        &[("EASEL_LOG_FORMAT", "json"), ("RUST_LOG", "info")],
+        Stdio::from(file),
+    );
+    let user = 7101;
+    tg.user_sends(user, user, "/image=sdxl=a fox in json");
+    assert!(
+        tg.wait_for(Duration::from_secs(20), |c| c
+            .iter()
+            .any(|c| c.method == "sendPhoto" && c.chat_id == Some(user)))
+            .await
+    );
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    for secret in [TOKEN, KEY, TOKEN.split_once(':').unwrap().1] {
+        assert!(!text.contains(secret), "a secret in the logs");
+    }
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() > 3, "{text}");
+    let (code, out) = cli(dir.path(), &["export"]);
+    assert_eq!(code, 0, "{out}");
+    let id = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["type"] == "queued")
+        .and_then(|e| e["request_id"].as_str().map(str::to_owned))
+        .unwrap();
+    // The "queued" line of intake and the lines of the runner's steps.
+    let about: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            l["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["request_id"] == id.as_str()))
+        })
+        .collect();
+    assert!(
+        about.iter().any(|l| l["fields"]["message"] == "queued"),
+        "{text}"
+    );
+    assert!(
+        about.iter().any(|l| l["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "step" && s["model"] == "sdxl")),
+        "{text}"
+    );
 }

@@ -436,3 +436,20 @@ fn img2img_models_from_easel_toml() {
         assert!(err.contains(sentence), "{toml}: {err}");
     }
 }
+
+#[test]
+fn the_log_format_is_text_or_json() {
+    use easel::telemetry::LogFormat;
+    assert_eq!(settings(&[], None).unwrap().log_format, LogFormat::Text);
+    assert_eq!(
+        settings(&[("EASEL_LOG_FORMAT", "JSON")], None)
+            .unwrap()
+            .log_format,
+        LogFormat::Json
+    );
+    let err = settings(&[("EASEL_LOG_FORMAT", "xml")], None).unwrap_err();
+    assert!(
+        err.contains("EASEL_LOG_FORMAT must be text or json (got \"xml\")."),
+        "{err}"
+    );
+}

@@ -442,14 +442,28 @@ pub(super) fn storage_section(vars: &Vars<'_>) -> (DataDir, Duration, Option<Dur
 }
 
 /// `RUST_LOG`, checked the way `easel run` will build its filter.
-pub(super) fn log_section(vars: &Vars<'_>) -> String {
+pub(super) fn log_section(vars: &Vars<'_>) -> (String, crate::telemetry::LogFormat) {
+    use crate::telemetry::LogFormat;
     let spec = vars.non_empty("RUST_LOG").unwrap_or_else(|| "info".into());
     if let Err(e) = crate::telemetry::log_filter(&spec) {
         vars.problem(format!(
             "RUST_LOG is not a valid log filter ({e}); try info or easel=debug."
         ));
     }
-    spec
+    let format = match vars.non_empty("EASEL_LOG_FORMAT") {
+        None => LogFormat::Text,
+        Some(f) => match f.trim().to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                vars.problem(format!(
+                    "EASEL_LOG_FORMAT must be text or json (got \"{other}\")."
+                ));
+                LogFormat::Text
+            }
+        },
+    };
+    (spec, format)
 }
 
 /// `N/SECONDS` within the bounds the projections can answer for.

@@ -178,7 +178,7 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
         let Some(req) = current else {
             return Ok(match self.core.start_next(&self.model).await? {
                 Some(rec) => {
-                    tracing::debug!(request_id = %rec.request_id, model = %self.model, "started");
+                    tracing::info!(request_id = %rec.request_id, model = %self.model, "started");
                     StepOutcome::Progressed {
                         id: rec.request_id,
                         event: rec.event.name(),
@@ -206,7 +206,9 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                 return Ok(None);
             };
             let rec = self.core.execute(req.id, command).await?;
-            tracing::debug!(event = rec.event.name(), "step recorded");
+            // One line per transition at info: with JSON logs, what an
+            // operator follows a request by (its span names it).
+            tracing::info!(event = rec.event.name(), seq = rec.seq, "step recorded");
             Ok(Some(rec))
         };
         let Some(rec) = tracing::Instrument::instrument(step, span).await? else {
