@@ -379,11 +379,6 @@ async fn pause_answering(pause: Duration, h: &mut Handover, shutdown: &Cancellat
     shutdown.is_cancelled()
 }
 
-/// getMe, retried with backoff (500 ms doubling to 30 s, with jitter) while
-/// Telegram cannot be reached or answers with a server error; only a
-/// refused token (`401 Unauthorized`, `404 Not Found`) is a configuration
-/// error. A Telegram outage at start, or during a restart after the disk
-/// filled, must not stop the bot.
 /// The command menu in every language easel speaks: English as the
 /// default, and one menu per other language for users whose Telegram is
 /// set to it. Best effort: the bot works without a menu.
@@ -404,6 +399,11 @@ async fn set_commands(api: &TelegramApi, settings: &Settings) {
     }
 }
 
+/// getMe, retried with backoff (500 ms doubling to 30 s, with jitter) while
+/// Telegram cannot be reached or answers with a server error; only a
+/// refused token (`401 Unauthorized`, `404 Not Found`) is a configuration
+/// error. A Telegram outage at start, or during a restart after the disk
+/// filled, must not stop the bot.
 async fn who_am_i(api: &TelegramApi, shutdown: CancellationToken) -> Result<String, StartError> {
     use backon::{ExponentialBuilder, Retryable};
     let backoff = ExponentialBuilder::default()
