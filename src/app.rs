@@ -67,7 +67,7 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 /// # Errors
 /// [`StartError::Config`] for a missing or refused token, else what failed.
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<App, StartError> {
-    start_with(settings, shutdown, Refused::default()).await
+    start_with(settings, shutdown, Refused::default(), Arc::default()).await
 }
 
 /// As [`start`], first cancelling the requests an earlier engine of this
@@ -76,6 +76,7 @@ async fn start_with(
     settings: Settings,
     shutdown: CancellationToken,
     refused: Refused,
+    health: Arc<crate::health::Health>,
 ) -> Result<App, StartError> {
     let token = settings.telegram_token.clone().ok_or_else(|| {
         StartError::Config("TELEGRAM_BOT_TOKEN is not set; `easel run` needs the bot token.".into())
@@ -138,9 +139,11 @@ async fn start_with(
             settings.telegram_api_url.expose().clone(),
             shutdown.clone(),
         )
-        .context("building the Telegram client")?,
+        .context("building the Telegram client")?
+        .with_health(Arc::clone(&health)),
     );
     let username = who_am_i(&api, shutdown.clone()).await?;
+    health.set(crate::health::Part::Telegram, None);
     tracing::info!(%username, "connected to Telegram");
     set_commands(&api, &settings).await;
 
@@ -294,15 +297,41 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let mut handover: Option<Handover> = None;
     // What one engine refused and the next must not run.
     let refused = Refused::default();
+    // Readiness (§7), served for the whole process when asked for.
+    let health = Arc::new(crate::health::Health::default());
+    if let Some(addr) = settings.metrics_addr {
+        crate::health::serve(addr, Arc::clone(&health), shutdown.clone())
+            .await
+            .map_err(|e| {
+                StartError::Other(anyhow::anyhow!(
+                    "cannot listen on {addr} (EASEL_METRICS_ADDR): {e}"
+                ))
+            })?;
+    }
     loop {
         // Each engine has its own token, a child of the process's: a
         // broken log can stop the engine without stopping the process,
         // and the process's signal stops the engine too.
         let engine = shutdown.child_token();
         let started = tokio::time::Instant::now();
-        let app = match start_with(settings.clone(), engine.clone(), refused.clone()).await {
-            Ok(app) => app,
+        let app = match start_with(
+            settings.clone(),
+            engine.clone(),
+            refused.clone(),
+            Arc::clone(&health),
+        )
+        .await
+        {
+            Ok(app) => {
+                health.set(crate::health::Part::Log, None);
+                health.set(crate::health::Part::Engine, None);
+                app
+            }
             Err(e) => {
+                health.set(
+                    crate::health::Part::Engine,
+                    Some("the event log cannot be reopened yet".into()),
+                );
                 // The first start reports every problem; later ones retry
                 // all but a configuration error.
                 let Some(h) = handover.as_mut() else {
@@ -336,6 +365,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             %reason,
             retry_in_secs = pause.as_secs(),
             "the event log can no longer be written; stopping the engine and starting it again from the log once the disk takes writes"
+        );
+        health.set(
+            crate::health::Part::Log,
+            Some(format!("the event log refuses writes ({reason})")),
+        );
+        health.set(
+            crate::health::Part::Engine,
+            Some("restarting the engine".into()),
         );
         engine.cancel();
         let (mut h, result) = app.wait_for_handover().await;

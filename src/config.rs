@@ -171,6 +171,9 @@ pub struct Settings {
     /// (`EASEL_RETENTION_DAYS`); `None` keeps everything in the log.
     pub retention: Option<Duration>,
     pub log_filter: String,
+    /// Where `/healthz` and `/readyz` are served (`EASEL_METRICS_ADDR`);
+    /// None: nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// How log lines are written (`EASEL_LOG_FORMAT`).
     pub log_format: crate::telemetry::LogFormat,
     /// Prompt presets, by name.
@@ -299,6 +302,14 @@ impl Settings {
         let max_variations = u32::try_from(vars.number(&MAX_VARIATIONS)).unwrap_or(1);
         let (data_dir, originals_ttl, retention) = storage_section(&vars);
         let (log_filter, log_format) = log_section(&vars);
+        let metrics_addr = vars.non_empty("EASEL_METRICS_ADDR").and_then(|raw| {
+            raw.trim().parse().map_err(|_| {
+                vars.problem(format!(
+                    "EASEL_METRICS_ADDR must be an address and port such as 127.0.0.1:9090 (got \"{}\").",
+                    raw.trim()
+                ));
+            }).ok()
+        });
 
         let problems = vars.problems.into_inner();
         match (problems.is_empty(), telegram_api_url) {
@@ -319,6 +330,7 @@ impl Settings {
                 retention,
                 log_filter,
                 log_format,
+                metrics_addr,
                 presets,
                 max_variations,
             }),

@@ -34,6 +34,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod engine;
+pub mod health;
 pub mod maintenance;
 pub mod ops;
 pub mod projection;

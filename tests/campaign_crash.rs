@@ -444,3 +444,75 @@ async fn json_logs_carry_the_request_id_and_no_secret() {
         "{text}"
     );
 }
+
+/// §7 `/healthz` and `/readyz` on `EASEL_METRICS_ADDR`, on the built
+/// binary: 200 while it runs, ready once the engine runs and Telegram
+/// answered. (How Telegram's reachability moves readiness is tested on
+/// the client itself, under paused time: `tests/bot`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_and_readyz_answer_on_the_metrics_address() {
+    let tg = FakeTelegram::start(TOKEN).await.unwrap();
+    let flux = FakeWorker::flux(Duration::from_millis(10)).await.unwrap();
+    let sdxl = FakeWorker::sdxl(KEY, Duration::from_millis(10))
+        .await
+        .unwrap();
+    let llm = FakeLlm::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = spawn_with(
+        dir.path(),
+        &tg,
+        &flux,
+        &sdxl,
+        &llm,
+        &[("EASEL_METRICS_ADDR", &addr)],
+        Stdio::null(),
+    );
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = (None, None);
+    while Instant::now() < deadline {
+        let get = |path: &str| {
+            client
+                .get(format!("http://{addr}{path}"))
+                .timeout(Duration::from_secs(2))
+                .send()
+        };
+        if let (Ok(h), Ok(r)) = (get("/healthz").await, get("/readyz").await) {
+            let h = (h.status().as_u16(), h.text().await.unwrap_or_default());
+            let r = (r.status().as_u16(), r.text().await.unwrap_or_default());
+            seen = (Some(h.clone()), Some(r.clone()));
+            if r.0 == 200 {
+                break;
+            }
+            // Not ready yet: it says why, one line.
+            assert_eq!(r.0, 503, "{r:?}");
+            assert!(
+                r.1.starts_with("not ready: ") && r.1.ends_with('\n'),
+                "{r:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen.0, Some((200, "ok\n".to_owned())));
+    assert_eq!(seen.1, Some((200, "ready\n".to_owned())));
+    let (code, _) = {
+        let r = client
+            .get(format!("http://{addr}/nothing"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), ())
+    };
+    assert_eq!(code, 404);
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    child.wait().unwrap();
+}

@@ -453,3 +453,15 @@ fn the_log_format_is_text_or_json() {
         "{err}"
     );
 }
+
+#[test]
+fn the_metrics_address_is_an_address_and_port() {
+    assert_eq!(settings(&[], None).unwrap().metrics_addr, None);
+    let s = settings(&[("EASEL_METRICS_ADDR", "127.0.0.1:9090")], None).unwrap();
+    assert_eq!(s.metrics_addr, Some("127.0.0.1:9090".parse().unwrap()));
+    let err = settings(&[("EASEL_METRICS_ADDR", "localhost")], None).unwrap_err();
+    assert!(
+        err.contains("EASEL_METRICS_ADDR must be an address and port such as 127.0.0.1:9090 (got \"localhost\")."),
+        "{err}"
+    );
+}

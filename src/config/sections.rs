@@ -86,7 +86,7 @@ pub(super) struct Vars<'a> {
 }
 
 impl Vars<'_> {
-    fn problem(&self, sentence: String) {
+    pub(super) fn problem(&self, sentence: String) {
         self.problems.borrow_mut().push(sentence);
     }
 

@@ -80,6 +80,8 @@ pub struct TelegramApi {
     /// second stay within the pace plus this many.
     in_flight: tokio::sync::Semaphore,
     shutdown: CancellationToken,
+    /// Told whether Telegram answers (readiness, §7).
+    health: Option<std::sync::Arc<crate::health::Health>>,
 }
 
 impl TelegramApi {
@@ -108,7 +110,25 @@ impl TelegramApi {
             },
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             shutdown,
+            health: None,
         })
+    }
+
+    /// Reports to `health` whether Telegram answers.
+    #[must_use]
+    pub fn with_health(mut self, health: std::sync::Arc<crate::health::Health>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// Telegram answered (`true`), or could not be reached (`false`).
+    pub(crate) fn note_reachable(&self, answered: bool) {
+        if let Some(h) = &self.health {
+            h.set(
+                crate::health::Part::Telegram,
+                (!answered).then(|| "Telegram cannot be reached".to_owned()),
+            );
+        }
     }
 
     pub fn bot(&self) -> &teloxide::Bot {
@@ -173,6 +193,9 @@ impl TelegramApi {
             self.pace.wait().await;
             let outcome = call().await;
             drop(permit);
+            // Any answer at all (an API error included) means Telegram is
+            // reachable; a transient failure means it is not, for now.
+            self.note_reachable(!matches!(&outcome, Err(e) if transient(e)));
             let wait = match outcome {
                 Ok(v) => return Ok(Some(v)),
                 Err(RequestError::Api(ApiError::MessageNotModified)) => return Ok(None),
@@ -232,7 +255,7 @@ pub(crate) fn transient_backoff() -> backon::ExponentialBuilder {
 /// Errors worth retrying: the network, unparsable answers (a proxy's HTML
 /// page), and Telegram's own 5xx ("Internal Server Error", "Bad Gateway"…),
 /// which teloxide reports as an unknown API error.
-fn transient(e: &RequestError) -> bool {
+pub(crate) fn transient(e: &RequestError) -> bool {
     match e {
         RequestError::Network(_) | RequestError::Io(_) | RequestError::InvalidJson { .. } => true,
         RequestError::Api(ApiError::Unknown(text)) => {

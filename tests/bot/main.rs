@@ -1568,3 +1568,87 @@ async fn a_restart_mid_album_resumes_at_the_first_missing_image() {
     assert_eq!(indices, [1, 2, 3]);
     app.stop().await;
 }
+
+/// §7 readiness follows Telegram: a call that cannot get an answer (502s
+/// until the reply policy gives up) makes `/readyz` say Telegram cannot be
+/// reached; the next answered call makes it ready again. Paused time: the
+/// client's backoff between the 502s takes no real time.
+#[tokio::test(start_paused = true)]
+async fn readiness_follows_whether_telegram_answers() {
+    use easel::demo::fake_telegram::{Failure, FakeTelegram};
+    use easel::health::{Health, Part};
+    use easel::telegram::replies::Reply;
+    let tg = FakeTelegram::start(TOKEN).await.unwrap();
+    let health = std::sync::Arc::new(Health::default());
+    health.set(Part::Engine, None);
+    let api = easel::telegram::api::TelegramApi::new(
+        secrecy::SecretString::from(TOKEN.to_owned()),
+        tg.url.parse().unwrap(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .unwrap()
+    .with_health(std::sync::Arc::clone(&health));
+    let to = Reply {
+        chat: 42,
+        to_message: None,
+    };
+    api.send_text(to, "hello".into()).await.unwrap();
+    assert_eq!(health.ready(), Ok(()));
+    tg.fail_next("sendMessage", 3, Failure::Status(502, "Bad Gateway".into()));
+    assert!(api.send_text(to, "lost".into()).await.is_err());
+    assert_eq!(health.ready(), Err("Telegram cannot be reached".into()));
+    // An answer, even a refusal, means Telegram is there.
+    tg.fail_next(
+        "sendMessage",
+        1,
+        Failure::Status(400, "Bad Request: chat not found".into()),
+    );
+    assert!(api.send_text(to, "refused".into()).await.is_err());
+    assert_eq!(health.ready(), Ok(()));
+}
+
+/// §7 `/readyz` says why it is not ready, one line, with `503`; `/healthz`
+/// stays `200`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_why_it_is_not_ready() {
+    use easel::health::{Health, Part};
+    let health = std::sync::Arc::new(Health::default());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let served = easel::health::serve(addr, std::sync::Arc::clone(&health), stop.clone())
+        .await
+        .unwrap();
+    let get = |path: &str| reqwest::get(format!("http://{addr}{path}"));
+    let r = get("/readyz").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.text().await.unwrap(), "not ready: starting\n");
+    health.set(Part::Engine, None);
+    health.set(Part::Telegram, None);
+    health.set(
+        Part::Log,
+        Some("the event log refuses writes (disk full)".into()),
+    );
+    let r = get("/readyz").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.text().await.unwrap(),
+        "not ready: the event log refuses writes (disk full)\n"
+    );
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    health.set(Part::Log, None);
+    let r = get("/readyz").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.text().await.unwrap()),
+        (200, "ready\n".to_owned())
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("the listener stops")
+        .unwrap();
+}
