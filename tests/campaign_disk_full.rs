@@ -28,6 +28,19 @@ struct Fakes {
     flux: FakeWorker,
     sdxl: FakeWorker,
     llm: FakeLlm,
+    /// Where the bot serves `/readyz` (§7), the same for every start.
+    health: String,
+}
+
+/// `/readyz` as (status, body); None while nothing listens.
+async fn readyz(f: &Fakes) -> Option<(u16, String)> {
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/readyz", f.health))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    Some((r.status().as_u16(), r.text().await.unwrap_or_default()))
 }
 
 /// How the disk fills: a real small file system with a ballast file, or a
@@ -112,6 +125,7 @@ fn spawn(dir: &Path, f: &Fakes, limit_kib: Option<u64>) -> Bot {
         .env("LLM_API_URL", &f.llm.url)
         .env("EASEL_DATA_DIR", dir)
         .env("EASEL_RETRY_BASE_MS", "10")
+        .env("EASEL_METRICS_ADDR", &f.health)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -185,6 +199,14 @@ async fn a_full_disk_mid_run_loses_nothing_acknowledged_and_heals() {
             .await
             .unwrap(),
         llm: FakeLlm::start().await.unwrap(),
+        health: format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        ),
     };
     let temp = tempfile::tempdir().unwrap();
     let (dir, disk) = match std::env::var_os("EASEL_FULL_DISK_DIR") {
@@ -275,6 +297,15 @@ async fn a_full_disk_mid_run_loses_nothing_acknowledged_and_heals() {
         user += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Readiness says so, with the reason: the log, not Telegram (§7).
+    let (code, why) = readyz(&f)
+        .await
+        .expect("the health listener answers while the disk is full");
+    assert_eq!(code, 503, "{why}");
+    assert!(
+        why.starts_with("not ready: the event log") || why == "not ready: restarting the engine\n",
+        "{why}"
+    );
     println!(
         "disk-full campaign: disk full for {} s: {} requests refused with a clear reply, {helped} /help answered, bot up",
         full_for.as_secs(),
@@ -315,6 +346,17 @@ async fn a_full_disk_mid_run_loses_nothing_acknowledged_and_heals() {
         }
     };
     assert!(served, "no image after space came back");
+    // Served again: ready again.
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        match readyz(&f).await {
+            Some((200, _)) => break,
+            other if Instant::now() > ready_by => {
+                panic!("/readyz after the disk healed: {other:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
     let status = child.stop().await;
     assert!(status.success(), "easel stopped with {status}");
     println!("disk-full campaign: served again after {retries} refused retries");
