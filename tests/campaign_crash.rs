@@ -86,6 +86,25 @@ fn spawn_with(
     command.spawn().expect("start easel")
 }
 
+/// The FAKE Telegram, flux and sdxl workers (each answering after
+/// `delay`) and LLM a campaign runs the binary against.
+async fn fakes(delay: Duration) -> (FakeTelegram, FakeWorker, FakeWorker, FakeLlm) {
+    (
+        FakeTelegram::start(TOKEN).await.unwrap(),
+        FakeWorker::flux(delay).await.unwrap(),
+        FakeWorker::sdxl(KEY, delay).await.unwrap(),
+        FakeLlm::start().await.unwrap(),
+    )
+}
+
+/// Stops the binary as SIGTERM does and waits for it.
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().unwrap();
+}
+
 fn cli(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_easel"))
         .args(args)
@@ -113,12 +132,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
     ) | 1;
     println!("crash campaign: {kills} kills, {users} users, EASEL_CAMPAIGN_SEED={seed}");
     let mut rng = Rng(seed);
-    let tg = FakeTelegram::start(TOKEN).await.unwrap();
-    let flux = FakeWorker::flux(Duration::from_millis(40)).await.unwrap();
-    let sdxl = FakeWorker::sdxl(KEY, Duration::from_millis(40))
-        .await
-        .unwrap();
-    let llm = FakeLlm::start().await.unwrap();
+    let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(40)).await;
     let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
 
@@ -177,10 +191,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
             break;
         }
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    child.wait().unwrap();
+    terminate(&mut child);
     assert!(finished, "the last run did not finish the work in time");
 
     // 1. The whole history verifies.
@@ -311,12 +322,7 @@ fn queued_replies(tg: &FakeTelegram) -> Vec<(i64, String)> {
 /// history verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_album_resumes_at_the_first_missing_image() {
-    let tg = FakeTelegram::start(TOKEN).await.unwrap();
-    let flux = FakeWorker::flux(Duration::from_millis(10)).await.unwrap();
-    let sdxl = FakeWorker::sdxl(KEY, Duration::from_millis(10))
-        .await
-        .unwrap();
-    let llm = FakeLlm::start().await.unwrap();
+    let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(10)).await;
     let dir = tempfile::tempdir().unwrap();
     // The worker's second call (image 2) waits: the kill comes then.
     flux.stats.hold_calls.lock().unwrap().push(2);
@@ -343,11 +349,7 @@ async fn kill_9_mid_album_resumes_at_the_first_missing_image() {
             .await,
         "no album after the restart"
     );
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    child.wait().unwrap();
+    terminate(&mut child);
     let album = tg
         .calls()
         .into_iter()
@@ -374,12 +376,7 @@ async fn kill_9_mid_album_resumes_at_the_first_missing_image() {
 /// `model`) in their spans; no secret is in any of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_request_id_and_no_secret() {
-    let tg = FakeTelegram::start(TOKEN).await.unwrap();
-    let flux = FakeWorker::flux(Duration::from_millis(10)).await.unwrap();
-    let sdxl = FakeWorker::sdxl(KEY, Duration::from_millis(10))
-        .await
-        .unwrap();
-    let llm = FakeLlm::start().await.unwrap();
+    let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(10)).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("stderr.jsonl");
     let file = std::fs::File::create(&log).unwrap();
@@ -400,11 +397,7 @@ async fn json_logs_carry_the_request_id_and_no_secret() {
             .any(|c| c.method == "sendPhoto" && c.chat_id == Some(user)))
             .await
     );
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    child.wait().unwrap();
+    terminate(&mut child);
     let text = std::fs::read_to_string(&log).unwrap();
     for secret in [TOKEN, KEY, TOKEN.split_once(':').unwrap().1] {
         assert!(!text.contains(secret), "a secret in the logs");
@@ -451,12 +444,7 @@ async fn json_logs_carry_the_request_id_and_no_secret() {
 /// the client itself, under paused time: `tests/bot`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_and_readyz_answer_on_the_metrics_address() {
-    let tg = FakeTelegram::start(TOKEN).await.unwrap();
-    let flux = FakeWorker::flux(Duration::from_millis(10)).await.unwrap();
-    let sdxl = FakeWorker::sdxl(KEY, Duration::from_millis(10))
-        .await
-        .unwrap();
-    let llm = FakeLlm::start().await.unwrap();
+    let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(10)).await;
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -510,9 +498,5 @@ async fn healthz_and_readyz_answer_on_the_metrics_address() {
         (r.status().as_u16(), ())
     };
     assert_eq!(code, 404);
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    child.wait().unwrap();
+    terminate(&mut child);
 }

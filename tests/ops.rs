@@ -279,15 +279,7 @@ async fn audit_show_by_prefix_and_ambiguity() {
                 .append(vec![easel::store::NewEvent {
                     request_id: RequestId(twin.parse().unwrap()),
                     at: chrono::Utc::now(),
-                    event: easel::domain::Event::Queued {
-                        model: req.model,
-                        prompt: req.prompt,
-                        origin: req.origin,
-                        preset: None,
-                        remembered: false,
-                        input: None,
-                        images: 1,
-                    },
+                    event: req.into_queued(),
                 }])
                 .unwrap();
         }
@@ -732,15 +724,7 @@ fn audit_prints_outside_text_with_escapes_made_visible() {
     };
     store
         .append(vec![
-            ev(Event::Queued {
-                model: r.model,
-                prompt: r.prompt,
-                origin: r.origin,
-                preset: None,
-                remembered: false,
-                input: None,
-                images: 1,
-            }),
+            ev(r.into_queued()),
             ev(Event::Started),
             ev(Event::Enhanced {
                 prompt: "a fox\u{1b}]0;pwned\u{7}".into(),
@@ -778,28 +762,21 @@ fn audit_prints_outside_text_with_escapes_made_visible() {
 /// shown by `audit show` (text and JSON) and travels in `export`.
 #[test]
 fn audit_show_and_export_carry_the_preset() {
-    use easel::domain::{Event, PresetUse};
+    use easel::domain::PresetUse;
     use easel::store::{EventStore, NewEvent};
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(&easel::config::DataDir::new(dir.path()).log()).unwrap();
-    let r = common::request("flux", 1, "a cat, anime style");
+    let mut r = common::request("flux", 1, "a cat, anime style");
+    r.preset = Some(PresetUse {
+        name: "anime".into(),
+        prompt: "a cat".into(),
+    });
     let id = RequestId::random();
     store
         .append(vec![NewEvent {
             request_id: id,
             at: chrono::Utc::now(),
-            event: Event::Queued {
-                model: r.model,
-                prompt: r.prompt,
-                origin: r.origin,
-                preset: Some(PresetUse {
-                    name: "anime".into(),
-                    prompt: "a cat".into(),
-                }),
-                remembered: false,
-                input: None,
-                images: 1,
-            },
+            event: r.into_queued(),
         }])
         .unwrap();
     drop(store);

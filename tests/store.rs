@@ -12,21 +12,13 @@ use easel::store::{EventStore, NewEvent, ReadError, SledStore, StoreError};
 
 fn queued(update: u32) -> NewEvent {
     let r = common::request("flux", i64::from(update), "a fox");
-    let mut origin = r.origin;
-    origin.update_id = Some(update);
-    origin.message_id = Some(update as i32);
+    let mut r = r;
+    r.origin.update_id = Some(update);
+    r.origin.message_id = Some(update as i32);
     NewEvent {
         request_id: RequestId::random(),
         at: Utc::now(),
-        event: Event::Queued {
-            model: r.model,
-            prompt: r.prompt,
-            origin,
-            preset: None,
-            remembered: false,
-            input: None,
-            images: 1,
-        },
+        event: r.into_queued(),
     }
 }
 
@@ -670,15 +662,7 @@ async fn a_log_from_before_random_ids_gets_its_request_index_rebuilt_in_creation
                 .append(vec![NewEvent {
                     request_id: id,
                     at: start + chrono::Duration::minutes(i),
-                    event: Event::Queued {
-                        model: req.model,
-                        prompt: req.prompt,
-                        origin: req.origin,
-                        preset: None,
-                        remembered: false,
-                        input: None,
-                        images: 1,
-                    },
+                    event: req.into_queued(),
                 }])
                 .unwrap();
             made.push(id);

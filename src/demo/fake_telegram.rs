@@ -194,29 +194,13 @@ impl FakeTelegram {
     /// User `user` writes `text` in `chat` (a private chat when equal).
     /// Returns (update id, message id).
     pub fn user_sends(&self, user: i64, chat: i64, text: &str) -> (u32, i32) {
-        let mut message_id = 0;
-        let update_id = self.push_update(|id, inner| {
-            inner.next_message_id += 1;
-            message_id = inner.next_message_id;
-            json!({
-                "update_id": id,
-                "message": {
-                    "message_id": message_id,
-                    "date": now_unix(),
-                    "chat": chat_json(chat),
-                    "from": user_json(inner, user),
-                    "text": text,
-                }
-            })
-        });
-        (update_id, message_id)
+        self.user_message(user, chat, |_, _, message| message["text"] = json!(text))
     }
 
-    /// User `user` sends a photo (`bytes`, declared `width`×`height`) with
-    /// `caption` in `chat`, as Telegram does: the sizes it made, smallest
-    /// first, each with its own `file_id` (here all the same bytes, the
-    /// largest declared as `declared_size` bytes). Returns (update id,
-    /// message id).
+    /// User `user` sends a photo (`bytes`) with `caption` in `chat`, as
+    /// Telegram does: the sizes it made, smallest first, each with its own
+    /// `file_id` (here all the same bytes, the largest declared as
+    /// `declared_size` bytes). Returns (update id, message id).
     pub fn user_sends_photo(
         &self,
         user: i64,
@@ -225,10 +209,7 @@ impl FakeTelegram {
         bytes: &[u8],
         declared_size: usize,
     ) -> (u32, i32) {
-        let mut message_id = 0;
-        let update_id = self.push_update(|id, inner| {
-            inner.next_message_id += 1;
-            message_id = inner.next_message_id;
+        self.user_message(user, chat, |inner, message_id, message| {
             let small = format!("photo{message_id}s");
             let large = format!("photo{message_id}l");
             inner.files.insert(small.clone(), bytes.to_vec());
@@ -238,27 +219,16 @@ impl FakeTelegram {
                 { "file_id": large, "file_unique_id": format!("u{large}"), "width": 1024, "height": 1024, "file_size": declared_size },
             ]);
             inner.photos.insert((chat, message_id), photo.clone());
-            let mut message = json!({
-                "message_id": message_id,
-                "date": now_unix(),
-                "chat": chat_json(chat),
-                "from": user_json(inner, user),
-                "photo": photo,
-            });
+            message["photo"] = photo;
             if let Some(c) = caption {
                 message["caption"] = json!(c);
             }
-            json!({ "update_id": id, "message": message })
-        });
-        (update_id, message_id)
+        })
     }
 
     /// User `user` answers message `to` (a photo of theirs, say) with `text`.
     pub fn user_replies(&self, user: i64, chat: i64, to: i32, text: &str) -> (u32, i32) {
-        let mut message_id = 0;
-        let update_id = self.push_update(|id, inner| {
-            inner.next_message_id += 1;
-            message_id = inner.next_message_id;
+        self.user_message(user, chat, |inner, _, message| {
             let mut replied = json!({
                 "message_id": to,
                 "date": now_unix(),
@@ -268,17 +238,32 @@ impl FakeTelegram {
             if let Some(photo) = inner.photos.get(&(chat, to)) {
                 replied["photo"] = photo.clone();
             }
-            json!({
-                "update_id": id,
-                "message": {
-                    "message_id": message_id,
-                    "date": now_unix(),
-                    "chat": chat_json(chat),
-                    "from": user_json(inner, user),
-                    "text": text,
-                    "reply_to_message": replied,
-                }
-            })
+            message["text"] = json!(text);
+            message["reply_to_message"] = replied;
+        })
+    }
+
+    /// A new message of user `user` in `chat` as an update: its id, date,
+    /// chat and sender, then what `fill` adds (text, photo, caption, …).
+    /// Returns (update id, message id).
+    fn user_message(
+        &self,
+        user: i64,
+        chat: i64,
+        fill: impl FnOnce(&mut Inner, i32, &mut Value),
+    ) -> (u32, i32) {
+        let mut message_id = 0;
+        let update_id = self.push_update(|id, inner| {
+            inner.next_message_id += 1;
+            message_id = inner.next_message_id;
+            let mut message = json!({
+                "message_id": message_id,
+                "date": now_unix(),
+                "chat": chat_json(chat),
+                "from": user_json(inner, user),
+            });
+            fill(inner, message_id, &mut message);
+            json!({ "update_id": id, "message": message })
         });
         (update_id, message_id)
     }

@@ -100,6 +100,21 @@ pub struct NewRequest {
     pub images: u32,
 }
 
+impl NewRequest {
+    /// The `Queued` event that records this request.
+    pub fn into_queued(self) -> Event {
+        Event::Queued {
+            model: self.model,
+            prompt: self.prompt,
+            origin: self.origin,
+            preset: self.preset,
+            remembered: self.remembered,
+            input: self.input,
+            images: self.images,
+        }
+    }
+}
+
 /// The answer to an accepted (or already accepted) request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Admitted {
@@ -253,15 +268,7 @@ impl<S: EventStore> Core<S> {
         }
         state.admit(req.origin.user_id, limits, now, req.images)?;
         let id = RequestId::random();
-        let event = Event::Queued {
-            model: req.model,
-            prompt: req.prompt,
-            origin: req.origin,
-            preset: req.preset,
-            remembered: req.remembered,
-            input: req.input,
-            images: req.images,
-        };
+        let event = req.into_queued();
         let rec = self
             .append_locked(&mut state, id, event, now)
             .map_err(|e| AcceptError::Unwritten {
