@@ -355,13 +355,23 @@ impl<S: EventStore> Core<S> {
     /// # Errors
     /// A store error.
     pub async fn start_next(&self, model: &ModelName) -> Result<Option<Recorded>, CoreError> {
-        let head = {
+        let (head, seen) = {
             let state = self.lock();
             if state.in_flight(model).is_some() {
                 return Ok(None);
             }
-            state.head(model)
+            (state.head(model), state.last_seq)
         };
+        // The head's `Queued` may still wait for its flush (intake appends,
+        // then waits). Starting acts on it, so it must be durable first:
+        // otherwise a flush the disk refuses can leave `Queued` and
+        // `Started` on disk for a request whose user was told "couldn't
+        // take that request", and the next engine, which cancels such
+        // requests only while queued, would run it. Free when the flush
+        // already happened (the usual case: the group commit shares it).
+        if head.is_some() {
+            self.durable(seen).await?;
+        }
         match head {
             None => Ok(None),
             // A cancel may slip in between; then try again next wake-up.
