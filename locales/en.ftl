@@ -123,8 +123,12 @@ why-rejected = the model's content filter rejected this prompt. Try rephrasing i
 why-unavailable = the image service is unavailable right now. Please try again later.
 why-timed-out = the image service took too long to answer. Please try again later.
 why-bad-answer = the image service answered with something that is not an image. Please try again.
-# No operator alert exists yet: say nothing that did not happen.
+# Said only when no operator alert about this model went out.
 why-refused = the image service refused the request. If it keeps happening, please tell the bot's operator.
+# Said exactly when an operator alert about this model went out (and the
+# trouble is still on).
+why-refused-told = the image service refused the request. The bot's operator has been told.
+operator-told = The bot's operator has been told.
 why-not-configured = image generation is not configured for this model right now.
 why-delivery = Telegram would not take the image.
 why-internal = something went wrong on our side. Please try again.

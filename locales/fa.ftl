@@ -138,8 +138,11 @@ why-rejected = فیلتر محتوای مدل این توضیح را نپذیر�
 why-unavailable = سرویس ساخت تصویر الان در دسترس نیست. لطفاً کمی بعد دوباره امتحان کنید.
 why-timed-out = سرویس ساخت تصویر بیش از حد طول کشید. لطفاً کمی بعد دوباره امتحان کنید.
 why-bad-answer = پاسخ سرویس ساخت تصویر، تصویر نبود. لطفاً دوباره امتحان کنید.
-# No operator alert exists yet: say nothing that did not happen.
+# Said only when no operator alert about this model went out.
 why-refused = سرویس ساخت تصویر درخواست را رد کرد. اگر باز هم پیش آمد، لطفاً به گرداننده‌ی ربات خبر دهید.
+# Said exactly when an operator alert about this model went out.
+why-refused-told = سرویس ساخت تصویر درخواست را رد کرد. به گرداننده‌ی ربات خبر داده شد.
+operator-told = به گرداننده‌ی ربات خبر داده شد.
 why-not-configured = ساختن تصویر با این مدل در حال حاضر راه‌اندازی نشده است.
 why-delivery = تلگرام تصویر را نپذیرفت.
 why-internal = مشکلی در سمت ما پیش آمد. لطفاً دوباره امتحان کنید.

@@ -67,7 +67,31 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 /// # Errors
 /// [`StartError::Config`] for a missing or refused token, else what failed.
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<App, StartError> {
-    start_with(settings, shutdown, Refused::default(), Arc::default()).await
+    let watch = Watch::new(&settings);
+    start_with(settings, shutdown, Refused::default(), &watch).await
+}
+
+/// What the operator watches, for the whole process (they outlive engine
+/// restarts): readiness, the metrics, the alerts.
+#[derive(Clone)]
+struct Watch {
+    health: Arc<crate::health::Health>,
+    metrics: Arc<crate::metrics::Metrics>,
+    alerts: Arc<crate::alerts::Alerts>,
+}
+
+impl Watch {
+    fn new(settings: &Settings) -> Self {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        Watch {
+            health: Arc::default(),
+            alerts: Arc::new(crate::alerts::Alerts::new(
+                settings.operator_chat,
+                Arc::clone(&metrics),
+            )),
+            metrics,
+        }
+    }
 }
 
 /// As [`start`], first cancelling the requests an earlier engine of this
@@ -76,8 +100,13 @@ async fn start_with(
     settings: Settings,
     shutdown: CancellationToken,
     refused: Refused,
-    health: Arc<crate::health::Health>,
+    watch: &Watch,
 ) -> Result<App, StartError> {
+    let Watch {
+        health,
+        metrics,
+        alerts,
+    } = watch.clone();
     let token = settings.telegram_token.clone().ok_or_else(|| {
         StartError::Config("TELEGRAM_BOT_TOKEN is not set; `easel run` needs the bot token.".into())
     })?;
@@ -92,6 +121,8 @@ async fn start_with(
     crate::store::disk::create_data_dir(settings.data_dir.root())
         .with_context(|| format!("could not create the data dir {}", settings.data_dir))?;
     let store = SledStore::open(&settings.data_dir.log()).map_err(anyhow::Error::from)?;
+    let observed = Arc::clone(&metrics);
+    store.observe_flushes(Box::new(move |took, events| observed.flushed(took, events)));
     let (core, report) = Core::open(store, Arc::new(SystemClock)).map_err(anyhow::Error::from)?;
     tracing::info!(
         checkpoint = ?report.checkpoint_seq,
@@ -100,6 +131,8 @@ async fn start_with(
         "event log opened"
     );
     let core = Arc::new(core);
+    metrics.engine_starts.inc();
+    metrics.read_lanes_with(crate::metrics::lanes_of(&core));
     crate::maintenance::fail_unconfigured(&core, &settings)
         .await
         .context("failing the requests of unconfigured models")?;
@@ -129,9 +162,11 @@ async fn start_with(
     let retries = Retries::default();
     let generator = Arc::new(
         ImageWorkers::new(client.clone(), &settings, Arc::clone(&permits))
-            .with_retries(retries.clone()),
+            .with_retries(retries.clone())
+            .with_watchers(Arc::clone(&metrics), Arc::clone(&alerts)),
     );
-    let enhancer = Arc::new(LlmEnhancer::new(client, &settings, permits));
+    let enhancer =
+        Arc::new(LlmEnhancer::new(client, &settings, permits).with_metrics(Arc::clone(&metrics)));
 
     let api = Arc::new(
         TelegramApi::new(
@@ -140,8 +175,10 @@ async fn start_with(
             shutdown.clone(),
         )
         .context("building the Telegram client")?
-        .with_health(Arc::clone(&health)),
+        .with_health(Arc::clone(&health))
+        .with_watchers(Arc::clone(&metrics), Arc::clone(&alerts)),
     );
+    alerts.send_with(&api);
     let username = who_am_i(&api, shutdown.clone()).await?;
     health.set(crate::health::Part::Telegram, None);
     tracing::info!(%username, "connected to Telegram");
@@ -151,11 +188,23 @@ async fn start_with(
         Arc::clone(&core),
         Arc::clone(&api),
         retries,
+        Some(Arc::clone(&alerts)),
         shutdown.clone(),
     );
     let deliverer = Arc::new(TelegramDeliverer::new(Arc::clone(&api)));
     let mut tasks = JoinSet::new();
     tasks.spawn(board_task);
+    // The request series and the "failing in a row" alert read the log;
+    // nobody needs them when neither is asked for.
+    if settings.metrics_addr.is_some() || settings.operator_chat.is_some() {
+        let alerts = Arc::clone(&alerts);
+        tasks.spawn(crate::metrics::follow(
+            Arc::clone(&core),
+            Arc::clone(&metrics),
+            move |model, outcome| alerts.generation(model, outcome),
+            shutdown.clone(),
+        ));
+    }
     for model in &settings.models {
         let runner = Runner::new(
             Arc::clone(&core),
@@ -172,6 +221,7 @@ async fn start_with(
         Arc::clone(&core),
         Arc::clone(&images),
         Arc::clone(&settings),
+        Some(Arc::clone(&metrics)),
         shutdown.clone(),
     ));
 
@@ -183,6 +233,7 @@ async fn start_with(
         images,
         username: username.clone(),
         refused: refused.clone(),
+        metrics: Some(Arc::clone(&metrics)),
     });
     // Operators' read-only queries, while this process holds the log.
     match crate::ops::server::bind(&intake.settings.data_dir.socket()) {
@@ -297,16 +348,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let mut handover: Option<Handover> = None;
     // What one engine refused and the next must not run.
     let refused = Refused::default();
-    // Readiness (§7), served for the whole process when asked for.
-    let health = Arc::new(crate::health::Health::default());
+    // Readiness, metrics and alerts (§7), for the whole process.
+    let watch = Watch::new(&settings);
+    let health = Arc::clone(&watch.health);
     if let Some(addr) = settings.metrics_addr {
-        crate::health::serve(addr, Arc::clone(&health), shutdown.clone())
-            .await
-            .map_err(|e| {
-                StartError::Other(anyhow::anyhow!(
-                    "cannot listen on {addr} (EASEL_METRICS_ADDR): {e}"
-                ))
-            })?;
+        crate::health::serve(
+            addr,
+            Arc::clone(&health),
+            Arc::clone(&watch.metrics),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| {
+            StartError::Other(anyhow::anyhow!(
+                "cannot listen on {addr} (EASEL_METRICS_ADDR): {e}"
+            ))
+        })?;
     }
     loop {
         // Each engine has its own token, a child of the process's: a
@@ -314,17 +371,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         // and the process's signal stops the engine too.
         let engine = shutdown.child_token();
         let started = tokio::time::Instant::now();
-        let app = match start_with(
-            settings.clone(),
-            engine.clone(),
-            refused.clone(),
-            Arc::clone(&health),
-        )
-        .await
+        let app = match start_with(settings.clone(), engine.clone(), refused.clone(), &watch).await
         {
             Ok(app) => {
                 health.set(crate::health::Part::Log, None);
                 health.set(crate::health::Part::Engine, None);
+                let alerts = Arc::clone(&watch.alerts);
+                tokio::spawn(async move { alerts.clear(crate::alerts::Cause::LogRefuses).await });
                 app
             }
             Err(e) => {
@@ -370,6 +423,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             crate::health::Part::Log,
             Some(format!("the event log refuses writes ({reason})")),
         );
+        let alerts = Arc::clone(&watch.alerts);
+        let why = reason.to_string();
+        tokio::spawn(async move { alerts.log_refuses(&why).await });
         health.set(
             crate::health::Part::Engine,
             Some("restarting the engine".into()),

@@ -171,9 +171,12 @@ pub struct Settings {
     /// (`EASEL_RETENTION_DAYS`); `None` keeps everything in the log.
     pub retention: Option<Duration>,
     pub log_filter: String,
-    /// Where `/healthz` and `/readyz` are served (`EASEL_METRICS_ADDR`);
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`EASEL_METRICS_ADDR`);
     /// None: nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The Telegram chat that gets operator alerts
+    /// (`EASEL_OPERATOR_CHAT_ID`); None: no alerts.
+    pub operator_chat: Option<i64>,
     /// How log lines are written (`EASEL_LOG_FORMAT`).
     pub log_format: crate::telemetry::LogFormat,
     /// Prompt presets, by name.
@@ -310,6 +313,15 @@ impl Settings {
                 ));
             }).ok()
         });
+        let operator_chat = vars.non_empty("EASEL_OPERATOR_CHAT_ID").and_then(|raw| {
+            raw.trim().parse::<i64>().ok().filter(|&id| id != 0).or_else(|| {
+                vars.problem(format!(
+                    "EASEL_OPERATOR_CHAT_ID must be a Telegram chat id such as 123456789 or -1001234567890 (got \"{}\").",
+                    raw.trim()
+                ));
+                None
+            })
+        });
 
         let problems = vars.problems.into_inner();
         match (problems.is_empty(), telegram_api_url) {
@@ -331,6 +343,7 @@ impl Settings {
                 log_filter,
                 log_format,
                 metrics_addr,
+                operator_chat,
                 presets,
                 max_variations,
             }),
@@ -442,6 +455,22 @@ impl fmt::Display for Settings {
                 "everyone".to_owned()
             } else {
                 self.allowed_users.len().to_string()
+            }
+        )?;
+        match self.metrics_addr {
+            Some(a) => writeln!(
+                f,
+                "metrics and health: http://{a}/metrics, /healthz, /readyz"
+            )?,
+            None => writeln!(f, "metrics and health: off")?,
+        }
+        writeln!(
+            f,
+            "operator alerts: {}",
+            if self.operator_chat.is_some() {
+                "on"
+            } else {
+                "off"
             }
         )?;
         write!(

@@ -1,5 +1,6 @@
-//! Health and readiness (§7): what `GET /healthz` and `GET /readyz` answer
-//! on `EASEL_METRICS_ADDR`. `Health` is fed by the parts that know — the
+//! The operator's HTTP listener on `EASEL_METRICS_ADDR` (§7): health and
+//! readiness (what `GET /healthz` and `GET /readyz` answer) and the route
+//! to `GET /metrics` ([`crate::metrics`]). `Health` is fed by the parts that know — the
 //! run loop (the event log takes writes, an engine is up) and the Telegram
 //! client (its last call got an answer) — and read by the listener.
 
@@ -65,10 +66,24 @@ impl Health {
     }
 }
 
-/// The routes: `/healthz` (200 while the process runs) and `/readyz` (200,
-/// or 503 with the reason). No authentication: bind it to a private
-/// address (docs/operations.md).
-pub fn router(health: Arc<Health>) -> Router {
+/// The routes: `/healthz` (200 while the process runs), `/readyz` (200,
+/// or 503 with the reason) and `/metrics` (Prometheus). No
+/// authentication: bind it to a private address (docs/operations.md).
+pub fn router(health: Arc<Health>, metrics: Arc<crate::metrics::Metrics>) -> Router {
+    let scrape = Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<crate::metrics::Metrics>>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        crate::metrics::CONTENT_TYPE,
+                    )],
+                    m.render(),
+                )
+            }),
+        )
+        .with_state(metrics);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -84,6 +99,7 @@ pub fn router(health: Arc<Health>) -> Router {
             }),
         )
         .with_state(health)
+        .merge(scrape)
 }
 
 /// Binds `addr` (before the bot starts, so a bad address stops the start
@@ -94,12 +110,13 @@ pub fn router(health: Arc<Health>) -> Router {
 pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "health endpoints listening");
+    tracing::info!(addr = %listener.local_addr()?, "health and metrics endpoints listening");
     Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, router(health))
+        let served = axum::serve(listener, router(health, metrics))
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
         if let Err(e) = served {

@@ -27,7 +27,11 @@
 //!   depends on all the others) and its self-heal after refused writes.
 //! - [`demo`]: the FAKE Telegram, workers and LLM, and `easel demo`.
 //! - [`telemetry`]: the tracing filter every subscriber is built with.
+//! - [`health`], [`metrics`], [`alerts`]: what an operator watches from
+//!   outside: `/healthz`, `/readyz`, `/metrics` on `EASEL_METRICS_ADDR`,
+//!   and alerts in the operator's Telegram chat.
 
+pub mod alerts;
 pub mod app;
 pub mod config;
 #[cfg(feature = "demo")]
@@ -36,6 +40,7 @@ pub mod domain;
 pub mod engine;
 pub mod health;
 pub mod maintenance;
+pub mod metrics;
 pub mod ops;
 pub mod projection;
 pub mod services;

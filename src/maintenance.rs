@@ -52,8 +52,17 @@ pub async fn janitor<S: EventStore>(
     core: Arc<Core<S>>,
     images: Arc<ImageStore>,
     settings: Arc<Settings>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     shutdown: CancellationToken,
 ) {
+    let count = |result: &'static str, archived: usize| {
+        if let Some(m) = &metrics {
+            m.retention_sweeps
+                .get_or_create(&crate::metrics::SweepLabels { result })
+                .inc();
+            m.retention_archived.inc_by(archived as u64);
+        }
+    };
     loop {
         match sweep_images(&core, &images, settings.originals_ttl) {
             Ok(0) => {}
@@ -76,15 +85,24 @@ pub async fn janitor<S: EventStore>(
             })
             .await;
             match swept {
-                Ok(Ok(r)) if r.requests == 0 => {}
-                Ok(Ok(r)) => tracing::info!(
-                    requests = r.requests,
-                    events = r.events,
-                    files = ?r.files,
-                    "finished requests past the retention window moved to the archive"
-                ),
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not archive old requests"),
-                Err(e) => tracing::warn!(error = %e, "the archive sweep stopped"),
+                Ok(Ok(r)) if r.requests == 0 => count("ok", 0),
+                Ok(Ok(r)) => {
+                    count("ok", r.requests);
+                    tracing::info!(
+                        requests = r.requests,
+                        events = r.events,
+                        files = ?r.files,
+                        "finished requests past the retention window moved to the archive"
+                    );
+                }
+                Ok(Err(e)) => {
+                    count("error", 0);
+                    tracing::warn!(error = %e, "could not archive old requests");
+                }
+                Err(e) => {
+                    count("error", 0);
+                    tracing::warn!(error = %e, "the archive sweep stopped");
+                }
             }
         }
         tokio::select! {

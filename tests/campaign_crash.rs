@@ -500,3 +500,201 @@ async fn healthz_and_readyz_answer_on_the_metrics_address() {
     assert_eq!(code, 404);
     terminate(&mut child);
 }
+
+/// A loopback `host:port` nothing listens on (yet).
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// The value of the sample of `family` whose labels include `labels`: a
+/// counter's or gauge's value, a histogram's count; None when absent.
+fn sample(
+    scraped: &openmetrics_parser::MetricsExposition<
+        openmetrics_parser::OpenMetricsType,
+        openmetrics_parser::OpenMetricsValue,
+    >,
+    family: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    use openmetrics_parser::OpenMetricsValue as V;
+    let family = scraped.families.get(family)?;
+    family.iter_samples().find_map(|s| {
+        let set = s.get_labelset().ok()?;
+        let matches = labels
+            .iter()
+            .all(|(k, v)| set.iter().any(|(name, value)| name == k && value == v));
+        if !matches {
+            return None;
+        }
+        match &s.value {
+            V::Counter(c) => Some(c.value.as_f64()),
+            V::Gauge(n) | V::Unknown(n) => Some(n.as_f64()),
+            #[allow(clippy::cast_precision_loss)]
+            V::Histogram(h) => h.count.map(|c| c as f64),
+            _ => None,
+        }
+    })
+}
+
+/// §7 `GET /metrics` on the built binary after a few requests, one of
+/// them failing (the content filter): the text parses as the OpenMetrics
+/// exposition format (a parser crate, not a regex), and the counters and
+/// histograms moved as the requests went — accepted and finished by model
+/// and outcome, the failure by reason, stage durations, worker attempts by
+/// status class, Telegram calls by method, log appends and flushes — with
+/// no user id, prompt or secret anywhere in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_the_requests_and_parse_as_openmetrics() {
+    let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(10)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut child = spawn_with(
+        dir.path(),
+        &tg,
+        &flux,
+        &sdxl,
+        &llm,
+        &[("EASEL_METRICS_ADDR", &addr)],
+        Stdio::null(),
+    );
+    let client = reqwest::Client::new();
+    let scrape = || async {
+        let r = client
+            .get(format!("http://{addr}/metrics"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        let kind = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+        r.text().await.ok()
+    };
+    // Ready: the engine runs and Telegram answered.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tg.user_sends(7301, 7301, "/image=flux=a secret-free cat");
+    tg.user_sends(7302, 7302, "/image=sdxl=a quiet harbour");
+    tg.user_sends(7303, 7303, "/image=flux=something nsfw");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (text, scraped) = loop {
+        if let Some(text) = scrape().await {
+            let scraped = openmetrics_parser::openmetrics::parse_openmetrics(&text)
+                .unwrap_or_else(|e| panic!("not OpenMetrics ({e:?}):\n{text}"));
+            let finished = |model, outcome| {
+                sample(
+                    &scraped,
+                    "easel_requests_finished",
+                    &[("model", model), ("outcome", outcome)],
+                )
+            };
+            if finished("flux", "done") == Some(1.0)
+                && finished("sdxl", "done") == Some(1.0)
+                && finished("flux", "failed") == Some(1.0)
+            {
+                break (text, scraped);
+            }
+        }
+        assert!(Instant::now() < deadline, "{:?}", scrape().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    terminate(&mut child);
+    let get = |family, labels: &[(&str, &str)]| sample(&scraped, family, labels);
+    assert_eq!(
+        get("easel_requests_accepted", &[("model", "flux")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        get("easel_requests_accepted", &[("model", "sdxl")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(
+            "easel_requests_failed",
+            &[("model", "flux"), ("reason", "rejected")]
+        ),
+        Some(1.0)
+    );
+    for (model, done) in [("flux", 1.0), ("sdxl", 1.0)] {
+        for stage in ["queue_wait", "enhancing", "generating", "sending"] {
+            let n = get(
+                "easel_stage_duration_seconds",
+                &[("model", model), ("stage", stage)],
+            )
+            .unwrap_or(0.0);
+            // The failed flux request waited, was enhanced and generated
+            // (its failure ends Generating without a duration).
+            let want = if model == "flux" && matches!(stage, "queue_wait" | "enhancing") {
+                2.0
+            } else {
+                done
+            };
+            assert_eq!(n, want, "{model} {stage}\n{text}");
+        }
+    }
+    assert_eq!(
+        get(
+            "easel_worker_attempts",
+            &[("model", "flux"), ("status", "2xx")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(
+            "easel_worker_attempts",
+            &[("model", "flux"), ("status", "4xx")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(
+            "easel_worker_attempts",
+            &[("model", "sdxl"), ("status", "2xx")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(get("easel_llm_calls", &[("outcome", "ok")]), Some(3.0));
+    assert!(
+        get(
+            "easel_telegram_calls",
+            &[("method", "sendPhoto"), ("result", "ok")]
+        ) >= Some(2.0),
+        "{text}"
+    );
+    assert!(
+        get(
+            "easel_telegram_calls",
+            &[("method", "getUpdates"), ("result", "ok")]
+        ) >= Some(1.0),
+        "{text}"
+    );
+    // 3 queued, 2 × (started, enhanced, generated, delivered), 1 × (started,
+    // enhanced, failed).
+    assert_eq!(get("easel_log_events_appended", &[]), Some(14.0), "{text}");
+    assert!(get("easel_log_flush_duration_seconds", &[]) >= Some(1.0));
+    assert!(get("easel_log_flush_batch_events", &[]) >= Some(1.0));
+    for model in ["flux", "sdxl"] {
+        assert_eq!(get("easel_queue_depth", &[("model", model)]), Some(0.0));
+        assert_eq!(
+            get("easel_requests_in_flight", &[("model", model)]),
+            Some(0.0)
+        );
+    }
+    assert_eq!(get("easel_engine_starts", &[]), Some(1.0));
+    // Bounded labels only: no user id, prompt, token or key.
+    for leak in ["7301", "secret-free", "harbour", TOKEN, KEY] {
+        assert!(!text.contains(leak), "{leak} in the metrics:\n{text}");
+    }
+}

@@ -42,6 +42,9 @@ pub struct WorkerStats {
     /// Call numbers answered as a content-filter rejection (`400`,
     /// "flagged"), whatever their prompt.
     pub reject_calls: std::sync::Mutex<Vec<usize>>,
+    /// While true, an sdxl fake refuses every key (`401`), as a worker
+    /// whose key was revoked does.
+    pub key_revoked: std::sync::atomic::AtomicBool,
 }
 
 impl Default for WorkerStats {
@@ -56,6 +59,7 @@ impl Default for WorkerStats {
             inputs: std::sync::Mutex::new(Vec::new()),
             hold_calls: std::sync::Mutex::new(Vec::new()),
             reject_calls: std::sync::Mutex::new(Vec::new()),
+            key_revoked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -91,6 +95,11 @@ async fn serve(router: Router) -> std::io::Result<(String, tokio::task::JoinHand
 }
 
 impl FakeWorker {
+    /// Revokes (true) or restores (false) the key an sdxl fake accepts.
+    pub fn revoke_key(&self, revoked: bool) {
+        self.stats.key_revoked.store(revoked, Ordering::SeqCst);
+    }
+
     /// Lets every `held` prompt, waiting now or later, be answered.
     pub fn release(&self) {
         self.stats.released.send_replace(true);
@@ -155,7 +164,7 @@ async fn sdxl_post(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
-        if auth != format!("Bearer {key}") {
+        if auth != format!("Bearer {key}") || s.stats.key_revoked.load(Ordering::SeqCst) {
             return (StatusCode::UNAUTHORIZED, "invalid api key").into_response();
         }
     }

@@ -39,6 +39,8 @@ pub struct LlmEnhancer {
     settings: Option<LlmSettings>,
     timeout: Duration,
     permits: Arc<Semaphore>,
+    /// Each enhancement counted by outcome (`easel_llm_calls_total`).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Why the original prompt is used instead of an enhanced one; its text
@@ -80,7 +82,15 @@ impl LlmEnhancer {
             settings: settings.llm.clone(),
             timeout: settings.llm_timeout,
             permits,
+            metrics: None,
         }
+    }
+
+    /// Counts each enhancement in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// For tests and tools.
@@ -94,6 +104,7 @@ impl LlmEnhancer {
             settings,
             timeout,
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            metrics: None,
         }
     }
 
@@ -181,7 +192,19 @@ impl LlmEnhancer {
 
 impl Enhancer for LlmEnhancer {
     async fn enhance(&self, prompt: &str) -> Enhancement {
-        match self.try_enhance(prompt).await {
+        let result = self.try_enhance(prompt).await;
+        if let Some(m) = &self.metrics {
+            m.enhancement(match &result {
+                Ok(_) => "ok",
+                Err(EnhanceError::Off) => "skipped",
+                Err(EnhanceError::ShuttingDown) => "shutting_down",
+                Err(EnhanceError::TooSlow(_) | EnhanceError::TimedOut) => "timeout",
+                Err(EnhanceError::Unreachable(_) | EnhanceError::BadUrl) => "unreachable",
+                Err(EnhanceError::Status { .. }) => "http_error",
+                Err(_) => "bad_answer",
+            });
+        }
+        match result {
             Ok(enhanced) => Enhancement {
                 prompt: enhanced,
                 fallback: None,

@@ -120,6 +120,10 @@ pub struct ImageWorkers {
     permits: Arc<Semaphore>,
     /// Which retry each model's call is on, for the status messages.
     retries: crate::engine::Retries,
+    /// Each attempt counted (`easel_worker_attempts_total`).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// A refused key (401/403) alerts the operator; an image clears it.
+    alerts: Option<Arc<crate::alerts::Alerts>>,
 }
 
 impl ImageWorkers {
@@ -132,7 +136,21 @@ impl ImageWorkers {
             attempt_deadline: settings.worker_timeout,
             permits,
             retries: crate::engine::Retries::default(),
+            metrics: None,
+            alerts: None,
         }
+    }
+
+    /// Counts each attempt in `metrics` and tells `alerts` of refused keys.
+    #[must_use]
+    pub fn with_watchers(
+        mut self,
+        metrics: Arc<crate::metrics::Metrics>,
+        alerts: Arc<crate::alerts::Alerts>,
+    ) -> Self {
+        self.metrics = Some(metrics);
+        self.alerts = Some(alerts);
+        self
     }
 
     /// Reports each retry to `retries` (the status board shows them).
@@ -157,6 +175,8 @@ impl ImageWorkers {
             attempt_deadline,
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             retries: crate::engine::Retries::default(),
+            metrics: None,
+            alerts: None,
         }
     }
 
@@ -227,6 +247,32 @@ impl ImageWorkers {
             other => Err(Attempt::NotImage(format!(
                 "the worker answered HTTP {other} instead of an image"
             ))),
+        }
+    }
+}
+
+impl ImageWorkers {
+    /// Counts one attempt and tells the alerts what the worker answered.
+    async fn watch(&self, model: &ModelName, r: &Result<(Vec<u8>, ImageFormat), Attempt>) {
+        let (class, status) = match r {
+            Ok(_) => ("2xx", Some(200)),
+            Err(Attempt::Timeout) => ("timeout", None),
+            Err(Attempt::Connect(_)) => ("connect", None),
+            Err(Attempt::NotImage(_)) => ("not_image", None),
+            Err(
+                Attempt::Busy { status, .. }
+                | Attempt::Rejected { status, .. }
+                | Attempt::Refused { status, .. },
+            ) => (
+                crate::metrics::Metrics::status_class(*status),
+                Some(*status),
+            ),
+        };
+        if let Some(m) = &self.metrics {
+            m.worker_attempt(model, class);
+        }
+        if let Some(a) = &self.alerts {
+            a.worker_answered(model, status).await;
         }
     }
 }
@@ -367,6 +413,7 @@ impl Generator for ImageWorkers {
                 Err(a) => a.label(),
             };
             statuses.lock().unwrap_or_else(PoisonError::into_inner).push(label);
+            self.watch(&settings.name, &r).await;
             r
         })
         .retry(backoff)

@@ -143,9 +143,15 @@ struct Inner {
     /// file's size and allocation metadata nor the device's cache, so
     /// without this an acknowledged event may not survive a power cut.
     db_file: std::fs::File,
+    /// Told of each flush that reached the disk: how long it took and how
+    /// many events it made durable (the metrics, when asked for).
+    on_flush: std::sync::OnceLock<FlushObserver>,
     /// The data dir's lock; declared last so it is released after sled.
     _lock: DirLock,
 }
+
+/// See [`SledStore::observe_flushes`].
+pub type FlushObserver = Box<dyn Fn(std::time::Duration, u64) + Send + Sync>;
 
 /// The sled event store. Opening takes sled's process lock on the directory.
 pub struct SledStore {
@@ -204,9 +210,17 @@ impl SledStore {
             flushes: AtomicU64::new(0),
             broken: watch::channel(None).0,
             db_file,
+            on_flush: std::sync::OnceLock::new(),
             _lock: lock,
         });
         Ok(SledStore { inner })
+    }
+
+    /// Calls `observer` after each flush that reached the disk with its
+    /// duration and the events it made durable. Set once per store; a
+    /// second observer is ignored.
+    pub fn observe_flushes(&self, observer: FlushObserver) {
+        let _ = self.inner.on_flush.set(observer);
     }
 
     /// The raw sled handle, for tests that damage records on purpose.
@@ -587,6 +601,7 @@ impl Inner {
         }
         // The fsync blocks: on a multi-threaded runtime tokio moves other
         // tasks off this worker meanwhile.
+        let began = std::time::Instant::now();
         let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
                 tokio::task::block_in_place(|| self.sync())
@@ -596,8 +611,14 @@ impl Inner {
         match result {
             Ok(_) => {
                 self.flushes.fetch_add(1, Ordering::Relaxed);
-                self.durable
-                    .send_modify(|d| d.flushed = d.flushed.max(target));
+                let mut events = 0;
+                self.durable.send_modify(|d| {
+                    events = target.saturating_sub(d.flushed);
+                    d.flushed = d.flushed.max(target);
+                });
+                if let Some(observe) = self.on_flush.get() {
+                    observe(began.elapsed(), events);
+                }
             }
             Err(e) => {
                 let msg = self.refused(&e);

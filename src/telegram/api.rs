@@ -82,6 +82,10 @@ pub struct TelegramApi {
     shutdown: CancellationToken,
     /// Told whether Telegram answers (readiness, §7).
     health: Option<std::sync::Arc<crate::health::Health>>,
+    /// Each call counted by method and result.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// Told whether Telegram answers (a long outage is reported).
+    alerts: Option<std::sync::Arc<crate::alerts::Alerts>>,
 }
 
 impl TelegramApi {
@@ -111,6 +115,8 @@ impl TelegramApi {
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             shutdown,
             health: None,
+            metrics: None,
+            alerts: None,
         })
     }
 
@@ -121,6 +127,19 @@ impl TelegramApi {
         self
     }
 
+    /// Counts every call in `metrics` and tells `alerts` whether Telegram
+    /// answers.
+    #[must_use]
+    pub fn with_watchers(
+        mut self,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        alerts: std::sync::Arc<crate::alerts::Alerts>,
+    ) -> Self {
+        self.metrics = Some(metrics);
+        self.alerts = Some(alerts);
+        self
+    }
+
     /// Telegram answered (`true`), or could not be reached (`false`).
     pub(crate) fn note_reachable(&self, answered: bool) {
         if let Some(h) = &self.health {
@@ -128,6 +147,23 @@ impl TelegramApi {
                 crate::health::Part::Telegram,
                 (!answered).then(|| "Telegram cannot be reached".to_owned()),
             );
+        }
+        if let Some(a) = &self.alerts {
+            a.telegram_reachable(answered);
+        }
+    }
+
+    /// Counts one try of `method` (`easel_telegram_calls_total`).
+    pub(crate) fn count_call<T>(&self, method: &'static str, outcome: &Result<T, RequestError>) {
+        if let Some(m) = &self.metrics {
+            let result = match outcome {
+                Ok(_) => "ok",
+                Err(RequestError::Api(ApiError::MessageNotModified)) => "not_modified",
+                Err(RequestError::RetryAfter(_)) => "rate_limited",
+                Err(e) if transient(e) => "network",
+                Err(_) => "api_error",
+            };
+            m.telegram_call(method, result);
         }
     }
 
@@ -193,6 +229,7 @@ impl TelegramApi {
             self.pace.wait().await;
             let outcome = call().await;
             drop(permit);
+            self.count_call(what, &outcome);
             // Any answer at all (an API error included) means Telegram is
             // reachable; a transient failure means it is not, for now.
             self.note_reachable(!matches!(&outcome, Err(e) if transient(e)));

@@ -33,6 +33,8 @@ pub struct Intake<S: EventStore> {
     /// their `Queued` was written (the disk refused its flush): see
     /// [`Refused`].
     pub refused: Refused,
+    /// Rejections counted by reason (`easel_requests_rejected_total`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// The largest photo a bot may download from Telegram (20 MB).
@@ -189,6 +191,12 @@ impl<S: EventStore> Intake<S> {
         self.api.reply(to, text).await
     }
 
+    fn rejected(&self, reason: crate::metrics::Rejection) {
+        if let Some(m) = &self.metrics {
+            m.reject(reason);
+        }
+    }
+
     async fn message(&self, update_id: u32, msg: &Message, mut turn: Turn) {
         // A photo's caption is its text (image to image, §8).
         let Some(text) = msg.text().or_else(|| msg.caption()) else {
@@ -218,6 +226,9 @@ impl<S: EventStore> Intake<S> {
             Route::Ignore => return,
             Route::Answer(text) => {
                 turn.pass();
+                if !self.allowed(user_id) {
+                    self.rejected(crate::metrics::Rejection::not_allowed);
+                }
                 self.send(to, text).await;
                 return;
             }
@@ -341,6 +352,7 @@ impl<S: EventStore> Intake<S> {
         if wants_more && !(2..=allowed).contains(&images) {
             let text = words::variations_range(lang, allowed);
             turn.pass();
+            self.rejected(crate::metrics::Rejection::invalid);
             self.send(to, text.clone()).await;
             return text;
         }
@@ -359,6 +371,14 @@ impl<S: EventStore> Intake<S> {
             Ok(ok) => ok,
             Err(text) => {
                 turn.pass();
+                let configured = ModelName::parse(model)
+                    .ok()
+                    .is_some_and(|m| self.settings.model(&m).is_some());
+                self.rejected(if configured {
+                    crate::metrics::Rejection::invalid
+                } else {
+                    crate::metrics::Rejection::unknown_model
+                });
                 self.send(to, text.clone()).await;
                 return text;
             }
@@ -615,16 +635,19 @@ impl<S: EventStore> Intake<S> {
                 text.unwrap_or_else(|| words::already_done(lang))
             }
             Err(AcceptError::Rejected(Rejection::RateLimited { retry_after_secs })) => {
+                self.rejected(crate::metrics::Rejection::rate_limited);
                 let text = words::rate_limited(lang, retry_after_secs);
                 self.send(to, text.clone()).await;
                 text
             }
             Err(AcceptError::Rejected(Rejection::TooManyPending { max, .. })) => {
+                self.rejected(crate::metrics::Rejection::too_many_pending);
                 let text = words::too_many_pending(lang, max);
                 self.send(to, text.clone()).await;
                 text
             }
             Err(AcceptError::Store(e) | AcceptError::Unwritten { error: e, .. }) => {
+                self.rejected(crate::metrics::Rejection::unavailable);
                 tracing::error!(error = %e, "could not record a request");
                 let text = words::busy(lang);
                 self.send(to, text.clone()).await;

@@ -110,6 +110,7 @@ pub(crate) async fn updates_loop(
             // poller gets them again.
             () = shutdown.cancelled() => return offset,
         };
+        api.count_call("getUpdates", &result);
         api.note_reachable(!matches!(&result, Err(e) if super::api::transient(e)));
         let updates = match result {
             Ok(updates) => {

@@ -69,11 +69,13 @@ impl StatusBoard {
         core: Arc<Core<S>>,
         api: Arc<TelegramApi>,
         retries: Retries,
+        alerts: Option<Arc<crate::alerts::Alerts>>,
         shutdown: CancellationToken,
     ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (tx, rx) = mpsc::unbounded_channel();
         let registered = Arc::new(std::sync::Mutex::new(HashSet::new()));
         let mut task = Board::new(core, api, retries, Arc::clone(&registered));
+        task.alerts = alerts;
         let run = async move { task.run(rx, shutdown).await };
         (StatusBoard { tx, registered }, run)
     }
@@ -118,6 +120,8 @@ struct Board<S: EventStore> {
     api: Arc<TelegramApi>,
     /// The retry each model's worker call is on ("Generating… retry 2 of 3").
     retries: Retries,
+    /// Whether the operator was told of a model's trouble (failure texts).
+    alerts: Option<Arc<crate::alerts::Alerts>>,
     registered: Arc<std::sync::Mutex<HashSet<RequestId>>>,
     entries: HashMap<RequestId, Entry>,
     /// Final texts of finished requests (they have left the projection).
@@ -143,6 +147,7 @@ impl<S: EventStore> Board<S> {
             core,
             api,
             retries,
+            alerts: None,
             registered,
             entries: HashMap::new(),
             finals: HashMap::new(),
@@ -219,7 +224,12 @@ impl<S: EventStore> Board<S> {
     fn final_from_log(&self, id: RequestId, model: &ModelName, lang: Lang) -> Option<Final> {
         let events = self.core.store().events_of(id).ok()?;
         let last = events.into_iter().rev().find_map(Result::ok)?;
-        final_text(&last.event, model.as_str(), lang)
+        final_text(&last.event, model.as_str(), lang, self.told(model))
+    }
+
+    /// Whether an operator alert about `model` went out (and is still on).
+    fn told(&self, model: &ModelName) -> bool {
+        self.alerts.as_ref().is_some_and(|a| a.told(model))
     }
 
     async fn run(
@@ -302,7 +312,8 @@ impl<S: EventStore> Board<S> {
             _ => self.entries.get(&id).map(|e| e.model.clone()),
         };
         if let Some(entry) = self.entries.get(&id) {
-            if let Some(last) = final_text(&rec.event, entry.model.as_str(), entry.lang) {
+            let told = self.told(&entry.model);
+            if let Some(last) = final_text(&rec.event, entry.model.as_str(), entry.lang, told) {
                 self.finals.insert(id, last);
             }
             if !self.urgent.contains(&id) {
@@ -510,10 +521,13 @@ struct Final {
 }
 
 /// The last text of a finished request's status message.
-fn final_text(event: &Event, model: &str, lang: Lang) -> Option<Final> {
+fn final_text(event: &Event, model: &str, lang: Lang, told: bool) -> Option<Final> {
     let (text, again) = match event {
         Event::Delivered { .. } => (words::status(lang, model, Stage::Done, None, None), false),
-        Event::Failed { kind, .. } => (words::failed(lang, model, *kind), kind.may_pass_on_retry()),
+        Event::Failed { kind, .. } => (
+            words::failed(lang, model, *kind, told),
+            kind.may_pass_on_retry(),
+        ),
         Event::Cancelled => (words::cancelled_one(lang, model), false),
         _ => return None,
     };

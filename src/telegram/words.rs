@@ -462,12 +462,19 @@ pub fn status(
     }
 }
 
-pub fn failed(lang: Lang, model: &str, kind: FailureKind) -> String {
-    t(
-        lang,
-        "failed",
-        &[("model", s(model)), ("why", s(failure_words(lang, kind)))],
-    )
+/// A failed request's status. `told`: an operator alert about this
+/// model's trouble went out (`Alerts::told`); only then does the text say
+/// the operator knows.
+pub fn failed(lang: Lang, model: &str, kind: FailureKind, told: bool) -> String {
+    let mut why = failure_words(lang, kind);
+    match kind {
+        FailureKind::Refused if told => why = t(lang, "why-refused-told", &[]),
+        FailureKind::Unavailable | FailureKind::TimedOut | FailureKind::BadAnswer if told => {
+            why = format!("{why} {}", t(lang, "operator-told", &[]));
+        }
+        _ => {}
+    }
+    t(lang, "failed", &[("model", s(model)), ("why", s(why))])
 }
 
 /// Why a generation failed, in plain words.
@@ -477,7 +484,7 @@ fn failure_words(lang: Lang, kind: FailureKind) -> String {
         FailureKind::Unavailable => "why-unavailable",
         FailureKind::TimedOut => "why-timed-out",
         FailureKind::BadAnswer => "why-bad-answer",
-        // No operator alert exists yet (issue 16): say nothing that did not happen.
+        // Asks the user to tell the operator: used when no alert went out.
         FailureKind::Refused => "why-refused",
         FailureKind::NotConfigured => "why-not-configured",
         FailureKind::Delivery => "why-delivery",
@@ -839,7 +846,8 @@ mod tests {
             ));
         }
         for kind in ALL_FAILURES {
-            all.push(failed(lang, model, kind));
+            all.push(failed(lang, model, kind, false));
+            all.push(failed(lang, model, kind, true));
         }
         all
     }
@@ -980,11 +988,33 @@ mod tests {
     #[test]
     fn no_failure_text_claims_an_alert_that_was_not_sent() {
         for kind in ALL_FAILURES {
-            let text = failed(Lang::En, "flux", kind);
+            let text = failed(Lang::En, "flux", kind, false);
             assert!(!text.contains("has been told"), "{text}");
             assert!(text.starts_with("flux: Failed — "), "{text}");
-            let text = failed(Lang::Fa, "flux", kind);
+            let text = failed(Lang::Fa, "flux", kind, false);
             assert!(!text.contains("خبر داده شد"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_told_operator_is_said_for_the_models_own_trouble_only() {
+        for kind in ALL_FAILURES {
+            let about_the_model = matches!(
+                kind,
+                FailureKind::Refused
+                    | FailureKind::Unavailable
+                    | FailureKind::TimedOut
+                    | FailureKind::BadAnswer
+            );
+            let en = failed(Lang::En, "sdxl", kind, true);
+            assert_eq!(
+                en.contains("operator has been told"),
+                about_the_model,
+                "{en}"
+            );
+            assert!(!en.contains("please tell"), "{en}");
+            let fa = failed(Lang::Fa, "sdxl", kind, true);
+            assert_eq!(fa.contains("خبر داده شد"), about_the_model, "{fa}");
         }
     }
 

@@ -1620,7 +1620,8 @@ async fn readyz_says_why_it_is_not_ready() {
         .port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let served = easel::health::serve(addr, std::sync::Arc::clone(&health), stop.clone())
+    let metrics = std::sync::Arc::new(easel::metrics::Metrics::new());
+    let served = easel::health::serve(addr, std::sync::Arc::clone(&health), metrics, stop.clone())
         .await
         .unwrap();
     let get = |path: &str| reqwest::get(format!("http://{addr}{path}"));
@@ -1651,4 +1652,173 @@ async fn readyz_says_why_it_is_not_ready() {
         .await
         .expect("the listener stops")
         .unwrap();
+}
+
+/// §7 operator alerts, end to end: with the sdxl worker's key revoked,
+/// four requests fail and the operator's chat gets one alert (not one per
+/// request, and no second "failing in a row" alert for the same trouble);
+/// each user's failure says the operator has been told; once the key works
+/// again, the next image brings one recovery message. Nothing in either
+/// message is a secret or a URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_alerts_the_operator_once_and_its_recovery_once() {
+    const OPERATOR: i64 = 777_000;
+    let app = spawn_app(&[("EASEL_OPERATOR_CHAT_ID", "777000")]).await;
+    app.sdxl.revoke_key(true);
+    let users = [5101, 5102, 5103, 5104];
+    for (i, user) in users.iter().enumerate() {
+        app.tg
+            .user_sends(*user, *user, &format!("/image=sdxl=a revoked fox {i}"));
+        assert!(
+            app.status_ends_with(*user, 0, "The bot's operator has been told.")
+                .await,
+            "{:?}",
+            app.tg.texts_to(*user)
+        );
+    }
+    assert!(app.text_to(OPERATOR, "refuses our key").await);
+    app.sdxl.revoke_key(false);
+    app.tg.user_sends(5105, 5105, "/image=sdxl=a forgiven fox");
+    assert!(app.images_to(5105, 1).await);
+    assert!(app.text_to(OPERATOR, "recovered").await);
+    // Three more requests of another model change nothing for sdxl.
+    app.tg.user_sends(5106, 5106, "/image=flux=a calm fox");
+    assert!(app.images_to(5106, 1).await);
+    let told = app.tg.texts_to(OPERATOR);
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert!(
+        told[0].starts_with("⚠️ easel: the sdxl worker refuses our key (HTTP 401)."),
+        "{told:?}"
+    );
+    assert!(
+        told[1].starts_with("✅ easel recovered: the sdxl worker accepts our key again"),
+        "{told:?}"
+    );
+    for text in &told {
+        for leak in [SDXL_KEY, TOKEN, "http://", "127.0.0.1"] {
+            assert!(!text.contains(leak), "{leak} in {text}");
+        }
+    }
+    // A failure while no alert is on asks the user to tell the operator.
+    app.tg.user_sends(5107, 5107, "/image=sdxl=something nsfw");
+    assert!(app.status_ends_with(5107, 0, "Try rephrasing it.").await);
+}
+
+/// §7 alerts are rate limited per cause: an episode is told once; a cause
+/// raised again within ten minutes of its last alert is told when the ten
+/// minutes end (if it is still on), another cause at once; a recovery only
+/// follows an alert that went out; a short Telegram outage says nothing, a
+/// long one is told once Telegram answers. Paused time over the FAKE
+/// Telegram.
+#[tokio::test(start_paused = true)]
+async fn alerts_are_told_once_per_cause_and_ten_minutes() {
+    use easel::alerts::{Alerts, Cause, WINDOW};
+    use easel::demo::fake_telegram::FakeTelegram;
+    use easel::domain::ModelName;
+    use std::sync::Arc;
+    const OPERATOR: i64 = 4242;
+    let tg = FakeTelegram::start(TOKEN).await.unwrap();
+    let api = Arc::new(
+        easel::telegram::api::TelegramApi::new(
+            secrecy::SecretString::from(TOKEN.to_owned()),
+            tg.url.parse().unwrap(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .unwrap(),
+    );
+    let metrics = Arc::new(easel::metrics::Metrics::new());
+    let alerts = Arc::new(Alerts::new(Some(OPERATOR), Arc::clone(&metrics)));
+    alerts.send_with(&api);
+    let sdxl = ModelName::parse("sdxl").unwrap();
+    let key = || Cause::WorkerKey(sdxl.clone());
+    let sent = || tg.texts_to(OPERATOR);
+
+    alerts.raise(key(), "key 1".into()).await;
+    alerts.raise(key(), "key 2".into()).await;
+    assert_eq!(sent(), ["key 1"]);
+    assert!(alerts.told(&sdxl));
+    alerts.clear(key()).await;
+    assert!(!alerts.told(&sdxl));
+    assert_eq!(sent().len(), 2);
+    assert!(sent()[1].starts_with("✅ easel recovered: the sdxl worker accepts our key again"));
+    // On again within the window: told at its end, once.
+    alerts.raise(key(), "key 3".into()).await;
+    alerts.raise(key(), "key 4".into()).await;
+    assert_eq!(sent().len(), 2);
+    assert!(!alerts.told(&sdxl));
+    // Another cause is not held back by this one's window.
+    alerts.raise(Cause::LogRefuses, "disk".into()).await;
+    assert_eq!(sent().len(), 3);
+    tokio::time::sleep(WINDOW).await;
+    assert!(
+        tg.wait_for(Duration::from_secs(5), |calls| told_to(calls, OPERATOR)
+            == 4)
+            .await
+    );
+    assert_eq!(sent()[3], "key 4");
+    assert!(alerts.told(&sdxl));
+    // Raised and cleared within the window: nothing at its end, no recovery.
+    alerts.clear(key()).await;
+    assert_eq!(sent().len(), 5);
+    alerts.raise(key(), "key 5".into()).await;
+    alerts.clear(key()).await;
+    tokio::time::sleep(WINDOW * 2).await;
+    assert_eq!(sent().len(), 5, "{:?}", sent());
+    // A cleared cause whose alert never went out tells no recovery.
+    alerts.clear(Cause::ModelFailing(sdxl.clone())).await;
+    assert_eq!(sent().len(), 5);
+
+    // Telegram: a one-minute outage is not worth a message, a long one is
+    // told once it answers again.
+    alerts.telegram_reachable(false);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    alerts.telegram_reachable(true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sent().len(), 5);
+    alerts.telegram_reachable(false);
+    tokio::time::sleep(Duration::from_secs(7 * 60)).await;
+    alerts.telegram_reachable(true);
+    assert!(
+        tg.wait_for(Duration::from_secs(5), |calls| told_to(calls, OPERATOR)
+            == 6)
+            .await
+    );
+    assert!(
+        sent()[5].starts_with("⚠️ easel: Telegram could not be reached for 7 minutes"),
+        "{:?}",
+        sent()
+    );
+    let text = metrics.render();
+    assert!(
+        text.contains("easel_operator_alerts_total{cause=\"worker_key\",kind=\"alert\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("easel_operator_alerts_total{cause=\"worker_key\",kind=\"recovered\"} 2"),
+        "{text}"
+    );
+}
+
+/// Messages sent to `chat` among `calls`.
+fn told_to(calls: &[easel::demo::fake_telegram::Call], chat: i64) -> usize {
+    calls
+        .iter()
+        .filter(|c| c.method == "sendMessage" && c.chat_id == Some(chat))
+        .count()
+}
+
+/// Without `EASEL_OPERATOR_CHAT_ID` nothing is sent and nothing is said
+/// to be told.
+#[tokio::test]
+async fn without_an_operator_chat_no_alert_is_sent_or_claimed() {
+    use easel::alerts::{Alerts, Cause};
+    let alerts = std::sync::Arc::new(Alerts::new(
+        None,
+        std::sync::Arc::new(easel::metrics::Metrics::new()),
+    ));
+    let sdxl = easel::domain::ModelName::parse("sdxl").unwrap();
+    alerts
+        .raise(Cause::WorkerKey(sdxl.clone()), "key".into())
+        .await;
+    assert!(!alerts.told(&sdxl));
 }
