@@ -376,8 +376,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             Ok(app) => {
                 health.set(crate::health::Part::Log, None);
                 health.set(crate::health::Part::Engine, None);
-                let alerts = Arc::clone(&watch.alerts);
-                tokio::spawn(async move { alerts.clear(crate::alerts::Cause::LogRefuses).await });
+                if handover.is_some() {
+                    // Recovered only once a write reached the disk: an
+                    // engine can open a log on a disk that is still full.
+                    let alerts = Arc::clone(&watch.alerts);
+                    let core = Arc::clone(&app.core);
+                    let stop = engine.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            works = core.store().next_flush_works() => if works {
+                                alerts.clear(crate::alerts::Cause::LogRefuses).await;
+                            },
+                            () = stop.cancelled() => {}
+                        }
+                    });
+                }
                 app
             }
             Err(e) => {

@@ -32,6 +32,9 @@ struct Fakes {
     health: String,
 }
 
+/// The operator's chat (`EASEL_OPERATOR_CHAT_ID`).
+const OPERATOR: i64 = 990_001;
+
 /// `/readyz` as (status, body); None while nothing listens.
 async fn readyz(f: &Fakes) -> Option<(u16, String)> {
     let r = reqwest::Client::new()
@@ -126,6 +129,7 @@ fn spawn(dir: &Path, f: &Fakes, limit_kib: Option<u64>) -> Bot {
         .env("EASEL_DATA_DIR", dir)
         .env("EASEL_RETRY_BASE_MS", "10")
         .env("EASEL_METRICS_ADDR", &f.health)
+        .env("EASEL_OPERATOR_CHAT_ID", OPERATOR.to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -306,6 +310,17 @@ async fn a_full_disk_mid_run_loses_nothing_acknowledged_and_heals() {
         why.starts_with("not ready: the event log") || why == "not ready: restarting the engine\n",
         "{why}"
     );
+    // The operator was told, once (§7).
+    assert!(
+        f.tg.wait_for(Duration::from_secs(30), |c| c.iter().any(|c| c.chat_id
+            == Some(OPERATOR)
+            && c.text.as_deref().is_some_and(
+                |t| t.starts_with("⚠️ easel: the event log refuses writes")
+            )))
+        .await,
+        "{:?}",
+        f.tg.texts_to(OPERATOR)
+    );
     println!(
         "disk-full campaign: disk full for {} s: {} requests refused with a clear reply, {helped} /help answered, bot up",
         full_for.as_secs(),
@@ -357,8 +372,26 @@ async fn a_full_disk_mid_run_loses_nothing_acknowledged_and_heals() {
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+    // And told it is over once a write reached the disk: one alert, one
+    // recovery, however many requests were refused and engines restarted.
+    assert!(
+        f.tg.wait_for(Duration::from_secs(30), |c| c.iter().any(|c| c.chat_id
+            == Some(OPERATOR)
+            && c.text.as_deref().is_some_and(|t| t.starts_with(
+                "✅ easel recovered: the event log takes writes again"
+            ))))
+        .await,
+        "{:?}",
+        f.tg.texts_to(OPERATOR)
+    );
     let status = child.stop().await;
     assert!(status.success(), "easel stopped with {status}");
+    assert_eq!(
+        f.tg.texts_to(OPERATOR).len(),
+        2,
+        "{:?}",
+        f.tg.texts_to(OPERATOR)
+    );
     println!("disk-full campaign: served again after {retries} refused retries");
 
     // Every acknowledged request finished, and the history verifies.

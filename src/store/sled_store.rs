@@ -216,6 +216,24 @@ impl SledStore {
         Ok(SledStore { inner })
     }
 
+    /// Resolves with true at the next flush that makes events durable, or
+    /// false at the next refused flush: whether the disk takes writes,
+    /// proven by a write rather than assumed from a successful open.
+    pub async fn next_flush_works(&self) -> bool {
+        let mut rx = self.inner.durable.subscribe();
+        let (flushed, failures) = {
+            let d = rx.borrow_and_update();
+            (d.flushed, d.failures)
+        };
+        match rx
+            .wait_for(|d| d.flushed > flushed || d.failures > failures)
+            .await
+        {
+            Ok(d) => d.failures == failures,
+            Err(_) => false,
+        }
+    }
+
     /// Calls `observer` after each flush that reached the disk with its
     /// duration and the events it made durable. Set once per store; a
     /// second observer is ignored.
