@@ -4,6 +4,13 @@
 //! pace): one model, then two models at once. Then the CPU used while
 //! 1,000 requests wait behind a worker that never answers.
 //! `cargo bench --bench pipeline [-- REQUESTS]`
+//!
+//! `cargo bench --bench pipeline -- metrics [REQUESTS]`: the cost of the
+//! metrics (§7) instead — the same pipeline with metrics off and on, runs
+//! alternating (off, on, off, on, …) in one process so both sides see the
+//! same disk and the same durability; "on" is what `easel run` does with
+//! `EASEL_METRICS_ADDR` set: the log-following projection, the flush
+//! observer, the lane gauges, and a scrape (render) every second.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,6 +97,7 @@ async fn run(
     models: &[&str],
     requests: u64,
     stuck: bool,
+    metrics: bool,
 ) -> (
     f64,
     Arc<Core<SledStore>>,
@@ -97,14 +105,32 @@ async fn run(
     tempfile::TempDir,
 ) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let core = Arc::new(
-        Core::open(
-            SledStore::open(&dir.path().join("log")).expect("open"),
-            Arc::new(SystemClock),
-        )
-        .expect("core")
-        .0,
-    );
+    let store = SledStore::open(&dir.path().join("log")).expect("open");
+    let watched = metrics.then(|| Arc::new(easel::metrics::Metrics::new()));
+    if let Some(m) = &watched {
+        let m = Arc::clone(m);
+        store.observe_flushes(Box::new(move |took, events| m.flushed(took, events)));
+    }
+    let core = Arc::new(Core::open(store, Arc::new(SystemClock)).expect("core").0);
+    let stop = tokio_util::sync::CancellationToken::new();
+    if let Some(m) = &watched {
+        m.read_lanes_with(easel::metrics::lanes_of(&core));
+        tokio::spawn(easel::metrics::follow(
+            Arc::clone(&core),
+            Arc::clone(m),
+            |_, _| {},
+            stop.clone(),
+        ));
+        let (m, stop) = (Arc::clone(m), stop.clone());
+        tokio::spawn(async move {
+            let mut bytes = 0;
+            while !stop.is_cancelled() {
+                bytes += m.render().len();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            std::hint::black_box(bytes);
+        });
+    }
     let images = Arc::new(ImageStore::open(&dir.path().join("images")).expect("images"));
     let limits = Limits {
         max_pending: u32::MAX,
@@ -113,7 +139,6 @@ async fn run(
             window_secs: 1,
         },
     };
-    let stop = tokio_util::sync::CancellationToken::new();
     let rx = stop.clone();
     for n in 0..requests {
         let model = ModelName::parse(models[(n % models.len() as u64) as usize]).expect("model");
@@ -168,11 +193,15 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    if std::env::args().any(|a| a == "metrics") {
+        rt.block_on(metrics_overhead(requests));
+        return;
+    }
     rt.block_on(async {
-        let (one, ..) = run(&["flux"], requests, false).await;
-        let (two, ..) = run(&["flux", "sdxl"], requests, false).await;
+        let (one, ..) = run(&["flux"], requests, false, false).await;
+        let (two, ..) = run(&["flux", "sdxl"], requests, false, false).await;
         println!("pipeline, instant steps, {requests} requests: one model {one:.0} requests/s ({:.2} ms each); two models {two:.0} requests/s = {:.2}× one", 1000.0 / one, two / one);
-        let (_, core, stop, _dir) = run(&["flux"], 1000, true).await;
+        let (_, core, stop, _dir) = run(&["flux"], 1000, true, false).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = cpu_secs();
         let t = Instant::now();
@@ -186,4 +215,41 @@ fn main() {
         );
         stop.cancel();
     });
+}
+
+/// Metrics off against on, alternating, 7 pairs: requests/s (bound by the
+/// disk's fsyncs, so noisy on a shared disk) and CPU seconds per 1,000
+/// requests (the metrics' own cost, steadier); medians and each run.
+async fn metrics_overhead(requests: u64) {
+    const PAIRS: usize = 7;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let measured = |metrics: bool| async move {
+        let before = cpu_secs();
+        let (rate, ..) = run(&["flux"], requests, false, metrics).await;
+        (rate, 1000.0 * (cpu_secs() - before) / requests as f64)
+    };
+    for _ in 0..PAIRS {
+        off.push(measured(false).await);
+        on.push(measured(true).await);
+    }
+    let median = |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+        let mut v: Vec<f64> = v.iter().map(pick).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let runs = |v: &[(f64, f64)]| {
+        v.iter()
+            .map(|(r, c)| format!("{r:.0}/s {c:.2} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("metrics off (requests/s, CPU s per 1,000): {}", runs(&off));
+    println!("metrics on  (requests/s, CPU s per 1,000): {}", runs(&on));
+    let (a, b) = (median(&off, |x| x.0), median(&on, |x| x.0));
+    let (ca, cb) = (median(&off, |x| x.1), median(&on, |x| x.1));
+    println!(
+        "pipeline, one model, {requests} requests, median of {PAIRS}: metrics off {a:.0}/s, on {b:.0}/s ({:+.1}%); CPU per 1,000 requests off {ca:.3} s, on {cb:.3} s ({:+.1}%)",
+        100.0 * (b - a) / a,
+        100.0 * (cb - ca) / ca
+    );
 }
