@@ -499,7 +499,9 @@ async fn set_commands(api: &TelegramApi, settings: &Settings) {
         if let Some(code) = lang.menu_code() {
             call = call.language_code(code);
         }
-        if let Err(e) = call.await {
+        let r = call.await;
+        api.count_call("setMyCommands", &r);
+        if let Err(e) = r {
             tracing::warn!(error = %api.describe(&e), ?lang, "setMyCommands failed");
         }
     }
@@ -523,13 +525,17 @@ async fn who_am_i(api: &TelegramApi, shutdown: CancellationToken) -> Result<Stri
             teloxide::RequestError::Api(teloxide::ApiError::InvalidToken)
         )
     };
-    let get_me = (|| async { api.bot().get_me().await })
-        .retry(backoff)
-        .sleep(tokio::time::sleep)
-        .when(|e| !bad_token(e))
-        .notify(|e, wait| {
-            tracing::warn!(error = %api.describe(e), ?wait, "Telegram is not reachable yet (getMe)");
-        });
+    let get_me = (|| async {
+        let r = api.bot().get_me().await;
+        api.count_call("getMe", &r);
+        r
+    })
+    .retry(backoff)
+    .sleep(tokio::time::sleep)
+    .when(|e| !bad_token(e))
+    .notify(|e, wait| {
+        tracing::warn!(error = %api.describe(e), ?wait, "Telegram is not reachable yet (getMe)");
+    });
     tokio::select! {
         r = get_me => match r {
             Ok(me) => Ok(me.user.username.clone().unwrap_or_default()),

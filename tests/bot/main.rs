@@ -1641,6 +1641,15 @@ async fn readyz_says_why_it_is_not_ready() {
         "not ready: the event log refuses writes (disk full)\n"
     );
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    let m = get("/metrics").await.unwrap();
+    assert_eq!(m.status(), 200);
+    assert_eq!(
+        m.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = m.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    openmetrics_parser::openmetrics::parse_openmetrics(&text).unwrap();
     health.set(Part::Log, None);
     let r = get("/readyz").await.unwrap();
     assert_eq!(
