@@ -7,6 +7,7 @@ pub mod codec;
 pub mod disk;
 #[cfg(feature = "test-support")]
 mod memory;
+pub mod pg;
 mod sled_store;
 
 use std::future::Future;

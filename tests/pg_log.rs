@@ -1,0 +1,312 @@
+//! The PostgreSQL event log (`store::pg`, §9) against a real PostgreSQL
+//! (a throwaway cluster from the system's binaries: `tests/common/pg.rs`):
+//! contiguous positions in commit order under concurrent appends from two
+//! "replicas" while a follower reads, group commit, intake keys unique
+//! across replicas, notifications across replicas and after the listener's
+//! connection is killed, migrations applied once by replicas starting
+//! together, and a newer schema refused.
+
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use easel::domain::{ChatId, Event, ModelName, Origin, Prompt, RequestId, UserId};
+use easel::store::pg::{Appended, PgLog};
+use easel::store::{NewEvent, StoreError};
+use secrecy::SecretString;
+
+fn queued(id: RequestId, update: Option<u32>, message: Option<i32>) -> NewEvent {
+    NewEvent {
+        request_id: id,
+        at: Utc::now(),
+        event: Event::Queued {
+            model: ModelName::parse("flux").unwrap(),
+            prompt: Prompt::parse("a red fox").unwrap(),
+            origin: Origin {
+                user_id: UserId(7),
+                chat_id: ChatId(7),
+                message_id: message,
+                update_id: update,
+                language: None,
+            },
+            preset: None,
+            remembered: false,
+            input: None,
+            images: 1,
+        },
+    }
+}
+
+fn started(id: RequestId) -> NewEvent {
+    NewEvent {
+        request_id: id,
+        at: Utc::now(),
+        event: Event::Started,
+    }
+}
+
+async fn connect(url: &str) -> PgLog {
+    PgLog::connect(&SecretString::from(url.to_owned()))
+        .await
+        .expect("connect")
+}
+
+fn written(a: Appended) -> Vec<easel::store::Recorded> {
+    match a {
+        Appended::Written(r) => r,
+        Appended::Duplicate(id) => panic!("a duplicate of {id}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_get_contiguous_positions_and_read_back_as_written() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let log = connect(&url).await;
+    assert_eq!(log.last_position(), 0);
+    let id = RequestId::random();
+    let recs = written(
+        log.append(vec![queued(id, Some(1), Some(10)), started(id)])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(log.last_position(), 2);
+    let back: Vec<_> = log
+        .read_from(1, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    // Timestamps go through PostgreSQL at microsecond precision.
+    assert_eq!(back.len(), 2);
+    for (b, r) in back.iter().zip(&recs) {
+        assert_eq!(
+            (b.seq, b.request_id, &b.event),
+            (r.seq, r.request_id, &r.event)
+        );
+        assert!((b.at - r.at).num_microseconds().unwrap().abs() <= 1);
+    }
+    assert_eq!(log.events_of(id).await.unwrap().len(), 2);
+    assert_eq!(log.find_update(1).await.unwrap(), Some(id));
+    assert_eq!(log.find_message(ChatId(7), 10).await.unwrap(), Some(id));
+    assert_eq!(log.find_update(2).await.unwrap(), None);
+    // Another process (a restart) continues from the head.
+    drop(log);
+    let log = connect(&url).await;
+    assert_eq!(log.last_position(), 2);
+    let more = written(
+        log.append(vec![started(RequestId::random())])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(more[0].seq, 3);
+    log.put_meta("telegram/offset", b"42").await.unwrap();
+    log.put_meta("telegram/offset", b"43").await.unwrap();
+    assert_eq!(
+        log.get_meta("telegram/offset").await.unwrap(),
+        Some(b"43".to_vec())
+    );
+    assert_eq!(log.get_meta("nothing").await.unwrap(), None);
+}
+
+/// Two replicas append at once, 8 appenders each, while a follower reads
+/// by the subscription: every read continues exactly where the last one
+/// ended (a position never appears below one already seen), the positions
+/// end up 1..=N without a hole, each request's events in its order, and
+/// the appends shared transactions (group commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_appending_at_once_leave_no_gap_a_reader_could_miss() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let a = Arc::new(connect(&url).await);
+    let b = Arc::new(connect(&url).await);
+    let follower = connect(&url).await;
+    const APPENDERS: usize = 8;
+    const EACH: usize = 40;
+    let total = (2 * APPENDERS * EACH * 2) as u64;
+    let mut tasks = Vec::new();
+    for log in [&a, &b] {
+        for _ in 0..APPENDERS {
+            let log = Arc::clone(log);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..EACH {
+                    let id = RequestId::random();
+                    written(log.append(vec![queued(id, None, None)]).await.unwrap());
+                    written(log.append(vec![started(id)]).await.unwrap());
+                }
+            }));
+        }
+    }
+    let mut seen = 0u64;
+    let mut rx = follower.subscribe();
+    let mut order = std::collections::HashMap::<RequestId, Vec<u64>>::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen < total {
+        let batch = follower.read_from(seen + 1, 500).await.unwrap();
+        for rec in batch {
+            let rec = rec.unwrap();
+            assert_eq!(rec.seq, seen + 1, "a gap or a position out of order");
+            seen = rec.seq;
+            order.entry(rec.request_id).or_default().push(rec.seq);
+            let first = order[&rec.request_id].len() == 1;
+            assert_eq!(first, matches!(rec.event, Event::Queued { .. }));
+        }
+        if seen < total {
+            tokio::select! {
+                _ = rx.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "follower stuck at {seen}"
+        );
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(order.len(), 2 * APPENDERS * EACH);
+    assert!(order.values().all(|p| p.len() == 2 && p[0] < p[1]));
+    let commits = a.commit_count() + b.commit_count();
+    println!("{total} events in {commits} transactions");
+    assert!(commits < total, "no append shared a transaction");
+    // The follower heard of the other replicas' commits.
+    assert_eq!(follower.last_position(), total);
+}
+
+/// The same Telegram update reaching two replicas makes one request: the
+/// second append is told which request holds the update, and writes
+/// nothing (no position taken). The same for a chat message redelivered
+/// under a new update id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_admitted_by_two_replicas_makes_one_request() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let a = connect(&url).await;
+    let b = connect(&url).await;
+    let (x, y) = (RequestId::random(), RequestId::random());
+    let (ra, rb) = tokio::join!(
+        a.append(vec![queued(x, Some(500), Some(1))]),
+        b.append(vec![queued(y, Some(500), Some(1))])
+    );
+    let outcomes = [ra.unwrap(), rb.unwrap()];
+    let winner = outcomes
+        .iter()
+        .find_map(|o| match o {
+            Appended::Written(r) => Some(r[0].request_id),
+            Appended::Duplicate(_) => None,
+        })
+        .expect("one was written");
+    assert!(
+        outcomes.contains(&Appended::Duplicate(winner)),
+        "{outcomes:?}"
+    );
+    // In one group too: two appends of one update waiting together.
+    let (z, w) = (RequestId::random(), RequestId::random());
+    let (r1, r2) = tokio::join!(
+        a.append(vec![queued(z, Some(501), None)]),
+        a.append(vec![queued(w, Some(501), None)])
+    );
+    let both = [r1.unwrap(), r2.unwrap()];
+    assert_eq!(
+        both.iter()
+            .filter(|o| matches!(o, Appended::Duplicate(_)))
+            .count(),
+        1,
+        "{both:?}"
+    );
+    // A message redelivered as a new update: the chat + message key.
+    let again = a
+        .append(vec![queued(RequestId::random(), Some(502), Some(1))])
+        .await
+        .unwrap();
+    assert_eq!(again, Appended::Duplicate(winner));
+    assert_eq!(a.last_position(), 2, "a duplicate took no position");
+    let next = written(a.append(vec![started(winner)]).await.unwrap());
+    assert_eq!(next[0].seq, 3);
+}
+
+/// Notifications lost while the listener was disconnected: after its
+/// connection is killed, the replica reconnects, re-reads the head and
+/// learns of the commits made meanwhile by another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_listener_reconnects_and_catches_up() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let a = connect(&url).await;
+    let b = connect(&url).await;
+    written(b.append(vec![started(RequestId::random())]).await.unwrap());
+    let mut rx = a.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| *p >= 1))
+        .await
+        .expect("notified")
+        .unwrap();
+    // Kill every listening backend (ours and b's), then commit meanwhile.
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    written(b.append(vec![started(RequestId::random())]).await.unwrap());
+    written(b.append(vec![started(RequestId::random())]).await.unwrap());
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|p| *p >= 3))
+        .await
+        .expect("caught up after reconnecting")
+        .unwrap();
+    assert_eq!(a.read_from(1, 10).await.unwrap().len(), 3);
+}
+
+/// Replicas starting together apply the migrations once; a database whose
+/// schema is newer than this build is refused with a sentence; a URL that
+/// is not one is refused without echoing it (it may hold a password).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_once_and_a_newer_schema_is_refused() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let (a, b, c) = tokio::join!(connect(&url), connect(&url), connect(&url));
+    drop((a, b, c));
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let versions: Vec<i32> = admin
+        .query("SELECT version FROM easel_schema ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [easel::store::pg::SCHEMA_VERSION]);
+    admin
+        .execute("INSERT INTO easel_schema (version) VALUES (99)", &[])
+        .await
+        .unwrap();
+    let refused = PgLog::connect(&SecretString::from(url.clone())).await;
+    match refused {
+        Err(StoreError::Open(why)) => {
+            assert!(why.to_string().contains("newer than this easel's"), "{why}")
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let secret = "postgres://easel:hunter2-secret@[::1:bad";
+    match PgLog::connect(&SecretString::from(secret.to_owned())).await {
+        Err(e) => assert!(!e.to_string().contains("hunter2"), "{e}"),
+        Ok(_) => panic!("a bad URL was taken"),
+    }
+}
