@@ -28,6 +28,7 @@
 //! The stored record is the codec's JSON (`codec::encode_json`), with its
 //! version, so the sled and PostgreSQL logs hold the same text.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -43,12 +44,15 @@ use crate::domain::{ChatId, Event, RequestId};
 
 /// The schema this build writes and reads. A database with a newer one is
 /// refused at connect (a newer easel migrated it).
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The migrations, in order; the first is version 1. Applied at connect,
 /// each in its own transaction, under a transaction-scoped advisory lock so
 /// replicas starting together apply each once.
-const MIGRATIONS: [&str; 1] = [include_str!("pg/0001_events.sql")];
+const MIGRATIONS: [&str; 2] = [
+    include_str!("pg/0001_events.sql"),
+    include_str!("pg/0002_leases.sql"),
+];
 
 /// Key of the advisory lock taken while migrating ("easel" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0065_6173_656c;
@@ -67,12 +71,62 @@ pub enum Appended {
     /// A `queued` event repeated an update or message that `RequestId`
     /// was made from; nothing was written.
     Duplicate(RequestId),
+    /// The lease presented is no longer the model's (it expired, or
+    /// another replica holds it with a later epoch); nothing was written.
+    Fenced,
 }
 
-/// One caller's append, waiting for the committer.
+/// A model's lease (§9): the right to run that model's one generation at
+/// a time, across replicas. `epoch` is its fencing number: events of the
+/// generation are appended with it ([`PgLog::append_fenced`]) and refused
+/// once another replica took the lease over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub model: String,
+    pub holder: String,
+    pub epoch: i64,
+    /// Stop working before this (local clock): taken before the claim (or
+    /// renewal) was sent, plus the time to live, so it is never later
+    /// than the lease's end on the database's clock.
+    pub until: tokio::time::Instant,
+}
+
+/// What a claim did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// The lease is ours, and the events claimed with it are written.
+    Won {
+        lease: Lease,
+        records: Vec<Recorded>,
+    },
+    /// Another replica holds an unexpired lease; nothing was written.
+    Held,
+}
+
+/// One caller's work for the committer.
+enum Op {
+    Append {
+        events: Vec<NewEvent>,
+        fence: Option<Lease>,
+    },
+    Claim {
+        model: String,
+        holder: String,
+        ttl: Duration,
+        events: Vec<NewEvent>,
+    },
+}
+
+enum Done {
+    Appended(Appended),
+    Claimed(Claimed),
+}
+
+/// One caller's op, waiting for the committer.
 struct Pending {
-    events: Vec<NewEvent>,
-    reply: oneshot::Sender<Result<Appended, StoreError>>,
+    op: Op,
+    asked_at: tokio::time::Instant,
+    reply: oneshot::Sender<Result<Done, StoreError>>,
 }
 
 /// The PostgreSQL event log of one process (a replica).
@@ -172,9 +226,113 @@ impl PgLog {
     /// [`StoreError::Write`] when the database refused; nothing of this
     /// append is written then.
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Appended, StoreError> {
+        match self
+            .submit(Op::Append {
+                events,
+                fence: None,
+            })
+            .await?
+        {
+            Done::Appended(a) => Ok(a),
+            Done::Claimed(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// As [`PgLog::append`], only while `lease` is the model's current
+    /// lease (checked under the head lock, so no takeover can slip in
+    /// between the check and the commit): [`Appended::Fenced`] otherwise.
+    ///
+    /// # Errors
+    /// As [`PgLog::append`].
+    pub async fn append_fenced(
+        &self,
+        lease: &Lease,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, StoreError> {
+        let op = Op::Append {
+            events,
+            fence: Some(lease.clone()),
+        };
+        match self.submit(op).await? {
+            Done::Appended(a) => Ok(a),
+            Done::Claimed(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Claims `model`'s lease for `holder` for `ttl` — when it is free or
+    /// expired (on the database's clock) — and appends `events` (the
+    /// request's `started`) in the same transaction. A takeover raises the
+    /// epoch, which fences out the previous holder.
+    ///
+    /// # Errors
+    /// As [`PgLog::append`].
+    pub async fn claim(
+        &self,
+        model: &str,
+        holder: &str,
+        ttl: Duration,
+        events: Vec<NewEvent>,
+    ) -> Result<Claimed, StoreError> {
+        let op = Op::Claim {
+            model: model.to_owned(),
+            holder: holder.to_owned(),
+            ttl,
+            events,
+        };
+        match self.submit(op).await? {
+            Done::Claimed(c) => Ok(c),
+            Done::Appended(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Extends `lease` by `ttl` if it is still current; false when it
+    /// expired or was taken over (then the generation must stop).
+    ///
+    /// # Errors
+    /// [`StoreError::Write`] when the database cannot be asked; the caller
+    /// must then treat the lease as ending at `lease.until`.
+    pub async fn renew(&self, lease: &mut Lease, ttl: Duration) -> Result<bool, StoreError> {
+        let asked = tokio::time::Instant::now();
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE easel_leases SET lease_until = clock_timestamp() + make_interval(secs => $4) \
+                 WHERE model = $1 AND holder = $2 AND epoch = $3 AND lease_until >= clock_timestamp()",
+                &[&lease.model, &lease.holder, &lease.epoch, &ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| StoreError::Write(db("renewing a lease", &e)))?;
+        if n == 1 {
+            lease.until = asked + ttl;
+        }
+        Ok(n == 1)
+    }
+
+    /// Gives `lease` up (the generation ended), so the next claim of the
+    /// model needs no wait for it to expire.
+    ///
+    /// # Errors
+    /// [`StoreError::Write`]; the lease then simply expires.
+    pub async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE easel_leases SET lease_until = '-infinity' WHERE model = $1 AND holder = $2 AND epoch = $3",
+                &[&lease.model, &lease.holder, &lease.epoch],
+            )
+            .await
+            .map_err(|e| StoreError::Write(db("releasing a lease", &e)))?;
+        Ok(())
+    }
+
+    async fn submit(&self, op: Op) -> Result<Done, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.appends
-            .send(Pending { events, reply })
+            .send(Pending {
+                op,
+                asked_at: tokio::time::Instant::now(),
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -386,8 +544,11 @@ async fn commit_loop(
                 Err(_) => break,
             }
         }
-        let batches: Vec<Vec<NewEvent>> = group.iter().map(|p| p.events.clone()).collect();
-        match commit_group(&pool, &batches).await {
+        let ops: Vec<(&Op, tokio::time::Instant)> =
+            group.iter().map(|p| (&p.op, p.asked_at)).collect();
+        let committed_group = commit_group(&pool, &ops).await;
+        drop(ops);
+        match committed_group {
             Ok((results, last)) => {
                 commits.fetch_add(1, Ordering::Relaxed);
                 committed.send_if_modified(|c| {
@@ -419,13 +580,156 @@ fn intake_keys(e: &NewEvent) -> (Option<i64>, Option<(i64, i32)>) {
     }
 }
 
-/// One transaction: lock the head, write each batch (or find it a
-/// duplicate), move the head, notify, commit.
+/// The events of one transaction being written, after the head lock.
+struct Writer<'t> {
+    tx: &'t tokio_postgres::Transaction<'t>,
+    next: i64,
+    /// Keys claimed earlier in this same transaction (not yet visible to
+    /// a `SELECT` of another connection, but to ours they are; kept here
+    /// to spare the query).
+    updates: HashMap<i64, RequestId>,
+    messages: HashMap<(i64, i32), RequestId>,
+}
+
+fn write_err(what: &str, e: &tokio_postgres::Error) -> StoreError {
+    StoreError::Write(db(what, e))
+}
+
+impl Writer<'_> {
+    /// The request already holding one of `events`' intake keys, if any.
+    async fn duplicate_of(&self, events: &[NewEvent]) -> Result<Option<RequestId>, StoreError> {
+        for e in events {
+            let (update, message) = intake_keys(e);
+            if let Some(u) = update {
+                if let Some(id) = self.updates.get(&u) {
+                    return Ok(Some(*id));
+                }
+                let row = self
+                    .tx
+                    .query_opt(
+                        "SELECT request_id FROM easel_intake_updates WHERE update_id = $1",
+                        &[&u],
+                    )
+                    .await
+                    .map_err(|e| write_err("checking intake keys", &e))?;
+                if let Some(r) = row {
+                    return Ok(Some(RequestId(r.get(0))));
+                }
+            }
+            if let Some(m) = message {
+                if let Some(id) = self.messages.get(&m) {
+                    return Ok(Some(*id));
+                }
+                let row = self
+                    .tx
+                    .query_opt(
+                        "SELECT request_id FROM easel_intake_messages WHERE chat_id = $1 AND message_id = $2",
+                        &[&m.0, &m.1],
+                    )
+                    .await
+                    .map_err(|e| write_err("checking intake keys", &e))?;
+                if let Some(r) = row {
+                    return Ok(Some(RequestId(r.get(0))));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes `events` at the next positions, with their intake keys.
+    async fn write(&mut self, events: &[NewEvent]) -> Result<Vec<Recorded>, StoreError> {
+        let mut written = Vec::with_capacity(events.len());
+        for e in events {
+            self.next += 1;
+            let rec = Recorded {
+                seq: u64::try_from(self.next).unwrap_or(0),
+                request_id: e.request_id,
+                at: e.at,
+                event: e.event.clone(),
+            };
+            let json = codec::encode_json(&rec)
+                .ok()
+                .and_then(|j| String::from_utf8(j).ok())
+                .ok_or_else(|| StoreError::Write(Cause::from("an event could not be encoded")))?;
+            self.tx
+                .execute(
+                    "INSERT INTO easel_events (position, request_id, at, record) VALUES ($1, $2, $3, $4::text::json)",
+                    &[&self.next, &e.request_id.0, &e.at, &json],
+                )
+                .await
+                .map_err(|err| write_err("writing an event", &err))?;
+            let (update, message) = intake_keys(e);
+            if let Some(u) = update {
+                self.tx
+                    .execute(
+                        "INSERT INTO easel_intake_updates (update_id, request_id) VALUES ($1, $2)",
+                        &[&u, &e.request_id.0],
+                    )
+                    .await
+                    .map_err(|err| write_err("writing an intake key", &err))?;
+                self.updates.insert(u, e.request_id);
+            }
+            if let Some(m) = message {
+                self.tx
+                    .execute(
+                        "INSERT INTO easel_intake_messages (chat_id, message_id, request_id) VALUES ($1, $2, $3)",
+                        &[&m.0, &m.1, &e.request_id.0],
+                    )
+                    .await
+                    .map_err(|err| write_err("writing an intake key", &err))?;
+                self.messages.insert(m, e.request_id);
+            }
+            written.push(rec);
+        }
+        Ok(written)
+    }
+
+    /// Whether `lease` is its model's current lease now. Under the head
+    /// lock, which every claim takes too, so no takeover can come between
+    /// this check and the commit.
+    async fn current(&self, lease: &Lease) -> Result<bool, StoreError> {
+        Ok(self
+            .tx
+            .query_opt(
+                "SELECT 1 FROM easel_leases WHERE model = $1 AND holder = $2 AND epoch = $3 AND lease_until >= clock_timestamp()",
+                &[&lease.model, &lease.holder, &lease.epoch],
+            )
+            .await
+            .map_err(|e| write_err("checking a lease", &e))?
+            .is_some())
+    }
+
+    /// Takes `model`'s lease if free or expired; its new epoch.
+    async fn take(
+        &self,
+        model: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<i64>, StoreError> {
+        let row = self
+            .tx
+            .query_opt(
+                "INSERT INTO easel_leases (model, holder, epoch, lease_until) \
+                 VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3)) \
+                 ON CONFLICT (model) DO UPDATE SET holder = EXCLUDED.holder, \
+                   epoch = easel_leases.epoch + 1, lease_until = EXCLUDED.lease_until \
+                 WHERE easel_leases.lease_until < clock_timestamp() \
+                 RETURNING epoch",
+                &[&model, &holder, &ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| write_err("claiming a lease", &e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+}
+
+/// One transaction: lock the head, do each op (write its events, or find
+/// it a duplicate, fenced or its lease held), move the head, notify,
+/// commit.
 async fn commit_group(
     pool: &Pool,
-    batches: &[Vec<NewEvent>],
-) -> Result<(Vec<Appended>, u64), StoreError> {
-    let write = |what: &str, e: &tokio_postgres::Error| StoreError::Write(db(what, e));
+    ops: &[(&Op, tokio::time::Instant)],
+) -> Result<(Vec<Done>, u64), StoreError> {
     let mut client = pool
         .get()
         .await
@@ -433,111 +737,67 @@ async fn commit_group(
     let tx = client
         .transaction()
         .await
-        .map_err(|e| write("starting an append", &e))?;
+        .map_err(|e| write_err("starting an append", &e))?;
     let head: i64 = tx
         .query_one(
             "SELECT position FROM easel_head WHERE id = 1 FOR UPDATE",
             &[],
         )
         .await
-        .map_err(|e| write("locking the head", &e))?
+        .map_err(|e| write_err("locking the head", &e))?
         .get(0);
-    let mut next = head;
-    let mut results = Vec::with_capacity(batches.len());
-    // Keys claimed earlier in this same group (not yet visible as rows).
-    let mut claimed_updates: std::collections::HashMap<i64, RequestId> = Default::default();
-    let mut claimed_messages: std::collections::HashMap<(i64, i32), RequestId> = Default::default();
-    'batch: for events in batches {
-        for e in events {
-            let (update, message) = intake_keys(e);
-            if let Some(u) = update {
-                let held = match claimed_updates.get(&u) {
-                    Some(id) => Some(*id),
-                    None => tx
-                        .query_opt(
-                            "SELECT request_id FROM easel_intake_updates WHERE update_id = $1",
-                            &[&u],
-                        )
-                        .await
-                        .map_err(|e| write("checking intake keys", &e))?
-                        .map(|r| RequestId(r.get(0))),
-                };
-                if let Some(id) = held {
-                    results.push(Appended::Duplicate(id));
-                    continue 'batch;
+    let mut w = Writer {
+        tx: &tx,
+        next: head,
+        updates: HashMap::new(),
+        messages: HashMap::new(),
+    };
+    let mut results = Vec::with_capacity(ops.len());
+    for (op, asked_at) in ops {
+        let done = match op {
+            Op::Append { events, fence } => {
+                if let Some(lease) = fence
+                    && !w.current(lease).await?
+                {
+                    Done::Appended(Appended::Fenced)
+                } else if let Some(id) = w.duplicate_of(events).await? {
+                    Done::Appended(Appended::Duplicate(id))
+                } else {
+                    Done::Appended(Appended::Written(w.write(events).await?))
                 }
             }
-            if let Some(m) = message {
-                let held = match claimed_messages.get(&m) {
-                    Some(id) => Some(*id),
-                    None => tx
-                        .query_opt(
-                            "SELECT request_id FROM easel_intake_messages WHERE chat_id = $1 AND message_id = $2",
-                            &[&m.0, &m.1],
-                        )
-                        .await
-                        .map_err(|e| write("checking intake keys", &e))?
-                        .map(|r| RequestId(r.get(0))),
-                };
-                if let Some(id) = held {
-                    results.push(Appended::Duplicate(id));
-                    continue 'batch;
-                }
-            }
-        }
-        let mut written = Vec::with_capacity(events.len());
-        for e in events {
-            next += 1;
-            let rec = Recorded {
-                seq: u64::try_from(next).unwrap_or(0),
-                request_id: e.request_id,
-                at: e.at,
-                event: e.event.clone(),
-            };
-            let json = codec::encode_json(&rec)
-                .map_err(|err| StoreError::Write(Cause::from(err.to_string())))?;
-            let json = String::from_utf8(json)
-                .map_err(|err| StoreError::Write(Cause::from(err.to_string())))?;
-            tx.execute(
-                "INSERT INTO easel_events (position, request_id, at, record) VALUES ($1, $2, $3, $4::text::json)",
-                &[&next, &e.request_id.0, &e.at, &json],
-            )
-            .await
-            .map_err(|err| write("writing an event", &err))?;
-            let (update, message) = intake_keys(e);
-            if let Some(u) = update {
-                tx.execute(
-                    "INSERT INTO easel_intake_updates (update_id, request_id) VALUES ($1, $2)",
-                    &[&u, &e.request_id.0],
-                )
-                .await
-                .map_err(|err| write("writing an intake key", &err))?;
-                claimed_updates.insert(u, e.request_id);
-            }
-            if let Some(m) = message {
-                tx.execute(
-                    "INSERT INTO easel_intake_messages (chat_id, message_id, request_id) VALUES ($1, $2, $3)",
-                    &[&m.0, &m.1, &e.request_id.0],
-                )
-                .await
-                .map_err(|err| write("writing an intake key", &err))?;
-                claimed_messages.insert(m, e.request_id);
-            }
-            written.push(rec);
-        }
-        results.push(Appended::Written(written));
+            Op::Claim {
+                model,
+                holder,
+                ttl,
+                events,
+            } => match w.take(model, holder, *ttl).await? {
+                None => Done::Claimed(Claimed::Held),
+                Some(epoch) => Done::Claimed(Claimed::Won {
+                    lease: Lease {
+                        model: model.clone(),
+                        holder: holder.clone(),
+                        epoch,
+                        until: *asked_at + *ttl,
+                    },
+                    records: w.write(events).await?,
+                }),
+            },
+        };
+        results.push(done);
     }
+    let next = w.next;
     if next > head {
         tx.execute("UPDATE easel_head SET position = $1 WHERE id = 1", &[&next])
             .await
-            .map_err(|e| write("moving the head", &e))?;
+            .map_err(|e| write_err("moving the head", &e))?;
         tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &next.to_string()])
             .await
-            .map_err(|e| write("notifying", &e))?;
+            .map_err(|e| write_err("notifying", &e))?;
     }
     tx.commit()
         .await
-        .map_err(|e| write("committing an append", &e))?;
+        .map_err(|e| write_err("committing an append", &e))?;
     Ok((results, u64::try_from(next).unwrap_or(0)))
 }
 
