@@ -1,10 +1,18 @@
 //! Durable acceptance: `Queued` events accepted and on disk per second with
 //! 1, 8 and 64 concurrent acceptances, through `Core::accept` (intake
 //! lookups, limits, append, group-committed fsync) — against SQLite (WAL,
-//! synchronous=FULL, one transaction per acceptance) in the same run.
+//! synchronous=FULL, one transaction per acceptance) in the same run — and
+//! the PostgreSQL log (`store::pg::PgLog::append`: intake check under the
+//! head lock, group commit; `fsync=on`, `synchronous_commit=on`) with one
+//! replica, and three replicas together (each with that many concurrent
+//! acceptances), on a throwaway cluster started from the system's
+//! binaries (issue 17; skipped, saying so, where there are none).
 //! `cargo bench --bench acceptance [-- SECONDS]`; `EASEL_BENCH_ONLY=easel`
-//! (or `sqlite`) and `EASEL_BENCH_CONCURRENCY=1,64` narrow a run, e.g. to
-//! count its system calls under `strace -f -c`.
+//! (or `sqlite`, `postgres`) and `EASEL_BENCH_CONCURRENCY=1,64` narrow a
+//! run, e.g. to count its system calls under `strace -f -c`.
+
+#[path = "../tests/common/pg.rs"]
+mod pg;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -138,6 +146,61 @@ fn sqlite_run(concurrency: u64, secs: u64) -> (f64, f64) {
     (all.len() as f64 / secs as f64, p99(all))
 }
 
+/// Acceptances per second and p99 ms through `replicas` PostgreSQL logs
+/// (each its own pool, committer and listener, as a replica process has),
+/// each with `concurrency` acceptances at once; and events per commit.
+fn postgres_run(
+    cluster: &pg::Cluster,
+    replicas: u64,
+    concurrency: u64,
+    secs: u64,
+) -> (f64, f64, f64) {
+    use easel::store::pg::{Appended, PgLog};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let url = secrecy::SecretString::from(cluster.fresh_database().await);
+        let mut logs = Vec::new();
+        for _ in 0..replicas {
+            logs.push(Arc::new(PgLog::connect(&url).await.expect("connect")));
+        }
+        let until = Instant::now() + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for (r, log) in logs.iter().enumerate() {
+            for t in 0..concurrency {
+                let log = Arc::clone(log);
+                let mut n = (r as u64 * 1000 + t) * 1_000_000;
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    while Instant::now() < until {
+                        let start = Instant::now();
+                        let event = easel::store::NewEvent {
+                            request_id: easel::domain::RequestId::random(),
+                            at: chrono::Utc::now(),
+                            event: request(n).into_queued(),
+                        };
+                        let done = log.append(vec![event]).await.expect("append");
+                        assert!(matches!(done, Appended::Written(_)), "{done:?}");
+                        lat.push(start.elapsed());
+                        n += 1;
+                    }
+                    lat
+                }));
+            }
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("task"));
+        }
+        let commits: u64 = logs.iter().map(|l| l.commit_count()).sum();
+        let per_commit = all.len() as f64 / commits.max(1) as f64;
+        (all.len() as f64 / secs as f64, p99(all), per_commit)
+    })
+}
+
 fn main() {
     let secs: u64 = std::env::args()
         .skip(1)
@@ -148,27 +211,51 @@ fn main() {
         .ok()
         .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 8, 64]);
+    let postgres = if only.is_empty() || only == "postgres" {
+        match pg::start_durable() {
+            Ok(c) => Some(c),
+            Err(why) => {
+                println!("PostgreSQL: skipped ({why})");
+                None
+            }
+        }
+    } else {
+        None
+    };
     println!(
-        "durable acceptances per second, {secs} s per run (easel: Core::accept, flush + fdatasync per group commit; SQLite: WAL + synchronous=FULL, one transaction each)"
+        "durable acceptances per second, {secs} s per run (easel: Core::accept on sled, flush + fdatasync per group commit; PostgreSQL: PgLog::append, fsync=on, synchronous_commit=on, one replica and three together, each with that many concurrent; SQLite: WAL + synchronous=FULL, one transaction each)"
     );
     println!(
-        "| concurrent | easel /s | SQLite /s | easel ÷ SQLite | easel p99 ms | SQLite p99 ms | easel flushes per acceptance |"
+        "| concurrent | easel (sled) /s | PostgreSQL 1 replica /s | PostgreSQL 3 replicas /s | SQLite /s | sled ÷ SQLite | PostgreSQL ÷ SQLite | 3 replicas ÷ 1 | p99 ms sled / PG 1 / PG 3 / SQLite | sled flushes per acceptance | PG events per commit (1 / 3) |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for c in levels {
-        let (e, ep99, per) = if only == "sqlite" {
-            (0.0, 0.0, 0.0)
-        } else {
+        let (e, ep99, per) = if only.is_empty() || only == "easel" {
             easel_run(c, secs)
-        };
-        let (s, sp99) = if only == "easel" {
-            (0.0, 0.0)
         } else {
-            sqlite_run(c, secs)
+            (0.0, 0.0, 0.0)
         };
+        let ((p1, p1p99, p1c), (p3, p3p99, p3c)) = match &postgres {
+            Some(cluster) => (
+                postgres_run(cluster, 1, c, secs),
+                postgres_run(cluster, 3, c, secs),
+            ),
+            None => ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+        };
+        let (s, sp99) = if only.is_empty() || only == "sqlite" {
+            sqlite_run(c, secs)
+        } else {
+            (0.0, 0.0)
+        };
+        let ratio = |a: f64, b: f64| a / b.max(1e-9);
         println!(
-            "| {c} | {e:.0} | {s:.0} | {:.2}× | {ep99:.2} | {sp99:.2} | {per:.3} |",
-            e / s.max(1e-9)
+            "| {c} | {e:.0} | {p1:.0} | {p3:.0} | {s:.0} | {:.2}× | {:.2}× | {:.2}× | {ep99:.1} / {p1p99:.1} / {p3p99:.1} / {sp99:.1} | {per:.3} | {p1c:.1} / {p3c:.1} |",
+            ratio(e, s),
+            ratio(p1, s),
+            ratio(p3, p1),
         );
+    }
+    if let Some(c) = postgres {
+        c.stop();
     }
 }

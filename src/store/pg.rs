@@ -580,64 +580,127 @@ fn intake_keys(e: &NewEvent) -> (Option<i64>, Option<(i64, i32)>) {
     }
 }
 
-/// The events of one transaction being written, after the head lock.
+/// The events of one transaction, decided one op after another after the
+/// head lock and written together at the end: a transaction costs a fixed
+/// handful of round trips whatever its size (one statement per table, the
+/// rows passed as arrays), and each statement is prepared once per
+/// connection (`prepare_cached`) rather than parsed on every call.
 struct Writer<'t> {
-    tx: &'t tokio_postgres::Transaction<'t>,
+    tx: &'t deadpool_postgres::Transaction<'t>,
     next: i64,
-    /// Keys claimed earlier in this same transaction (not yet visible to
-    /// a `SELECT` of another connection, but to ours they are; kept here
-    /// to spare the query).
+    /// Intake keys held before this transaction, or claimed in it.
     updates: HashMap<i64, RequestId>,
     messages: HashMap<(i64, i32), RequestId>,
+    /// What to insert at the end.
+    rows: Rows,
+}
+
+#[derive(Default)]
+struct Rows {
+    positions: Vec<i64>,
+    requests: Vec<uuid::Uuid>,
+    ats: Vec<chrono::DateTime<chrono::Utc>>,
+    records: Vec<String>,
+    update_ids: Vec<i64>,
+    update_requests: Vec<uuid::Uuid>,
+    message_chats: Vec<i64>,
+    message_ids: Vec<i32>,
+    message_requests: Vec<uuid::Uuid>,
 }
 
 fn write_err(what: &str, e: &tokio_postgres::Error) -> StoreError {
     StoreError::Write(db(what, e))
 }
 
+const LOCK_HEAD: &str = "SELECT position FROM easel_head WHERE id = 1 FOR UPDATE";
+const HELD_UPDATES: &str =
+    "SELECT update_id, request_id FROM easel_intake_updates WHERE update_id = ANY($1)";
+const HELD_MESSAGES: &str = "SELECT m.chat_id, m.message_id, m.request_id FROM easel_intake_messages m \
+     JOIN UNNEST($1::bigint[], $2::integer[]) AS k(chat_id, message_id) USING (chat_id, message_id)";
+const INSERT_EVENTS: &str = "INSERT INTO easel_events (position, request_id, at, record) \
+     SELECT p, r, a, j::json FROM UNNEST($1::bigint[], $2::uuid[], $3::timestamptz[], $4::text[]) AS t(p, r, a, j)";
+const INSERT_UPDATES: &str = "INSERT INTO easel_intake_updates (update_id, request_id) \
+     SELECT * FROM UNNEST($1::bigint[], $2::uuid[])";
+const INSERT_MESSAGES: &str = "INSERT INTO easel_intake_messages (chat_id, message_id, request_id) \
+     SELECT * FROM UNNEST($1::bigint[], $2::integer[], $3::uuid[])";
+const MOVE_HEAD: &str = "WITH moved AS (UPDATE easel_head SET position = $1 WHERE id = 1) \
+     SELECT pg_notify($2, $3)";
+const LEASE_CURRENT: &str = "SELECT 1 FROM easel_leases WHERE model = $1 AND holder = $2 AND epoch = $3 \
+     AND lease_until >= clock_timestamp()";
+const TAKE_LEASE: &str = "INSERT INTO easel_leases (model, holder, epoch, lease_until) \
+     VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3)) \
+     ON CONFLICT (model) DO UPDATE SET holder = EXCLUDED.holder, \
+       epoch = easel_leases.epoch + 1, lease_until = EXCLUDED.lease_until \
+     WHERE easel_leases.lease_until < clock_timestamp() \
+     RETURNING epoch";
+
 impl Writer<'_> {
-    /// The request already holding one of `events`' intake keys, if any.
-    async fn duplicate_of(&self, events: &[NewEvent]) -> Result<Option<RequestId>, StoreError> {
-        for e in events {
-            let (update, message) = intake_keys(e);
-            if let Some(u) = update {
-                if let Some(id) = self.updates.get(&u) {
-                    return Ok(Some(*id));
-                }
-                let row = self
-                    .tx
-                    .query_opt(
-                        "SELECT request_id FROM easel_intake_updates WHERE update_id = $1",
-                        &[&u],
-                    )
-                    .await
-                    .map_err(|e| write_err("checking intake keys", &e))?;
-                if let Some(r) = row {
-                    return Ok(Some(RequestId(r.get(0))));
-                }
-            }
-            if let Some(m) = message {
-                if let Some(id) = self.messages.get(&m) {
-                    return Ok(Some(*id));
-                }
-                let row = self
-                    .tx
-                    .query_opt(
-                        "SELECT request_id FROM easel_intake_messages WHERE chat_id = $1 AND message_id = $2",
-                        &[&m.0, &m.1],
-                    )
-                    .await
-                    .map_err(|e| write_err("checking intake keys", &e))?;
-                if let Some(r) = row {
-                    return Ok(Some(RequestId(r.get(0))));
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        what: &str,
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let statement = self
+            .tx
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| write_err(what, &e))?;
+        self.tx
+            .query(&statement, params)
+            .await
+            .map_err(|e| write_err(what, &e))
+    }
+
+    /// Reads which of the group's intake keys are held already: two
+    /// queries for the whole group.
+    async fn load_keys(&mut self, ops: &[(&Op, tokio::time::Instant)]) -> Result<(), StoreError> {
+        let (mut updates, mut chats, mut messages) = (Vec::new(), Vec::new(), Vec::new());
+        for (op, _) in ops {
+            let events = match op {
+                Op::Append { events, .. } | Op::Claim { events, .. } => events,
+            };
+            for e in events {
+                let (u, m) = intake_keys(e);
+                updates.extend(u);
+                if let Some((c, m)) = m {
+                    chats.push(c);
+                    messages.push(m);
                 }
             }
         }
-        Ok(None)
+        if !updates.is_empty() {
+            for r in self
+                .query(HELD_UPDATES, &[&updates], "checking intake keys")
+                .await?
+            {
+                self.updates.insert(r.get(0), RequestId(r.get(1)));
+            }
+        }
+        if !chats.is_empty() {
+            for r in self
+                .query(HELD_MESSAGES, &[&chats, &messages], "checking intake keys")
+                .await?
+            {
+                self.messages
+                    .insert((r.get(0), r.get(1)), RequestId(r.get(2)));
+            }
+        }
+        Ok(())
     }
 
-    /// Writes `events` at the next positions, with their intake keys.
-    async fn write(&mut self, events: &[NewEvent]) -> Result<Vec<Recorded>, StoreError> {
+    /// The request already holding one of `events`' intake keys, if any.
+    fn duplicate_of(&self, events: &[NewEvent]) -> Option<RequestId> {
+        events.iter().find_map(|e| {
+            let (u, m) = intake_keys(e);
+            u.and_then(|u| self.updates.get(&u))
+                .or_else(|| m.and_then(|m| self.messages.get(&m)))
+                .copied()
+        })
+    }
+
+    /// Gives `events` the next positions and queues their rows.
+    fn write(&mut self, events: &[NewEvent]) -> Result<Vec<Recorded>, StoreError> {
         let mut written = Vec::with_capacity(events.len());
         for e in events {
             self.next += 1;
@@ -651,32 +714,21 @@ impl Writer<'_> {
                 .ok()
                 .and_then(|j| String::from_utf8(j).ok())
                 .ok_or_else(|| StoreError::Write(Cause::from("an event could not be encoded")))?;
-            self.tx
-                .execute(
-                    "INSERT INTO easel_events (position, request_id, at, record) VALUES ($1, $2, $3, $4::text::json)",
-                    &[&self.next, &e.request_id.0, &e.at, &json],
-                )
-                .await
-                .map_err(|err| write_err("writing an event", &err))?;
+            let rows = &mut self.rows;
+            rows.positions.push(self.next);
+            rows.requests.push(e.request_id.0);
+            rows.ats.push(e.at);
+            rows.records.push(json);
             let (update, message) = intake_keys(e);
             if let Some(u) = update {
-                self.tx
-                    .execute(
-                        "INSERT INTO easel_intake_updates (update_id, request_id) VALUES ($1, $2)",
-                        &[&u, &e.request_id.0],
-                    )
-                    .await
-                    .map_err(|err| write_err("writing an intake key", &err))?;
+                rows.update_ids.push(u);
+                rows.update_requests.push(e.request_id.0);
                 self.updates.insert(u, e.request_id);
             }
             if let Some(m) = message {
-                self.tx
-                    .execute(
-                        "INSERT INTO easel_intake_messages (chat_id, message_id, request_id) VALUES ($1, $2, $3)",
-                        &[&m.0, &m.1, &e.request_id.0],
-                    )
-                    .await
-                    .map_err(|err| write_err("writing an intake key", &err))?;
+                rows.message_chats.push(m.0);
+                rows.message_ids.push(m.1);
+                rows.message_requests.push(e.request_id.0);
                 self.messages.insert(m, e.request_id);
             }
             written.push(rec);
@@ -684,19 +736,48 @@ impl Writer<'_> {
         Ok(written)
     }
 
+    /// Inserts every queued row: at most three statements.
+    async fn flush_rows(&self) -> Result<(), StoreError> {
+        let r = &self.rows;
+        if !r.positions.is_empty() {
+            self.query(
+                INSERT_EVENTS,
+                &[&r.positions, &r.requests, &r.ats, &r.records],
+                "writing events",
+            )
+            .await?;
+        }
+        if !r.update_ids.is_empty() {
+            self.query(
+                INSERT_UPDATES,
+                &[&r.update_ids, &r.update_requests],
+                "writing intake keys",
+            )
+            .await?;
+        }
+        if !r.message_chats.is_empty() {
+            self.query(
+                INSERT_MESSAGES,
+                &[&r.message_chats, &r.message_ids, &r.message_requests],
+                "writing intake keys",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Whether `lease` is its model's current lease now. Under the head
     /// lock, which every claim takes too, so no takeover can come between
     /// this check and the commit.
     async fn current(&self, lease: &Lease) -> Result<bool, StoreError> {
-        Ok(self
-            .tx
-            .query_opt(
-                "SELECT 1 FROM easel_leases WHERE model = $1 AND holder = $2 AND epoch = $3 AND lease_until >= clock_timestamp()",
+        Ok(!self
+            .query(
+                LEASE_CURRENT,
                 &[&lease.model, &lease.holder, &lease.epoch],
+                "checking a lease",
             )
-            .await
-            .map_err(|e| write_err("checking a lease", &e))?
-            .is_some())
+            .await?
+            .is_empty())
     }
 
     /// Takes `model`'s lease if free or expired; its new epoch.
@@ -706,26 +787,20 @@ impl Writer<'_> {
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<i64>, StoreError> {
-        let row = self
-            .tx
-            .query_opt(
-                "INSERT INTO easel_leases (model, holder, epoch, lease_until) \
-                 VALUES ($1, $2, 1, clock_timestamp() + make_interval(secs => $3)) \
-                 ON CONFLICT (model) DO UPDATE SET holder = EXCLUDED.holder, \
-                   epoch = easel_leases.epoch + 1, lease_until = EXCLUDED.lease_until \
-                 WHERE easel_leases.lease_until < clock_timestamp() \
-                 RETURNING epoch",
+        let rows = self
+            .query(
+                TAKE_LEASE,
                 &[&model, &holder, &ttl.as_secs_f64()],
+                "claiming a lease",
             )
-            .await
-            .map_err(|e| write_err("claiming a lease", &e))?;
-        Ok(row.map(|r| r.get(0)))
+            .await?;
+        Ok(rows.first().map(|r| r.get(0)))
     }
 }
 
-/// One transaction: lock the head, do each op (write its events, or find
-/// it a duplicate, fenced or its lease held), move the head, notify,
-/// commit.
+/// One transaction: lock the head, read the group's held intake keys, do
+/// each op in order (write its events, or find it a duplicate, fenced or
+/// its lease held), insert the rows, move the head and notify, commit.
 async fn commit_group(
     pool: &Pool,
     ops: &[(&Op, tokio::time::Instant)],
@@ -738,20 +813,21 @@ async fn commit_group(
         .transaction()
         .await
         .map_err(|e| write_err("starting an append", &e))?;
-    let head: i64 = tx
-        .query_one(
-            "SELECT position FROM easel_head WHERE id = 1 FOR UPDATE",
-            &[],
-        )
-        .await
-        .map_err(|e| write_err("locking the head", &e))?
-        .get(0);
     let mut w = Writer {
         tx: &tx,
-        next: head,
+        next: 0,
         updates: HashMap::new(),
         messages: HashMap::new(),
+        rows: Rows::default(),
     };
+    let head: i64 = w
+        .query(LOCK_HEAD, &[], "locking the head")
+        .await?
+        .first()
+        .map(|r| r.get(0))
+        .ok_or_else(|| StoreError::Write(Cause::from("the head row is missing")))?;
+    w.next = head;
+    w.load_keys(ops).await?;
     let mut results = Vec::with_capacity(ops.len());
     for (op, asked_at) in ops {
         let done = match op {
@@ -760,10 +836,10 @@ async fn commit_group(
                     && !w.current(lease).await?
                 {
                     Done::Appended(Appended::Fenced)
-                } else if let Some(id) = w.duplicate_of(events).await? {
+                } else if let Some(id) = w.duplicate_of(events) {
                     Done::Appended(Appended::Duplicate(id))
                 } else {
-                    Done::Appended(Appended::Written(w.write(events).await?))
+                    Done::Appended(Appended::Written(w.write(events)?))
                 }
             }
             Op::Claim {
@@ -780,21 +856,23 @@ async fn commit_group(
                         epoch,
                         until: *asked_at + *ttl,
                     },
-                    records: w.write(events).await?,
+                    records: w.write(events)?,
                 }),
             },
         };
         results.push(done);
     }
+    w.flush_rows().await?;
     let next = w.next;
     if next > head {
-        tx.execute("UPDATE easel_head SET position = $1 WHERE id = 1", &[&next])
-            .await
-            .map_err(|e| write_err("moving the head", &e))?;
-        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &next.to_string()])
-            .await
-            .map_err(|e| write_err("notifying", &e))?;
+        w.query(
+            MOVE_HEAD,
+            &[&next, &CHANNEL, &next.to_string()],
+            "moving the head",
+        )
+        .await?;
     }
+    drop(w);
     tx.commit()
         .await
         .map_err(|e| write_err("committing an append", &e))?;

@@ -75,6 +75,17 @@ fn run(c: &Cluster, program: &str, args: &[&str]) -> Result<(), String> {
 }
 
 fn start() -> Result<Cluster, String> {
+    start_with(false)
+}
+
+/// A cluster of its own, durable (`fsync=on`, `synchronous_commit=on`,
+/// the defaults) for benchmarks, which may not measure without them;
+/// [`Cluster::stop`] stops it.
+pub fn start_durable() -> Result<Cluster, String> {
+    start_with(true)
+}
+
+fn start_with(durable: bool) -> Result<Cluster, String> {
     let bin = find_bin().ok_or("no PostgreSQL server binaries (initdb) found")?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
@@ -118,8 +129,13 @@ fn start() -> Result<Cluster, String> {
     )?;
     let log = c.dir.join("server.log");
     let options = format!(
-        "-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=off -c full_page_writes=off -c max_connections=300",
-        c.dir.display()
+        "-c listen_addresses='' -c unix_socket_directories='{}' -c max_connections=300{}",
+        c.dir.display(),
+        if durable {
+            ""
+        } else {
+            " -c fsync=off -c full_page_writes=off"
+        }
     );
     run(
         &c,
@@ -135,29 +151,18 @@ fn start() -> Result<Cluster, String> {
             "start",
         ],
     )?;
-    // SAFETY: registering a plain extern "C" function; it runs once at exit.
-    unsafe {
-        libc::atexit(stop_at_exit);
+    if !durable {
+        // SAFETY: registering a plain extern "C" function; it runs once at exit.
+        unsafe {
+            libc::atexit(stop_at_exit);
+        }
     }
     Ok(c)
 }
 
 extern "C" fn stop_at_exit() {
     if let Some(Ok(c)) = CLUSTER.get() {
-        let data = c.dir.join("data");
-        let _ = run(
-            c,
-            "pg_ctl",
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
-        let _ = std::fs::remove_dir_all(&c.dir);
+        c.stop();
     }
 }
 
@@ -180,6 +185,24 @@ pub fn cluster() -> Option<&'static Cluster> {
 }
 
 impl Cluster {
+    /// Stops the server and removes its folder.
+    pub fn stop(&self) {
+        let data = self.dir.join("data");
+        let _ = run(
+            self,
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
     /// The URL of database `db` over the cluster's Unix socket.
     pub fn url(&self, db: &str) -> String {
         format!(
