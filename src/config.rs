@@ -177,12 +177,32 @@ pub struct Settings {
     /// The Telegram chat that gets operator alerts
     /// (`EASEL_OPERATOR_CHAT_ID`); None: no alerts.
     pub operator_chat: Option<i64>,
+    /// Telegram's webhook (§9): where `easel run --webhook` listens, the
+    /// public URL `easel webhook set` registers, and the secret token.
+    pub webhook: WebhookSettings,
     /// How log lines are written (`EASEL_LOG_FORMAT`).
     pub log_format: crate::telemetry::LogFormat,
     /// Prompt presets, by name.
     pub presets: Vec<Preset>,
     /// The most images one request may ask for (`EASEL_MAX_VARIATIONS`).
     pub max_variations: u32,
+}
+
+/// `EASEL_WEBHOOK_*` (§9). The secret is never printed, and never named
+/// in a problem (only the variable is).
+#[derive(Clone, Debug, Default)]
+pub struct WebhookSettings {
+    pub listen: Option<std::net::SocketAddr>,
+    pub url: Option<reqwest::Url>,
+    pub secret: Option<SecretString>,
+}
+
+/// Whether `secret` is a token Telegram takes: 1–256 of `A-Z a-z 0-9 _ -`.
+pub fn valid_webhook_secret(secret: &str) -> bool {
+    (1..=256).contains(&secret.len())
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Every problem found in the configuration, one sentence each.
@@ -322,6 +342,37 @@ impl Settings {
                 None
             })
         });
+        let webhook = WebhookSettings {
+            listen: vars.non_empty("EASEL_WEBHOOK_LISTEN").and_then(|raw| {
+                raw.trim().parse().map_err(|_| {
+                    vars.problem(format!(
+                        "EASEL_WEBHOOK_LISTEN must be an address and port such as 127.0.0.1:8443 (got \"{}\").",
+                        raw.trim()
+                    ));
+                }).ok()
+            }),
+            url: vars.non_empty("EASEL_WEBHOOK_URL").and_then(|raw| {
+                match reqwest::Url::parse(raw.trim()) {
+                    Ok(u) if u.scheme() == "https" && u.host().is_some() => Some(u),
+                    _ => {
+                        vars.problem(
+                            "EASEL_WEBHOOK_URL must be the public https:// URL Telegram posts to, e.g. https://bot.example.com/telegram (Telegram only posts to HTTPS).".into(),
+                        );
+                        None
+                    }
+                }
+            }),
+            secret: vars.non_empty("EASEL_WEBHOOK_SECRET").and_then(|raw| {
+                if valid_webhook_secret(raw.trim()) {
+                    Some(SecretString::from(raw.trim().to_owned()))
+                } else {
+                    vars.problem(
+                        "EASEL_WEBHOOK_SECRET must be 1 to 256 characters of A-Z, a-z, 0-9, _ and - (Telegram's rule for the secret token).".into(),
+                    );
+                    None
+                }
+            }),
+        };
 
         let problems = vars.problems.into_inner();
         match (problems.is_empty(), telegram_api_url) {
@@ -344,6 +395,7 @@ impl Settings {
                 log_format,
                 metrics_addr,
                 operator_chat,
+                webhook,
                 presets,
                 max_variations,
             }),

@@ -67,6 +67,11 @@ enum Command {
         #[arg(long, conflicts_with = "from")]
         with_archive: bool,
     },
+    /// Register, remove or show Telegram's webhook (once, from a deploy step; replicas never do).
+    ///
+    /// Example: EASEL_WEBHOOK_URL=https://bot.example.com/telegram EASEL_WEBHOOK_SECRET=… easel webhook set
+    #[command(subcommand)]
+    Webhook(Webhook),
     /// Rewrite the event log without the space sled keeps after retention removed requests (stop the bot first).
     ///
     /// Example: easel compact --data-dir /var/lib/easel
@@ -115,6 +120,30 @@ enum Audit {
     },
 }
 
+#[derive(Subcommand)]
+enum Webhook {
+    /// Register EASEL_WEBHOOK_URL with EASEL_WEBHOOK_SECRET for messages and button presses.
+    Set {
+        /// Simultaneous connections Telegram may open (1-100).
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u8).range(1..=100))]
+        max_connections: u8,
+        /// Forget the updates waiting now.
+        #[arg(long)]
+        drop_pending_updates: bool,
+    },
+    /// Remove the webhook (updates wait for long polling again).
+    Delete {
+        /// Forget the updates waiting now.
+        #[arg(long)]
+        drop_pending_updates: bool,
+    },
+    /// Show the webhook as Telegram has it: URL, pending updates, the last delivery error.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn init_tracing(filter: &str, format: easel::telemetry::LogFormat) {
     // `easel run` has checked RUST_LOG with its settings; the demo's own
     // filter is fixed. "info" is the fallback of neither, only of a bug.
@@ -134,6 +163,9 @@ enum Failure {
     Start(#[from] StartError),
     #[error(transparent)]
     Ops(#[from] easel::ops::OpsError),
+    /// Telegram refused or could not be reached (exit 1).
+    #[error("Telegram: {0}")]
+    Telegram(String),
     #[error("could not start the runtime: {0}")]
     Runtime(#[source] std::io::Error),
     #[cfg(feature = "demo")]
@@ -153,7 +185,7 @@ impl Failure {
         match self {
             Failure::Config(_) | Failure::Start(StartError::Config(_)) => 2,
             Failure::Ops(e) => e.exit_code(),
-            Failure::Start(StartError::Other(_)) | Failure::Runtime(_) => 1,
+            Failure::Start(StartError::Other(_)) | Failure::Runtime(_) | Failure::Telegram(_) => 1,
             #[cfg(feature = "demo")]
             Failure::Demo(_) | Failure::CheckFailed => 1,
         }
@@ -184,6 +216,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run => run(cli.data_dir),
+        Command::Webhook(w) => webhook(w),
         #[cfg(feature = "demo")]
         Command::Demo => demo(cli.data_dir),
         command => operate(cli.data_dir, command),
@@ -283,7 +316,7 @@ fn operate(flag: Option<PathBuf>, command: Command) -> Result<u8, Failure> {
             cli::replay(input, until_seq, verify, json, &mut out)
         }
         Command::Compact => cli::compact(&dir.log(), &mut out),
-        Command::Run => Ok(0),
+        Command::Run | Command::Webhook(_) => Ok(0),
         #[cfg(feature = "demo")]
         Command::Demo => Ok(0),
     })()?;
@@ -311,6 +344,79 @@ fn run(data_dir: Option<PathBuf>) -> Result<u8, Failure> {
         app::run(settings, stop).await
     })?;
     Ok(0)
+}
+
+/// `easel webhook set|delete|info`: one call to Telegram each, and what
+/// Telegram then has, on stdout.
+fn webhook(command: Webhook) -> Result<u8, Failure> {
+    use easel::telegram::webhook;
+    use secrecy::ExposeSecret;
+    let settings = Settings::load().map_err(Failure::Config)?;
+    let missing = |what: &str| {
+        Failure::Config(easel::config::ConfigError(vec![format!(
+            "{what} is not set; `easel webhook` needs it."
+        )]))
+    };
+    let token = settings
+        .telegram_token
+        .clone()
+        .ok_or_else(|| missing("TELEGRAM_BOT_TOKEN"))?;
+    init_tracing("error", easel::telemetry::LogFormat::Text);
+    runtime()?.block_on(async move {
+        let api = easel::telegram::api::TelegramApi::new(
+            token,
+            settings.telegram_api_url.expose().clone(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .map_err(|e| Failure::Telegram(format!("could not build the client: {e}")))?;
+        let tg = |e: easel::telegram::api::TgError| Failure::Telegram(e.text);
+        let json = match command {
+            Webhook::Set {
+                max_connections,
+                drop_pending_updates,
+            } => {
+                let url = settings
+                    .webhook
+                    .url
+                    .as_ref()
+                    .ok_or_else(|| missing("EASEL_WEBHOOK_URL"))?;
+                let secret = settings
+                    .webhook
+                    .secret
+                    .as_ref()
+                    .ok_or_else(|| missing("EASEL_WEBHOOK_SECRET"))?;
+                webhook::set(
+                    &api,
+                    url,
+                    secret.expose_secret(),
+                    max_connections,
+                    drop_pending_updates,
+                )
+                .await
+                .map_err(tg)?;
+                false
+            }
+            Webhook::Delete {
+                drop_pending_updates,
+            } => {
+                webhook::delete(&api, drop_pending_updates)
+                    .await
+                    .map_err(tg)?;
+                false
+            }
+            Webhook::Info { json } => json,
+        };
+        let info = webhook::info(&api).await.map_err(tg)?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(&info).unwrap_or_else(|_| "{}".into())
+            );
+        } else {
+            print!("{info}");
+        }
+        Ok(0)
+    })
 }
 
 /// SIGINT or SIGTERM.

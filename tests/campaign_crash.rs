@@ -698,3 +698,46 @@ async fn metrics_move_with_the_requests_and_parse_as_openmetrics() {
         assert!(!text.contains(leak), "{leak} in the metrics:\n{text}");
     }
 }
+
+/// §9 with a webhook registered Telegram refuses long polling (409): the
+/// bot says what to do and `/readyz` is not ready for that reason, rather
+/// than looking healthy while no update can come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_while_a_webhook_is_registered_is_not_ready_and_says_why() {
+    let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(10)).await;
+    let set = reqwest::Client::new()
+        .post(format!("{}/bot{TOKEN}/setWebhook", tg.url))
+        .json(
+            &serde_json::json!({"url": "https://bot.example.com/telegram", "secret_token": "abc"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut child = spawn_with(
+        dir.path(),
+        &tg,
+        &flux,
+        &sdxl,
+        &llm,
+        &[("EASEL_METRICS_ADDR", &addr)],
+        Stdio::null(),
+    );
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let said = loop {
+        if let Ok(r) = client.get(format!("http://{addr}/readyz")).send().await {
+            let (code, body) = (r.status().as_u16(), r.text().await.unwrap_or_default());
+            if body.contains("webhook is registered") {
+                assert_eq!(code, 503);
+                break body;
+            }
+        }
+        assert!(Instant::now() < deadline, "readiness never said why");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(said.contains("easel webhook delete"), "{said}");
+    terminate(&mut child);
+}

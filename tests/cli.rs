@@ -98,7 +98,7 @@ fn a_bad_log_filter_or_no_model_stops_run_with_one_sentence() {
 
 #[test]
 fn help_shows_an_example_for_each_command() {
-    for sub in ["run", "demo"] {
+    for sub in ["run", "demo", "webhook"] {
         let out = easel().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success());
         assert!(
@@ -299,4 +299,106 @@ async fn a_reader_that_closes_the_pipe_early_is_not_an_error() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = std::io::stdout().flush();
+}
+
+/// Runs `easel <args>` against the FAKE Telegram (off the runtime's
+/// threads: the fake answers on them); (exit code, stdout, stderr).
+async fn webhook_cli(
+    tg: &FakeTelegram,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (i32, String, String) {
+    let mut c = easel();
+    c.args(args)
+        .env("TELEGRAM_BOT_TOKEN", WEBHOOK_TOKEN)
+        .env("TELEGRAM_API_URL", &tg.url)
+        .env_remove("EASEL_WEBHOOK_URL")
+        .env_remove("EASEL_WEBHOOK_SECRET")
+        .current_dir(std::env::temp_dir());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const WEBHOOK_TOKEN: &str = "777:WEBHOOK-cli-token-abcdef";
+
+/// §9 `easel webhook set|info|delete`: registers the URL with the secret
+/// token for messages and button presses (Telegram then refuses long
+/// polling), shows it (text and JSON), removes it; bad settings stop it
+/// with a sentence naming the variable, never the secret; nothing prints
+/// the token or the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_set_info_delete_register_once_and_print_no_secret() {
+    let tg = FakeTelegram::start(WEBHOOK_TOKEN).await.unwrap();
+    let secret = "s3cret_Token-for-the-hook";
+    let env = [
+        ("EASEL_WEBHOOK_URL", "https://bot.example.com/telegram"),
+        ("EASEL_WEBHOOK_SECRET", secret),
+    ];
+    let (code, out, err) = webhook_cli(&tg, &env, &["webhook", "info"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("webhook: none"), "{out}");
+    let (code, out, err) =
+        webhook_cli(&tg, &env, &["webhook", "set", "--max-connections", "8"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("webhook: https://bot.example.com/telegram"),
+        "{out}"
+    );
+    assert!(out.contains("max connections: 8"), "{out}");
+    assert!(out.contains("updates: message, callback_query"), "{out}");
+    let hook = tg.webhook().expect("registered");
+    assert_eq!(hook.secret_token.as_deref(), Some(secret));
+    assert_eq!(hook.max_connections, 8);
+    assert_eq!(hook.allowed_updates, ["message", "callback_query"]);
+    let (code, out, _) = webhook_cli(&tg, &env, &["webhook", "info", "--json"]).await;
+    assert_eq!(code, 0);
+    let info: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(info["url"], "https://bot.example.com/telegram");
+    assert_eq!(info["pending_updates"], 0);
+    let (code, out, err) =
+        webhook_cli(&tg, &env, &["webhook", "delete", "--drop-pending-updates"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("webhook: none"), "{out}");
+    assert_eq!(tg.webhook(), None);
+    // Bad settings: exit 2, the variable named, the secret not echoed.
+    for (env, names) in [
+        (
+            vec![("EASEL_WEBHOOK_SECRET", "no spaces allowed here")],
+            "EASEL_WEBHOOK_SECRET",
+        ),
+        (
+            vec![
+                ("EASEL_WEBHOOK_URL", "http://bot.example.com/telegram"),
+                ("EASEL_WEBHOOK_SECRET", secret),
+            ],
+            "EASEL_WEBHOOK_URL must be the public https://",
+        ),
+        (
+            vec![("EASEL_WEBHOOK_SECRET", secret)],
+            "EASEL_WEBHOOK_URL is not set",
+        ),
+    ] {
+        let (code, out, err) = webhook_cli(&tg, &env, &["webhook", "set"]).await;
+        assert_eq!(code, 2, "{env:?}: {out}{err}");
+        assert!(err.contains(names), "{err}");
+        assert!(
+            !err.contains("no spaces allowed") && !err.contains(secret),
+            "{err}"
+        );
+        assert_eq!(tg.webhook(), None);
+    }
+    for call in tg.calls() {
+        for text in [call.text.unwrap_or_default(), format!("{:?}", call.params)] {
+            assert!(!text.contains(WEBHOOK_TOKEN), "{text}");
+        }
+    }
 }

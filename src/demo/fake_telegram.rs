@@ -71,6 +71,17 @@ struct Inner {
     files: HashMap<String, Vec<u8>>,
     /// The photo of each message that has one, for replies to it.
     photos: HashMap<(i64, i32), Value>,
+    /// The registered webhook, as Telegram keeps it (setWebhook).
+    webhook: Option<Webhook>,
+}
+
+/// A webhook registered with the fake: what `setWebhook` was given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Webhook {
+    pub url: String,
+    pub secret_token: Option<String>,
+    pub max_connections: u32,
+    pub allowed_updates: Vec<String>,
 }
 
 struct Shared {
@@ -168,6 +179,11 @@ impl FakeTelegram {
             shared,
             task,
         })
+    }
+
+    /// The webhook registered now, if any.
+    pub fn webhook(&self) -> Option<Webhook> {
+        self.lock().webhook.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -625,6 +641,20 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         Some(Failure::Reset) | None => {}
     }
     if method == "getUpdates" {
+        // As Telegram: one way of getting updates at a time.
+        let hooked = shared
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .webhook
+            .is_some();
+        if hooked {
+            return error(
+                409,
+                "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first",
+                None,
+            );
+        }
         return get_updates(&shared, &p).await;
     }
     let mut inner = shared.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -649,7 +679,28 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             "can_join_groups": true, "can_read_all_group_messages": false, "supports_inline_queries": false,
             "can_connect_to_business": false, "has_main_web_app": false,
         })),
-        "setMyCommands" | "deleteWebhook" | "answerCallbackQuery" => ok(json!(true)),
+        "setMyCommands" | "answerCallbackQuery" => ok(json!(true)),
+        "deleteWebhook" => {
+            inner.webhook = None;
+            if p.get("drop_pending_updates").and_then(Value::as_bool) == Some(true) {
+                inner.pending.clear();
+            }
+            ok(json!(true))
+        }
+        "setWebhook" => set_webhook(&mut inner, &p),
+        "getWebhookInfo" => {
+            let pending = inner.pending.len();
+            ok(match &inner.webhook {
+                Some(w) => json!({
+                    "url": w.url, "has_custom_certificate": false,
+                    "pending_update_count": pending, "max_connections": w.max_connections,
+                    "allowed_updates": w.allowed_updates,
+                }),
+                None => json!({
+                    "url": "", "has_custom_certificate": false, "pending_update_count": pending,
+                }),
+            })
+        }
         "getFile" => {
             let id = p.get("file_id").and_then(Value::as_str).unwrap_or_default();
             match inner.files.get(id) {
@@ -762,6 +813,60 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     };
     inner.calls.push(call);
     response
+}
+
+/// `setWebhook` as Telegram checks it: an HTTPS URL, a secret of 1–256
+/// of `A-Z a-z 0-9 _ -`, 1–100 connections.
+fn set_webhook(inner: &mut Inner, p: &HashMap<String, Value>) -> Response {
+    let url = p.get("url").and_then(Value::as_str).unwrap_or_default();
+    if url.is_empty() {
+        inner.webhook = None;
+        return ok(json!(true));
+    }
+    if !url.starts_with("https://") {
+        return error(
+            400,
+            "Bad Request: bad webhook: An HTTPS URL must be provided for webhook",
+            None,
+        );
+    }
+    let secret = p
+        .get("secret_token")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if secret.as_ref().is_some_and(|s| {
+        s.is_empty()
+            || s.len() > 256
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    }) {
+        return error(
+            400,
+            "Bad Request: secret token contains unallowed characters",
+            None,
+        );
+    }
+    let max_connections = as_i64(p.get("max_connections")).unwrap_or(40);
+    if !(1..=100).contains(&max_connections) {
+        return error(400, "Bad Request: bad max_connections", None);
+    }
+    let allowed_updates = match p.get("allowed_updates") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        // teloxide may send the list as a JSON string in a form.
+        Some(Value::String(s)) => serde_json::from_str(s).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    inner.webhook = Some(Webhook {
+        url: url.to_owned(),
+        secret_token: secret,
+        max_connections: u32::try_from(max_connections).unwrap_or(40),
+        allowed_updates,
+    });
+    ok(json!(true))
 }
 
 async fn get_updates(shared: &Shared, p: &HashMap<String, Value>) -> Response {

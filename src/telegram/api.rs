@@ -153,6 +153,14 @@ impl TelegramApi {
         }
     }
 
+    /// Telegram answers but the bot cannot work this way (`why`, one line):
+    /// not ready until a call succeeds again.
+    pub(crate) fn note_not_ready(&self, why: &str) {
+        if let Some(h) = &self.health {
+            h.set(crate::health::Part::Telegram, Some(why.to_owned()));
+        }
+    }
+
     /// Counts one try of `method` (`easel_telegram_calls_total`).
     pub(crate) fn count_call<T>(&self, method: &'static str, outcome: &Result<T, RequestError>) {
         if let Some(m) = &self.metrics {

@@ -11,6 +11,7 @@ pub mod replies;
 pub mod standin;
 pub mod status;
 pub mod turn;
+pub mod webhook;
 pub mod words;
 
 pub use api::TelegramApi;

@@ -124,7 +124,17 @@ pub(crate) async fn updates_loop(
             }
             Err(e) => {
                 let wait = backoff.next().unwrap_or(Duration::from_secs(32));
-                tracing::warn!(error = %api.describe(&e), ?wait, "getUpdates failed");
+                match polling_blocked(&e) {
+                    // Telegram answers, but no update will ever come this
+                    // way: say what to do, and do not report ready.
+                    Some(why) => {
+                        tracing::error!(?wait, "{why}");
+                        api.note_not_ready(why);
+                    }
+                    None => {
+                        tracing::warn!(error = %api.describe(&e), ?wait, "getUpdates failed");
+                    }
+                }
                 sleep_or_stop(wait, shutdown).await;
                 continue;
             }
@@ -134,6 +144,29 @@ pub(crate) async fn updates_loop(
         };
         batch(updates).await;
         offset = (last as i32).wrapping_add(1);
+    }
+}
+
+/// Why long polling cannot get updates at all, when that is the error: a
+/// webhook is registered, or another process polls with this token.
+fn polling_blocked(e: &teloxide::RequestError) -> Option<&'static str> {
+    use teloxide::ApiError;
+    let webhook = "a webhook is registered for this bot, so long polling gets no updates: run `easel webhook delete` (or serve the webhook)";
+    let other = "another process polls Telegram with this bot's token (409 Conflict): only one may";
+    match e {
+        teloxide::RequestError::Api(ApiError::CantGetUpdates) => Some(webhook),
+        teloxide::RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => Some(other),
+        teloxide::RequestError::Api(ApiError::Unknown(text))
+            if text.contains("webhook is active") =>
+        {
+            Some(webhook)
+        }
+        teloxide::RequestError::Api(ApiError::Unknown(text))
+            if text.contains("terminated by other getUpdates") =>
+        {
+            Some(other)
+        }
+        _ => None,
     }
 }
 
