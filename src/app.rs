@@ -41,7 +41,10 @@ pub struct App {
     pub username: String,
     api: Arc<TelegramApi>,
     settings: Arc<Settings>,
-    poller: JoinHandle<i32>,
+    /// Long polling; None when updates come by webhook.
+    poller: Option<JoinHandle<i32>>,
+    /// The webhook route's intake, emptied first when the engine stops.
+    webhook: Option<crate::telegram::webhook::Slot<SledStore>>,
     /// The engine's stop signal; the drain deadline starts when it fires.
     stop: CancellationToken,
     /// Every other task of this engine: runners, status board, janitor,
@@ -55,6 +58,8 @@ struct Handover {
     settings: Arc<Settings>,
     username: String,
     offset: i32,
+    /// Updates come by webhook: no stand-in polls.
+    webhook: bool,
 }
 
 /// How long the engine's tasks together may take to stop once told: a
@@ -68,7 +73,7 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 /// [`StartError::Config`] for a missing or refused token, else what failed.
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<App, StartError> {
     let watch = Watch::new(&settings);
-    start_with(settings, shutdown, Refused::default(), &watch).await
+    start_with(settings, shutdown, Refused::default(), &watch, None).await
 }
 
 /// What the operator watches, for the whole process (they outlive engine
@@ -101,6 +106,7 @@ async fn start_with(
     shutdown: CancellationToken,
     refused: Refused,
     watch: &Watch,
+    webhook: Option<crate::telegram::webhook::Slot<SledStore>>,
 ) -> Result<App, StartError> {
     let Watch {
         health,
@@ -249,13 +255,23 @@ async fn start_with(
             tracing::warn!(error = %e, "the audit socket is not available; `easel audit` works only when the bot is stopped")
         }
     }
-    let poller = tokio::spawn(poll::poll(intake, shutdown.clone()));
+    let poller = match &webhook {
+        // Updates arrive on the webhook route from now on.
+        Some(slot) => {
+            *slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(intake);
+            None
+        }
+        None => Some(tokio::spawn(poll::poll(intake, shutdown.clone()))),
+    };
     Ok(App {
         core,
         username,
         api,
         settings,
         poller,
+        webhook,
         stop: shutdown,
         tasks,
     })
@@ -275,19 +291,29 @@ impl App {
     /// As [`App::wait`], handing back where polling stopped.
     async fn wait_for_handover(mut self) -> (Handover, anyhow::Result<()>) {
         self.stop.cancelled().await;
+        // New webhook POSTs get 503 (Telegram retries them) from now on.
+        if let Some(slot) = &self.webhook {
+            *slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
         let deadline = tokio::time::Instant::now() + DRAIN;
-        let offset = match tokio::time::timeout_at(deadline, &mut self.poller).await {
-            Ok(joined) => joined.unwrap_or(0),
-            Err(_) => {
-                self.poller.abort();
-                0
-            }
+        let offset = match self.poller.as_mut() {
+            None => 0,
+            Some(poller) => match tokio::time::timeout_at(deadline, &mut *poller).await {
+                Ok(joined) => joined.unwrap_or(0),
+                Err(_) => {
+                    poller.abort();
+                    0
+                }
+            },
         };
         let handover = Handover {
             api: self.api,
             settings: self.settings,
             username: self.username,
             offset,
+            webhook: self.webhook.is_some(),
         };
         let drained = tokio::time::timeout_at(deadline, async {
             while self.tasks.join_next().await.is_some() {}
@@ -336,6 +362,22 @@ const RESTART_HEALTHY: Duration = Duration::from_secs(60);
 /// As [`start`] (at the first start; later starts are retried) and
 /// [`App::wait`]; stopping while the log cannot be written is an error too.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), StartError> {
+    run_with(settings, shutdown, false).await
+}
+
+/// As [`run`]; with `webhook`, updates come by Telegram's webhook on
+/// `EASEL_WEBHOOK_LISTEN` (`POST /telegram`, §9) instead of long polling,
+/// and while no engine runs the route answers `503` (Telegram retries)
+/// instead of the stand-in answering.
+///
+/// # Errors
+/// As [`run`]; a missing `EASEL_WEBHOOK_LISTEN` or `EASEL_WEBHOOK_SECRET`
+/// with `webhook` is a configuration error.
+pub async fn run_with(
+    settings: Settings,
+    shutdown: CancellationToken,
+    webhook: bool,
+) -> Result<(), StartError> {
     // 1 s doubling to 30 s while the disk keeps refusing (backon), from the
     // start again after an engine that ran long enough.
     let policy = backon::ExponentialBuilder::default()
@@ -365,13 +407,39 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             ))
         })?;
     }
+    let slot = if webhook {
+        let (Some(addr), Some(secret)) = (settings.webhook.listen, settings.webhook.secret.clone())
+        else {
+            return Err(StartError::Config(
+                "`easel run --webhook` needs EASEL_WEBHOOK_LISTEN (where to listen) and EASEL_WEBHOOK_SECRET (the secret token `easel webhook set` registered).".into(),
+            ));
+        };
+        let slot = crate::telegram::webhook::Slot::<SledStore>::default();
+        crate::telegram::webhook::serve(addr, Arc::clone(&slot), secret, shutdown.clone())
+            .await
+            .map_err(|e| {
+                StartError::Other(anyhow::anyhow!(
+                    "cannot listen on {addr} (EASEL_WEBHOOK_LISTEN): {e}"
+                ))
+            })?;
+        Some(slot)
+    } else {
+        None
+    };
     loop {
         // Each engine has its own token, a child of the process's: a
         // broken log can stop the engine without stopping the process,
         // and the process's signal stops the engine too.
         let engine = shutdown.child_token();
         let started = tokio::time::Instant::now();
-        let app = match start_with(settings.clone(), engine.clone(), refused.clone(), &watch).await
+        let app = match start_with(
+            settings.clone(),
+            engine.clone(),
+            refused.clone(),
+            &watch,
+            slot.clone(),
+        )
+        .await
         {
             Ok(app) => {
                 health.set(crate::health::Part::Log, None);
@@ -463,9 +531,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
 }
 
-/// Waits `pause` while the stand-in answers users; true when the process
-/// is told to stop meanwhile.
+/// Waits `pause` while the stand-in answers users (by long polling; with a
+/// webhook the route answers `503` instead and Telegram retries); true
+/// when the process is told to stop meanwhile.
 async fn pause_answering(pause: Duration, h: &mut Handover, shutdown: &CancellationToken) -> bool {
+    if h.webhook {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shutdown.cancelled() => {}
+        }
+        return shutdown.is_cancelled();
+    }
     let until = shutdown.child_token();
     let standin = tokio::spawn(crate::telegram::standin::answer_while_down(
         Arc::clone(&h.api),

@@ -25,10 +25,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the bot (long polling) until SIGINT/SIGTERM.
+    /// Run the bot (long polling, or Telegram's webhook with --webhook) until SIGINT/SIGTERM.
     ///
     /// Example: TELEGRAM_BOT_TOKEN=123:abc FLUX_WORKER_URL=http://gpu:8000/generate easel run
-    Run,
+    Run {
+        /// Take updates on EASEL_WEBHOOK_LISTEN (POST /telegram, checked against
+        /// EASEL_WEBHOOK_SECRET) instead of long polling; register it first with `easel webhook set`.
+        #[arg(long)]
+        webhook: bool,
+    },
     /// Run the real bot against in-process fakes (no token, no network) and show what happens.
     ///
     /// Example: easel demo
@@ -215,7 +220,7 @@ fn main() -> ExitCode {
     easel::store::disk::private_umask();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run => run(cli.data_dir),
+        Command::Run { webhook } => run(cli.data_dir, webhook),
         Command::Webhook(w) => webhook(w),
         #[cfg(feature = "demo")]
         Command::Demo => demo(cli.data_dir),
@@ -316,7 +321,7 @@ fn operate(flag: Option<PathBuf>, command: Command) -> Result<u8, Failure> {
             cli::replay(input, until_seq, verify, json, &mut out)
         }
         Command::Compact => cli::compact(&dir.log(), &mut out),
-        Command::Run | Command::Webhook(_) => Ok(0),
+        Command::Run { .. } | Command::Webhook(_) => Ok(0),
         #[cfg(feature = "demo")]
         Command::Demo => Ok(0),
     })()?;
@@ -327,7 +332,7 @@ fn operate(flag: Option<PathBuf>, command: Command) -> Result<u8, Failure> {
     }
 }
 
-fn run(data_dir: Option<PathBuf>) -> Result<u8, Failure> {
+fn run(data_dir: Option<PathBuf>, webhook: bool) -> Result<u8, Failure> {
     let mut settings = Settings::load().map_err(Failure::Config)?;
     if let Some(dir) = data_dir {
         settings.data_dir = easel::config::DataDir::new(dir);
@@ -341,7 +346,7 @@ fn run(data_dir: Option<PathBuf>) -> Result<u8, Failure> {
             tracing::info!("stop signal received; finishing up");
             signal.cancel();
         });
-        app::run(settings, stop).await
+        app::run_with(settings, stop, webhook).await
     })?;
     Ok(0)
 }

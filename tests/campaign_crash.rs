@@ -741,3 +741,108 @@ async fn polling_while_a_webhook_is_registered_is_not_ready_and_says_why() {
     assert!(said.contains("easel webhook delete"), "{said}");
     terminate(&mut child);
 }
+
+/// §9 `easel run --webhook` on the built binary: updates come as POSTs to
+/// `/telegram` on `EASEL_WEBHOOK_LISTEN` (no long polling: the fake, like
+/// Telegram, refuses `getUpdates` while a webhook is set); a POST without
+/// the secret token or with a wrong one is `401` and records nothing, a
+/// body that is not an update `400`; the right one is `200` once handled,
+/// and the image comes; the same update delivered again makes no second
+/// request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_takes_updates_with_the_right_secret_only_and_once() {
+    const SECRET: &str = "hook-secret_42";
+    let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(10)).await;
+    let client = reqwest::Client::new();
+    let set = client
+        .post(format!("{}/bot{TOKEN}/setWebhook", tg.url))
+        .json(
+            &serde_json::json!({"url": "https://bot.example.com/telegram", "secret_token": SECRET}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, health) = (free_addr(), free_addr());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_easel"));
+    command
+        .args(["run", "--webhook"])
+        .current_dir(dir.path())
+        .env("TELEGRAM_BOT_TOKEN", TOKEN)
+        .env("TELEGRAM_API_URL", &tg.url)
+        .env("FLUX_WORKER_URL", &flux.url)
+        .env("SDXL_WORKER_URL", &sdxl.url)
+        .env("SDXL_API_KEY", KEY)
+        .env("LLM_API_URL", &llm.url)
+        .env("EASEL_DATA_DIR", dir.path())
+        .env("EASEL_WEBHOOK_LISTEN", &hook)
+        .env("EASEL_WEBHOOK_SECRET", SECRET)
+        .env("EASEL_METRICS_ADDR", &health)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .get(format!("http://{health}/readyz"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let user = 7401;
+    tg.user_sends(user, user, "/image=flux=a fox by webhook");
+    let updates = tg.take_updates();
+    assert_eq!(updates.len(), 1);
+    let post = |secret: Option<&str>, body: String| {
+        let mut r = client
+            .post(format!("http://{hook}/telegram"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(s) = secret {
+            r = r.header("X-Telegram-Bot-Api-Secret-Token", s);
+        }
+        r.send()
+    };
+    let update = updates[0].to_string();
+    for wrong in [None, Some("hook-secret_43"), Some("")] {
+        let r = post(wrong, update.clone()).await.unwrap();
+        assert_eq!(r.status(), 401, "{wrong:?}");
+    }
+    assert_eq!(
+        post(Some(SECRET), "{\"not\": \"an update\"}".into())
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        post(Some(SECRET), update.clone()).await.unwrap().status(),
+        200
+    );
+    assert!(
+        tg.wait_for(Duration::from_secs(20), |c| c
+            .iter()
+            .any(|c| c.method == "sendPhoto" && c.chat_id == Some(user)))
+            .await
+    );
+    // Telegram redelivers (say our 200 was lost): one request still.
+    assert_eq!(post(Some(SECRET), update).await.unwrap().status(), 200);
+    terminate(&mut child);
+    let (code, out) = cli(dir.path(), &["export"]);
+    assert_eq!(code, 0, "{out}");
+    let queued = out
+        .lines()
+        .filter(|l| l.contains("\"type\":\"queued\""))
+        .count();
+    assert_eq!(queued, 1, "{out}");
+    let photos = tg
+        .calls()
+        .iter()
+        .filter(|c| c.method == "sendPhoto" && c.chat_id == Some(user))
+        .count();
+    assert_eq!(photos, 1);
+}

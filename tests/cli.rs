@@ -402,3 +402,26 @@ async fn webhook_set_info_delete_register_once_and_print_no_secret() {
         }
     }
 }
+
+/// `easel run --webhook` without where to listen or the secret stops with
+/// one sentence and exit 2, before anything starts.
+#[test]
+fn run_webhook_without_its_settings_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = easel()
+        .args(["run", "--webhook"])
+        .current_dir(dir.path())
+        .env("TELEGRAM_BOT_TOKEN", "1:abc")
+        .env("FLUX_WORKER_URL", "http://127.0.0.1:9/generate")
+        .env("EASEL_DATA_DIR", dir.path())
+        .env_remove("EASEL_WEBHOOK_LISTEN")
+        .env_remove("EASEL_WEBHOOK_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`easel run --webhook` needs EASEL_WEBHOOK_LISTEN"),
+        "{err}"
+    );
+}

@@ -181,6 +181,12 @@ impl FakeTelegram {
         })
     }
 
+    /// Takes the updates waiting (as Telegram hands them to a webhook),
+    /// for a test to POST to the bot's webhook route itself.
+    pub fn take_updates(&self) -> Vec<Value> {
+        std::mem::take(&mut self.lock().pending)
+    }
+
     /// The webhook registered now, if any.
     pub fn webhook(&self) -> Option<Webhook> {
         self.lock().webhook.clone()

@@ -1,15 +1,28 @@
-//! Registering Telegram's webhook (§9): `easel webhook set|delete|info`.
-//! Run once from a deploy step, never by a running replica: teloxide's own
-//! webhook helper registers at every start and deletes at every stop
-//! (inventing a secret when given none), which breaks as soon as two
-//! replicas start and stop independently.
+//! Telegram's webhook (§9): registering it (`easel webhook
+//! set|delete|info`, run once from a deploy step, never by a running
+//! replica: teloxide's own webhook helper registers at every start and
+//! deletes at every stop, inventing a secret when given none, which breaks
+//! as soon as two replicas start and stop independently), and the
+//! `/telegram` route `easel run --webhook` serves instead of long polling.
 
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
+use subtle::ConstantTimeEq;
 use teloxide::payloads::{DeleteWebhookSetters as _, SetWebhookSetters as _};
 use teloxide::prelude::Requester;
-use teloxide::types::AllowedUpdate;
+use teloxide::types::{AllowedUpdate, Update};
+use tokio_util::sync::CancellationToken;
 
 use super::api::{Policy, TelegramApi, TgError};
+use super::turn::Turn;
+use crate::store::EventStore;
 
 /// The update kinds easel reads (the same as its long polling asks for).
 pub const UPDATES: [AllowedUpdate; 2] = [AllowedUpdate::Message, AllowedUpdate::CallbackQuery];
@@ -126,4 +139,93 @@ pub async fn info(api: &TelegramApi) -> Result<Info, TgError> {
         last_error: w.last_error_message.map(|e| api.scrubbed(&e)),
         last_error_at: w.last_error_date.map(|d| d.to_rfc3339()),
     })
+}
+
+/// The intake of the running engine, for the webhook route: None while no
+/// engine runs (starting, or restarting after a refused write).
+pub type Slot<S> = Arc<Mutex<Option<Arc<super::Intake<S>>>>>;
+
+/// The header Telegram sends the secret token in.
+const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
+
+struct Route<S: EventStore> {
+    slot: Slot<S>,
+    secret: SecretString,
+}
+
+/// `POST /telegram` (§9): `401` unless the secret token matches (compared
+/// in constant time), `400` for a body that is not an update, `503` while
+/// no engine runs (Telegram retries later; nothing is lost), else the
+/// update is handled as a polled one would be and `200` answers once it
+/// is — its request committed, or its reply sent. The handling runs in a
+/// task of its own, so a connection Telegram drops does not cut it short
+/// (a redelivery is then found by its update id).
+pub fn router<S: EventStore + 'static>(slot: Slot<S>, secret: SecretString) -> Router {
+    Router::new()
+        .route("/telegram", post(receive::<S>))
+        .with_state(Arc::new(Route { slot, secret }))
+}
+
+async fn receive<S: EventStore + 'static>(
+    State(route): State<Arc<Route<S>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, &'static str) {
+    let given = headers
+        .get(SECRET_HEADER)
+        .map(axum::http::HeaderValue::as_bytes)
+        .unwrap_or_default();
+    if !bool::from(given.ct_eq(route.secret.expose_secret().as_bytes())) {
+        tracing::warn!("a webhook POST without the right secret token was refused");
+        return (StatusCode::UNAUTHORIZED, "wrong secret token\n");
+    }
+    let update: Update = match serde_json::from_slice(&body) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "a webhook POST that is not an update was refused");
+            return (StatusCode::BAD_REQUEST, "not a Telegram update\n");
+        }
+    };
+    let intake = route
+        .slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let Some(intake) = intake else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not taking updates right now\n",
+        );
+    };
+    let handled = tokio::spawn(async move { intake.handle(update, Turn::alone()).await });
+    match handled.await {
+        Ok(()) => (StatusCode::OK, "ok\n"),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the update could not be handled\n",
+        ),
+    }
+}
+
+/// Binds `addr` (before the first engine, so a bad address stops the start
+/// with one sentence) and serves [`router`] until `shutdown`.
+///
+/// # Errors
+/// When `addr` cannot be bound.
+pub async fn serve<S: EventStore + 'static>(
+    addr: std::net::SocketAddr,
+    slot: Slot<S>,
+    secret: SecretString,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "webhook listening on /telegram");
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, router(slot, secret))
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "the webhook listener stopped");
+        }
+    }))
 }
