@@ -445,3 +445,142 @@ async fn a_models_lease_has_one_holder_and_fences_out_the_previous_one() {
     // The local deadline is never later than the lease's end.
     assert!(lease.until <= tokio::time::Instant::now() + ttl);
 }
+
+/// A sled data dir with some history: six requests on two models (intake
+/// keys), one started, one cancelled, and the Telegram offset in meta.
+async fn sled_history(dir: &std::path::Path) {
+    use easel::domain::{Limits, RateLimit};
+    use easel::engine::{Core, NewRequest, SystemClock};
+    use easel::store::{EventStore, SledStore};
+    let store = SledStore::open(&dir.join("log")).unwrap();
+    let core = Core::open(store, Arc::new(SystemClock)).unwrap().0;
+    let limits = Limits {
+        max_pending: 100,
+        rate: RateLimit {
+            count: 100,
+            window_secs: 60,
+        },
+    };
+    for n in 0..6u32 {
+        let model = if n % 2 == 0 { "flux" } else { "sdxl" };
+        core.accept(
+            NewRequest {
+                model: ModelName::parse(model).unwrap(),
+                prompt: Prompt::parse(&format!("a fox number {n}")).unwrap(),
+                origin: Origin {
+                    user_id: UserId(i64::from(n)),
+                    chat_id: ChatId(i64::from(n)),
+                    message_id: Some(100 + n as i32),
+                    update_id: Some(9_000 + n),
+                    language: Some("fa".into()),
+                },
+                preset: None,
+                remembered: false,
+                input: None,
+                images: 1,
+            },
+            &limits,
+        )
+        .await
+        .unwrap();
+    }
+    core.start_next(&ModelName::parse("flux").unwrap())
+        .await
+        .unwrap();
+    core.cancel_queued(UserId(3), None, None).await.unwrap();
+    core.store().put_meta("telegram/offset", b"9006").unwrap();
+    core.checkpoint().unwrap();
+}
+
+fn migrate_cli(dir: &std::path::Path, to: &str) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(["migrate", "--to", to, "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// §9 `easel migrate --to postgres://…` on the built binary: a stopped
+/// data dir's log copied into an empty database — every event at its own
+/// position, the intake keys, the offset — and verified; the database then
+/// continues above the copy. Refused, with exit 2 and the URL never
+/// printed: into a database that holds events, from a log in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_copies_a_sled_log_into_an_empty_database_exactly() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    sled_history(dir.path()).await;
+    let source: Vec<_> = {
+        use easel::store::EventStore;
+        let s = easel::store::SledStore::open(&dir.path().join("log")).unwrap();
+        s.read_from(0).map(Result::unwrap).collect()
+    };
+    assert_eq!(source.len(), 8);
+    let (code, out) = tokio::task::spawn_blocking({
+        let (d, u) = (dir.path().to_owned(), url.clone());
+        move || migrate_cli(&d, &u)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("copied 8 events of 6 requests and 1 named values"),
+        "{out}"
+    );
+    let db = connect(&url).await;
+    let copied: Vec<_> = db
+        .read_from(1, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(copied, source, "not an exact copy");
+    let first = source[0].request_id;
+    assert_eq!(db.find_update(9_000).await.unwrap(), Some(first));
+    assert_eq!(db.find_message(ChatId(0), 100).await.unwrap(), Some(first));
+    assert_eq!(
+        db.get_meta("telegram/offset").await.unwrap(),
+        Some(b"9006".to_vec())
+    );
+    // The database goes on above the copy, and keeps its intake keys.
+    let dup = db
+        .append(vec![queued(RequestId::random(), Some(9_000), None)])
+        .await
+        .unwrap();
+    assert_eq!(dup, Appended::Duplicate(first));
+    let next = written(db.append(vec![started(first)]).await.unwrap());
+    assert_eq!(next[0].seq, 9);
+    // Not into a database that holds events; the URL is never printed.
+    let (code, out) = tokio::task::spawn_blocking({
+        let (d, u) = (dir.path().to_owned(), url.clone());
+        move || migrate_cli(&d, &u)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("empty database only"), "{out}");
+    assert!(!out.contains(&url), "{out}");
+    // Not from a log in use.
+    let fresh = pg::database().await.unwrap();
+    let held = easel::store::SledStore::open(&dir.path().join("log")).unwrap();
+    let (code, out) = tokio::task::spawn_blocking({
+        let (d, u) = (dir.path().to_owned(), fresh.clone());
+        move || migrate_cli(&d, &u)
+    })
+    .await
+    .unwrap();
+    drop(held);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("stop the bot first"), "{out}");
+}

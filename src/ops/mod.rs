@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod json;
+pub mod migrate;
 pub mod query;
 pub mod retention;
 pub mod server;

@@ -325,6 +325,78 @@ impl PgLog {
         Ok(())
     }
 
+    /// Copies `records` in with their own positions (`easel migrate`): one
+    /// transaction, under the head lock, only above the head; the head
+    /// then stands at `high_water` (at least the last position), so
+    /// positions a retention sweep removed from the source are never given
+    /// again here either.
+    ///
+    /// # Errors
+    /// [`StoreError::Write`], e.g. a position not above the head; nothing
+    /// of this call is written then.
+    pub async fn import(&self, records: &[Recorded], high_water: u64) -> Result<(), StoreError> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Write(pool_err(&e)))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| write_err("starting an import", &e))?;
+        let mut w = Writer {
+            tx: &tx,
+            next: 0,
+            updates: HashMap::new(),
+            messages: HashMap::new(),
+            rows: Rows::default(),
+        };
+        let head: i64 = w
+            .query(LOCK_HEAD, &[], "locking the head")
+            .await?
+            .first()
+            .map(|r| r.get(0))
+            .ok_or_else(|| StoreError::Write(Cause::from("the head row is missing")))?;
+        w.next = head;
+        for rec in records {
+            let at = to_i64(rec.seq);
+            if at <= w.next {
+                return Err(StoreError::Write(Cause::from(format!(
+                    "event {} is not above the database's last position {}",
+                    rec.seq, w.next
+                ))));
+            }
+            // `write` gives the next position: start just below this one.
+            w.next = at - 1;
+            w.write(&[NewEvent {
+                request_id: rec.request_id,
+                at: rec.at,
+                event: rec.event.clone(),
+            }])?;
+        }
+        w.flush_rows().await?;
+        let last = w.next.max(to_i64(high_water));
+        if last > head {
+            w.query(
+                MOVE_HEAD,
+                &[&last, &CHANNEL, &last.to_string()],
+                "moving the head",
+            )
+            .await?;
+        }
+        drop(w);
+        tx.commit()
+            .await
+            .map_err(|e| write_err("committing an import", &e))?;
+        let last = u64::try_from(last).unwrap_or(0);
+        self.committed.send_if_modified(|c| {
+            let moved = last > *c;
+            *c = (*c).max(last);
+            moved
+        });
+        Ok(())
+    }
+
     async fn submit(&self, op: Op) -> Result<Done, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.appends
