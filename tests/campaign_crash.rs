@@ -63,9 +63,26 @@ fn spawn_with(
     extra: &[(&str, &str)],
     stderr: Stdio,
 ) -> Child {
+    let mut command = bot_command(dir, tg, flux, sdxl, llm, &["run"]);
+    command.stderr(stderr);
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    command.spawn().expect("start easel")
+}
+
+/// `easel <args>` wired to the fakes, in `dir`, stdout and stderr nowhere.
+fn bot_command(
+    dir: &std::path::Path,
+    tg: &FakeTelegram,
+    flux: &FakeWorker,
+    sdxl: &FakeWorker,
+    llm: &FakeLlm,
+    args: &[&str],
+) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_easel"));
     command
-        .arg("run")
+        .args(args)
         .current_dir(dir)
         .env("TELEGRAM_BOT_TOKEN", TOKEN)
         .env("TELEGRAM_API_URL", &tg.url)
@@ -79,11 +96,22 @@ fn spawn_with(
         .env("EASEL_WORKER_TIMEOUT_SECS", "10")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(stderr);
-    for (k, v) in extra {
-        command.env(k, v);
+        .stderr(Stdio::null());
+    command
+}
+
+/// Waits (20 s at most) until `/readyz` on `addr` answers 200.
+async fn wait_ready(client: &reqwest::Client, addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    command.spawn().expect("start easel")
 }
 
 /// The FAKE Telegram, flux and sdxl workers (each answering after
@@ -575,16 +603,7 @@ async fn metrics_move_with_the_requests_and_parse_as_openmetrics() {
         r.text().await.ok()
     };
     // Ready: the engine runs and Telegram answered.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .map_or(true, |r| r.status() != 200)
-    {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&client, &addr).await;
     tg.user_sends(7301, 7301, "/image=flux=a secret-free cat");
     tg.user_sends(7302, 7302, "/image=sdxl=a quiet harbour");
     tg.user_sends(7303, 7303, "/image=flux=something nsfw");
@@ -765,34 +784,13 @@ async fn the_webhook_takes_updates_with_the_right_secret_only_and_once() {
     assert_eq!(set.status(), 200);
     let dir = tempfile::tempdir().unwrap();
     let (hook, health) = (free_addr(), free_addr());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_easel"));
+    let mut command = bot_command(dir.path(), &tg, &flux, &sdxl, &llm, &["run", "--webhook"]);
     command
-        .args(["run", "--webhook"])
-        .current_dir(dir.path())
-        .env("TELEGRAM_BOT_TOKEN", TOKEN)
-        .env("TELEGRAM_API_URL", &tg.url)
-        .env("FLUX_WORKER_URL", &flux.url)
-        .env("SDXL_WORKER_URL", &sdxl.url)
-        .env("SDXL_API_KEY", KEY)
-        .env("LLM_API_URL", &llm.url)
-        .env("EASEL_DATA_DIR", dir.path())
         .env("EASEL_WEBHOOK_LISTEN", &hook)
         .env("EASEL_WEBHOOK_SECRET", SECRET)
-        .env("EASEL_METRICS_ADDR", &health)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .env("EASEL_METRICS_ADDR", &health);
     let mut child = command.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .get(format!("http://{health}/readyz"))
-        .send()
-        .await
-        .map_or(true, |r| r.status() != 200)
-    {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&client, &health).await;
     let user = 7401;
     tg.user_sends(user, user, "/image=flux=a fox by webhook");
     let updates = tg.take_updates();

@@ -492,11 +492,13 @@ async fn sled_history(dir: &std::path::Path) {
     core.checkpoint().unwrap();
 }
 
-fn migrate_cli(dir: &std::path::Path, to: &str) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_easel"))
-        .args(["migrate", "--to", to, "--data-dir"])
-        .arg(dir)
-        .output()
+/// `easel migrate --to <to>` of `dir` (off the runtime's threads: the
+/// test's cluster connections live on them); (exit code, output).
+async fn migrate_cli(dir: &std::path::Path, to: &str) -> (i32, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_easel"));
+    command.args(["migrate", "--to", to, "--data-dir"]).arg(dir);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
         .unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -526,12 +528,7 @@ async fn migrate_copies_a_sled_log_into_an_empty_database_exactly() {
         s.read_from(0).map(Result::unwrap).collect()
     };
     assert_eq!(source.len(), 8);
-    let (code, out) = tokio::task::spawn_blocking({
-        let (d, u) = (dir.path().to_owned(), url.clone());
-        move || migrate_cli(&d, &u)
-    })
-    .await
-    .unwrap();
+    let (code, out) = migrate_cli(dir.path(), &url).await;
     assert_eq!(code, 0, "{out}");
     assert!(
         out.starts_with("copied 8 events of 6 requests and 1 named values"),
@@ -562,24 +559,14 @@ async fn migrate_copies_a_sled_log_into_an_empty_database_exactly() {
     let next = written(db.append(vec![started(first)]).await.unwrap());
     assert_eq!(next[0].seq, 9);
     // Not into a database that holds events; the URL is never printed.
-    let (code, out) = tokio::task::spawn_blocking({
-        let (d, u) = (dir.path().to_owned(), url.clone());
-        move || migrate_cli(&d, &u)
-    })
-    .await
-    .unwrap();
+    let (code, out) = migrate_cli(dir.path(), &url).await;
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("empty database only"), "{out}");
     assert!(!out.contains(&url), "{out}");
     // Not from a log in use.
     let fresh = pg::database().await.unwrap();
     let held = easel::store::SledStore::open(&dir.path().join("log")).unwrap();
-    let (code, out) = tokio::task::spawn_blocking({
-        let (d, u) = (dir.path().to_owned(), fresh.clone());
-        move || migrate_cli(&d, &u)
-    })
-    .await
-    .unwrap();
+    let (code, out) = migrate_cli(dir.path(), &fresh).await;
     drop(held);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("stop the bot first"), "{out}");

@@ -344,20 +344,8 @@ impl PgLog {
             .transaction()
             .await
             .map_err(|e| write_err("starting an import", &e))?;
-        let mut w = Writer {
-            tx: &tx,
-            next: 0,
-            updates: HashMap::new(),
-            messages: HashMap::new(),
-            rows: Rows::default(),
-        };
-        let head: i64 = w
-            .query(LOCK_HEAD, &[], "locking the head")
-            .await?
-            .first()
-            .map(|r| r.get(0))
-            .ok_or_else(|| StoreError::Write(Cause::from("the head row is missing")))?;
-        w.next = head;
+        let mut w = Writer::locked(&tx).await?;
+        let head = w.next;
         for rec in records {
             let at = to_i64(rec.seq);
             if at <= w.next {
@@ -388,12 +376,7 @@ impl PgLog {
         tx.commit()
             .await
             .map_err(|e| write_err("committing an import", &e))?;
-        let last = u64::try_from(last).unwrap_or(0);
-        self.committed.send_if_modified(|c| {
-            let moved = last > *c;
-            *c = (*c).max(last);
-            moved
-        });
+        advance(&self.committed, u64::try_from(last).unwrap_or(0));
         Ok(())
     }
 
@@ -537,6 +520,16 @@ impl PgLog {
     }
 }
 
+/// Moves the known committed position up to `to` (never down); wakes
+/// subscribers only when it moved.
+fn advance(committed: &watch::Sender<u64>, to: u64) {
+    committed.send_if_modified(|c| {
+        let moved = to > *c;
+        *c = (*c).max(to);
+        moved
+    });
+}
+
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -623,11 +616,7 @@ async fn commit_loop(
         match committed_group {
             Ok((results, last)) => {
                 commits.fetch_add(1, Ordering::Relaxed);
-                committed.send_if_modified(|c| {
-                    let moved = last > *c;
-                    *c = (*c).max(last);
-                    moved
-                });
+                advance(&committed, last);
                 for (p, r) in group.into_iter().zip(results) {
                     let _ = p.reply.send(Ok(r));
                 }
@@ -706,7 +695,26 @@ const TAKE_LEASE: &str = "INSERT INTO easel_leases (model, holder, epoch, lease_
      WHERE easel_leases.lease_until < clock_timestamp() \
      RETURNING epoch";
 
-impl Writer<'_> {
+impl<'t> Writer<'t> {
+    /// Locks the head row for `tx` (every writer of the database waits for
+    /// it from here to the commit); positions continue from it.
+    async fn locked(tx: &'t deadpool_postgres::Transaction<'t>) -> Result<Self, StoreError> {
+        let mut w = Writer {
+            tx,
+            next: 0,
+            updates: HashMap::new(),
+            messages: HashMap::new(),
+            rows: Rows::default(),
+        };
+        w.next = w
+            .query(LOCK_HEAD, &[], "locking the head")
+            .await?
+            .first()
+            .map(|r| r.get(0))
+            .ok_or_else(|| StoreError::Write(Cause::from("the head row is missing")))?;
+        Ok(w)
+    }
+
     async fn query(
         &self,
         sql: &str,
@@ -885,20 +893,8 @@ async fn commit_group(
         .transaction()
         .await
         .map_err(|e| write_err("starting an append", &e))?;
-    let mut w = Writer {
-        tx: &tx,
-        next: 0,
-        updates: HashMap::new(),
-        messages: HashMap::new(),
-        rows: Rows::default(),
-    };
-    let head: i64 = w
-        .query(LOCK_HEAD, &[], "locking the head")
-        .await?
-        .first()
-        .map(|r| r.get(0))
-        .ok_or_else(|| StoreError::Write(Cause::from("the head row is missing")))?;
-    w.next = head;
+    let mut w = Writer::locked(&tx).await?;
+    let head = w.next;
     w.load_keys(ops).await?;
     let mut results = Vec::with_capacity(ops.len());
     for (op, asked_at) in ops {
@@ -1010,12 +1006,7 @@ async fn listen(
                 .query_one("SELECT position FROM easel_head WHERE id = 1", &[])
                 .await
         {
-            let head = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-            committed.send_if_modified(|c| {
-                let moved = head > *c;
-                *c = (*c).max(head);
-                moved
-            });
+            advance(&committed, u64::try_from(row.get::<_, i64>(0)).unwrap_or(0));
         }
         loop {
             tokio::select! {
@@ -1023,11 +1014,7 @@ async fn listen(
                 note = notes.recv() => match note {
                     Some(payload) => {
                         if let Ok(p) = payload.parse::<u64>() {
-                            committed.send_if_modified(|c| {
-                                let moved = p > *c;
-                                *c = (*c).max(p);
-                                moved
-                            });
+                            advance(&committed, p);
                         }
                     }
                     // The connection ended: connect again and re-read.
