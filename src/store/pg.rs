@@ -398,18 +398,12 @@ impl PgLog {
     /// # Errors
     /// [`StoreError::Read`].
     pub async fn read_from(&self, position: u64, limit: u32) -> Result<Vec<ReadItem>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT position, record::text FROM easel_events WHERE position >= $1 ORDER BY position LIMIT $2",
-                &[&to_i64(position), &i64::from(limit)],
-            )
-            .await
-            .map_err(|e| StoreError::Read(db("reading events", &e)))?;
-        Ok(rows
-            .iter()
-            .map(|r| decode_row(r.get(0), r.get(1)))
-            .collect())
+        self.records(
+            "SELECT position, record::text FROM easel_events WHERE position >= $1 ORDER BY position LIMIT $2",
+            &[&to_i64(position), &i64::from(limit)],
+            "reading events",
+        )
+        .await
     }
 
     /// Every record of one request, oldest first.
@@ -417,14 +411,26 @@ impl PgLog {
     /// # Errors
     /// [`StoreError::Read`].
     pub async fn events_of(&self, id: RequestId) -> Result<Vec<ReadItem>, StoreError> {
+        self.records(
+            "SELECT position, record::text FROM easel_events WHERE request_id = $1 ORDER BY position",
+            &[&id.0],
+            "reading a request",
+        )
+        .await
+    }
+
+    /// The records `sql` selects as (position, record text), decoded.
+    async fn records(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        what: &str,
+    ) -> Result<Vec<ReadItem>, StoreError> {
         let client = self.client().await?;
         let rows = client
-            .query(
-                "SELECT position, record::text FROM easel_events WHERE request_id = $1 ORDER BY position",
-                &[&id.0],
-            )
+            .query(sql, params)
             .await
-            .map_err(|e| StoreError::Read(db("reading a request", &e)))?;
+            .map_err(|e| StoreError::Read(db(what, &e)))?;
         Ok(rows
             .iter()
             .map(|r| decode_row(r.get(0), r.get(1)))
