@@ -19,6 +19,14 @@ struct Cli {
     /// Data directory (event log, kept images). Default: EASEL_DATA_DIR, then ./data.
     #[arg(long, global = true, env = "EASEL_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// A PostgreSQL log (postgres://…) for `export` and `replay` to read instead of the data dir.
+    #[arg(
+        long,
+        global = true,
+        env = "EASEL_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -228,11 +236,29 @@ fn main() -> ExitCode {
     easel::store::disk::private_umask();
     let cli = Cli::parse();
     let result = match cli.command {
+        // Not yet: the engine runs on sled only (docs/scale-out.md). Said
+        // rather than silently serving from the data dir.
+        Command::Run { .. } if cli.database_url.is_some() => Err(Failure::Config(
+            easel::config::ConfigError(vec![
+                "EASEL_DATABASE_URL is set, but `easel run` does not run on PostgreSQL yet (docs/scale-out.md): unset it to run on the data dir.".into(),
+            ]),
+        )),
         Command::Run { webhook } => run(cli.data_dir, webhook),
         Command::Webhook(w) => webhook(w),
         Command::Migrate { to } => migrate(cli.data_dir, &to),
         #[cfg(feature = "demo")]
         Command::Demo => demo(cli.data_dir),
+        command @ (Command::Export { .. } | Command::Replay { from: None, .. })
+            if cli.database_url.is_some() =>
+        {
+            from_database(cli.database_url.as_deref().unwrap_or_default(), command)
+        }
+        Command::Audit(_) | Command::Compact if cli.database_url.is_some() => {
+            Err(easel::ops::OpsError::usage(
+                "with EASEL_DATABASE_URL only `export` and `replay` read the database so far (docs/scale-out.md); unset it for the data dir",
+            )
+            .into())
+        }
         command => operate(cli.data_dir, command),
     };
     match result {
@@ -431,6 +457,65 @@ fn webhook(command: Webhook) -> Result<u8, Failure> {
         }
         Ok(0)
     })
+}
+
+/// `easel export` and `easel replay` of the PostgreSQL log at `url`.
+fn from_database(url: &str, command: Command) -> Result<u8, Failure> {
+    use easel::ops::OpsError;
+    use easel::ops::cli::{self, ReplayInput};
+    use easel::store::ReadError;
+    init_tracing("error", easel::telemetry::LogFormat::Text);
+    let url = secrecy::SecretString::from(url.to_owned());
+    let items = runtime()?
+        .block_on(async move {
+            let db = easel::store::pg::PgLog::connect(&url).await?;
+            db.read_all().await
+        })
+        .map_err(OpsError::from)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let code = match command {
+        Command::Export {
+            since,
+            with_archive,
+        } => {
+            if with_archive {
+                return Err(OpsError::usage(
+                    "the database holds no archive: --with-archive is for data dirs",
+                )
+                .into());
+            }
+            let since = since
+                .map(|t| cli::parse_time(&t))
+                .transpose()
+                .map_err(OpsError::Usage)?;
+            let items = items.into_iter().map(|i| {
+                i.map_err(|e| match e {
+                    ReadError::Store(e) => OpsError::Store(e),
+                    ReadError::Corrupt(c) => OpsError::failed(c.to_string()),
+                })
+            });
+            cli::export_items(items, since, &mut out)?
+        }
+        Command::Replay {
+            until_seq,
+            verify,
+            json,
+            ..
+        } => cli::replay(
+            ReplayInput::Records(items),
+            until_seq,
+            verify,
+            json,
+            &mut out,
+        )?,
+        _ => 0,
+    };
+    match std::io::Write::flush(&mut out) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OpsError::ReaderGone.into()),
+        Err(e) => Err(OpsError::Output(e).into()),
+        Ok(()) => Ok(code),
+    }
 }
 
 /// `easel migrate --to postgres://…`: the copy, verified, and one line

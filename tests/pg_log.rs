@@ -492,6 +492,33 @@ async fn sled_history(dir: &std::path::Path) {
     core.checkpoint().unwrap();
 }
 
+/// `easel <args>` on `dir`, with `EASEL_DATABASE_URL` when given (off the
+/// runtime's threads); (exit code, stdout + stderr).
+async fn easel_cli(dir: &std::path::Path, db: Option<&str>, args: &[&str]) -> (i32, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_easel"));
+    command
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .env_remove("EASEL_DATABASE_URL")
+        .env("TELEGRAM_BOT_TOKEN", "1:abc")
+        .env("FLUX_WORKER_URL", "http://127.0.0.1:9/generate");
+    if let Some(url) = db {
+        command.env("EASEL_DATABASE_URL", url);
+    }
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// `easel migrate --to <to>` of `dir` (off the runtime's threads: the
 /// test's cluster connections live on them); (exit code, output).
 async fn migrate_cli(dir: &std::path::Path, to: &str) -> (i32, String) {
@@ -550,6 +577,21 @@ async fn migrate_copies_a_sled_log_into_an_empty_database_exactly() {
         db.get_meta("telegram/offset").await.unwrap(),
         Some(b"9006".to_vec())
     );
+    // export and replay --verify read the database as they read the dir.
+    for args in [&["export"][..], &["replay", "--verify", "--json"][..]] {
+        let from_dir = easel_cli(dir.path(), None, args).await;
+        let from_db = easel_cli(dir.path(), Some(&url), args).await;
+        assert_eq!(from_dir.0, 0, "{}", from_dir.1);
+        assert_eq!(from_db, from_dir, "{args:?}");
+    }
+    // What does not read the database yet says so (and `run` does not
+    // quietly serve from the data dir).
+    for args in [&["run"][..], &["audit", "list"][..]] {
+        let (code, out) = easel_cli(dir.path(), Some(&url), args).await;
+        assert_eq!(code, 2, "{args:?}: {out}");
+        assert!(out.contains("EASEL_DATABASE_URL"), "{out}");
+        assert!(!out.contains(&url), "{out}");
+    }
     // The database goes on above the copy, and keeps its intake keys.
     let dup = db
         .append(vec![queued(RequestId::random(), Some(9_000), None)])

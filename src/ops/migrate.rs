@@ -94,17 +94,7 @@ pub async fn to_postgres(dir: &std::path::Path, url: &SecretString) -> Result<Mi
 /// Every record of `db` equal to the source's, and both replays equal and
 /// clean (or with the very same problems).
 async fn verify_copy(source: &SledStore, db: &PgLog) -> Result<(), OpsError> {
-    let mut copied = Vec::new();
-    let mut from = 1;
-    loop {
-        let page = db.read_from(from, 5_000).await?;
-        let Some(last) = page.last() else { break };
-        from = match last {
-            Ok(r) => r.seq + 1,
-            Err(_) => from + page.len() as u64,
-        };
-        copied.extend(page);
-    }
+    let copied = db.read_all().await?;
     let mismatch = |what: String| OpsError::failed(format!("the copy does not verify: {what}"));
     let original: Vec<_> = source.read_from(0).collect();
     if original.len() != copied.len() {

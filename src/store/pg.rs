@@ -406,6 +406,27 @@ impl PgLog {
         .await
     }
 
+    /// Every record, oldest first, read in pages of 5,000.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`].
+    pub async fn read_all(&self) -> Result<Vec<ReadItem>, StoreError> {
+        let mut all = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = self.read_from(from, 5_000).await?;
+            let Some(last) = page.last() else {
+                return Ok(all);
+            };
+            from = match last {
+                Ok(r) => r.seq + 1,
+                Err(super::ReadError::Corrupt(c)) => c.seq + 1,
+                Err(super::ReadError::Store(e)) => return Err(e.clone()),
+            };
+            all.extend(page);
+        }
+    }
+
     /// Every record of one request, oldest first.
     ///
     /// # Errors
