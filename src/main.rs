@@ -248,18 +248,19 @@ fn main() -> ExitCode {
         Command::Migrate { to } => migrate(cli.data_dir, &to),
         #[cfg(feature = "demo")]
         Command::Demo => demo(cli.data_dir),
-        command @ (Command::Export { .. } | Command::Replay { from: None, .. })
+        command @ (Command::Export { .. }
+        | Command::Replay { from: None, .. }
+        | Command::Audit(_))
             if cli.database_url.is_some() =>
         {
-            from_database(cli.database_url.as_deref().unwrap_or_default(), command)
+            let url = cli.database_url.clone().unwrap_or_default();
+            from_database(cli.data_dir, &url, command)
         }
-        Command::Audit(_) | Command::Compact if cli.database_url.is_some() => {
-            Err(easel::ops::OpsError::usage(
-                "with EASEL_DATABASE_URL only `export` and `replay` read the database so far (docs/scale-out.md); unset it for the data dir",
-            )
-            .into())
-        }
-        command => operate(cli.data_dir, command),
+        Command::Compact if cli.database_url.is_some() => Err(easel::ops::OpsError::usage(
+            "`easel compact` rewrites a data dir's sled log; with EASEL_DATABASE_URL set there is none to compact (unset it)",
+        )
+        .into()),
+        command => operate(cli.data_dir, command, None),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -275,13 +276,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn operate(flag: Option<PathBuf>, command: Command) -> Result<u8, Failure> {
+/// The operator commands; on `loaded` (a PostgreSQL log's records) when
+/// given, else on the data dir's log (or the running bot's socket).
+fn operate(
+    flag: Option<PathBuf>,
+    command: Command,
+    loaded: Option<easel::ops::source::Source>,
+) -> Result<u8, Failure> {
     use easel::ops::OpsError;
     use easel::ops::cli::{self, ReplayInput};
     use easel::ops::source::Source;
 
     let dir = easel::config::DataDir::resolve(flag);
-    let open = || Source::open(&dir);
+    // Every command reads its source once.
+    let loaded = std::cell::Cell::new(loaded);
+    let open = || match loaded.take() {
+        Some(src) => Ok(src),
+        None => Source::open(&dir),
+    };
     let time = |t: Option<String>| {
         t.map(|t| cli::parse_time(&t))
             .transpose()
@@ -459,11 +471,25 @@ fn webhook(command: Webhook) -> Result<u8, Failure> {
     })
 }
 
-/// `easel export` and `easel replay` of the PostgreSQL log at `url`.
-fn from_database(url: &str, command: Command) -> Result<u8, Failure> {
+/// The operator commands on the PostgreSQL log at `url`: its records are
+/// read once into memory and queried as the data dir's log is.
+fn from_database(flag: Option<PathBuf>, url: &str, command: Command) -> Result<u8, Failure> {
     use easel::ops::OpsError;
-    use easel::ops::cli::{self, ReplayInput};
-    use easel::store::ReadError;
+    if matches!(
+        command,
+        Command::Export {
+            with_archive: true,
+            ..
+        } | Command::Replay {
+            with_archive: true,
+            ..
+        }
+    ) {
+        return Err(OpsError::usage(
+            "the database holds no archive: --with-archive is for data dirs",
+        )
+        .into());
+    }
     init_tracing("error", easel::telemetry::LogFormat::Text);
     let url = secrecy::SecretString::from(url.to_owned());
     let items = runtime()?
@@ -472,50 +498,17 @@ fn from_database(url: &str, command: Command) -> Result<u8, Failure> {
             db.read_all().await
         })
         .map_err(OpsError::from)?;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let code = match command {
-        Command::Export {
-            since,
-            with_archive,
-        } => {
-            if with_archive {
-                return Err(OpsError::usage(
-                    "the database holds no archive: --with-archive is for data dirs",
-                )
-                .into());
-            }
-            let since = since
-                .map(|t| cli::parse_time(&t))
-                .transpose()
-                .map_err(OpsError::Usage)?;
-            let items = items.into_iter().map(|i| {
-                i.map_err(|e| match e {
-                    ReadError::Store(e) => OpsError::Store(e),
-                    ReadError::Corrupt(c) => OpsError::failed(c.to_string()),
-                })
-            });
-            cli::export_items(items, since, &mut out)?
+    let mut records = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Ok(r) => records.push(r),
+            // As from a data dir: a damaged record is reported and skipped.
+            Err(e) => eprintln!("easel: skipping: {e}"),
         }
-        Command::Replay {
-            until_seq,
-            verify,
-            json,
-            ..
-        } => cli::replay(
-            ReplayInput::Records(items),
-            until_seq,
-            verify,
-            json,
-            &mut out,
-        )?,
-        _ => 0,
-    };
-    match std::io::Write::flush(&mut out) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OpsError::ReaderGone.into()),
-        Err(e) => Err(OpsError::Output(e).into()),
-        Ok(()) => Ok(code),
     }
+    let loaded =
+        easel::ops::source::Source::Loaded(Box::new(easel::store::MemoryStore::load(records)));
+    operate(flag, command, Some(loaded))
 }
 
 /// `easel migrate --to postgres://…`: the copy, verified, and one line

@@ -577,16 +577,24 @@ async fn migrate_copies_a_sled_log_into_an_empty_database_exactly() {
         db.get_meta("telegram/offset").await.unwrap(),
         Some(b"9006".to_vec())
     );
-    // export and replay --verify read the database as they read the dir.
-    for args in [&["export"][..], &["replay", "--verify", "--json"][..]] {
+    // The operator commands read the database as they read the dir.
+    let short = &first.to_string()[..8];
+    for args in [
+        &["export"][..],
+        &["replay", "--verify", "--json"][..],
+        &["audit", "list", "--json"][..],
+        &["audit", "list", "--model", "sdxl"][..],
+        &["audit", "show", short, "--json"][..],
+        &["audit", "stats", "--json"][..],
+    ] {
         let from_dir = easel_cli(dir.path(), None, args).await;
         let from_db = easel_cli(dir.path(), Some(&url), args).await;
         assert_eq!(from_dir.0, 0, "{}", from_dir.1);
         assert_eq!(from_db, from_dir, "{args:?}");
     }
-    // What does not read the database yet says so (and `run` does not
-    // quietly serve from the data dir).
-    for args in [&["run"][..], &["audit", "list"][..]] {
+    // What does not read the database says so (and `run` does not quietly
+    // serve from the data dir).
+    for args in [&["run"][..], &["compact"][..]] {
         let (code, out) = easel_cli(dir.path(), Some(&url), args).await;
         assert_eq!(code, 2, "{args:?}: {out}");
         assert!(out.contains("EASEL_DATABASE_URL"), "{out}");

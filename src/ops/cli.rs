@@ -583,9 +583,9 @@ pub fn export(
     export_items(history(src, archive, None)?, since, out)
 }
 
-/// `easel export` of records read elsewhere (the PostgreSQL log): the same
-/// lines, a damaged record reported on stderr and skipped.
-pub fn export_items(
+/// The export lines of `items`, a damaged record reported on stderr and
+/// skipped.
+fn export_items(
     items: impl Iterator<Item = Result<Recorded, OpsError>>,
     since: Option<DateTime<Utc>>,
     out: Out<'_>,
@@ -611,8 +611,6 @@ pub enum ReplayInput<'a> {
         archive: Option<&'a Path>,
     },
     File(&'a Path),
-    /// Records already read (from the PostgreSQL log).
-    Records(Vec<ReadItem>),
 }
 
 /// What `easel replay` prints: each model's lane after the replay, and
@@ -738,10 +736,6 @@ pub fn replay(
             })),
             0,
         ),
-        ReplayInput::Records(items) => {
-            let n = items.len() as u64;
-            (Box::new(items.into_iter()), n)
-        }
         ReplayInput::File(path) => {
             let file = std::fs::File::open(path)
                 .map_err(|e| OpsError::usage(format!("cannot read {}: {e}", path.display())))?;

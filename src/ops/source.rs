@@ -13,11 +13,13 @@ use super::query::{self, Filter, Query};
 use crate::config::DataDir;
 use crate::domain::RequestId;
 use crate::projection::RequestRecord;
-use crate::store::{EventStore, Recorded, SledStore};
+use crate::store::{EventStore, MemoryStore, Recorded, SledStore};
 
 pub enum Source {
     Local(SledStore),
     Remote(PathBuf),
+    /// A PostgreSQL log's records, read once (`EASEL_DATABASE_URL`).
+    Loaded(Box<MemoryStore>),
 }
 
 type Lines = Box<dyn Iterator<Item = Result<String, OpsError>>>;
@@ -88,12 +90,8 @@ impl Source {
     ) -> Box<dyn Iterator<Item = Result<Recorded, OpsError>> + '_> {
         let until = until_seq.unwrap_or(u64::MAX);
         match self {
-            Source::Local(store) => Box::new(
-                store
-                    .read_from(since_seq)
-                    .take_while(move |r| r.as_ref().map_or(true, |r| r.seq <= until))
-                    .map(|r| r.map_err(|e| OpsError::Failed(e.to_string()))),
-            ),
+            Source::Local(store) => events_in(store, since_seq, until),
+            Source::Loaded(store) => events_in(store.as_ref(), since_seq, until),
             Source::Remote(path) => match Self::remote(
                 path,
                 &Query::Events {
@@ -115,9 +113,8 @@ impl Source {
     /// A read error.
     pub fn list(&self, filter: &Filter) -> Result<Vec<RequestRecord>, OpsError> {
         match self {
-            Source::Local(store) => query::list(store, filter)
-                .map(|r| r.map_err(OpsError::Store))
-                .collect(),
+            Source::Local(store) => list_in(store, filter),
+            Source::Loaded(store) => list_in(store.as_ref(), filter),
             Source::Remote(path) => {
                 let query = Query::List {
                     filter: filter.clone(),
@@ -136,6 +133,7 @@ impl Source {
     pub fn find(&self, prefix: &str) -> Result<Vec<RequestId>, OpsError> {
         match self {
             Source::Local(store) => query::find(store, prefix),
+            Source::Loaded(store) => query::find(store.as_ref(), prefix),
             Source::Remote(path) => {
                 let query = Query::Find {
                     prefix: prefix.to_owned(),
@@ -155,14 +153,40 @@ impl Source {
     /// A read error.
     pub fn show(&self, id: RequestId) -> Result<Vec<Recorded>, OpsError> {
         match self {
-            Source::Local(store) => Ok(store
-                .events_of(id)?
-                .into_iter()
-                .filter_map(Result::ok)
-                .collect()),
+            Source::Local(store) => show_in(store, id),
+            Source::Loaded(store) => show_in(store.as_ref(), id),
             Source::Remote(path) => Self::remote_all(path, &Query::Show { id }, parse_event_line),
         }
     }
+}
+
+/// The events of a store read here, `since_seq` to `until` (the local
+/// sled log, or a PostgreSQL log's records loaded into memory).
+fn events_in<S: EventStore>(
+    store: &S,
+    since_seq: u64,
+    until: u64,
+) -> Box<dyn Iterator<Item = Result<Recorded, OpsError>> + '_> {
+    Box::new(
+        store
+            .read_from(since_seq)
+            .take_while(move |r| r.as_ref().map_or(true, |r| r.seq <= until))
+            .map(|r| r.map_err(|e| OpsError::Failed(e.to_string()))),
+    )
+}
+
+fn list_in<S: EventStore>(store: &S, filter: &Filter) -> Result<Vec<RequestRecord>, OpsError> {
+    query::list(store, filter)
+        .map(|r| r.map_err(OpsError::Store))
+        .collect()
+}
+
+fn show_in<S: EventStore>(store: &S, id: RequestId) -> Result<Vec<Recorded>, OpsError> {
+    Ok(store
+        .events_of(id)?
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect())
 }
 
 /// A line of the running bot's answer that could not be read.

@@ -2,7 +2,9 @@
 //! for fast tests of everything above the store (the engine, the runners,
 //! intake) and as the reference a new backend is checked against (the
 //! same tests run on both). Nothing survives the process: `wait_durable`
-//! returns at once. Only with the `test-support` feature; never in the bot.
+//! returns at once. Never the bot's log; besides the tests it holds a
+//! PostgreSQL log's records for the operator commands (`MemoryStore::load`),
+//! which then query it as they query sled.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +53,28 @@ impl Default for MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store holding `records` at their own seqs (oldest first; a seq
+    /// not above the one before is skipped), with every index derived as
+    /// an append derives it.
+    pub fn load(records: impl IntoIterator<Item = Recorded>) -> Self {
+        let store = Self::default();
+        for rec in records {
+            {
+                let mut log = store.lock();
+                if rec.seq <= log.high_water {
+                    continue;
+                }
+                log.high_water = rec.seq - 1;
+            }
+            let _ = store.append(vec![NewEvent {
+                request_id: rec.request_id,
+                at: rec.at,
+                event: rec.event,
+            }]);
+        }
+        store
     }
 
     fn lock(&self) -> MutexGuard<'_, Log> {

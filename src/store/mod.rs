@@ -5,7 +5,6 @@
 
 pub mod codec;
 pub mod disk;
-#[cfg(feature = "test-support")]
 mod memory;
 pub mod pg;
 mod sled_store;
@@ -18,7 +17,6 @@ use tokio::sync::watch;
 
 use crate::domain::{ChatId, Event, RequestId};
 pub use codec::DecodeError;
-#[cfg(feature = "test-support")]
 pub use memory::MemoryStore;
 pub use sled_store::{CompactReport, SledStore};
 
