@@ -80,11 +80,11 @@ enum Command {
         #[arg(long, conflicts_with = "from")]
         with_archive: bool,
     },
-    /// Copy a stopped data dir's log into an empty PostgreSQL database, and verify the copy.
+    /// Copy a stopped data dir's log into an empty PostgreSQL database (or a database back into a new data dir), and verify the copy.
     ///
     /// Example: easel migrate --data-dir /var/lib/easel --to "postgres://easel@db.internal/easel"
     Migrate {
-        /// The database (postgres://…); copying back to a data dir is not built yet.
+        /// An empty database (postgres://…) to copy the data dir into, or a new data dir to copy EASEL_DATABASE_URL into.
         #[arg(long)]
         to: String,
     },
@@ -245,7 +245,7 @@ fn main() -> ExitCode {
         )),
         Command::Run { webhook } => run(cli.data_dir, webhook),
         Command::Webhook(w) => webhook(w),
-        Command::Migrate { to } => migrate(cli.data_dir, &to),
+        Command::Migrate { to } => migrate(cli.data_dir, cli.database_url, &to),
         #[cfg(feature = "demo")]
         Command::Demo => demo(cli.data_dir),
         command @ (Command::Export { .. }
@@ -511,25 +511,32 @@ fn from_database(flag: Option<PathBuf>, url: &str, command: Command) -> Result<u
     operate(flag, command, Some(loaded))
 }
 
-/// `easel migrate --to postgres://…`: the copy, verified, and one line
-/// saying what it holds. The URL (it may hold a password) is never printed.
-fn migrate(data_dir: Option<PathBuf>, to: &str) -> Result<u8, Failure> {
+/// `easel migrate --to postgres://…` (from the data dir) or `--to <dir>`
+/// (from `EASEL_DATABASE_URL`): the copy, verified, and one line saying
+/// what it holds. A URL (it may hold a password) is never printed.
+fn migrate(data_dir: Option<PathBuf>, database: Option<String>, to: &str) -> Result<u8, Failure> {
     use easel::ops::OpsError;
-    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
-        return Err(OpsError::usage(
-            "--to takes a postgres:// URL; copying a database back into a data dir is not built yet",
-        )
-        .into());
-    }
-    let dir = easel::config::DataDir::resolve(data_dir);
-    if !easel::store::SledStore::exists(&dir.log()) {
-        return Err(OpsError::usage(format!("there is no easel event log in {dir}")).into());
-    }
     init_tracing("error", easel::telemetry::LogFormat::Text);
-    let url = secrecy::SecretString::from(to.to_owned());
-    let done = runtime()?.block_on(easel::ops::migrate::to_postgres(&dir.log(), &url))?;
+    let done = if to.starts_with("postgres://") || to.starts_with("postgresql://") {
+        let dir = easel::config::DataDir::resolve(data_dir);
+        if !easel::store::SledStore::exists(&dir.log()) {
+            return Err(OpsError::usage(format!("there is no easel event log in {dir}")).into());
+        }
+        let url = secrecy::SecretString::from(to.to_owned());
+        runtime()?.block_on(easel::ops::migrate::to_postgres(&dir.log(), &url))?
+    } else {
+        let Some(from) = database else {
+            return Err(OpsError::usage(
+                "--to <dir> copies the database named by EASEL_DATABASE_URL (or --database-url) into a new data dir; neither is set",
+            )
+            .into());
+        };
+        let dir = easel::config::DataDir::new(PathBuf::from(to));
+        let url = secrecy::SecretString::from(from);
+        runtime()?.block_on(easel::ops::migrate::to_dir(&url, &dir))?
+    };
     println!(
-        "copied {} events of {} requests and {} named values; the database's last position is {}; every record reads back identical and both logs replay to the same state",
+        "copied {} events of {} requests and {} named values; the last position is {}; every record reads back identical and both logs replay to the same state",
         done.events, done.requests, done.meta, done.head
     );
     Ok(0)

@@ -606,8 +606,40 @@ async fn migrate_copies_a_sled_log_into_an_empty_database_exactly() {
         .await
         .unwrap();
     assert_eq!(dup, Appended::Duplicate(first));
-    let next = written(db.append(vec![started(first)]).await.unwrap());
+    let next = written(
+        db.append(vec![queued(RequestId::random(), Some(9_100), Some(1))])
+            .await
+            .unwrap(),
+    );
     assert_eq!(next[0].seq, 9);
+    // And back into a new data dir (`--to <dir>`, from EASEL_DATABASE_URL):
+    // the same records, verified; the new dir's own commands agree.
+    let back = tempfile::tempdir().unwrap();
+    let target = back.path().join("data");
+    let (code, out) = easel_cli(
+        dir.path(),
+        Some(&url),
+        &["migrate", "--to", target.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("copied 9 events of 7 requests and 1 named values"),
+        "{out}"
+    );
+    let from_db = easel_cli(dir.path(), Some(&url), &["export"]).await;
+    let from_copy = easel_cli(&target, None, &["export"]).await;
+    assert_eq!(from_copy, from_db);
+    assert_eq!(easel_cli(&target, None, &["replay", "--verify"]).await.0, 0);
+    // Not over a data dir that holds a log.
+    let (code, out) = easel_cli(
+        dir.path(),
+        Some(&url),
+        &["migrate", "--to", target.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("new data dir only"), "{out}");
     // Not into a database that holds events; the URL is never printed.
     let (code, out) = migrate_cli(dir.path(), &url).await;
     assert_eq!(code, 2, "{out}");

@@ -1,9 +1,9 @@
-//! `easel migrate --to postgres://…` (§9): copies a stopped sled data dir
-//! into an empty PostgreSQL database — every event at its own position,
-//! the intake keys, the small named values — then verifies the copy: every
-//! record read back identical, and both logs replayed and compared. A
-//! source with an unreadable record is refused (the copy would not be
-//! exact).
+//! `easel migrate` (§9): `--to postgres://…` copies a stopped sled data
+//! dir into an empty PostgreSQL database, `--to <dir>` copies a database
+//! back into a new data dir — every event at its own position, the intake
+//! keys, the small named values — then verifies the copy: every record read
+//! back identical, and both logs replayed and compared. A source with an
+//! unreadable record is refused (the copy would not be exact).
 
 use secrecy::SecretString;
 
@@ -88,6 +88,50 @@ pub async fn to_postgres(dir: &std::path::Path, url: &SecretString) -> Result<Mi
         requests: requests.len(),
         meta,
         head: db.last_position(),
+    })
+}
+
+/// Copies the database at `url` into a new data dir's log at `dir` (which
+/// must hold none), and verifies the copy.
+///
+/// # Errors
+/// [`OpsError::Usage`] when `dir` holds a log already; as
+/// [`to_postgres`] otherwise.
+pub async fn to_dir(
+    url: &SecretString,
+    dir: &crate::config::DataDir,
+) -> Result<Migrated, OpsError> {
+    if SledStore::exists(&dir.log()) {
+        return Err(OpsError::usage(format!(
+            "{dir} already holds an event log: easel migrate copies into a new data dir only"
+        )));
+    }
+    let db = PgLog::connect(url).await?;
+    let items = db.read_all().await?;
+    let mut records = Vec::with_capacity(items.len());
+    for item in items {
+        records.push(item.map_err(|e| {
+            OpsError::failed(format!(
+                "the database has an unreadable record ({e}): migrate needs an exact copy"
+            ))
+        })?);
+    }
+    crate::store::disk::create_data_dir(dir.root())
+        .map_err(|e| OpsError::failed(format!("cannot create {dir}: {e}")))?;
+    let target = SledStore::open(&dir.log())?;
+    target.import(&records, db.last_position())?;
+    let mut meta = 0;
+    for (name, value) in db.all_meta().await? {
+        target.put_meta(&name, &value)?;
+        meta += 1;
+    }
+    verify_copy(&target, &db).await?;
+    let requests: std::collections::HashSet<_> = records.iter().map(|r| r.request_id).collect();
+    Ok(Migrated {
+        events: records.len() as u64,
+        requests: requests.len(),
+        meta,
+        head: target.last_seq(),
     })
 }
 

@@ -539,6 +539,19 @@ impl PgLog {
         Ok(row.map(|r| r.get(0)))
     }
 
+    /// Every named value, by name.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`].
+    pub async fn all_meta(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT name, value FROM easel_meta ORDER BY name", &[])
+            .await
+            .map_err(|e| StoreError::Read(db("reading meta", &e)))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool
             .get()

@@ -216,6 +216,52 @@ impl SledStore {
         Ok(SledStore { inner })
     }
 
+    /// Copies `records` in at their own seqs (`easel migrate --to <dir>`),
+    /// each with the keys an append derives, only above the last seq; the
+    /// high-water mark then stands at `high_water` (at least the last
+    /// seq), so seqs removed from the source are never given again here.
+    /// Flushed (and `fdatasync`ed) before it returns.
+    ///
+    /// # Errors
+    /// [`StoreError::Write`], e.g. a seq not above the last one.
+    pub fn import(&self, records: &[Recorded], high_water: u64) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut last = lock(&inner.append);
+        let insert = |k: Vec<u8>, v: Vec<u8>| {
+            inner
+                .db
+                .insert(k, v)
+                .map(|_| ())
+                .map_err(|e| StoreError::Write(inner.refused(&e)))
+        };
+        for rec in records {
+            if rec.seq <= *last {
+                return Err(StoreError::Write(Cause::from(format!(
+                    "event {} is not above the log's last seq {}",
+                    rec.seq, *last
+                ))));
+            }
+            let bytes =
+                codec::encode(rec).map_err(|e| StoreError::Write(Cause::from(e.to_string())))?;
+            insert(event_key(rec.seq).to_vec(), bytes)?;
+            *last = rec.seq;
+            for (k, v) in derived_keys(rec) {
+                insert(k, v)?;
+            }
+        }
+        if high_water > *last {
+            insert(meta_key(HIGH_WATER), high_water.to_be_bytes().to_vec())?;
+            *last = high_water;
+        }
+        inner.written.store(*last, Ordering::Release);
+        inner.appended.send_replace(*last);
+        drop(last);
+        inner
+            .sync()
+            .map(|_| ())
+            .map_err(|e| StoreError::Flush(inner.refused(&e)))
+    }
+
     /// Resolves with true at the next flush that makes events durable, or
     /// false at the next refused flush: whether the disk takes writes,
     /// proven by a write rather than assumed from a successful open.
