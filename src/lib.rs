@@ -6,7 +6,8 @@
 //! - [`store`]: the `EventStore` trait and the sled event log: append,
 //!   group-committed durability, index by request, intake keys, subscribe,
 //!   checkpoints. Only it knows sled; everything above is generic over the
-//!   trait (an in-memory store with the `test-support` feature).
+//!   trait (an in-memory store, `MemoryStore`). Also the event log on
+//!   PostgreSQL (`store::pg`, issue 17: not yet behind the engine).
 //! - [`projection`]: live state (FIFO queues with O(log n) positions,
 //!   in-flight per model, per-user load) and audit records, from events only.
 //! - [`engine`]: the core (decide → append → apply under one lock), start-up
@@ -15,12 +16,13 @@
 //! - [`config`]: settings from the environment, `.env` and `easel.toml`,
 //!   and `DataDir`, the data dir's layout.
 //! - [`services`]: the image workers and the LLM over HTTP (reqwest, backon).
-//! - [`telegram`]: the bot's side of Telegram (teloxide): polling, one
-//!   routing for intake and the stand-in, intake in update order, every
-//!   message sent (`replies`), status messages, delivery, every
-//!   user-facing text.
+//! - [`telegram`]: the bot's side of Telegram (teloxide): polling or the
+//!   webhook route (and registering the webhook), one routing for intake
+//!   and the stand-in, intake in update order, every message sent
+//!   (`replies`), status messages, delivery, every user-facing text.
 //! - [`ops`]: the operator commands (typed reports, `OpsError`), the one
-//!   verify, retention, the query socket of a running bot.
+//!   verify, retention, the query socket of a running bot, `easel migrate`
+//!   between sled and PostgreSQL.
 //! - [`maintenance`]: upkeep beside serving: unconfigured models' requests
 //!   failed at start, expired images deleted, retention to the archive.
 //! - [`app`]: the composition root of `easel run` (the only module that
