@@ -362,16 +362,10 @@ impl PgLog {
                 event: rec.event.clone(),
             }])?;
         }
-        w.flush_rows().await?;
-        let last = w.next.max(to_i64(high_water));
-        if last > head {
-            w.query(
-                MOVE_HEAD,
-                &[&last, &CHANNEL, &last.to_string()],
-                "moving the head",
-            )
-            .await?;
-        }
+        // The head stands at the high-water mark, past the last record.
+        w.next = w.next.max(to_i64(high_water));
+        w.finish(head).await?;
+        let last = w.next;
         drop(w);
         tx.commit()
             .await
@@ -755,6 +749,38 @@ impl<'t> Writer<'t> {
         Ok(w)
     }
 
+    /// `sql` prepared on this connection (once: then from its cache).
+    async fn prepare(
+        &self,
+        sql: &str,
+        what: &str,
+    ) -> Result<tokio_postgres::Statement, StoreError> {
+        self.tx
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| write_err(what, &e))
+    }
+
+    /// Runs a prepared statement unless `skip`. Several of these polled
+    /// together (`tokio::join!`) share one round trip: tokio-postgres sends
+    /// each as it is first polled, in that order, without waiting for the
+    /// answers, and the server runs them in the order they came.
+    async fn run(
+        &self,
+        statement: &tokio_postgres::Statement,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        what: &str,
+        skip: bool,
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        if skip {
+            return Ok(Vec::new());
+        }
+        self.tx
+            .query(statement, params)
+            .await
+            .map_err(|e| write_err(what, &e))
+    }
+
     async fn query(
         &self,
         sql: &str,
@@ -789,22 +815,30 @@ impl<'t> Writer<'t> {
                 }
             }
         }
-        if !updates.is_empty() {
-            for r in self
-                .query(HELD_UPDATES, &[&updates], "checking intake keys")
-                .await?
-            {
-                self.updates.insert(r.get(0), RequestId(r.get(1)));
-            }
+        let held_updates = self.prepare(HELD_UPDATES, "checking intake keys").await?;
+        let held_messages = self.prepare(HELD_MESSAGES, "checking intake keys").await?;
+        let by_update: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&updates];
+        let by_message: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&chats, &messages];
+        let (u, m) = tokio::join!(
+            self.run(
+                &held_updates,
+                &by_update,
+                "checking intake keys",
+                updates.is_empty()
+            ),
+            self.run(
+                &held_messages,
+                &by_message,
+                "checking intake keys",
+                chats.is_empty()
+            ),
+        );
+        for r in u? {
+            self.updates.insert(r.get(0), RequestId(r.get(1)));
         }
-        if !chats.is_empty() {
-            for r in self
-                .query(HELD_MESSAGES, &[&chats, &messages], "checking intake keys")
-                .await?
-            {
-                self.messages
-                    .insert((r.get(0), r.get(1)), RequestId(r.get(2)));
-            }
+        for r in m? {
+            self.messages
+                .insert((r.get(0), r.get(1)), RequestId(r.get(2)));
         }
         Ok(())
     }
@@ -856,34 +890,46 @@ impl<'t> Writer<'t> {
         Ok(written)
     }
 
-    /// Inserts every queued row: at most three statements.
-    async fn flush_rows(&self) -> Result<(), StoreError> {
+    /// Inserts every queued row (at most three statements) and moves the
+    /// head from `head` to the last position given, notifying: one round
+    /// trip.
+    async fn finish(&self, head: i64) -> Result<(), StoreError> {
         let r = &self.rows;
-        if !r.positions.is_empty() {
-            self.query(
-                INSERT_EVENTS,
-                &[&r.positions, &r.requests, &r.ats, &r.records],
+        let next = self.next;
+        let notice = next.to_string();
+        let (events, updates, messages, moved) = (
+            self.prepare(INSERT_EVENTS, "writing events").await?,
+            self.prepare(INSERT_UPDATES, "writing intake keys").await?,
+            self.prepare(INSERT_MESSAGES, "writing intake keys").await?,
+            self.prepare(MOVE_HEAD, "moving the head").await?,
+        );
+        type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+        let event_rows: [Param<'_>; 4] = [&r.positions, &r.requests, &r.ats, &r.records];
+        let update_rows: [Param<'_>; 2] = [&r.update_ids, &r.update_requests];
+        let message_rows: [Param<'_>; 3] = [&r.message_chats, &r.message_ids, &r.message_requests];
+        let head_row: [Param<'_>; 3] = [&next, &CHANNEL, &notice];
+        let (a, b, c, d) = tokio::join!(
+            self.run(
+                &events,
+                &event_rows,
                 "writing events",
-            )
-            .await?;
-        }
-        if !r.update_ids.is_empty() {
-            self.query(
-                INSERT_UPDATES,
-                &[&r.update_ids, &r.update_requests],
+                r.positions.is_empty()
+            ),
+            self.run(
+                &updates,
+                &update_rows,
                 "writing intake keys",
-            )
-            .await?;
-        }
-        if !r.message_chats.is_empty() {
-            self.query(
-                INSERT_MESSAGES,
-                &[&r.message_chats, &r.message_ids, &r.message_requests],
+                r.update_ids.is_empty()
+            ),
+            self.run(
+                &messages,
+                &message_rows,
                 "writing intake keys",
-            )
-            .await?;
-        }
-        Ok(())
+                r.message_chats.is_empty()
+            ),
+            self.run(&moved, &head_row, "moving the head", next <= head),
+        );
+        a.and(b).and(c).and(d).map(drop)
     }
 
     /// Whether `lease` is its model's current lease now. Under the head
@@ -970,16 +1016,8 @@ async fn commit_group(
         };
         results.push(done);
     }
-    w.flush_rows().await?;
+    w.finish(head).await?;
     let next = w.next;
-    if next > head {
-        w.query(
-            MOVE_HEAD,
-            &[&next, &CHANNEL, &next.to_string()],
-            "moving the head",
-        )
-        .await?;
-    }
     drop(w);
     tx.commit()
         .await
