@@ -67,6 +67,9 @@ struct Handover {
 /// still running then is aborted (its request resumes at the next start).
 pub const DRAIN: Duration = Duration::from_secs(5);
 
+/// How long aborted tasks get to end after [`DRAIN`].
+const ABORT_WAIT: Duration = Duration::from_secs(2);
+
 /// Starts everything; the bot then runs until `shutdown` is cancelled.
 ///
 /// # Errors
@@ -327,12 +330,36 @@ impl App {
                 "tasks did not stop within {} s; their requests resume at the next start",
                 DRAIN.as_secs()
             );
-            self.tasks.shutdown().await;
+            self.tasks.abort_all();
+            // A task inside blocking code (a flush of a log whose disk
+            // just filled may never return) cannot be aborted: wait a
+            // moment, then go on without it, so the stand-in answers users
+            // meanwhile (the log cannot be reopened until it ends; `run`
+            // keeps retrying).
+            let gone = tokio::time::timeout(ABORT_WAIT, async {
+                while self.tasks.join_next().await.is_some() {}
+            })
+            .await;
+            if gone.is_err() {
+                tracing::error!(
+                    left = self.tasks.len(),
+                    "tasks are stuck in blocking code; going on without them"
+                );
+                self.tasks.detach_all();
+            }
         }
-        let result = self
-            .core
-            .checkpoint()
-            .context("writing the final checkpoint");
+        // A log that refused a write takes no checkpoint (sled refuses every
+        // later write of the handle, and may not answer at all).
+        let broken = self.core.store().write_failure().borrow().clone();
+        let result = match broken {
+            Some(reason) => Err(anyhow::anyhow!(
+                "no final checkpoint: the event log refused a write ({reason})"
+            )),
+            None => self
+                .core
+                .checkpoint()
+                .context("writing the final checkpoint"),
+        };
         if result.is_ok() {
             tracing::info!("stopped");
         }

@@ -483,14 +483,26 @@ pub async fn follow<S: EventStore + 'static>(
         (s.last_seq, tracked)
     });
     loop {
-        let records: Vec<Recorded> = core
-            .store()
-            .read_from(last + 1)
-            .filter_map(Result::ok)
-            .collect();
-        for rec in &records {
-            last = last.max(rec.seq);
-            count(&metrics, &mut tracked, rec, &mut on_outcome);
+        let target = core.store().last_seq();
+        if target > last {
+            // Only what is on disk is read: an event whose write the disk
+            // refused can leave sled's readers waiting for good (seen in
+            // the disk-full campaign as an engine that could not stop).
+            // A log that refused a flush is being replaced: stop here.
+            if core.durable(target).await.is_err() {
+                shutdown.cancelled().await;
+                return;
+            }
+            let records: Vec<Recorded> = core
+                .store()
+                .read_from(last + 1)
+                .take_while(|r| r.as_ref().map_or(true, |r| r.seq <= target))
+                .filter_map(Result::ok)
+                .collect();
+            for rec in &records {
+                count(&metrics, &mut tracked, rec, &mut on_outcome);
+            }
+            last = target;
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
