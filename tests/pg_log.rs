@@ -522,19 +522,7 @@ async fn easel_cli(dir: &std::path::Path, db: Option<&str>, args: &[&str]) -> (i
 /// `easel migrate --to <to>` of `dir` (off the runtime's threads: the
 /// test's cluster connections live on them); (exit code, output).
 async fn migrate_cli(dir: &std::path::Path, to: &str) -> (i32, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_easel"));
-    command.args(["migrate", "--to", to, "--data-dir"]).arg(dir);
-    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    easel_cli(dir, None, &["migrate", "--to", to]).await
 }
 
 /// §9 `easel migrate --to postgres://…` on the built binary: a stopped
