@@ -13,7 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use easel::domain::{ChatId, Event, ModelName, Origin, Prompt, RequestId, UserId};
+use easel::domain::{
+    ChatId, Command, Event, FailureKind, Limits, ModelName, Origin, Prompt, RateLimit, Rejection,
+    RequestId, UserId,
+};
+use easel::engine::replica::{Replica, ReplicaError};
+use easel::engine::{AcceptError, Admitted, NewRequest, SystemClock};
 use easel::store::pg::{Appended, PgLog};
 use easel::store::{NewEvent, StoreError};
 use secrecy::SecretString;
@@ -406,7 +411,7 @@ async fn a_models_lease_has_one_holder_and_fences_out_the_previous_one() {
         .unwrap()
     {
         Claimed::Won { lease, .. } => lease,
-        Claimed::Held => panic!("an expired lease was not taken over"),
+        other => panic!("an expired lease was not taken over: {other:?}"),
     };
     assert_eq!(taken.epoch, 2);
     // The old holder wakes up: fenced, nothing written, cannot renew.
@@ -440,10 +445,297 @@ async fn a_models_lease_has_one_holder_and_fences_out_the_previous_one() {
         .unwrap()
     {
         Claimed::Won { lease, .. } => assert_eq!(lease.epoch, 3),
-        Claimed::Held => panic!("a released lease was still held"),
+        other => panic!("a released lease was still held: {other:?}"),
     }
     // The local deadline is never later than the lease's end.
     assert!(lease.until <= tokio::time::Instant::now() + ttl);
+}
+
+async fn replica(url: &str, holder: &str) -> Replica {
+    Replica::connect(
+        &SecretString::from(url.to_owned()),
+        holder,
+        Arc::new(SystemClock),
+    )
+    .await
+    .expect("connect a replica")
+}
+
+fn request(user: i64, update: u32, prompt: &str) -> NewRequest {
+    NewRequest {
+        model: ModelName::parse("flux").unwrap(),
+        prompt: Prompt::parse(prompt).unwrap(),
+        origin: Origin {
+            user_id: UserId(user),
+            chat_id: ChatId(user),
+            message_id: Some(i32::try_from(update).unwrap()),
+            update_id: Some(update),
+            language: None,
+        },
+        preset: None,
+        remembered: false,
+        input: None,
+        images: 1,
+    }
+}
+
+fn limits(count: u32, max_pending: u32) -> Limits {
+    Limits {
+        rate: RateLimit {
+            count,
+            window_secs: 60,
+        },
+        max_pending,
+    }
+}
+
+/// How many `queued` events the database holds.
+async fn queued_in_log(log: &Replica) -> usize {
+    log.log()
+        .read_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| matches!(r, Ok(r) if matches!(r.event, Event::Queued { .. })))
+        .count()
+}
+
+/// §9 admission inside the append transaction: one user's ten requests
+/// sent at once, alternately to two replicas, against a pending cap of 3
+/// — exactly 3 admitted, whichever replica got them, because each
+/// decision sees every replica's commits (the head lock orders them).
+/// The same for a rate limit of 2 a minute. An update admitted before
+/// comes back as a duplicate of its request from either replica, even
+/// with the user at the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_across_replicas_because_admission_runs_in_the_transaction() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let (a, b) = (replica(&url, "a").await, replica(&url, "b").await);
+    let cap = limits(100, 3);
+    let asks = (0..10u32).map(|i| {
+        let (a, b, cap) = (&a, &b, &cap);
+        async move {
+            let on = if i % 2 == 0 { a } else { b };
+            on.admit(request(7, 100 + i, "a red fox"), cap).await
+        }
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    let admitted: Vec<RequestId> = answers
+        .iter()
+        .filter_map(|r| match r {
+            Ok(Admitted::Queued { id, .. }) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    let capped = answers
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Err(AcceptError::Rejected(Rejection::TooManyPending {
+                    max: 3,
+                    ..
+                }))
+            )
+        })
+        .count();
+    assert_eq!(admitted.len(), 3, "{answers:?}");
+    assert_eq!(capped, 7, "{answers:?}");
+    assert_eq!(queued_in_log(&a).await, 3);
+    // Telegram redelivers an admitted update to the other replica.
+    let (first_update, first_id) = answers
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| match r {
+            Ok(Admitted::Queued { id, .. }) => Some((100 + u32::try_from(i).unwrap(), *id)),
+            _ => None,
+        })
+        .unwrap();
+    for on in [&a, &b] {
+        assert_eq!(
+            on.admit(request(7, first_update, "a red fox"), &cap)
+                .await
+                .unwrap(),
+            Admitted::Duplicate { id: first_id }
+        );
+    }
+    // A rate limit of 2 a minute, five at once across the replicas.
+    let rate = limits(2, 100);
+    let asks = (0..5u32).map(|i| {
+        let (a, b, rate) = (&a, &b, &rate);
+        async move {
+            let on = if i % 2 == 0 { a } else { b };
+            on.admit(request(8, 200 + i, "a blue owl"), rate).await
+        }
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    let ok = answers.iter().filter(|r| r.is_ok()).count();
+    let limited = answers
+        .iter()
+        .filter(|r| matches!(r, Err(AcceptError::Rejected(Rejection::RateLimited { .. }))))
+        .count();
+    assert_eq!((ok, limited), (2, 3), "{answers:?}");
+    assert_eq!(queued_in_log(&b).await, 5);
+}
+
+fn fail() -> Command {
+    Command::Fail {
+        kind: FailureKind::Unavailable,
+        reason: "the worker is down".into(),
+        attempts: 1,
+        statuses: vec![],
+    }
+}
+
+/// §9 one at a time per model and FIFO across replicas: with four
+/// requests queued, two replicas asking at once start exactly one — the
+/// head — under the model's lease; nobody starts another while it runs;
+/// after it ends and the lease is released, the next start (from the
+/// other replica) takes the next in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_start_one_generation_per_model_in_queue_order() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let (a, b) = (replica(&url, "a").await, replica(&url, "b").await);
+    let flux = ModelName::parse("flux").unwrap();
+    let ttl = Duration::from_secs(30);
+    let mut line = Vec::new();
+    for i in 0..4u32 {
+        let on = if i % 2 == 0 { &a } else { &b };
+        match on
+            .admit(
+                request(i64::from(i) + 1, 300 + i, "a red fox"),
+                &limits(10, 10),
+            )
+            .await
+            .unwrap()
+        {
+            Admitted::Queued { id, .. } => line.push(id),
+            other => panic!("{other:?}"),
+        }
+    }
+    for expected in &line {
+        let (x, y) = tokio::join!(a.start_next(&flux, ttl), b.start_next(&flux, ttl));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        let (begun, on) = match (x, y) {
+            (Some(g), None) => (g, &a),
+            (None, Some(g)) => (g, &b),
+            other => panic!("not exactly one start: {other:?}"),
+        };
+        assert_eq!(
+            begun.record.request_id, *expected,
+            "not the head of the line"
+        );
+        assert_eq!(begun.record.event, Event::Started);
+        // While it runs, nobody starts another.
+        assert!(a.start_next(&flux, ttl).await.unwrap().is_none());
+        assert!(b.start_next(&flux, ttl).await.unwrap().is_none());
+        on.step(&begun.lease, *expected, fail()).await.unwrap();
+        on.release(&begun.lease).await.unwrap();
+    }
+    assert!(
+        a.start_next(&flux, ttl).await.unwrap().is_none(),
+        "the line is empty"
+    );
+}
+
+/// §9 recovery across replicas: a replica starts a generation and goes
+/// silent (its lease runs out); another replica's next start resumes that
+/// very request (`Resumed`, the recovery rule) under a new epoch instead
+/// of starting the next one, and the silent replica's late step is
+/// refused (fenced) with nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_holders_generation_is_resumed_by_another_replica_and_its_late_step_fenced() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let (a, b) = (replica(&url, "a").await, replica(&url, "b").await);
+    let flux = ModelName::parse("flux").unwrap();
+    let ttl = Duration::from_secs(30);
+    let mut line = Vec::new();
+    for i in 0..2u32 {
+        if let Admitted::Queued { id, .. } = a
+            .admit(request(1, 400 + i, "a red fox"), &limits(10, 10))
+            .await
+            .unwrap()
+        {
+            line.push(id);
+        }
+    }
+    let begun = a.start_next(&flux, ttl).await.unwrap().expect("a start");
+    assert_eq!(begun.record.request_id, line[0]);
+    // Still held: b waits.
+    assert!(b.start_next(&flux, ttl).await.unwrap().is_none());
+    expire(&url, "flux").await;
+    let resumed = b.start_next(&flux, ttl).await.unwrap().expect("a takeover");
+    assert_eq!(
+        resumed.record.request_id, line[0],
+        "not the orphaned request"
+    );
+    assert!(
+        matches!(resumed.record.event, Event::Resumed { .. }),
+        "{:?}",
+        resumed.record.event
+    );
+    assert_eq!(resumed.lease.epoch, begun.lease.epoch + 1);
+    let before = a.log().read_all().await.unwrap().len();
+    match a.step(&begun.lease, line[0], fail()).await {
+        Err(ReplicaError::Fenced(model)) => assert_eq!(model, "flux"),
+        other => panic!("a late step was not fenced: {other:?}"),
+    }
+    assert_eq!(a.log().read_all().await.unwrap().len(), before);
+    b.step(&resumed.lease, line[0], fail()).await.unwrap();
+    b.release(&resumed.lease).await.unwrap();
+    let next = a.start_next(&flux, ttl).await.unwrap().expect("the next");
+    assert_eq!(next.record.request_id, line[1]);
+}
+
+/// A transaction that fails after its decisions ran leaves the decisions'
+/// state as it was: here the database refuses one request's row (a test
+/// trigger), so its commit fails; the user then has no pending request
+/// in the state the next decision sees (with a cap of 1, the next request
+/// is admitted), and positions go on without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_leaves_no_trace_in_the_state_decisions_read() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let a = replica(&url, "a").await;
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON easel_events FOR EACH ROW \
+             WHEN (NEW.record::text LIKE '%refuse me%') EXECUTE FUNCTION refuse();",
+        )
+        .await
+        .unwrap();
+    let one = limits(10, 1);
+    match a.admit(request(5, 500, "refuse me"), &one).await {
+        Err(AcceptError::Store(_)) => {}
+        other => panic!("the refused commit was not an error: {other:?}"),
+    }
+    assert_eq!(queued_in_log(&a).await, 0);
+    let Admitted::Queued { seq, .. } = a
+        .admit(request(5, 501, "a red fox"), &one)
+        .await
+        .expect("the user has nothing pending")
+    else {
+        panic!("not queued");
+    };
+    assert_eq!(seq, 1, "a position was lost or given twice");
+    // And the cap still counts the one that went in.
+    assert!(matches!(
+        a.admit(request(5, 502, "a blue owl"), &one).await,
+        Err(AcceptError::Rejected(Rejection::TooManyPending { .. }))
+    ));
 }
 
 /// A sled data dir with some history: six requests on two models (intake

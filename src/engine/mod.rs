@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod images;
 pub mod progress;
+pub mod replica;
 pub mod runner;
 
 use std::sync::atomic::{AtomicU64, Ordering};

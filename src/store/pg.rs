@@ -1,10 +1,9 @@
-//! The event log on PostgreSQL (§9; issue 17, first part): events with
-//! contiguous positions in commit order, intake keys unique across
-//! replicas, application-level group commit, and a subscription woken by
-//! `LISTEN/NOTIFY` that re-reads after every reconnect. Not yet behind
-//! the engine: the engine's admission still runs in one process
-//! (`engine::Core`); moving it into this log's transaction is the next
-//! step (see docs/scale-out.md).
+//! The event log on PostgreSQL (§9; issue 17): events with contiguous
+//! positions in commit order, intake keys unique across replicas,
+//! application-level group commit, decisions taken inside the append
+//! transaction against state caught up under the head lock, per-model
+//! leases with fencing, and a subscription woken by `LISTEN/NOTIFY` that
+//! re-reads after every reconnect.
 //!
 //! **Gap-free order.** Every append transaction first locks the one row
 //! of `easel_head` (`SELECT … FOR UPDATE`), takes the next positions from
@@ -24,6 +23,15 @@
 //! update ids). Checked under the head lock, so every replica's commit is
 //! seen; an append that repeats one is answered with the request that
 //! holds it and writes nothing.
+//!
+//! **Decisions in the transaction.** A log opened with
+//! [`PgLog::connect_following`] keeps a state (`F:` [`Follow`]; the
+//! engine's live projection) in its committer. Each transaction, after
+//! the head lock, first applies whatever other replicas committed since
+//! that state's position, then runs each decision of the group against it
+//! in order (each seeing the events of the ones before), so a check such
+//! as a user's pending cap sees every commit of every replica. A
+//! transaction that fails gives the state back as it was before it.
 //!
 //! The stored record is the codec's JSON (`codec::encode_json`), with its
 //! version, so the sled and PostgreSQL logs hold the same text.
@@ -74,6 +82,62 @@ pub enum Appended {
     /// The lease presented is no longer the model's (it expired, or
     /// another replica holds it with a later epoch); nothing was written.
     Fenced,
+    /// The decision refused (it says why through its own channel);
+    /// nothing was written.
+    Declined,
+}
+
+/// State the committer keeps caught up with the log, for decisions taken
+/// under the head lock ([`PgLog::connect_following`]).
+pub trait Follow: Clone + Send + 'static {
+    /// The last position applied; `u64::MAX` for a state that follows
+    /// nothing (then nothing is read for it).
+    fn position(&self) -> u64;
+    /// Applies the record at the next position.
+    fn apply(&mut self, rec: &Recorded);
+    /// Moves past an unreadable record (reported, never applied).
+    fn skip(&mut self, position: u64);
+}
+
+/// A log without decisions follows nothing.
+impl Follow for () {
+    fn position(&self) -> u64 {
+        u64::MAX
+    }
+    fn apply(&mut self, _: &Recorded) {}
+    fn skip(&mut self, _: u64) {}
+}
+
+/// A decision: the events to write, given the state caught up under the
+/// head lock, or `None` to write nothing (the closure tells its caller
+/// why through a channel of its own). Runs inside the committer: it must
+/// not block.
+pub type Decide<F> = Box<dyn FnOnce(&F) -> Option<Vec<NewEvent>> + Send>;
+
+/// The intake keys a decision's `queued` event will claim, checked before
+/// it runs: an update seen before is answered [`Appended::Duplicate`]
+/// whatever the limits say now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IntakeKeys {
+    pub update_id: Option<u32>,
+    pub message: Option<(ChatId, i32)>,
+}
+
+impl IntakeKeys {
+    /// The keys of a request made from `origin`.
+    pub fn of(origin: &crate::domain::Origin) -> Self {
+        IntakeKeys {
+            update_id: origin.update_id,
+            message: origin.message_id.map(|m| (origin.chat_id, m)),
+        }
+    }
+
+    fn raw(self) -> (Option<i64>, Option<(i64, i32)>) {
+        (
+            self.update_id.map(i64::from),
+            self.message.map(|(c, m)| (c.0, m)),
+        )
+    }
 }
 
 /// A model's lease (§9): the right to run that model's one generation at
@@ -101,19 +165,38 @@ pub enum Claimed {
     },
     /// Another replica holds an unexpired lease; nothing was written.
     Held,
+    /// The decision found nothing to run; no lease was taken.
+    Idle,
+}
+
+/// What an op writes: events given by the caller, or decided in the
+/// transaction.
+enum Events<F> {
+    Given(Vec<NewEvent>),
+    Decided { keys: IntakeKeys, decide: Decide<F> },
+}
+
+impl<F> Events<F> {
+    /// The intake keys to look up before the op runs.
+    fn keys(&self) -> Vec<(Option<i64>, Option<(i64, i32)>)> {
+        match self {
+            Events::Given(events) => events.iter().map(intake_keys).collect(),
+            Events::Decided { keys, .. } => vec![keys.raw()],
+        }
+    }
 }
 
 /// One caller's work for the committer.
-enum Op {
+enum Op<F> {
     Append {
-        events: Vec<NewEvent>,
+        events: Events<F>,
         fence: Option<Lease>,
     },
     Claim {
         model: String,
         holder: String,
         ttl: Duration,
-        events: Vec<NewEvent>,
+        events: Events<F>,
     },
 }
 
@@ -123,16 +206,17 @@ enum Done {
 }
 
 /// One caller's op, waiting for the committer.
-struct Pending {
-    op: Op,
+struct Pending<F> {
+    op: Op<F>,
     asked_at: tokio::time::Instant,
     reply: oneshot::Sender<Result<Done, StoreError>>,
 }
 
-/// The PostgreSQL event log of one process (a replica).
-pub struct PgLog {
+/// The PostgreSQL event log of one process (a replica); `F` is the state
+/// its decisions read (none by default).
+pub struct PgLog<F: Follow = ()> {
     pool: Pool,
-    appends: mpsc::Sender<Pending>,
+    appends: mpsc::Sender<Pending<F>>,
     /// The highest position known committed (by anyone), from this
     /// process's commits and the notifications of the others.
     committed: watch::Sender<u64>,
@@ -140,7 +224,7 @@ pub struct PgLog {
     stop: CancellationToken,
 }
 
-impl Drop for PgLog {
+impl<F: Follow> Drop for PgLog<F> {
     fn drop(&mut self) {
         self.stop.cancel();
     }
@@ -166,6 +250,23 @@ impl PgLog {
     /// [`StoreError::Open`] when the database cannot be reached, the URL is
     /// not one, or its schema is newer than this build's.
     pub async fn connect(url: &SecretString) -> Result<Self, StoreError> {
+        Self::open(url, ()).await
+    }
+}
+
+impl<F: Follow> PgLog<F> {
+    /// As [`PgLog::connect`], with `state` kept caught up in the committer
+    /// for [`PgLog::decide`] and [`PgLog::claim_decided`]: first brought up
+    /// to the log's head here (outside any lock, a page at a time), then
+    /// inside each transaction to whatever other replicas committed since.
+    ///
+    /// # Errors
+    /// As [`PgLog::connect`], or [`StoreError::Read`].
+    pub async fn connect_following(url: &SecretString, state: F) -> Result<Self, StoreError> {
+        Self::open(url, state).await
+    }
+
+    async fn open(url: &SecretString, mut state: F) -> Result<Self, StoreError> {
         let config: tokio_postgres::Config = url.expose_secret().parse().map_err(|_| {
             StoreError::Open(Cause::from(
                 "EASEL_DATABASE_URL is not a PostgreSQL URL (postgres://user@host/db)",
@@ -194,6 +295,22 @@ impl PgLog {
                 .map_err(|e| StoreError::Open(db("reading the head", &e)))?;
             u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)
         };
+        while state.position() < head {
+            let client = pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Open(pool_err(&e)))?;
+            let rows = client
+                .query(CATCH_UP, &[&to_i64(state.position()), &to_i64(head)])
+                .await
+                .map_err(|e| StoreError::Read(db("catching up", &e)))?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                follow(&mut state, decode_row(r.get(0), r.get(1)));
+            }
+        }
         let (committed, _) = watch::channel(head);
         let (appends, rx) = mpsc::channel(4096);
         let commits = Arc::new(AtomicU64::new(0));
@@ -203,6 +320,7 @@ impl PgLog {
             rx,
             committed.clone(),
             Arc::clone(&commits),
+            state,
         ));
         tokio::spawn(listen(
             config,
@@ -228,7 +346,7 @@ impl PgLog {
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Appended, StoreError> {
         match self
             .submit(Op::Append {
-                events,
+                events: Events::Given(events),
                 fence: None,
             })
             .await?
@@ -250,7 +368,7 @@ impl PgLog {
         events: Vec<NewEvent>,
     ) -> Result<Appended, StoreError> {
         let op = Op::Append {
-            events,
+            events: Events::Given(events),
             fence: Some(lease.clone()),
         };
         match self.submit(op).await? {
@@ -277,7 +395,61 @@ impl PgLog {
             model: model.to_owned(),
             holder: holder.to_owned(),
             ttl,
-            events,
+            events: Events::Given(events),
+        };
+        match self.submit(op).await? {
+            Done::Claimed(c) => Ok(c),
+            Done::Appended(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Writes what `decide` decides against the state caught up under the
+    /// head lock (every replica's commits applied): unless an event of
+    /// `keys` was admitted before ([`Appended::Duplicate`], checked first),
+    /// or `fence` is given and no longer current ([`Appended::Fenced`]).
+    /// [`Appended::Declined`] when the decision wrote nothing.
+    ///
+    /// # Errors
+    /// As [`PgLog::append`]; the decision then counts for nothing.
+    pub async fn decide(
+        &self,
+        keys: IntakeKeys,
+        fence: Option<Lease>,
+        decide: Decide<F>,
+    ) -> Result<Appended, StoreError> {
+        let op = Op::Append {
+            events: Events::Decided { keys, decide },
+            fence,
+        };
+        match self.submit(op).await? {
+            Done::Appended(a) => Ok(a),
+            Done::Claimed(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Asks `decide` what `model` should run next (against the state
+    /// caught up under the head lock); when it names events, claims the
+    /// model's lease for `holder` and writes them in the same transaction.
+    /// [`Claimed::Idle`] when there is nothing to run (no lease taken),
+    /// [`Claimed::Held`] when another replica's lease is unexpired.
+    ///
+    /// # Errors
+    /// As [`PgLog::append`].
+    pub async fn claim_decided(
+        &self,
+        model: &str,
+        holder: &str,
+        ttl: Duration,
+        decide: Decide<F>,
+    ) -> Result<Claimed, StoreError> {
+        let op = Op::Claim {
+            model: model.to_owned(),
+            holder: holder.to_owned(),
+            ttl,
+            events: Events::Decided {
+                keys: IntakeKeys::default(),
+                decide,
+            },
         };
         match self.submit(op).await? {
             Done::Claimed(c) => Ok(c),
@@ -356,11 +528,14 @@ impl PgLog {
             }
             // `write` gives the next position: start just below this one.
             w.next = at - 1;
-            w.write(&[NewEvent {
-                request_id: rec.request_id,
-                at: rec.at,
-                event: rec.event.clone(),
-            }])?;
+            w.write(
+                &[NewEvent {
+                    request_id: rec.request_id,
+                    at: rec.at,
+                    event: rec.event.clone(),
+                }],
+                &mut (),
+            )?;
         }
         // The head stands at the high-water mark, past the last record.
         w.next = w.next.max(to_i64(high_water));
@@ -374,7 +549,7 @@ impl PgLog {
         Ok(())
     }
 
-    async fn submit(&self, op: Op) -> Result<Done, StoreError> {
+    async fn submit(&self, op: Op<F>) -> Result<Done, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.appends
             .send(Pending {
@@ -628,12 +803,14 @@ async fn migrate(pool: &Pool) -> Result<(), StoreError> {
 }
 
 /// Takes every append waiting (up to [`MAX_GROUP`]) and commits them in
-/// one transaction, until every sender is gone.
-async fn commit_loop(
+/// one transaction, until every sender is gone. `state` is the followed
+/// state: a failed transaction gives it back as it was before.
+async fn commit_loop<F: Follow>(
     pool: Pool,
-    mut rx: mpsc::Receiver<Pending>,
+    mut rx: mpsc::Receiver<Pending<F>>,
     committed: watch::Sender<u64>,
     commits: Arc<AtomicU64>,
+    mut state: F,
 ) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
@@ -643,24 +820,38 @@ async fn commit_loop(
                 Err(_) => break,
             }
         }
-        let ops: Vec<(&Op, tokio::time::Instant)> =
-            group.iter().map(|p| (&p.op, p.asked_at)).collect();
-        let committed_group = commit_group(&pool, &ops).await;
-        drop(ops);
-        match committed_group {
+        let (ops, replies): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|p| ((p.op, p.asked_at), p.reply))
+            .unzip();
+        let before = state.clone();
+        match commit_group(&pool, &mut state, ops).await {
             Ok((results, last)) => {
                 commits.fetch_add(1, Ordering::Relaxed);
                 advance(&committed, last);
-                for (p, r) in group.into_iter().zip(results) {
-                    let _ = p.reply.send(Ok(r));
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(r));
                 }
             }
             Err(e) => {
-                for p in group {
-                    let _ = p.reply.send(Err(e.clone()));
+                state = before;
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
+    }
+}
+
+/// Applies one record read from the log to a followed state.
+fn follow<F: Follow>(state: &mut F, item: ReadItem) {
+    match item {
+        Ok(rec) => state.apply(&rec),
+        Err(super::ReadError::Corrupt(c)) => {
+            tracing::error!(position = c.seq, reason = %c.reason, "skipping an unreadable event");
+            state.skip(c.seq);
+        }
+        Err(super::ReadError::Store(_)) => {}
     }
 }
 
@@ -708,6 +899,8 @@ fn write_err(what: &str, e: &tokio_postgres::Error) -> StoreError {
 }
 
 const LOCK_HEAD: &str = "SELECT position FROM easel_head WHERE id = 1 FOR UPDATE";
+const CATCH_UP: &str = "SELECT position, record::text FROM easel_events \
+     WHERE position > $1 AND position <= $2 ORDER BY position LIMIT 10000";
 const HELD_UPDATES: &str =
     "SELECT update_id, request_id FROM easel_intake_updates WHERE update_id = ANY($1)";
 const HELD_MESSAGES: &str = "SELECT m.chat_id, m.message_id, m.request_id FROM easel_intake_messages m \
@@ -800,19 +993,16 @@ impl<'t> Writer<'t> {
 
     /// Reads which of the group's intake keys are held already: two
     /// queries for the whole group.
-    async fn load_keys(&mut self, ops: &[(&Op, tokio::time::Instant)]) -> Result<(), StoreError> {
+    async fn load_keys(
+        &mut self,
+        keys: Vec<(Option<i64>, Option<(i64, i32)>)>,
+    ) -> Result<(), StoreError> {
         let (mut updates, mut chats, mut messages) = (Vec::new(), Vec::new(), Vec::new());
-        for (op, _) in ops {
-            let events = match op {
-                Op::Append { events, .. } | Op::Claim { events, .. } => events,
-            };
-            for e in events {
-                let (u, m) = intake_keys(e);
-                updates.extend(u);
-                if let Some((c, m)) = m {
-                    chats.push(c);
-                    messages.push(m);
-                }
+        for (u, m) in keys {
+            updates.extend(u);
+            if let Some((c, m)) = m {
+                chats.push(c);
+                messages.push(m);
             }
         }
         let held_updates = self.prepare(HELD_UPDATES, "checking intake keys").await?;
@@ -844,17 +1034,38 @@ impl<'t> Writer<'t> {
     }
 
     /// The request already holding one of `events`' intake keys, if any.
-    fn duplicate_of(&self, events: &[NewEvent]) -> Option<RequestId> {
-        events.iter().find_map(|e| {
-            let (u, m) = intake_keys(e);
+    fn duplicate_of<F>(&self, events: &Events<F>) -> Option<RequestId> {
+        events.keys().into_iter().find_map(|(u, m)| {
             u.and_then(|u| self.updates.get(&u))
                 .or_else(|| m.and_then(|m| self.messages.get(&m)))
                 .copied()
         })
     }
 
-    /// Gives `events` the next positions and queues their rows.
-    fn write(&mut self, events: &[NewEvent]) -> Result<Vec<Recorded>, StoreError> {
+    /// Brings `state` up to `head` with what other replicas committed
+    /// (the head is locked: nothing more can appear meanwhile).
+    async fn catch_up<F: Follow>(&self, state: &mut F, head: i64) -> Result<(), StoreError> {
+        while state.position() < u64::try_from(head).unwrap_or(0) {
+            let rows = self
+                .query(CATCH_UP, &[&to_i64(state.position()), &head], "catching up")
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                follow(state, decode_row(r.get(0), r.get(1)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives `events` the next positions, queues their rows, and applies
+    /// them to `state` (so the group's next decision sees them).
+    fn write<F: Follow>(
+        &mut self,
+        events: &[NewEvent],
+        state: &mut F,
+    ) -> Result<Vec<Recorded>, StoreError> {
         let mut written = Vec::with_capacity(events.len());
         for e in events {
             self.next += 1;
@@ -885,6 +1096,7 @@ impl<'t> Writer<'t> {
                 rows.message_requests.push(e.request_id.0);
                 self.messages.insert(m, e.request_id);
             }
+            state.apply(&rec);
             written.push(rec);
         }
         Ok(written)
@@ -964,12 +1176,25 @@ impl<'t> Writer<'t> {
     }
 }
 
-/// One transaction: lock the head, read the group's held intake keys, do
-/// each op in order (write its events, or find it a duplicate, fenced or
-/// its lease held), insert the rows, move the head and notify, commit.
-async fn commit_group(
+/// The events an op writes: given, or decided now against `state`
+/// (`None`: the decision declined).
+fn resolve<F: Follow>(events: Events<F>, state: &F) -> Option<Vec<NewEvent>> {
+    match events {
+        Events::Given(events) => Some(events),
+        Events::Decided { decide, .. } => decide(state),
+    }
+}
+
+/// One transaction: lock the head, catch `state` up, read the group's held
+/// intake keys, do each op in order (write its events — given, or decided
+/// against `state`, which then applies them — or find it a duplicate,
+/// fenced, declined or its lease held), insert the rows, move the head and
+/// notify, commit. On an error `state` may hold uncommitted events: the
+/// caller restores it.
+async fn commit_group<F: Follow>(
     pool: &Pool,
-    ops: &[(&Op, tokio::time::Instant)],
+    state: &mut F,
+    ops: Vec<(Op<F>, tokio::time::Instant)>,
 ) -> Result<(Vec<Done>, u64), StoreError> {
     let mut client = pool
         .get()
@@ -981,19 +1206,31 @@ async fn commit_group(
         .map_err(|e| write_err("starting an append", &e))?;
     let mut w = Writer::locked(&tx).await?;
     let head = w.next;
-    w.load_keys(ops).await?;
+    w.catch_up(state, head).await?;
+    // Collected first: the decisions are `Send`, not `Sync`, so no
+    // reference to them may be held across an await.
+    let keys = ops
+        .iter()
+        .flat_map(|(op, _)| match op {
+            Op::Append { events, .. } | Op::Claim { events, .. } => events.keys(),
+        })
+        .collect();
+    w.load_keys(keys).await?;
     let mut results = Vec::with_capacity(ops.len());
     for (op, asked_at) in ops {
         let done = match op {
             Op::Append { events, fence } => {
-                if let Some(lease) = fence
+                if let Some(lease) = &fence
                     && !w.current(lease).await?
                 {
                     Done::Appended(Appended::Fenced)
-                } else if let Some(id) = w.duplicate_of(events) {
+                } else if let Some(id) = w.duplicate_of(&events) {
                     Done::Appended(Appended::Duplicate(id))
                 } else {
-                    Done::Appended(Appended::Written(w.write(events)?))
+                    match resolve(events, state) {
+                        None => Done::Appended(Appended::Declined),
+                        Some(events) => Done::Appended(Appended::Written(w.write(&events, state)?)),
+                    }
                 }
             }
             Op::Claim {
@@ -1001,18 +1238,26 @@ async fn commit_group(
                 holder,
                 ttl,
                 events,
-            } => match w.take(model, holder, *ttl).await? {
-                None => Done::Claimed(Claimed::Held),
-                Some(epoch) => Done::Claimed(Claimed::Won {
-                    lease: Lease {
-                        model: model.clone(),
-                        holder: holder.clone(),
-                        epoch,
-                        until: *asked_at + *ttl,
-                    },
-                    records: w.write(events)?,
-                }),
-            },
+            } => {
+                let decided = matches!(events, Events::Decided { .. });
+                match resolve(events, state) {
+                    Some(events) if !(decided && events.is_empty()) => {
+                        match w.take(&model, &holder, ttl).await? {
+                            None => Done::Claimed(Claimed::Held),
+                            Some(epoch) => Done::Claimed(Claimed::Won {
+                                lease: Lease {
+                                    model,
+                                    holder,
+                                    epoch,
+                                    until: asked_at + ttl,
+                                },
+                                records: w.write(&events, state)?,
+                            }),
+                        }
+                    }
+                    _ => Done::Claimed(Claimed::Idle),
+                }
+            }
         };
         results.push(done);
     }

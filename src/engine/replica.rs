@@ -1,0 +1,300 @@
+//! The engine's decisions on the PostgreSQL log, for several replicas
+//! (§9): admission inside the append transaction, a model's next
+//! generation started (or an orphaned one resumed) under that model's
+//! lease, and every later step of a generation fenced by the lease.
+//!
+//! `engine::Core` decides against its own in-memory projection under a
+//! mutex, which is right for one process on sled and wrong for replicas:
+//! two replicas would each see a user with two pending requests and both
+//! admit a third. Here every decision is a closure the log's committer
+//! runs after the head lock, against the live projection caught up with
+//! every replica's commits ([`PgLog::connect_following`]); decisions of
+//! one replica still share a transaction (group commit).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio::sync::oneshot;
+
+use super::{AcceptError, Admitted, Clock, NewRequest};
+use crate::domain::{
+    Command, Limits, ModelName, Refusal, Rejection, RequestId, SchedulingFacts, decide,
+};
+use crate::projection::LiveState;
+use crate::store::pg::{Appended, Claimed, Follow, IntakeKeys, Lease, PgLog};
+use crate::store::{NewEvent, Recorded, StoreError};
+
+/// The committer's copy of the live projection follows the log.
+impl Follow for LiveState {
+    fn position(&self) -> u64 {
+        self.last_seq
+    }
+
+    fn apply(&mut self, rec: &Recorded) {
+        if let Err(v) = LiveState::apply(self, rec) {
+            // Replay reports the same violation; the state skips the event.
+            tracing::error!(violation = %v, "an event from the log did not apply");
+            self.last_seq = self.last_seq.max(rec.seq);
+        }
+    }
+
+    fn skip(&mut self, position: u64) {
+        self.last_seq = self.last_seq.max(position);
+    }
+}
+
+/// Why a replica could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("refused: {0}")]
+    Refused(#[from] Refusal),
+    #[error("no unfinished request {0}")]
+    NotFound(RequestId),
+    /// The lease this step was taken under is no longer the model's: the
+    /// generation must stop, and nothing of this step was written.
+    #[error("the lease of model {0} was lost; this generation must stop")]
+    Fenced(String),
+    /// `Start` given to [`Replica::step`]: a start takes the model's lease
+    /// ([`Replica::start_next`]).
+    #[error("a start goes through Replica::start_next, which takes the model's lease")]
+    StartNeedsLease,
+}
+
+/// What [`Replica::start_next`] began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Begun {
+    /// The model's lease, held until released or lost.
+    pub lease: Lease,
+    /// The request's `Started` — or `Resumed`, when its previous holder
+    /// lost the lease mid-generation (the recovery rule).
+    pub record: Recorded,
+}
+
+/// The engine's writing half on PostgreSQL, for one replica.
+pub struct Replica {
+    log: PgLog<LiveState>,
+    holder: String,
+    clock: Arc<dyn Clock>,
+}
+
+impl Replica {
+    /// Connects (migrating the schema), builds the live projection from
+    /// the whole log, and keeps it caught up in the committer. `holder`
+    /// names this replica in the leases it takes (unique per process).
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] or [`StoreError::Read`].
+    pub async fn connect(
+        url: &SecretString,
+        holder: impl Into<String>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        Ok(Replica {
+            log: PgLog::connect_following(url, LiveState::default()).await?,
+            holder: holder.into(),
+            clock,
+        })
+    }
+
+    /// The log underneath (reads, subscriptions, lease renewal).
+    pub fn log(&self) -> &PgLog<LiveState> {
+        &self.log
+    }
+
+    /// This replica's name in leases.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Admits a new request: a duplicate of an update or message admitted
+    /// before (by any replica) comes back as such; otherwise the user's
+    /// limits are checked against every replica's commits, and the
+    /// `Queued` event is written — all in one transaction, committed
+    /// (durable under `synchronous_commit=on`) before this returns.
+    ///
+    /// # Errors
+    /// [`AcceptError::Rejected`] for a limit, [`AcceptError::Store`] when
+    /// the commit failed (the user must not be told "queued"; whether it
+    /// committed is then unknown only if the connection broke during
+    /// `COMMIT` — the request's update key tells, see docs/scale-out.md).
+    pub async fn admit(&self, req: NewRequest, limits: &Limits) -> Result<Admitted, AcceptError> {
+        let now = self.clock.now();
+        let id = RequestId::random();
+        let keys = IntakeKeys::of(&req.origin);
+        let limits = limits.clone();
+        let (told, verdict) = oneshot::channel::<Result<usize, Rejection>>();
+        let decision = Box::new(move |state: &LiveState| {
+            let user = req.origin.user_id;
+            let model = req.model.clone();
+            match state.admit(user, &limits, now, req.images) {
+                Err(r) => {
+                    let _ = told.send(Err(r));
+                    None
+                }
+                Ok(()) => {
+                    let ahead = state.lane(&model).map_or(0, |l| l.queue.len());
+                    let _ = told.send(Ok(ahead + 1));
+                    Some(vec![NewEvent {
+                        request_id: id,
+                        at: now,
+                        event: req.into_queued(),
+                    }])
+                }
+            }
+        });
+        match self.log.decide(keys, None, decision).await? {
+            Appended::Written(recs) => {
+                let seq = recs.last().map_or(0, |r| r.seq);
+                let position = match verdict.await {
+                    Ok(Ok(p)) => p,
+                    _ => 0,
+                };
+                Ok(Admitted::Queued { id, position, seq })
+            }
+            Appended::Duplicate(id) => Ok(Admitted::Duplicate { id }),
+            Appended::Declined => match verdict.await {
+                Ok(Err(r)) => Err(AcceptError::Rejected(r)),
+                _ => Err(AcceptError::Store(StoreError::Closed)),
+            },
+            Appended::Fenced => Err(AcceptError::Store(StoreError::Closed)),
+        }
+    }
+
+    /// Begins `model`'s next generation under its lease: when a request
+    /// of the model is still in flight (its holder's lease ran out — a
+    /// replica died or lost the database mid-generation), it is resumed
+    /// (`Resumed`, the recovery rule); otherwise the head of its queue is
+    /// started. The decision, the lease and the event are one
+    /// transaction. `None` when there is nothing to run or another
+    /// replica holds the lease.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn start_next(
+        &self,
+        model: &ModelName,
+        ttl: Duration,
+    ) -> Result<Option<Begun>, ReplicaError> {
+        let now = self.clock.now();
+        let wanted = model.clone();
+        let decision = Box::new(move |state: &LiveState| {
+            let (id, command) = match (state.in_flight(&wanted), state.head(&wanted)) {
+                (Some(id), _) => (id, Command::Resume),
+                (None, Some(id)) => (
+                    id,
+                    Command::Start(SchedulingFacts {
+                        at_head: true,
+                        model_idle: true,
+                    }),
+                ),
+                (None, None) => return None,
+            };
+            let req = state.request(id)?;
+            let event = decide(req.stage, command).ok()?;
+            Some(vec![NewEvent {
+                request_id: id,
+                at: now,
+                event,
+            }])
+        });
+        match self
+            .log
+            .claim_decided(model.as_str(), &self.holder, ttl, decision)
+            .await?
+        {
+            Claimed::Won { lease, records } => Ok(records
+                .into_iter()
+                .next()
+                .map(|record| Begun { lease, record })),
+            Claimed::Held | Claimed::Idle => Ok(None),
+        }
+    }
+
+    /// Records one step of a generation (enhanced, generated, delivered,
+    /// failed, …) while `lease` is still the model's: the step is decided
+    /// against the caught-up projection and fenced by the lease in the
+    /// same transaction.
+    ///
+    /// # Errors
+    /// [`ReplicaError::Fenced`] when the lease was lost (nothing written;
+    /// stop), [`ReplicaError::Refused`] or [`ReplicaError::NotFound`] when
+    /// the step does not fit the request, or a store error.
+    pub async fn step(
+        &self,
+        lease: &Lease,
+        id: RequestId,
+        command: Command,
+    ) -> Result<Recorded, ReplicaError> {
+        if matches!(command, Command::Start(_)) {
+            return Err(ReplicaError::StartNeedsLease);
+        }
+        self.record(Some(lease), id, command).await
+    }
+
+    /// Cancels a queued request (no lease: it is not running). Refused
+    /// when it has started meanwhile, on any replica.
+    ///
+    /// # Errors
+    /// As [`Replica::step`], without `Fenced`.
+    pub async fn cancel(&self, id: RequestId) -> Result<Recorded, ReplicaError> {
+        self.record(None, id, Command::Cancel).await
+    }
+
+    async fn record(
+        &self,
+        lease: Option<&Lease>,
+        id: RequestId,
+        command: Command,
+    ) -> Result<Recorded, ReplicaError> {
+        let now = self.clock.now();
+        let (told, verdict) = oneshot::channel::<ReplicaError>();
+        let decision = Box::new(move |state: &LiveState| {
+            let Some(req) = state.request(id) else {
+                let _ = told.send(ReplicaError::NotFound(id));
+                return None;
+            };
+            match decide(req.stage, command) {
+                Ok(event) => Some(vec![NewEvent {
+                    request_id: id,
+                    at: now,
+                    event,
+                }]),
+                Err(r) => {
+                    let _ = told.send(ReplicaError::Refused(r));
+                    None
+                }
+            }
+        });
+        match self
+            .log
+            .decide(IntakeKeys::default(), lease.cloned(), decision)
+            .await?
+        {
+            Appended::Written(mut recs) => recs.pop().ok_or(ReplicaError::NotFound(id)),
+            Appended::Fenced => Err(ReplicaError::Fenced(
+                lease.map(|l| l.model.clone()).unwrap_or_default(),
+            )),
+            Appended::Declined => Err(verdict.await.unwrap_or(ReplicaError::NotFound(id))),
+            Appended::Duplicate(other) => Err(ReplicaError::NotFound(other)),
+        }
+    }
+
+    /// Extends `lease` by `ttl`: false when it was lost (stop at once).
+    ///
+    /// # Errors
+    /// A store error: then the lease ends at `lease.until` for certain.
+    pub async fn renew(&self, lease: &mut Lease, ttl: Duration) -> Result<bool, StoreError> {
+        self.log.renew(lease, ttl).await
+    }
+
+    /// Gives the lease up after the generation's last event.
+    ///
+    /// # Errors
+    /// A store error; the lease then expires on its own.
+    pub async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.log.release(lease).await
+    }
+}
