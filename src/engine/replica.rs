@@ -124,7 +124,7 @@ impl Replica {
         let now = self.clock.now();
         let id = RequestId::random();
         let keys = IntakeKeys::of(&req.origin);
-        let limits = limits.clone();
+        let limits = *limits;
         let (told, verdict) = oneshot::channel::<Result<usize, Rejection>>();
         let decision = Box::new(move |state: &LiveState| {
             let user = req.origin.user_id;

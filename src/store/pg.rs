@@ -114,6 +114,9 @@ impl Follow for () {
 /// not block.
 pub type Decide<F> = Box<dyn FnOnce(&F) -> Option<Vec<NewEvent>> + Send>;
 
+/// Intake keys as stored: an update id, a chat and message id.
+type RawKeys = (Option<i64>, Option<(i64, i32)>);
+
 /// The intake keys a decision's `queued` event will claim, checked before
 /// it runs: an update seen before is answered [`Appended::Duplicate`]
 /// whatever the limits say now.
@@ -132,7 +135,7 @@ impl IntakeKeys {
         }
     }
 
-    fn raw(self) -> (Option<i64>, Option<(i64, i32)>) {
+    fn raw(self) -> RawKeys {
         (
             self.update_id.map(i64::from),
             self.message.map(|(c, m)| (c.0, m)),
@@ -178,7 +181,7 @@ enum Events<F> {
 
 impl<F> Events<F> {
     /// The intake keys to look up before the op runs.
-    fn keys(&self) -> Vec<(Option<i64>, Option<(i64, i32)>)> {
+    fn keys(&self) -> Vec<RawKeys> {
         match self {
             Events::Given(events) => events.iter().map(intake_keys).collect(),
             Events::Decided { keys, .. } => vec![keys.raw()],
@@ -856,7 +859,7 @@ fn follow<F: Follow>(state: &mut F, item: ReadItem) {
 }
 
 /// The intake keys a `queued` event claims.
-fn intake_keys(e: &NewEvent) -> (Option<i64>, Option<(i64, i32)>) {
+fn intake_keys(e: &NewEvent) -> RawKeys {
     match &e.event {
         Event::Queued { origin, .. } => (
             origin.update_id.map(i64::from),
@@ -993,10 +996,7 @@ impl<'t> Writer<'t> {
 
     /// Reads which of the group's intake keys are held already: two
     /// queries for the whole group.
-    async fn load_keys(
-        &mut self,
-        keys: Vec<(Option<i64>, Option<(i64, i32)>)>,
-    ) -> Result<(), StoreError> {
+    async fn load_keys(&mut self, keys: Vec<RawKeys>) -> Result<(), StoreError> {
         let (mut updates, mut chats, mut messages) = (Vec::new(), Vec::new(), Vec::new());
         for (u, m) in keys {
             updates.extend(u);
