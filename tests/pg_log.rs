@@ -17,11 +17,17 @@ use easel::domain::{
     ChatId, Command, Event, FailureKind, Limits, ModelName, Origin, Prompt, RateLimit, Rejection,
     RequestId, UserId,
 };
-use easel::engine::replica::{Replica, ReplicaError};
-use easel::engine::{AcceptError, Admitted, NewRequest, SystemClock};
+use easel::engine::replica::{LeaseTimes, Replica, ReplicaError, ReplicaRunner};
+use easel::engine::{
+    AcceptError, Admitted, Deliverer, Delivery, DeliveryFailure, Enhancement, Enhancer,
+    GeneratedImage, GenerationFailure, Generator, ImageStore, KeptImage, NewRequest, Stages,
+    SystemClock,
+};
+use easel::projection::ActiveRequest;
 use easel::store::pg::{Appended, PgLog};
 use easel::store::{NewEvent, StoreError};
 use secrecy::SecretString;
+use std::path::Path;
 
 fn queued(id: RequestId, update: Option<u32>, message: Option<i32>) -> NewEvent {
     NewEvent {
@@ -736,6 +742,332 @@ async fn a_failed_commit_leaves_no_trace_in_the_state_decisions_read() {
         a.admit(request(5, 502, "a blue owl"), &one).await,
         Err(AcceptError::Rejected(Rejection::TooManyPending { .. }))
     ));
+}
+
+/// Enhancer double: keeps the prompt.
+struct SamePrompt;
+
+impl Enhancer for SamePrompt {
+    async fn enhance(&self, prompt: &str) -> Enhancement {
+        Enhancement {
+            prompt: prompt.to_owned(),
+            fallback: None,
+        }
+    }
+}
+
+/// Generator double shared by every replica's runners (as one worker
+/// behind them would be): records the prompts it was called with per
+/// model and the most calls of one model it ever had at once. A prompt
+/// with "hang" never finishes the first time (a replica stuck
+/// mid-generation); `dropped` counts calls given up.
+#[derive(Default)]
+struct Worker {
+    calls: std::sync::Mutex<Vec<(String, String)>>,
+    running: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    most_at_once: std::sync::Mutex<u32>,
+    hung: std::sync::atomic::AtomicBool,
+    dropped: Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// Counts a call given up (its future dropped before it ended).
+struct GivenUp(Option<Arc<std::sync::atomic::AtomicU32>>);
+
+impl Drop for GivenUp {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.take() {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Generator for Worker {
+    async fn generate(
+        &self,
+        model: &ModelName,
+        prompt: &str,
+        _input: Option<&[u8]>,
+    ) -> Result<GeneratedImage, GenerationFailure> {
+        let m = model.as_str().to_owned();
+        self.calls
+            .lock()
+            .unwrap()
+            .push((m.clone(), prompt.to_owned()));
+        {
+            let mut running = self.running.lock().unwrap();
+            let n = running.entry(m.clone()).or_default();
+            *n += 1;
+            let mut most = self.most_at_once.lock().unwrap();
+            *most = (*most).max(*n);
+        }
+        let mut guard = GivenUp(Some(Arc::clone(&self.dropped)));
+        if prompt.contains("hang") && !self.hung.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        guard.0 = None;
+        *self.running.lock().unwrap().entry(m).or_default() -= 1;
+        Ok(GeneratedImage {
+            bytes: b"\x89PNG\r\n\x1a\n-test-image-".to_vec(),
+            format: "png".into(),
+            attempts: 1,
+            statuses: Vec::new(),
+        })
+    }
+}
+
+/// Deliverer double: records which requests were sent, by whom.
+#[derive(Default)]
+struct Sent(std::sync::Mutex<Vec<RequestId>>);
+
+impl Deliverer for Sent {
+    async fn deliver(
+        &self,
+        request: &ActiveRequest,
+        _image: &[u8],
+        _format: &str,
+    ) -> Result<Delivery, DeliveryFailure> {
+        self.0.lock().unwrap().push(request.id);
+        Ok(Delivery {
+            message_id: Some(1),
+        })
+    }
+
+    async fn deliver_album(
+        &self,
+        request: &ActiveRequest,
+        _images: &[KeptImage],
+    ) -> Result<Delivery, DeliveryFailure> {
+        self.0.lock().unwrap().push(request.id);
+        Ok(Delivery {
+            message_id: Some(1),
+        })
+    }
+}
+
+type TestReplicaRunner = ReplicaRunner<SamePrompt, Worker, Sent>;
+
+fn replica_runner(
+    replica: &Arc<Replica>,
+    model: &str,
+    worker: &Arc<Worker>,
+    sent: &Arc<Sent>,
+    images: &Path,
+    times: LeaseTimes,
+) -> Arc<TestReplicaRunner> {
+    let stages = Stages::new(
+        ModelName::parse(model).unwrap(),
+        Arc::new(SamePrompt),
+        Arc::clone(worker),
+        Arc::clone(sent),
+        Arc::new(ImageStore::open(images).unwrap()),
+    );
+    Arc::new(ReplicaRunner::new(Arc::clone(replica), stages, times))
+}
+
+/// The requests whose last event is `delivered`, and whether replaying
+/// the whole database log breaks no rule.
+async fn finished(log: &Replica) -> (Vec<RequestId>, bool) {
+    let items = log.log().read_all().await.unwrap();
+    let mut state = easel::projection::LiveState::default();
+    let report = easel::projection::replay_into(&mut state, items.clone().into_iter()).unwrap();
+    let done = items
+        .into_iter()
+        .flatten()
+        .filter(|r| matches!(r.event, Event::Delivered { .. }))
+        .map(|r| r.request_id)
+        .collect();
+    (
+        done,
+        report.violations.is_empty() && report.corrupt.is_empty(),
+    )
+}
+
+async fn until_delivered(log: &Replica, n: usize) -> Vec<RequestId> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (done, clean) = finished(log).await;
+        assert!(clean, "the log does not replay cleanly");
+        if done.len() >= n {
+            return done;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {n} delivered in 20 s",
+            done.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// §9 end to end on two replicas: each runs a runner per model against
+/// one database and one worker; twelve flux and six sdxl requests, sent
+/// through both replicas, are each generated and delivered exactly once,
+/// each model's in the order they were queued, never two of one model at
+/// once (as the worker sees it), and the two models side by side; the
+/// log replays without a broken rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_run_each_model_one_at_a_time_in_queue_order() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = [
+        Arc::new(replica(&url, "a").await),
+        Arc::new(replica(&url, "b").await),
+    ];
+    let (worker, sent) = (Arc::new(Worker::default()), Arc::new(Sent::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    for (i, r) in replicas.iter().enumerate() {
+        for model in ["flux", "sdxl"] {
+            let runner = replica_runner(
+                r,
+                model,
+                &worker,
+                &sent,
+                &dir.path().join(format!("images-{i}")),
+                LeaseTimes::default(),
+            );
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move { runner.run(stop).await }));
+        }
+    }
+    let mut order: std::collections::HashMap<&str, Vec<String>> = Default::default();
+    for i in 0..18u32 {
+        let model = if i % 3 == 2 { "sdxl" } else { "flux" };
+        let prompt = format!("picture {i}");
+        let mut req = request(i64::from(i) + 1, 600 + i, &prompt);
+        req.model = ModelName::parse(model).unwrap();
+        let on = &replicas[usize::try_from(i % 2).unwrap()];
+        assert!(matches!(
+            on.admit(req, &limits(10, 10)).await.unwrap(),
+            Admitted::Queued { .. }
+        ));
+        order.entry(model).or_default().push(prompt);
+    }
+    let done = until_delivered(&replicas[0], 18).await;
+    stop.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let unique: std::collections::HashSet<_> = done.iter().collect();
+    assert_eq!(unique.len(), 18, "a request was delivered twice");
+    assert_eq!(sent.0.lock().unwrap().len(), 18, "a request was sent twice");
+    assert_eq!(
+        *worker.most_at_once.lock().unwrap(),
+        1,
+        "two generations of one model at once"
+    );
+    let calls = worker.calls.lock().unwrap().clone();
+    for model in ["flux", "sdxl"] {
+        let seen: Vec<String> = calls
+            .iter()
+            .filter(|(m, _)| m == model)
+            .map(|(_, p)| p.clone())
+            .collect();
+        assert_eq!(seen, order[model], "{model} not generated in queue order");
+    }
+}
+
+/// §9 a replica stuck mid-generation (its worker call never ends) whose
+/// lease is then lost stops that call, records nothing more, and counts
+/// the lost lease; the other replica resumes the request (a second
+/// generation — the only kind of duplicate, and counted) and delivers it
+/// once, then goes on with the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_stops_the_stuck_generation_and_another_replica_finishes_it() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Arc::new(replica(&url, "a").await),
+        Arc::new(replica(&url, "b").await),
+    );
+    let (worker, sent) = (Arc::new(Worker::default()), Arc::new(Sent::default()));
+    // Renewed often, so a lost lease is noticed at once.
+    let times = LeaseTimes {
+        ttl: Duration::from_secs(30),
+        renew_every: Duration::from_millis(50),
+    };
+    let stuck = replica_runner(&a, "flux", &worker, &sent, &dir.path().join("a"), times);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task_a = {
+        let (stuck, stop) = (Arc::clone(&stuck), stop.clone());
+        tokio::spawn(async move { stuck.run(stop).await })
+    };
+    let mut line = Vec::new();
+    for (i, prompt) in ["hang here", "a red fox"].iter().enumerate() {
+        if let Admitted::Queued { id, .. } = a
+            .admit(
+                request(1, 700 + u32::try_from(i).unwrap(), prompt),
+                &limits(10, 10),
+            )
+            .await
+            .unwrap()
+        {
+            line.push(id);
+        }
+    }
+    // Wait until a's worker call hangs.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !worker.hung.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the generation never began"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its lease runs out (as if a's renewals had stopped reaching the
+    // database); b's runner takes over.
+    expire(&url, "flux").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stuck.lost_leases() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck replica never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        worker.dropped.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the stuck call was not stopped"
+    );
+    let rescuer = replica_runner(&b, "flux", &worker, &sent, &dir.path().join("b"), times);
+    let task_b = {
+        let (rescuer, stop) = (Arc::clone(&rescuer), stop.clone());
+        tokio::spawn(async move { rescuer.run(stop).await })
+    };
+    let done = until_delivered(&b, 2).await;
+    stop.cancel();
+    task_a.await.unwrap();
+    task_b.await.unwrap();
+    assert_eq!(done, line, "not delivered once each, in order");
+    let prompts: Vec<String> = worker
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, p)| p.clone())
+        .collect();
+    assert_eq!(
+        prompts,
+        ["hang here", "hang here", "a red fox"],
+        "one duplicate generation, of the orphaned request"
+    );
+    let resumed = b
+        .log()
+        .events_of(line[0])
+        .await
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .filter(|r| matches!(r.event, Event::Resumed { .. }))
+        .count();
+    assert_eq!(resumed, 1);
+    assert_eq!(rescuer.lost_leases(), 0);
 }
 
 /// A sled data dir with some history: six requests on two models (intake

@@ -19,7 +19,7 @@ pub use images::ImageStore;
 pub use progress::Retries;
 pub use runner::{
     Deliverer, Delivery, DeliveryFailure, Enhancement, Enhancer, GeneratedImage, GenerationFailure,
-    Generator, KeptImage, Runner, StepOutcome,
+    Generator, KeptImage, Runner, Stages, StepOutcome,
 };
 
 use crate::domain::{

@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
-use super::{AcceptError, Admitted, Clock, NewRequest};
+use super::runner::Stages;
+use super::{AcceptError, Admitted, Clock, Deliverer, Enhancer, Generator, NewRequest};
 use crate::domain::{
     Command, Limits, ModelName, Refusal, Rejection, RequestId, SchedulingFacts, decide,
 };
@@ -296,5 +298,175 @@ impl Replica {
     /// A store error; the lease then expires on its own.
     pub async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         self.log.release(lease).await
+    }
+}
+
+/// How long a model's lease lasts and how often it is renewed while a
+/// generation runs. The renewal must come well inside the time to live
+/// (a third by default), so one slow round trip does not lose it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseTimes {
+    pub ttl: Duration,
+    pub renew_every: Duration,
+}
+
+impl Default for LeaseTimes {
+    fn default() -> Self {
+        LeaseTimes {
+            ttl: Duration::from_secs(30),
+            renew_every: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One model's runner on a replica: starts (or resumes) the model's next
+/// generation under its lease, does each stage with the shared stage work
+/// ([`Stages`]), renews the lease while a stage runs and stops the stage
+/// the moment the lease is lost — or before its local deadline when it
+/// cannot be renewed — and records each step fenced by the lease.
+pub struct ReplicaRunner<E, G, D> {
+    replica: Arc<Replica>,
+    stages: Stages<E, G, D>,
+    times: LeaseTimes,
+    lost: std::sync::atomic::AtomicU64,
+}
+
+impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
+    pub fn new(replica: Arc<Replica>, stages: Stages<E, G, D>, times: LeaseTimes) -> Self {
+        ReplicaRunner {
+            replica,
+            stages,
+            times,
+            lost: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Generations this runner stopped because its lease was lost (the
+    /// only way a request is generated twice: another replica resumes it).
+    pub fn lost_leases(&self) -> u64 {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs generations until `shutdown`. Idle, it waits for the log to
+    /// grow — or half a time to live, since a dead holder's lease runs out
+    /// without any commit to wake anyone.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut appended = self.replica.log().subscribe();
+        let model = self.stages.model().clone();
+        loop {
+            appended.borrow_and_update();
+            let next = tokio::select! {
+                r = self.replica.start_next(&model, self.times.ttl) => r,
+                () = shutdown.cancelled() => return,
+            };
+            match next {
+                Ok(Some(begun)) => {
+                    if !self.generation(begun, &shutdown).await {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    tokio::select! {
+                        r = appended.changed() => if r.is_err() { return },
+                        () = tokio::time::sleep(self.times.ttl / 2) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(model = %model, error = %e, "could not start a generation; retrying in 1 s");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Carries one request through its stages under `begun.lease`; false
+    /// when the shutdown cut it short (the lease then runs out and the
+    /// request is resumed, here or on another replica).
+    async fn generation(&self, begun: Begun, shutdown: &CancellationToken) -> bool {
+        let id = begun.record.request_id;
+        let mut lease = begun.lease;
+        // The request as the log has it: its own events, replayed.
+        let mut view = LiveState::default();
+        match self.replica.log().events_of(id).await {
+            Ok(items) => {
+                for rec in items.into_iter().flatten() {
+                    Follow::apply(&mut view, &rec);
+                }
+            }
+            Err(e) => {
+                tracing::error!(request_id = %id, error = %e, "could not read the request; its lease will run out and it resumes");
+                return true;
+            }
+        }
+        while let Some(req) = view.request(id).cloned() {
+            if !req.stage.is_in_flight() {
+                break;
+            }
+            let work = self.stages.work(&req);
+            let command = tokio::select! {
+                c = work => c,
+                () = keep(&self.replica, &mut lease, self.times) => {
+                    self.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(request_id = %id, model = %lease.model, "the lease was lost mid-stage: stopped; another replica resumes the request");
+                    return true;
+                }
+                () = shutdown.cancelled() => return false,
+            };
+            let Some(command) = command else {
+                return false;
+            };
+            match self.replica.step(&lease, id, command).await {
+                Ok(rec) => {
+                    tracing::info!(request_id = %id, event = rec.event.name(), seq = rec.seq, "step recorded");
+                    Follow::apply(&mut view, &rec);
+                }
+                Err(ReplicaError::Fenced(_)) => {
+                    self.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(request_id = %id, "the lease was lost: the step was not recorded; another replica resumes the request");
+                    return true;
+                }
+                Err(e) => {
+                    // Whether it committed is not known: leave it to the
+                    // recovery rule once the lease runs out.
+                    tracing::error!(request_id = %id, error = %e, "could not record a step; the request resumes after its lease runs out");
+                    return true;
+                }
+            }
+        }
+        if let Err(e) = self.replica.release(&lease).await {
+            tracing::warn!(error = %e, "could not release a lease; it runs out on its own");
+        }
+        true
+    }
+}
+
+/// Renews `lease` every `renew_every` and returns only once it is lost:
+/// refused (expired, or taken over), or not renewable and at most one
+/// renewal period from its local deadline — so a replica cut off from
+/// the database stops before another can take the lease over.
+async fn keep(replica: &Replica, lease: &mut Lease, times: LeaseTimes) {
+    loop {
+        let wake = (tokio::time::Instant::now() + times.renew_every).min(
+            lease
+                .until
+                .checked_sub(times.renew_every)
+                .unwrap_or(lease.until),
+        );
+        tokio::time::sleep_until(wake).await;
+        let renewed =
+            tokio::time::timeout(times.renew_every, replica.renew(lease, times.ttl)).await;
+        match renewed {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return,
+            Ok(Err(_)) | Err(_) => {
+                if tokio::time::Instant::now() + times.renew_every >= lease.until {
+                    return;
+                }
+            }
+        }
     }
 }

@@ -135,6 +135,13 @@ pub enum StepOutcome {
 /// The runner of one model.
 pub struct Runner<S: EventStore, E, G, D> {
     core: Arc<Core<S>>,
+    stages: Stages<E, G, D>,
+}
+
+/// The work of one model's in-flight stages, whoever records the result:
+/// the single-process [`Runner`] through `Core`, or a replica's runner
+/// under the model's lease (`engine::replica`).
+pub struct Stages<E, G, D> {
     model: ModelName,
     enhancer: Arc<E>,
     generator: Arc<G>,
@@ -153,16 +160,12 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
     ) -> Self {
         Runner {
             core,
-            model,
-            enhancer,
-            generator,
-            deliverer,
-            images,
+            stages: Stages::new(model, enhancer, generator, deliverer, images),
         }
     }
 
     pub fn model(&self) -> &ModelName {
-        &self.model
+        &self.stages.model
     }
 
     /// Does the next thing for this model: start the head of the queue if
@@ -171,14 +174,14 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
     /// # Errors
     /// A store error (the request stays where it was and can be retried).
     pub async fn try_execute_step(&self) -> Result<StepOutcome, CoreError> {
-        let current = self.core.read(|s| {
-            s.in_flight(&self.model)
-                .and_then(|id| s.request(id).cloned())
-        });
+        let model = &self.stages.model;
+        let current = self
+            .core
+            .read(|s| s.in_flight(model).and_then(|id| s.request(id).cloned()));
         let Some(req) = current else {
-            return Ok(match self.core.start_next(&self.model).await? {
+            return Ok(match self.core.start_next(model).await? {
                 Some(rec) => {
-                    tracing::info!(request_id = %rec.request_id, model = %self.model, "started");
+                    tracing::info!(request_id = %rec.request_id, model = %model, "started");
                     StepOutcome::Progressed {
                         id: rec.request_id,
                         event: rec.event.name(),
@@ -190,18 +193,13 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
         };
         // Every line logged during the step (worker retries, the LLM,
         // Telegram calls, the core) carries the request id and model.
-        let span = tracing::info_span!("step", request_id = %req.id, model = %self.model, stage = req.stage.as_str());
+        let span = tracing::info_span!("step", request_id = %req.id, model = %model, stage = req.stage.as_str());
         let step = async {
-            let command = match req.stage {
-                Stage::Enhancing => self.enhance(&req).await,
-                Stage::Generating => self.generate(&req).await,
-                Stage::Sending => self.send(&req).await,
-                // The projection only names Enhancing/Generating/Sending as in flight.
-                Stage::Queued | Stage::Done | Stage::Failed | Stage::Cancelled => {
-                    return Err(CoreError::NotFound(req.id));
-                }
-            };
-            let Some(command) = command else {
+            // The projection only names Enhancing/Generating/Sending as in flight.
+            if !req.stage.is_in_flight() {
+                return Err(CoreError::NotFound(req.id));
+            }
+            let Some(command) = self.stages.work(&req).await else {
                 tracing::info!("cut short by the shutdown; resumes after the next start");
                 return Ok(None);
             };
@@ -224,6 +222,75 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                 _ => Stage::Failed,
             }),
         })
+    }
+
+    /// Steps until there is nothing to do, then sleeps until the log grows;
+    /// returns when `shutdown` is cancelled. A step cut short by shutdown
+    /// leaves its request in its stage, to be resumed after restart.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut appended = self.core.store().subscribe();
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            appended.borrow_and_update();
+            let step = tokio::select! {
+                r = self.try_execute_step() => r,
+                () = shutdown.cancelled() => return,
+            };
+            match step {
+                Ok(StepOutcome::Progressed { .. }) => {}
+                Ok(StepOutcome::Interrupted { .. }) => return,
+                Ok(StepOutcome::EmptyQueue) => {
+                    tokio::select! {
+                        r = appended.changed() => if r.is_err() { return },
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(model = %self.stages.model, error = %e, "runner step failed; retrying in 1 s");
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {},
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<E: Enhancer, G: Generator, D: Deliverer> Stages<E, G, D> {
+    pub fn new(
+        model: ModelName,
+        enhancer: Arc<E>,
+        generator: Arc<G>,
+        deliverer: Arc<D>,
+        images: Arc<ImageStore>,
+    ) -> Self {
+        Stages {
+            model,
+            enhancer,
+            generator,
+            deliverer,
+            images,
+        }
+    }
+
+    pub fn model(&self) -> &ModelName {
+        &self.model
+    }
+
+    /// Does `req`'s current stage once and says what to record; None when
+    /// the shutdown cut it short (or it is not in flight): nothing to
+    /// record, the request resumes where it is.
+    pub async fn work(&self, req: &ActiveRequest) -> Option<Command> {
+        match req.stage {
+            Stage::Enhancing => self.enhance(req).await,
+            Stage::Generating => self.generate(req).await,
+            Stage::Sending => self.send(req).await,
+            // The projection only names Enhancing/Generating/Sending as in flight.
+            Stage::Queued | Stage::Done | Stage::Failed | Stage::Cancelled => None,
+        }
     }
 
     /// Enhancing: the LLM's prompt, or the original with the reason why.
@@ -404,40 +471,6 @@ impl<S: EventStore, E: Enhancer, G: Generator, D: Deliverer> Runner<S, E, G, D> 
                 delivered(self.deliverer.deliver(req, &bytes, &format).await)
             }
             Ok(None) | Err(_) => Some(Command::Regenerate),
-        }
-    }
-
-    /// Steps until there is nothing to do, then sleeps until the log grows;
-    /// returns when `shutdown` is cancelled. A step cut short by shutdown
-    /// leaves its request in its stage, to be resumed after restart.
-    pub async fn run(&self, shutdown: CancellationToken) {
-        let mut appended = self.core.store().subscribe();
-        loop {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            appended.borrow_and_update();
-            let step = tokio::select! {
-                r = self.try_execute_step() => r,
-                () = shutdown.cancelled() => return,
-            };
-            match step {
-                Ok(StepOutcome::Progressed { .. }) => {}
-                Ok(StepOutcome::Interrupted { .. }) => return,
-                Ok(StepOutcome::EmptyQueue) => {
-                    tokio::select! {
-                        r = appended.changed() => if r.is_err() { return },
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(model = %self.model, error = %e, "runner step failed; retrying in 1 s");
-                    tokio::select! {
-                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {},
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-            }
         }
     }
 }
