@@ -44,7 +44,7 @@ pub struct App {
     /// Long polling; None when updates come by webhook.
     poller: Option<JoinHandle<i32>>,
     /// The webhook route's intake, emptied first when the engine stops.
-    webhook: Option<crate::telegram::webhook::Slot<SledStore>>,
+    webhook: Option<crate::telegram::webhook::Slot<Core<SledStore>>>,
     /// The engine's stop signal; the drain deadline starts when it fires.
     stop: CancellationToken,
     /// Every other task of this engine: runners, status board, janitor,
@@ -109,7 +109,7 @@ async fn start_with(
     shutdown: CancellationToken,
     refused: Refused,
     watch: &Watch,
-    webhook: Option<crate::telegram::webhook::Slot<SledStore>>,
+    webhook: Option<crate::telegram::webhook::Slot<Core<SledStore>>>,
 ) -> Result<App, StartError> {
     let Watch {
         health,
@@ -441,7 +441,7 @@ pub async fn run_with(
                 "`easel run --webhook` needs EASEL_WEBHOOK_LISTEN (where to listen) and EASEL_WEBHOOK_SECRET (the secret token `easel webhook set` registered).".into(),
             ));
         };
-        let slot = crate::telegram::webhook::Slot::<SledStore>::default();
+        let slot = crate::telegram::webhook::Slot::<Core<SledStore>>::default();
         crate::telegram::webhook::serve(addr, Arc::clone(&slot), secret, shutdown.clone())
             .await
             .map_err(|e| {

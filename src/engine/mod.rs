@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod images;
+pub mod port;
 pub mod progress;
 pub mod replica;
 pub mod runner;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use images::ImageStore;
+pub use port::Engine;
 pub use progress::Retries;
 pub use runner::{
     Deliverer, Delivery, DeliveryFailure, Enhancement, Enhancer, GeneratedImage, GenerationFailure,
@@ -384,21 +386,6 @@ impl<S: EventStore> Core<S> {
         }
     }
 
-    /// Cancels `user`'s queued requests: every one without `prefix`; with
-    /// it, exactly the one whose id starts with it (dashes and case
-    /// ignored), or none when several do ([`Cancel::Ambiguous`] lists
-    /// them). Only `user`'s own requests are ever matched. Returns what
-    /// happened.
-    ///
-    /// `issued_by` is the Telegram update of the cancel: only requests of
-    /// earlier updates are cancelled. Update ids rise in the order Telegram
-    /// received the messages, so a `/cancel` never reaches a request the
-    /// user sent after it, also when the same `/cancel` is delivered again
-    /// after a restart (cancelling is idempotent by update id, with no
-    /// state of its own).
-    ///
-    /// # Errors
-    /// A store error; requests cancelled before it stay cancelled.
     /// Remembers `model` as the one `user`'s `/image <prompt>` draws with
     /// (§8): a `ModelChosen` under the user's choices id, on disk before
     /// this returns (the user is told right after).
@@ -427,52 +414,31 @@ impl<S: EventStore> Core<S> {
         Ok(rec)
     }
 
+    /// Cancels `user`'s queued requests: every one without `prefix`; with
+    /// it, exactly the one whose id starts with it (dashes and case
+    /// ignored), or none when several do ([`Cancel::Ambiguous`] lists
+    /// them). Only `user`'s own requests are ever matched. Returns what
+    /// happened.
+    ///
+    /// `issued_by` is the Telegram update of the cancel: only requests of
+    /// earlier updates are cancelled. Update ids rise in the order Telegram
+    /// received the messages, so a `/cancel` never reaches a request the
+    /// user sent after it, also when the same `/cancel` is delivered again
+    /// after a restart (cancelling is idempotent by update id, with no
+    /// state of its own).
+    ///
+    /// # Errors
+    /// A store error; requests cancelled before it stay cancelled.
     pub async fn cancel_queued(
         &self,
         user: crate::domain::UserId,
         prefix: Option<&str>,
         issued_by: Option<u32>,
     ) -> Result<Cancel, CoreError> {
-        let earlier = |r: &crate::projection::ActiveRequest| match (r.origin.update_id, issued_by) {
-            (Some(made_by), Some(cancel)) => made_by < cancel,
-            _ => true,
+        let ids = match self.read(|s| to_cancel(s, user, prefix, issued_by)) {
+            Ok(ids) => ids,
+            Err(ambiguous) => return Ok(ambiguous),
         };
-        let bare = |s: &str| s.replace('-', "").to_ascii_lowercase();
-        let wanted = prefix.map(bare);
-        // Oldest first: by time, then by place in line (one clock tick can
-        // hold several requests).
-        type Match = (
-            chrono::DateTime<chrono::Utc>,
-            Option<usize>,
-            RequestId,
-            String,
-        );
-        let mut matches: Vec<Match> = self.read(|s| {
-            s.requests()
-                .filter(|r| r.origin.user_id == user && r.stage == Stage::Queued)
-                .filter(|r| earlier(r))
-                .filter(|r| {
-                    wanted
-                        .as_deref()
-                        .is_none_or(|p| bare(&r.id.to_string()).starts_with(p))
-                })
-                .map(|r| {
-                    (
-                        r.queued_at,
-                        s.position(r.id),
-                        r.id,
-                        r.prompt.as_str().to_owned(),
-                    )
-                })
-                .collect()
-        });
-        matches.sort();
-        if prefix.is_some() && matches.len() > 1 {
-            return Ok(Cancel::Ambiguous(
-                matches.into_iter().map(|(_, _, id, p)| (id, p)).collect(),
-            ));
-        }
-        let ids: Vec<RequestId> = matches.into_iter().map(|(_, _, id, _)| id).collect();
         let mut done = Vec::new();
         for id in ids {
             match self.execute(id, Command::Cancel).await {
@@ -591,6 +557,60 @@ fn removed_since<S: EventStore>(
         }
     }
     Ok(None)
+}
+
+/// What a `/cancel` matches (see [`Core::cancel_queued`]): `user`'s
+/// queued requests of updates before `issued_by`, oldest first — every
+/// one without `prefix`; with it, exactly the one whose id starts with it
+/// (dashes and case ignored), or [`Cancel::Ambiguous`] when several do.
+///
+/// # Errors
+/// The [`Cancel::Ambiguous`] answer (nothing is to be cancelled).
+pub(crate) fn to_cancel(
+    s: &LiveState,
+    user: crate::domain::UserId,
+    prefix: Option<&str>,
+    issued_by: Option<u32>,
+) -> Result<Vec<RequestId>, Cancel> {
+    let earlier = |r: &crate::projection::ActiveRequest| match (r.origin.update_id, issued_by) {
+        (Some(made_by), Some(cancel)) => made_by < cancel,
+        _ => true,
+    };
+    let bare = |s: &str| s.replace('-', "").to_ascii_lowercase();
+    let wanted = prefix.map(bare);
+    // Oldest first: by time, then by place in line (one clock tick can
+    // hold several requests).
+    type Match = (
+        chrono::DateTime<chrono::Utc>,
+        Option<usize>,
+        RequestId,
+        String,
+    );
+    let mut matches: Vec<Match> = s
+        .requests()
+        .filter(|r| r.origin.user_id == user && r.stage == Stage::Queued)
+        .filter(|r| earlier(r))
+        .filter(|r| {
+            wanted
+                .as_deref()
+                .is_none_or(|p| bare(&r.id.to_string()).starts_with(p))
+        })
+        .map(|r| {
+            (
+                r.queued_at,
+                s.position(r.id),
+                r.id,
+                r.prompt.as_str().to_owned(),
+            )
+        })
+        .collect();
+    matches.sort();
+    if prefix.is_some() && matches.len() > 1 {
+        return Err(Cancel::Ambiguous(
+            matches.into_iter().map(|(_, _, id, p)| (id, p)).collect(),
+        ));
+    }
+    Ok(matches.into_iter().map(|(_, _, id, _)| id).collect())
 }
 
 /// Start-up: the last usable checkpoint, then every event after it.

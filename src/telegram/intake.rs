@@ -18,11 +18,11 @@ use crate::domain::ids::InvalidPrompt;
 use crate::domain::{
     ChatId, Event, ModelName, Origin, PresetUse, Prompt, Rejection, RequestId, UserId,
 };
-use crate::engine::{AcceptError, Admitted, Cancel, Core, ImageStore, NewRequest};
+use crate::engine::{AcceptError, Admitted, Cancel, Engine, ImageStore, NewRequest};
 use crate::store::EventStore;
 
-pub struct Intake<S: EventStore> {
-    pub core: Arc<Core<S>>,
+pub struct Intake<E: Engine> {
+    pub core: Arc<E>,
     pub api: Arc<TelegramApi>,
     pub settings: Arc<Settings>,
     pub board: StatusBoard,
@@ -150,7 +150,7 @@ pub(crate) fn route(
     }
 }
 
-impl<S: EventStore> Intake<S> {
+impl<E: Engine> Intake<E> {
     fn model_names(&self) -> Vec<String> {
         self.settings.model_names()
     }
@@ -401,10 +401,7 @@ impl<S: EventStore> Intake<S> {
         // rest of the batch).
         let admitted = match admitted {
             Ok(a) => {
-                let written = match &a {
-                    Admitted::Queued { id, .. } => Some(*id),
-                    Admitted::Duplicate { .. } => None,
-                };
+                let written = E::written(&a);
                 let confirmed = self.core.confirm(a).await;
                 if let (Err(_), Some(id)) = (&confirmed, written) {
                     self.refused.note(id);

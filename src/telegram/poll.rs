@@ -15,6 +15,7 @@ use teloxide::types::{AllowedUpdate, Update};
 use super::api::{POLL_TIMEOUT_SECS, TelegramApi};
 use super::intake::Intake;
 use super::turn::Turn;
+use crate::engine::Engine;
 use crate::store::EventStore;
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +31,7 @@ pub fn saved_offset(store: &impl EventStore) -> Option<u32> {
 
 /// Polls until `shutdown`; returns after the batch in hand is handled,
 /// with the offset the next `getUpdates` would pass.
-pub async fn poll<S: EventStore>(intake: Arc<Intake<S>>, shutdown: CancellationToken) -> i32 {
+pub async fn poll<E: Engine>(intake: Arc<Intake<E>>, shutdown: CancellationToken) -> i32 {
     let offset: i32 = saved_offset(intake.core.store()).map_or(0, |u| (u as i32).wrapping_add(1));
     let semaphore = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let api = Arc::clone(&intake.api);
@@ -48,8 +49,8 @@ pub(crate) type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = (
 /// Handles one batch (at most [`CONCURRENCY`] at once), then saves its
 /// offset. Updates record in `update_id` order (see [`Turn`]); their
 /// replies and durability waits overlap.
-async fn handle_batch<S: EventStore>(
-    intake: Arc<Intake<S>>,
+async fn handle_batch<E: Engine>(
+    intake: Arc<Intake<E>>,
     semaphore: Arc<tokio::sync::Semaphore>,
     mut updates: Vec<Update>,
 ) {

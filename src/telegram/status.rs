@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::api::{TelegramApi, TgErrorKind};
 use super::words::{self, Lang};
 use crate::domain::{Event, ModelName, RequestId, Stage};
-use crate::engine::{Core, Retries};
+use crate::engine::{Engine, Retries};
 use crate::store::{EventStore, Recorded};
 use tokio_util::sync::CancellationToken;
 
@@ -65,8 +65,8 @@ pub struct StatusBoard {
 impl StatusBoard {
     /// The board and its task, for the caller to spawn; the task stops
     /// when `shutdown` is cancelled.
-    pub fn new<S: EventStore>(
-        core: Arc<Core<S>>,
+    pub fn new<E: Engine>(
+        core: Arc<E>,
         api: Arc<TelegramApi>,
         retries: Retries,
         alerts: Option<Arc<crate::alerts::Alerts>>,
@@ -115,8 +115,8 @@ impl StatusBoard {
     }
 }
 
-struct Board<S: EventStore> {
-    core: Arc<Core<S>>,
+struct Board<E: Engine> {
+    core: Arc<E>,
     api: Arc<TelegramApi>,
     /// The retry each model's worker call is on ("Generating… retry 2 of 3").
     retries: Retries,
@@ -135,9 +135,9 @@ struct Board<S: EventStore> {
     budget: u32,
 }
 
-impl<S: EventStore> Board<S> {
+impl<E: Engine> Board<E> {
     fn new(
-        core: Arc<Core<S>>,
+        core: Arc<E>,
         api: Arc<TelegramApi>,
         retries: Retries,
         registered: Arc<std::sync::Mutex<HashSet<RequestId>>>,

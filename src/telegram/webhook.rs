@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::api::{Policy, TelegramApi, TgError};
 use super::turn::Turn;
-use crate::store::EventStore;
+use crate::engine::Engine;
 
 /// The update kinds easel reads (the same as its long polling asks for).
 pub const UPDATES: [AllowedUpdate; 2] = [AllowedUpdate::Message, AllowedUpdate::CallbackQuery];
@@ -143,13 +143,13 @@ pub async fn info(api: &TelegramApi) -> Result<Info, TgError> {
 
 /// The intake of the running engine, for the webhook route: None while no
 /// engine runs (starting, or restarting after a refused write).
-pub type Slot<S> = Arc<Mutex<Option<Arc<super::Intake<S>>>>>;
+pub type Slot<E> = Arc<Mutex<Option<Arc<super::Intake<E>>>>>;
 
 /// The header Telegram sends the secret token in.
 const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 
-struct Route<S: EventStore> {
-    slot: Slot<S>,
+struct Route<E: Engine> {
+    slot: Slot<E>,
     secret: SecretString,
 }
 
@@ -160,14 +160,14 @@ struct Route<S: EventStore> {
 /// is — its request committed, or its reply sent. The handling runs in a
 /// task of its own, so a connection Telegram drops does not cut it short
 /// (a redelivery is then found by its update id).
-pub fn router<S: EventStore + 'static>(slot: Slot<S>, secret: SecretString) -> Router {
+pub fn router<E: Engine>(slot: Slot<E>, secret: SecretString) -> Router {
     Router::new()
-        .route("/telegram", post(receive::<S>))
+        .route("/telegram", post(receive::<E>))
         .with_state(Arc::new(Route { slot, secret }))
 }
 
-async fn receive<S: EventStore + 'static>(
-    State(route): State<Arc<Route<S>>>,
+async fn receive<E: Engine>(
+    State(route): State<Arc<Route<E>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, &'static str) {
@@ -212,9 +212,9 @@ async fn receive<S: EventStore + 'static>(
 ///
 /// # Errors
 /// When `addr` cannot be bound.
-pub async fn serve<S: EventStore + 'static>(
+pub async fn serve<E: Engine>(
     addr: std::net::SocketAddr,
-    slot: Slot<S>,
+    slot: Slot<E>,
     secret: SecretString,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {

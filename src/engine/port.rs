@@ -1,0 +1,108 @@
+//! What the Telegram side (intake, the status board, polling, the webhook
+//! route) needs from an engine, so the same code serves one process on
+//! sled (`Core` over an `EventStore`) and a replica on PostgreSQL
+//! (`replica::ReplicaEngine`).
+
+use std::future::Future;
+
+use super::{AcceptError, Admitted, Cancel, Core, CoreError, NewRequest};
+use crate::domain::{Limits, ModelName, RequestId, UserId};
+use crate::projection::LiveState;
+use crate::store::{EventStore, StoreError};
+
+/// See the module doc.
+pub trait Engine: Send + Sync + 'static {
+    /// Where reads go: the log itself, or a replica's copy of it.
+    type Store: EventStore;
+    /// An admission made (its place in line taken, in the order of the
+    /// calls) but not yet acknowledged: [`Engine::confirm`] answers it.
+    type Admission: Send;
+
+    fn store(&self) -> &Self::Store;
+
+    /// Reads the live projection.
+    fn read<R>(&self, f: impl FnOnce(&LiveState) -> R) -> R;
+
+    /// Admits a new request in the order of the calls (intake admits a
+    /// batch one update after the other), without waiting for the commit.
+    ///
+    /// # Errors
+    /// A limit, or a store that refused at once.
+    fn admit(&self, req: NewRequest, limits: &Limits) -> Result<Self::Admission, AcceptError>;
+
+    /// The request an admission wrote (or may have written), if any: one
+    /// its user must not be told "queued" about when the confirmation
+    /// fails, and that must be dealt with then.
+    fn written(admission: &Self::Admission) -> Option<RequestId>;
+
+    /// Waits until the admission is durable (committed); only then may the
+    /// user be told.
+    fn confirm(
+        &self,
+        admission: Self::Admission,
+    ) -> impl Future<Output = Result<Admitted, AcceptError>> + Send;
+
+    /// Waits until everything up to `seq` is durable.
+    fn durable(&self, seq: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Remembers `model` as `user`'s (durably before it returns).
+    fn choose_model(
+        &self,
+        user: UserId,
+        model: ModelName,
+    ) -> impl Future<Output = Result<(), CoreError>> + Send;
+
+    /// Cancels `user`'s queued requests of updates before `issued_by`:
+    /// all, or the one whose id starts with `prefix`.
+    fn cancel_queued(
+        &self,
+        user: UserId,
+        prefix: Option<&str>,
+        issued_by: Option<u32>,
+    ) -> impl Future<Output = Result<Cancel, CoreError>> + Send;
+}
+
+impl<S: EventStore> Engine for Core<S> {
+    type Store = S;
+    type Admission = Admitted;
+
+    fn store(&self) -> &S {
+        Core::store(self)
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&LiveState) -> R) -> R {
+        Core::read(self, f)
+    }
+
+    fn admit(&self, req: NewRequest, limits: &Limits) -> Result<Admitted, AcceptError> {
+        Core::admit(self, req, limits)
+    }
+
+    fn written(admission: &Admitted) -> Option<RequestId> {
+        match admission {
+            Admitted::Queued { id, .. } => Some(*id),
+            Admitted::Duplicate { .. } => None,
+        }
+    }
+
+    async fn confirm(&self, admission: Admitted) -> Result<Admitted, AcceptError> {
+        Core::confirm(self, admission).await
+    }
+
+    async fn durable(&self, seq: u64) -> Result<(), StoreError> {
+        Core::durable(self, seq).await
+    }
+
+    async fn choose_model(&self, user: UserId, model: ModelName) -> Result<(), CoreError> {
+        Core::choose_model(self, user, model).await.map(drop)
+    }
+
+    async fn cancel_queued(
+        &self,
+        user: UserId,
+        prefix: Option<&str>,
+        issued_by: Option<u32>,
+    ) -> Result<Cancel, CoreError> {
+        Core::cancel_queued(self, user, prefix, issued_by).await
+    }
+}
