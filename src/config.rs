@@ -7,9 +7,9 @@ mod data_dir;
 mod sections;
 pub use data_dir::DataDir;
 use sections::{
-    CONNECT_TIMEOUT_SECS, LLM_TIMEOUT_SECS, MAX_VARIATIONS, RETRY_BASE_MS, Vars,
-    WORKER_TIMEOUT_SECS, limits_section, llm_section, log_section, models_section, presets_section,
-    storage_section, telegram_section,
+    CONNECT_TIMEOUT_SECS, LEASE_SECS, LLM_TIMEOUT_SECS, MAX_VARIATIONS, REPLICAS, RETRY_BASE_MS,
+    Vars, WORKER_TIMEOUT_SECS, limits_section, llm_section, log_section, models_section,
+    presets_section, storage_section, telegram_section,
 };
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -186,6 +186,11 @@ pub struct Settings {
     pub presets: Vec<Preset>,
     /// The most images one request may ask for (`EASEL_MAX_VARIATIONS`).
     pub max_variations: u32,
+    /// How many replicas share the bot (`EASEL_REPLICAS`, §9): each paces
+    /// its Telegram calls at 1/N of the overall budget.
+    pub replicas: u32,
+    /// A model's lease on PostgreSQL (`EASEL_LEASE_SECS`, §9).
+    pub lease: Duration,
 }
 
 /// `EASEL_WEBHOOK_*` (§9). The secret is never printed, and never named
@@ -323,6 +328,8 @@ impl Settings {
         let llm_timeout = Duration::from_secs(vars.number(&LLM_TIMEOUT_SECS));
         let retry_base = Duration::from_millis(vars.number(&RETRY_BASE_MS));
         let max_variations = u32::try_from(vars.number(&MAX_VARIATIONS)).unwrap_or(1);
+        let replicas = u32::try_from(vars.number(&REPLICAS)).unwrap_or(1);
+        let lease = Duration::from_secs(vars.number(&LEASE_SECS));
         let (data_dir, originals_ttl, retention) = storage_section(&vars);
         let (log_filter, log_format) = log_section(&vars);
         let metrics_addr = vars.non_empty("EASEL_METRICS_ADDR").and_then(|raw| {
@@ -398,6 +405,8 @@ impl Settings {
                 webhook,
                 presets,
                 max_variations,
+                replicas,
+                lease,
             }),
             _ => Err(ConfigError(problems)),
         }

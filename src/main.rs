@@ -236,14 +236,15 @@ fn main() -> ExitCode {
     easel::store::disk::private_umask();
     let cli = Cli::parse();
     let result = match cli.command {
-        // Not yet: the engine runs on sled only (docs/scale-out.md). Said
-        // rather than silently serving from the data dir.
-        Command::Run { .. } if cli.database_url.is_some() => Err(Failure::Config(
+        // A replica takes updates by webhook only: polling needs an
+        // elected poller, not built yet (docs/scale-out.md). Said rather
+        // than silently serving from the data dir.
+        Command::Run { webhook: false } if cli.database_url.is_some() => Err(Failure::Config(
             easel::config::ConfigError(vec![
-                "EASEL_DATABASE_URL is set, but `easel run` does not run on PostgreSQL yet (docs/scale-out.md): unset it to run on the data dir.".into(),
+                "EASEL_DATABASE_URL is set: a replica on PostgreSQL takes updates by webhook — run `easel run --webhook` (long polling by an elected replica is not built yet, docs/scale-out.md), or unset EASEL_DATABASE_URL to run on the data dir.".into(),
             ]),
         )),
-        Command::Run { webhook } => run(cli.data_dir, webhook),
+        Command::Run { webhook } => run(cli.data_dir, webhook, cli.database_url),
         Command::Webhook(w) => webhook(w),
         Command::Migrate { to } => migrate(cli.data_dir, cli.database_url, &to),
         #[cfg(feature = "demo")]
@@ -379,7 +380,7 @@ fn operate(
     }
 }
 
-fn run(data_dir: Option<PathBuf>, webhook: bool) -> Result<u8, Failure> {
+fn run(data_dir: Option<PathBuf>, webhook: bool, database: Option<String>) -> Result<u8, Failure> {
     let mut settings = Settings::load().map_err(Failure::Config)?;
     if let Some(dir) = data_dir {
         settings.data_dir = easel::config::DataDir::new(dir);
@@ -393,7 +394,10 @@ fn run(data_dir: Option<PathBuf>, webhook: bool) -> Result<u8, Failure> {
             tracing::info!("stop signal received; finishing up");
             signal.cancel();
         });
-        app::run_with(settings, stop, webhook).await
+        match database {
+            Some(url) => app::replica::run(settings, secrecy::SecretString::from(url), stop).await,
+            None => app::run_with(settings, stop, webhook).await,
+        }
     })?;
     Ok(0)
 }

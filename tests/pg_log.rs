@@ -6,6 +6,8 @@
 //! connection is killed, migrations applied once by replicas starting
 //! together, and a newer schema refused.
 
+#[path = "common/binary.rs"]
+mod binary;
 #[path = "common/pg.rs"]
 mod pg;
 
@@ -13,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use easel::demo::fake_services::{FakeLlm, FakeWorker};
+use easel::demo::fake_telegram::FakeTelegram;
 use easel::domain::{
     ChatId, Command, Event, FailureKind, Limits, ModelName, Origin, Prompt, RateLimit, Rejection,
     RequestId, UserId,
@@ -1264,4 +1268,155 @@ async fn migrate_copies_a_sled_log_into_an_empty_database_exactly() {
     drop(held);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("stop the bot first"), "{out}");
+}
+
+const HOOK_SECRET: &str = "replica-hook_secret";
+
+/// One `easel run --webhook` replica on `url`: its data dir (images
+/// only), webhook and health addresses, and the process.
+struct Replicant {
+    _dir: tempfile::TempDir,
+    hook: String,
+    health: String,
+    child: std::process::Child,
+}
+
+fn start_replica(
+    url: &str,
+    fakes: &(FakeTelegram, FakeWorker, FakeWorker, FakeLlm),
+    extra: &[(&str, &str)],
+) -> Replicant {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, health) = (binary::free_addr(), binary::free_addr());
+    let (tg, flux, sdxl, llm) = fakes;
+    let mut command = binary::bot_command(dir.path(), tg, flux, sdxl, llm, &["run", "--webhook"]);
+    command
+        .env("EASEL_DATABASE_URL", url)
+        .env("EASEL_WEBHOOK_LISTEN", &hook)
+        .env("EASEL_WEBHOOK_SECRET", HOOK_SECRET)
+        .env("EASEL_METRICS_ADDR", &health)
+        .env("EASEL_REPLICAS", "2");
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    let child = command.spawn().expect("start a replica");
+    Replicant {
+        _dir: dir,
+        hook,
+        health,
+        child,
+    }
+}
+
+/// POSTs `update` to a replica's webhook route; its status.
+async fn deliver(client: &reqwest::Client, hook: &str, update: &serde_json::Value) -> u16 {
+    client
+        .post(format!("http://{hook}/telegram"))
+        .header("X-Telegram-Bot-Api-Secret-Token", HOOK_SECRET)
+        .json(update)
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+/// The prompts of `model`'s `queued` events in log order, from `easel
+/// export` against the database.
+async fn queued_prompts(url: &str, model: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = easel_cli(dir.path(), Some(url), &["export"]).await;
+    assert_eq!(code, 0, "{out}");
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "queued" && v["model"] == model)
+        .map(|v| v["prompt"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// §9 on the built binary: two `easel run --webhook` replicas on one
+/// database, the FAKE Telegram and workers. Sixteen updates (eight users,
+/// a flux and an sdxl request each) are POSTed alternately to the two
+/// replicas' webhooks — every fourth to both, as a retried delivery may
+/// reach another replica — all at once: every POST is answered 200, each
+/// update makes one request, each photo goes out once, the workers never
+/// see two calls of one model at once and get each model's prompts in
+/// queue order, and `easel replay --verify` against the database passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replica_processes_share_one_database_by_webhook() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let fakes = binary::fakes(Duration::from_millis(20)).await;
+    let client = reqwest::Client::new();
+    let mut replicas = [
+        start_replica(&url, &fakes, &[]),
+        start_replica(&url, &fakes, &[]),
+    ];
+    for r in &replicas {
+        binary::wait_ready(&client, &r.health).await;
+    }
+    let (tg, flux, sdxl, _) = &fakes;
+    for user in 1..=8i64 {
+        for model in ["flux", "sdxl"] {
+            tg.user_sends(
+                user,
+                user,
+                &format!("/image={model}=picture {model} {user}"),
+            );
+        }
+    }
+    let updates = tg.take_updates();
+    assert_eq!(updates.len(), 16);
+    let mut posts = Vec::new();
+    for (i, update) in updates.iter().enumerate() {
+        let to = &replicas[i % 2].hook;
+        posts.push(deliver(&client, to, update));
+        if i % 4 == 0 {
+            posts.push(deliver(&client, &replicas[(i + 1) % 2].hook, update));
+        }
+    }
+    let statuses = futures_util::future::join_all(posts).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let photos = || {
+        tg.calls()
+            .iter()
+            .filter(|c| c.method == "sendPhoto")
+            .count()
+    };
+    assert!(
+        tg.wait_for(Duration::from_secs(30), |c| c
+            .iter()
+            .filter(|c| c.method == "sendPhoto")
+            .count()
+            >= 16)
+            .await,
+        "only {} of 16 photos",
+        photos()
+    );
+    for r in &mut replicas {
+        binary::terminate(&mut r.child);
+    }
+    assert_eq!(photos(), 16, "a photo went out twice");
+    for (model, worker) in [("flux", flux), ("sdxl", sdxl)] {
+        let stats = &worker.stats;
+        assert_eq!(
+            stats
+                .max_in_flight
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "two {model} generations at once"
+        );
+        let seen: Vec<String> = stats.prompts.lock().unwrap().clone();
+        let queued = queued_prompts(&url, model).await;
+        assert_eq!(queued.len(), 8, "{queued:?}");
+        assert_eq!(seen.len(), 8, "{model} generated {} times", seen.len());
+        for (prompt, line) in seen.iter().zip(&queued) {
+            assert!(
+                prompt.contains(line.as_str()),
+                "{model} out of queue order: {seen:?} vs {queued:?}"
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = easel_cli(dir.path(), Some(&url), &["replay", "--verify"]).await;
+    assert_eq!(code, 0, "{out}");
 }

@@ -67,6 +67,23 @@ pub(super) const MAX_VARIATIONS: Knob = Knob {
     min: 1,
     max: 10,
 };
+/// How many `easel run` replicas share the bot (§9): each paces its
+/// Telegram calls at this share of the overall budget.
+pub(super) const REPLICAS: Knob = Knob {
+    var: "EASEL_REPLICAS",
+    default: 1,
+    min: 1,
+    max: 20,
+};
+/// A model's lease on PostgreSQL (§9), in seconds: how long a replica
+/// that stopped answering holds up its model before another takes over
+/// (renewed every third of it while a generation runs).
+pub(super) const LEASE_SECS: Knob = Knob {
+    var: "EASEL_LEASE_SECS",
+    default: 30,
+    min: 3,
+    max: 600,
+};
 const DEFAULT_RATE: RateLimit = RateLimit {
     count: 5,
     window_secs: 60,

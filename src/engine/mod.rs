@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod images;
+pub mod mirror;
 pub mod port;
 pub mod progress;
 pub mod replica;

@@ -24,7 +24,7 @@ use crate::domain::{
     Command, Limits, ModelName, Refusal, Rejection, RequestId, SchedulingFacts, decide,
 };
 use crate::projection::LiveState;
-use crate::store::pg::{Appended, Claimed, Follow, IntakeKeys, Lease, PgLog};
+use crate::store::pg::{Answer, Appended, Claimed, Follow, IntakeKeys, Lease, PgLog};
 use crate::store::{NewEvent, Recorded, StoreError};
 
 /// The committer's copy of the live projection follows the log.
@@ -63,6 +63,27 @@ pub enum ReplicaError {
     /// ([`Replica::start_next`]).
     #[error("a start goes through Replica::start_next, which takes the model's lease")]
     StartNeedsLease,
+}
+
+/// An admission in this replica's line, not yet committed
+/// ([`Replica::admit_now`]).
+pub struct Admission {
+    id: RequestId,
+    keys: IntakeKeys,
+    answer: Answer,
+    verdict: oneshot::Receiver<Result<usize, Rejection>>,
+}
+
+impl Admission {
+    /// The request it makes, if it is admitted.
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The intake keys it claims.
+    pub fn keys(&self) -> IntakeKeys {
+        self.keys
+    }
 }
 
 /// What [`Replica::start_next`] began.
@@ -119,10 +140,20 @@ impl Replica {
     ///
     /// # Errors
     /// [`AcceptError::Rejected`] for a limit, [`AcceptError::Store`] when
-    /// the commit failed (the user must not be told "queued"; whether it
-    /// committed is then unknown only if the connection broke during
-    /// `COMMIT` — the request's update key tells, see docs/scale-out.md).
+    /// it did not commit (the user must not be told "queued"), as
+    /// [`Replica::admitted`] settles it.
     pub async fn admit(&self, req: NewRequest, limits: &Limits) -> Result<Admitted, AcceptError> {
+        let pending = self.admit_now(req, limits)?;
+        self.admitted(pending).await
+    }
+
+    /// The first half of [`Replica::admit`]: the decision takes its place
+    /// in this replica's line of appends now, so admissions keep the
+    /// order of the calls and still share a transaction.
+    ///
+    /// # Errors
+    /// [`AcceptError::Store`] when the line is full or the log closed.
+    pub fn admit_now(&self, req: NewRequest, limits: &Limits) -> Result<Admission, AcceptError> {
         let now = self.clock.now();
         let id = RequestId::random();
         let keys = IntakeKeys::of(&req.origin);
@@ -147,21 +178,89 @@ impl Replica {
                 }
             }
         });
-        match self.log.decide(keys, None, decision).await? {
-            Appended::Written(recs) => {
+        let answer = self.log.decide_now(keys, None, decision)?;
+        Ok(Admission {
+            id,
+            keys,
+            answer,
+            verdict,
+        })
+    }
+
+    /// The second half of [`Replica::admit`]. When the commit's outcome is
+    /// unknown (the connection broke while it ran), it is settled by
+    /// looking the request's update up under the head lock: found, it is
+    /// admitted after all.
+    ///
+    /// # Errors
+    /// As [`Replica::admit`].
+    pub async fn admitted(&self, a: Admission) -> Result<Admitted, AcceptError> {
+        match a.answer.appended().await {
+            Ok(Appended::Written(recs)) => {
                 let seq = recs.last().map_or(0, |r| r.seq);
-                let position = match verdict.await {
+                let position = match a.verdict.await {
                     Ok(Ok(p)) => p,
                     _ => 0,
                 };
-                Ok(Admitted::Queued { id, position, seq })
+                Ok(Admitted::Queued {
+                    id: a.id,
+                    position,
+                    seq,
+                })
             }
-            Appended::Duplicate(id) => Ok(Admitted::Duplicate { id }),
-            Appended::Declined => match verdict.await {
+            Ok(Appended::Duplicate(id)) => Ok(Admitted::Duplicate { id }),
+            Ok(Appended::Declined) => match a.verdict.await {
                 Ok(Err(r)) => Err(AcceptError::Rejected(r)),
                 _ => Err(AcceptError::Store(StoreError::Closed)),
             },
-            Appended::Fenced => Err(AcceptError::Store(StoreError::Closed)),
+            Ok(Appended::Fenced) => Err(AcceptError::Store(StoreError::Closed)),
+            Err(e) => {
+                if a.keys == IntakeKeys::default() {
+                    return Err(AcceptError::Store(e));
+                }
+                match self.log.settle(a.keys).await {
+                    Ok(Some(id)) if id == a.id => {
+                        tracing::warn!(request_id = %id, error = %e, "a commit reported as failed had committed");
+                        Ok(Admitted::Queued {
+                            id,
+                            position: 0,
+                            seq: 0,
+                        })
+                    }
+                    Ok(Some(id)) => Ok(Admitted::Duplicate { id }),
+                    Ok(None) => Err(AcceptError::Store(e)),
+                    // Not known: refused to the user, and settled later
+                    // (see `Admission`'s caller: the request is cancelled
+                    // if it turns out written).
+                    Err(_) => Err(AcceptError::Unwritten { id: a.id, error: e }),
+                }
+            }
+        }
+    }
+
+    /// Remembers `model` as `user`'s (§8): a `ModelChosen` under the
+    /// user's choices id, committed before this returns.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn choose_model(
+        &self,
+        user: crate::domain::UserId,
+        model: ModelName,
+    ) -> Result<Recorded, StoreError> {
+        let event = NewEvent {
+            request_id: RequestId::choices_of(user),
+            at: self.clock.now(),
+            event: crate::domain::Event::ModelChosen {
+                user_id: user,
+                model,
+            },
+        };
+        match self.log.append(vec![event]).await? {
+            Appended::Written(mut recs) => recs
+                .pop()
+                .ok_or_else(|| StoreError::Write("the append wrote nothing".into())),
+            _ => Err(StoreError::Write("the append wrote nothing".into())),
         }
     }
 

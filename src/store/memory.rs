@@ -61,20 +61,28 @@ impl MemoryStore {
     pub fn load(records: impl IntoIterator<Item = Recorded>) -> Self {
         let store = Self::default();
         for rec in records {
-            {
-                let mut log = store.lock();
-                if rec.seq <= log.high_water {
-                    continue;
-                }
-                log.high_water = rec.seq - 1;
-            }
-            let _ = store.append(vec![NewEvent {
-                request_id: rec.request_id,
-                at: rec.at,
-                event: rec.event,
-            }]);
+            store.insert(rec);
         }
         store
+    }
+
+    /// Adds `rec` at its own seq, with every index derived as an append
+    /// derives it (a replica's copy of the database log follows it this
+    /// way). False, and nothing added, when the seq is not above the last.
+    pub fn insert(&self, rec: Recorded) -> bool {
+        {
+            let mut log = self.lock();
+            if rec.seq <= log.high_water {
+                return false;
+            }
+            log.high_water = rec.seq - 1;
+        }
+        self.append(vec![NewEvent {
+            request_id: rec.request_id,
+            at: rec.at,
+            event: rec.event,
+        }])
+        .is_ok()
     }
 
     fn lock(&self) -> MutexGuard<'_, Log> {

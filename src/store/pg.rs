@@ -208,6 +208,22 @@ enum Done {
     Claimed(Claimed),
 }
 
+/// The answer to [`PgLog::decide_now`], once its transaction ended.
+pub struct Answer(oneshot::Receiver<Result<Done, StoreError>>);
+
+impl Answer {
+    /// What the decision did.
+    ///
+    /// # Errors
+    /// As [`PgLog::append`].
+    pub async fn appended(self) -> Result<Appended, StoreError> {
+        match self.0.await.map_err(|_| StoreError::Closed)?? {
+            Done::Appended(a) => Ok(a),
+            Done::Claimed(_) => Err(StoreError::Closed),
+        }
+    }
+}
+
 /// One caller's op, waiting for the committer.
 struct Pending<F> {
     op: Op<F>,
@@ -550,6 +566,69 @@ impl<F: Follow> PgLog<F> {
             .map_err(|e| write_err("committing an import", &e))?;
         advance(&self.committed, u64::try_from(last).unwrap_or(0));
         Ok(())
+    }
+
+    /// As [`PgLog::decide`], in two halves: the decision takes its place
+    /// in the committer's line now (so calls keep their order), and the
+    /// returned [`Pending`]-answer says what it did once committed.
+    ///
+    /// # Errors
+    /// [`StoreError::Write`] when more appends wait than the line holds,
+    /// [`StoreError::Closed`] when the log is closed.
+    pub fn decide_now(
+        &self,
+        keys: IntakeKeys,
+        fence: Option<Lease>,
+        decide: Decide<F>,
+    ) -> Result<Answer, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.appends
+            .try_send(Pending {
+                op: Op::Append {
+                    events: Events::Decided { keys, decide },
+                    fence,
+                },
+                asked_at: tokio::time::Instant::now(),
+                reply,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    StoreError::Write(Cause::from("too many appends are waiting for the database"))
+                }
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            })?;
+        Ok(Answer(answer))
+    }
+
+    /// Whether an append that repeated `keys` is in the log — definitively:
+    /// it takes the head lock, so an append still committing (say its
+    /// connection broke during `COMMIT`, and the server finishes it) is
+    /// waited for rather than missed. Writes nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`] when the database cannot be asked.
+    pub async fn settle(&self, keys: IntakeKeys) -> Result<Option<RequestId>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| StoreError::Read(db("settling an append", &e)))?;
+        let read = |e: StoreError| match e {
+            StoreError::Write(c) => StoreError::Read(c),
+            other => other,
+        };
+        let mut w = Writer::locked(&tx).await.map_err(read)?;
+        w.load_keys(vec![keys.raw()]).await.map_err(read)?;
+        let (u, m) = keys.raw();
+        let found = u
+            .and_then(|u| w.updates.get(&u))
+            .or_else(|| m.and_then(|m| w.messages.get(&m)))
+            .copied();
+        drop(w);
+        tx.rollback()
+            .await
+            .map_err(|e| StoreError::Read(db("settling an append", &e)))?;
+        Ok(found)
     }
 
     async fn submit(&self, op: Op<F>) -> Result<Done, StoreError> {

@@ -53,6 +53,8 @@ pub enum TgErrorKind {
 /// A minimal pacing gate: each call takes the next free slot.
 struct Pace {
     next: Mutex<Instant>,
+    /// [`CALL_INTERVAL`], times the replicas sharing the budget.
+    interval: Duration,
 }
 
 impl Pace {
@@ -63,7 +65,7 @@ impl Pace {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let slot = (*next).max(Instant::now());
-            *next = slot + CALL_INTERVAL;
+            *next = slot + self.interval;
             slot
         };
         tokio::time::sleep_until(slot).await;
@@ -111,6 +113,7 @@ impl TelegramApi {
             token,
             pace: Pace {
                 next: Mutex::new(Instant::now()),
+                interval: CALL_INTERVAL,
             },
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             shutdown,
@@ -118,6 +121,17 @@ impl TelegramApi {
             metrics: None,
             alerts: None,
         })
+    }
+
+    /// Paces at `1/replicas` of the overall budget: the replicas sharing
+    /// one bot (§9) stay within Telegram's limits together, with no
+    /// coordination between them (a fixed share rather than a shared
+    /// budget in the database: no round trip per call, and a replica cut
+    /// off from the database still paces right).
+    #[must_use]
+    pub fn with_share(mut self, replicas: u32) -> Self {
+        self.pace.interval = CALL_INTERVAL * replicas.max(1);
+        self
     }
 
     /// Reports to `health` whether Telegram answers.

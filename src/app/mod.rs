@@ -24,6 +24,8 @@ use crate::store::SledStore;
 use crate::telegram::intake::Refused;
 use crate::telegram::{Intake, StatusBoard, TelegramApi, TelegramDeliverer, poll};
 
+pub mod replica;
+
 /// Why `easel run` could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

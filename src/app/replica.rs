@@ -1,0 +1,205 @@
+//! The composition root of `easel run` on PostgreSQL (§9): one replica of
+//! several sharing the bot through one database. The log and every
+//! decision live in the database (`engine::replica`), this replica's
+//! copy of the log and its projection follow it (`engine::mirror`), one
+//! `ReplicaRunner` per model competes for the model's lease, and updates
+//! arrive by Telegram's webhook (any replica may get any update; the
+//! database admits each once). Nothing here is kept on local disk but the
+//! images this replica makes.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use secrecy::SecretString;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{ABORT_WAIT, DRAIN, StartError, Watch, set_commands, who_am_i};
+use crate::config::Settings;
+use crate::engine::mirror::ReplicaEngine;
+use crate::engine::replica::{LeaseTimes, Replica, ReplicaRunner};
+use crate::engine::{ImageStore, Retries, Stages, SystemClock};
+use crate::services::{ImageWorkers, LlmEnhancer, MAX_CONNECTIONS, http_client};
+use crate::telegram::intake::Refused;
+use crate::telegram::{Intake, StatusBoard, TelegramApi, TelegramDeliverer};
+
+/// This replica's name in the leases it takes: unique per process, and
+/// telling an operator which machine and process held a lease.
+fn holder_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let tag = crate::domain::RequestId::random().short();
+    format!("{host}/{}/{tag}", std::process::id())
+}
+
+/// Runs this replica until `shutdown`.
+///
+/// # Errors
+/// [`StartError::Config`] for a missing token, model, webhook listen
+/// address or secret, or a refused token; else what failed at start (the
+/// database unreachable, say).
+pub async fn run(
+    settings: Settings,
+    url: SecretString,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let token = settings.telegram_token.clone().ok_or_else(|| {
+        StartError::Config("TELEGRAM_BOT_TOKEN is not set; `easel run` needs the bot token.".into())
+    })?;
+    if settings.models.is_empty() {
+        return Err(StartError::Config(
+            "No image model is configured: set FLUX_WORKER_URL or SDXL_WORKER_URL, or add a [[models]] entry with a url to easel.toml.".into(),
+        ));
+    }
+    let (Some(addr), Some(secret)) = (settings.webhook.listen, settings.webhook.secret.clone())
+    else {
+        return Err(StartError::Config(
+            "with EASEL_DATABASE_URL, `easel run --webhook` takes updates by Telegram's webhook: set EASEL_WEBHOOK_LISTEN (where to listen) and EASEL_WEBHOOK_SECRET (the secret token `easel webhook set` registered). Long polling by an elected replica is not built yet (docs/scale-out.md).".into(),
+        ));
+    };
+    let settings = Arc::new(settings);
+    tracing::info!("starting easel as a replica on PostgreSQL\n{settings}");
+    let Watch {
+        health,
+        metrics,
+        alerts,
+    } = Watch::new(&settings);
+    health.set(
+        crate::health::Part::Engine,
+        Some("starting: connecting to the database".into()),
+    );
+    if let Some(addr) = settings.metrics_addr {
+        crate::health::serve(
+            addr,
+            Arc::clone(&health),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| {
+            StartError::Other(anyhow::anyhow!(
+                "cannot listen on {addr} (EASEL_METRICS_ADDR): {e}"
+            ))
+        })?;
+    }
+
+    let holder = holder_name();
+    let replica = Arc::new(
+        Replica::connect(&url, holder.clone(), Arc::new(SystemClock))
+            .await
+            .map_err(|e| StartError::Other(anyhow::anyhow!(e)))?,
+    );
+    let (engine, follower) = ReplicaEngine::start(Arc::clone(&replica), shutdown.clone())
+        .await
+        .map_err(|e| StartError::Other(anyhow::anyhow!(e)))?;
+    tracing::info!(%holder, position = engine.position(), "joined the database's log");
+    let mut tasks = JoinSet::new();
+    tasks.spawn(follower);
+
+    crate::store::disk::private_umask();
+    crate::store::disk::create_data_dir(settings.data_dir.root())
+        .with_context(|| format!("could not create the data dir {}", settings.data_dir))?;
+    let images = Arc::new(
+        ImageStore::open(&settings.data_dir.images()).context("opening the image folder")?,
+    );
+    let client = http_client(&settings).context("building the HTTP client")?;
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let retries = Retries::default();
+    let generator = Arc::new(
+        ImageWorkers::new(client.clone(), &settings, Arc::clone(&permits))
+            .with_retries(retries.clone())
+            .with_watchers(Arc::clone(&metrics), Arc::clone(&alerts)),
+    );
+    let enhancer =
+        Arc::new(LlmEnhancer::new(client, &settings, permits).with_metrics(Arc::clone(&metrics)));
+    let api = Arc::new(
+        TelegramApi::new(
+            token,
+            settings.telegram_api_url.expose().clone(),
+            shutdown.clone(),
+        )
+        .context("building the Telegram client")?
+        .with_share(settings.replicas)
+        .with_health(Arc::clone(&health))
+        .with_watchers(Arc::clone(&metrics), Arc::clone(&alerts)),
+    );
+    alerts.send_with(&api);
+    let username = who_am_i(&api, shutdown.clone()).await?;
+    health.set(crate::health::Part::Telegram, None);
+    tracing::info!(%username, "connected to Telegram");
+    set_commands(&api, &settings).await;
+
+    let engine = Arc::new(engine);
+    let (board, board_task) = StatusBoard::new(
+        Arc::clone(&engine),
+        Arc::clone(&api),
+        retries,
+        Some(Arc::clone(&alerts)),
+        shutdown.clone(),
+    );
+    tasks.spawn(board_task);
+    let deliverer = Arc::new(TelegramDeliverer::new(Arc::clone(&api)));
+    for model in &settings.models {
+        let stages = Stages::new(
+            model.name.clone(),
+            Arc::clone(&enhancer),
+            Arc::clone(&generator),
+            Arc::clone(&deliverer),
+            Arc::clone(&images),
+        );
+        let times = LeaseTimes {
+            ttl: settings.lease,
+            renew_every: settings.lease / 3,
+        };
+        let runner = ReplicaRunner::new(Arc::clone(&replica), stages, times);
+        let stop = shutdown.clone();
+        tasks.spawn(async move { runner.run(stop).await });
+    }
+    let intake = Arc::new(Intake {
+        core: Arc::clone(&engine),
+        api: Arc::clone(&api),
+        settings: Arc::clone(&settings),
+        board,
+        images,
+        username,
+        refused: Refused::default(),
+        metrics: Some(Arc::clone(&metrics)),
+    });
+    let slot = crate::telegram::webhook::Slot::default();
+    crate::telegram::webhook::serve(addr, Arc::clone(&slot), secret, shutdown.clone())
+        .await
+        .map_err(|e| {
+            StartError::Other(anyhow::anyhow!(
+                "cannot listen on {addr} (EASEL_WEBHOOK_LISTEN): {e}"
+            ))
+        })?;
+    *slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(intake);
+    health.set(crate::health::Part::Engine, None);
+    health.set(crate::health::Part::Log, None);
+    tracing::info!("replica running");
+
+    shutdown.cancelled().await;
+    // New webhook POSTs get 503 from now on: Telegram retries them, on
+    // another replica if one runs.
+    *slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    let drained =
+        tokio::time::timeout(DRAIN, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        // Their generations' leases run out; the requests are resumed,
+        // here at the next start or on another replica.
+        tracing::warn!(left = tasks.len(), "tasks did not stop in time");
+        tasks.abort_all();
+        let _ = tokio::time::timeout(ABORT_WAIT, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! A replica's read side and the engine its Telegram side uses (§9): a
+//! copy of the PostgreSQL log in memory (a `MemoryStore`, which the status
+//! board and the buttons read as they read sled) and the live projection,
+//! both following the database — woken by the log's `LISTEN`
+//! subscription, and re-reading every few seconds besides, since a
+//! notification sent while the listener reconnects is lost — and the
+//! [`Engine`] over [`Replica`] that admits, remembers models and cancels
+//! through the database's transaction.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::replica::{Admission, Replica, ReplicaError};
+use super::{AcceptError, Admitted, Cancel, CoreError, Engine, NewRequest, to_cancel};
+use crate::domain::{Limits, ModelName, RequestId, UserId};
+use crate::projection::LiveState;
+use crate::store::pg::Follow;
+use crate::store::{EventStore, MemoryStore, ReadError, StoreError};
+
+/// Records read from the database at a time.
+const PAGE: u32 = 5_000;
+
+/// How often the copy re-reads without a notification.
+const REPOLL: Duration = Duration::from_secs(5);
+
+/// How long an answer waits for the copy to show what it just committed.
+const SHOW_WITHIN: Duration = Duration::from_secs(10);
+
+/// See the module doc.
+pub struct ReplicaEngine {
+    replica: Arc<Replica>,
+    mirror: MemoryStore,
+    view: Mutex<LiveState>,
+    /// The last position the view and the copy hold.
+    shown: watch::Sender<u64>,
+}
+
+impl ReplicaEngine {
+    /// Reads the whole log into the copy and the view, then follows the
+    /// database until `shutdown` (the returned future: spawn it).
+    ///
+    /// # Errors
+    /// [`StoreError::Read`] when the log cannot be read at start.
+    pub async fn start(
+        replica: Arc<Replica>,
+        shutdown: CancellationToken,
+    ) -> Result<(Arc<Self>, impl Future<Output = ()> + Send), StoreError> {
+        let engine = Arc::new(ReplicaEngine {
+            replica,
+            mirror: MemoryStore::new(),
+            view: Mutex::new(LiveState::default()),
+            shown: watch::channel(0).0,
+        });
+        engine.catch_up().await?;
+        let follower = Arc::clone(&engine).follow(shutdown);
+        Ok((engine, follower))
+    }
+
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
+    fn view(&self) -> MutexGuard<'_, LiveState> {
+        self.view.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads everything after the copy's last position, a page at a time.
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        loop {
+            let from = self.shown.borrow().saturating_add(1);
+            let page = self.replica.log().read_from(from, PAGE).await?;
+            let full = page.len() >= PAGE as usize;
+            let mut last = None;
+            for item in page {
+                match item {
+                    Ok(rec) => {
+                        last = Some(rec.seq);
+                        // The view first: whoever the copy wakes reads it.
+                        Follow::apply(&mut *self.view(), &rec);
+                        self.mirror.insert(rec);
+                    }
+                    Err(ReadError::Corrupt(c)) => {
+                        tracing::error!(position = c.seq, reason = %c.reason, "skipping an unreadable event");
+                        last = Some(c.seq);
+                        self.view().skip(c.seq);
+                    }
+                    Err(ReadError::Store(e)) => return Err(e),
+                }
+            }
+            if let Some(last) = last {
+                self.shown.send_replace(last);
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Follows the database until `shutdown`.
+    async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut committed = self.replica.log().subscribe();
+        loop {
+            committed.borrow_and_update();
+            if let Err(e) = self.catch_up().await {
+                tracing::warn!(error = %e, "could not read the log; trying again");
+            }
+            tokio::select! {
+                r = committed.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(REPOLL) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Waits until the copy holds position `seq` (what this replica just
+    /// committed), so what is said next reads it.
+    async fn shown(&self, seq: u64) -> Result<(), StoreError> {
+        let mut shown = self.shown.subscribe();
+        let reached = tokio::time::timeout(SHOW_WITHIN, shown.wait_for(|s| *s >= seq)).await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(StoreError::Read(
+                "the log could not be read back in time".into(),
+            )),
+        }
+    }
+
+    /// An admission whose outcome could not be learnt: asked again until
+    /// the database answers, and cancelled if it was written after all —
+    /// its user was told it could not be taken.
+    fn settle_later(self: &Arc<Self>, keys: crate::store::pg::IntakeKeys, id: RequestId) {
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut pause = Duration::from_secs(1);
+            for _ in 0..40 {
+                tokio::time::sleep(pause).await;
+                match engine.replica.log().settle(keys).await {
+                    Ok(Some(found)) if found == id => {
+                        match engine.replica.cancel(id).await {
+                            Ok(_) => {
+                                tracing::warn!(request_id = %id, "cancelled a request its user was told could not be taken (it had committed after all)")
+                            }
+                            Err(e) => {
+                                tracing::error!(request_id = %id, error = %e, "a request its user was told could not be taken had committed, and could not be cancelled")
+                            }
+                        }
+                        return;
+                    }
+                    Ok(_) => return,
+                    Err(_) => pause = (pause * 2).min(Duration::from_secs(30)),
+                }
+            }
+            tracing::error!(request_id = %id, "could not learn whether a refused request committed");
+        });
+    }
+}
+
+impl Engine for Arc<ReplicaEngine> {
+    type Store = MemoryStore;
+    type Admission = Admission;
+
+    fn store(&self) -> &MemoryStore {
+        &self.mirror
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&LiveState) -> R) -> R {
+        f(&self.view())
+    }
+
+    fn admit(&self, req: NewRequest, limits: &Limits) -> Result<Admission, AcceptError> {
+        self.replica.admit_now(req, limits)
+    }
+
+    /// Nothing to note: a commit that failed wrote nothing, and one whose
+    /// outcome is unknown is settled by [`Engine::confirm`] itself.
+    fn written(_: &Admission) -> Option<RequestId> {
+        None
+    }
+
+    async fn confirm(&self, admission: Admission) -> Result<Admitted, AcceptError> {
+        let keys = admission.keys();
+        match self.replica.admitted(admission).await {
+            Ok(Admitted::Queued { id, position, seq }) => {
+                let seq = if seq == 0 {
+                    self.replica.log().last_position()
+                } else {
+                    seq
+                };
+                self.shown(seq).await?;
+                let position = if position == 0 {
+                    self.read(|s| s.position(id)).unwrap_or(1)
+                } else {
+                    position
+                };
+                Ok(Admitted::Queued { id, position, seq })
+            }
+            Ok(Admitted::Duplicate { id }) => {
+                // Made by another replica a moment ago, perhaps: shown
+                // before its status is read.
+                let _ = self.shown(self.replica.log().last_position()).await;
+                Ok(Admitted::Duplicate { id })
+            }
+            Err(AcceptError::Unwritten { id, error }) => {
+                self.settle_later(keys, id);
+                Err(AcceptError::Store(error))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The copy holds only what committed: durable already.
+    async fn durable(&self, _seq: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn choose_model(&self, user: UserId, model: ModelName) -> Result<(), CoreError> {
+        let rec = self.replica.choose_model(user, model).await?;
+        self.shown(rec.seq).await?;
+        Ok(())
+    }
+
+    async fn cancel_queued(
+        &self,
+        user: UserId,
+        prefix: Option<&str>,
+        issued_by: Option<u32>,
+    ) -> Result<Cancel, CoreError> {
+        let ids = match self.read(|s| to_cancel(s, user, prefix, issued_by)) {
+            Ok(ids) => ids,
+            Err(ambiguous) => return Ok(ambiguous),
+        };
+        let mut done = Vec::new();
+        let mut last = 0;
+        for id in ids {
+            // Refused when it started meanwhile, on any replica.
+            match self.replica.cancel(id).await {
+                Ok(rec) => {
+                    last = rec.seq;
+                    done.push(id);
+                }
+                Err(ReplicaError::Refused(_) | ReplicaError::NotFound(_)) => {}
+                Err(ReplicaError::Store(e)) => return Err(CoreError::Store(e)),
+                Err(e) => return Err(CoreError::Store(StoreError::Write(e.to_string().into()))),
+            }
+        }
+        if last > 0 {
+            self.shown(last).await?;
+        }
+        Ok(Cancel::Done(done))
+    }
+}
+
+impl ReplicaEngine {
+    /// The highest position the copy holds.
+    pub fn position(&self) -> u64 {
+        self.mirror.last_seq()
+    }
+}
