@@ -161,6 +161,7 @@ impl ReplicaEngine {
 impl Engine for Arc<ReplicaEngine> {
     type Store = MemoryStore;
     type Admission = Admission;
+    const REDELIVER_UNCOMMITTED: bool = true;
 
     fn store(&self) -> &MemoryStore {
         &self.mirror

@@ -18,6 +18,12 @@ pub trait Engine: Send + Sync + 'static {
     /// calls) but not yet acknowledged: [`Engine::confirm`] answers it.
     type Admission: Send;
 
+    /// An update whose request could not be committed is handed back to
+    /// Telegram — the webhook answers `5xx` and Telegram delivers it again,
+    /// to any replica (§9) — instead of being answered "couldn't take that
+    /// request". Only where another try can succeed elsewhere: replicas.
+    const REDELIVER_UNCOMMITTED: bool = false;
+
     fn store(&self) -> &Self::Store;
 
     /// Reads the live projection.

@@ -100,6 +100,17 @@ impl Refused {
     }
 }
 
+/// What became of an update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// Recorded, or answered: Telegram may forget it.
+    Done,
+    /// Its request could not be committed and nobody was told: Telegram
+    /// should deliver it again (the webhook answers `5xx`; only engines
+    /// with [`Engine::REDELIVER_UNCOMMITTED`]).
+    Redeliver,
+}
+
 /// What a message needs, decided before anything is recorded: the one
 /// routing of both intake and the stand-in (which answers while the log
 /// refuses writes). Order of the contract: not-for-us, then the
@@ -163,7 +174,7 @@ impl<E: Engine> Intake<E> {
     /// Records nothing before `turn` comes (the earlier updates of its batch
     /// have recorded theirs), and passes the turn on as soon as it has
     /// recorded what it records, before any reply or durability wait.
-    pub async fn handle(&self, update: Update, turn: Turn) {
+    pub async fn handle(&self, update: Update, turn: Turn) -> Handled {
         let update_id = update.id.0;
         // Every line about this update carries its id, and the request's
         // once there is one (see `answer_admission`).
@@ -179,12 +190,12 @@ impl<E: Engine> Intake<E> {
                 match update.kind {
                     UpdateKind::Message(msg) => self.message(update_id, &msg, turn).await,
                     UpdateKind::CallbackQuery(q) => self.callback(update_id, &q, turn).await,
-                    _ => {}
+                    _ => Handled::Done,
                 }
             },
             span,
         )
-        .await;
+        .await
     }
 
     async fn send(&self, to: Reply, text: String) -> Option<Message> {
@@ -197,13 +208,13 @@ impl<E: Engine> Intake<E> {
         }
     }
 
-    async fn message(&self, update_id: u32, msg: &Message, mut turn: Turn) {
+    async fn message(&self, update_id: u32, msg: &Message, mut turn: Turn) -> Handled {
         // A photo's caption is its text (image to image, §8).
         let Some(text) = msg.text().or_else(|| msg.caption()) else {
-            return;
+            return Handled::Done;
         };
         let Some(user) = msg.from.as_ref() else {
-            return;
+            return Handled::Done;
         };
         let user_id = i64::try_from(user.id.0).unwrap_or(i64::MAX);
         let language = words::language_code(user.language_code.as_deref());
@@ -223,14 +234,14 @@ impl<E: Engine> Intake<E> {
         let input = match routed {
             Route::UseLog(input) => input,
             // Nothing to record or read: the next update may go ahead.
-            Route::Ignore => return,
+            Route::Ignore => return Handled::Done,
             Route::Answer(text) => {
                 turn.pass();
                 if !self.allowed(user_id) {
                     self.rejected(crate::metrics::Rejection::not_allowed);
                 }
                 self.send(to, text).await;
-                return;
+                return Handled::Done;
             }
         };
         match input {
@@ -254,7 +265,7 @@ impl<E: Engine> Intake<E> {
                         None => {
                             turn.pass();
                             self.send(to, words::usage(lang, &self.model_names())).await;
-                            return;
+                            return Handled::Done;
                         }
                     },
                 };
@@ -269,7 +280,13 @@ impl<E: Engine> Intake<E> {
                     .or_else(|| msg.reply_to_message().and_then(Message::photo))
                     .map(<[PhotoSize]>::to_vec)
                     .map(InputImage::Photo);
-                self.image(to, origin, &model, draw, photo, turn).await;
+                if self
+                    .image(to, origin, &model, draw, photo, turn)
+                    .await
+                    .is_none()
+                {
+                    return Handled::Redeliver;
+                }
             }
             Input::Model(choice) => {
                 let text = self.model_choice(UserId(user_id), choice, lang).await;
@@ -319,9 +336,12 @@ impl<E: Engine> Intake<E> {
             // `route` hands over only the inputs above.
             other => tracing::error!(?other, "routed to the log by mistake"),
         }
+        Handled::Done
     }
 
-    /// Validation, limits, the durable `Queued` event, then the reply.
+    /// Validation, limits, the durable `Queued` event, then the reply;
+    /// what the user was told, or None when nobody was (see
+    /// [`Handled::Redeliver`]).
     async fn image(
         &self,
         to: Reply,
@@ -330,7 +350,7 @@ impl<E: Engine> Intake<E> {
         draw: Draw<'_>,
         input: Option<InputImage>,
         mut turn: Turn,
-    ) -> String {
+    ) -> Option<String> {
         let lang = Lang::of(origin.language.as_deref());
         // Validation records nothing: the next update may go ahead.
         let remembered = matches!(
@@ -354,7 +374,7 @@ impl<E: Engine> Intake<E> {
             turn.pass();
             self.rejected(crate::metrics::Rejection::invalid);
             self.send(to, text.clone()).await;
-            return text;
+            return Some(text);
         }
         let checked = self.check_image(lang, model, draw);
         let checked = match checked {
@@ -380,7 +400,7 @@ impl<E: Engine> Intake<E> {
                     crate::metrics::Rejection::unknown_model
                 });
                 self.send(to, text.clone()).await;
-                return text;
+                return Some(text);
             }
         };
         let chat = origin.chat_id.0;
@@ -595,7 +615,7 @@ impl<E: Engine> Intake<E> {
         name: ModelName,
         lang: Lang,
         admitted: Result<Admitted, AcceptError>,
-    ) -> String {
+    ) -> Option<String> {
         if let Ok(Admitted::Queued { id, .. } | Admitted::Duplicate { id }) = &admitted {
             let span = tracing::Span::current();
             span.record("request_id", tracing::field::display(id));
@@ -610,7 +630,7 @@ impl<E: Engine> Intake<E> {
                     self.board
                         .register(id, chat, m.id.0, name, lang, text.clone());
                 }
-                text
+                Some(text)
             }
             Ok(Admitted::Duplicate { id }) => {
                 tracing::info!("redelivered update; its request exists");
@@ -629,26 +649,32 @@ impl<E: Engine> Intake<E> {
                     self.board
                         .register(id, chat, m.id.0, name, lang, text.clone());
                 }
-                text.unwrap_or_else(|| words::already_done(lang))
+                Some(text.unwrap_or_else(|| words::already_done(lang)))
             }
             Err(AcceptError::Rejected(Rejection::RateLimited { retry_after_secs })) => {
                 self.rejected(crate::metrics::Rejection::rate_limited);
                 let text = words::rate_limited(lang, retry_after_secs);
                 self.send(to, text.clone()).await;
-                text
+                Some(text)
             }
             Err(AcceptError::Rejected(Rejection::TooManyPending { max, .. })) => {
                 self.rejected(crate::metrics::Rejection::too_many_pending);
                 let text = words::too_many_pending(lang, max);
                 self.send(to, text.clone()).await;
-                text
+                Some(text)
+            }
+            Err(AcceptError::Store(e) | AcceptError::Unwritten { error: e, .. })
+                if E::REDELIVER_UNCOMMITTED =>
+            {
+                tracing::warn!(error = %e, "could not commit a request; Telegram will deliver the update again");
+                None
             }
             Err(AcceptError::Store(e) | AcceptError::Unwritten { error: e, .. }) => {
                 self.rejected(crate::metrics::Rejection::unavailable);
                 tracing::error!(error = %e, "could not record a request");
                 let text = words::busy(lang);
                 self.send(to, text.clone()).await;
-                text
+                Some(text)
             }
         }
     }
@@ -688,7 +714,7 @@ impl<E: Engine> Intake<E> {
         self.api.answer_query(query, text).await;
     }
 
-    async fn callback(&self, update_id: u32, query: &CallbackQuery, mut turn: Turn) {
+    async fn callback(&self, update_id: u32, query: &CallbackQuery, mut turn: Turn) -> Handled {
         let user_id = i64::try_from(query.from.id.0).unwrap_or(i64::MAX);
         let language = words::language_code(query.from.language_code.as_deref());
         let lang = Lang::of(language.as_deref());
@@ -700,15 +726,15 @@ impl<E: Engine> Intake<E> {
         }
         if !self.allowed(user_id) {
             self.answer(query, words::not_allowed(lang)).await;
-            return;
+            return Handled::Done;
         }
         let Some(chat) = query.message.as_ref().map(|m| m.chat().id.0) else {
             self.answer(query, words::unknown_button(lang)).await;
-            return;
+            return Handled::Done;
         };
         let Some(button) = button else {
             self.answer(query, words::unknown_button(lang)).await;
-            return;
+            return Handled::Done;
         };
         let id = button.request();
         let events: Vec<_> = match self.core.store().events_of(id) {
@@ -716,7 +742,7 @@ impl<E: Engine> Intake<E> {
             Err(e) => {
                 tracing::error!(error = %e, "could not read a request for a button");
                 self.answer(query, words::busy(lang)).await;
-                return;
+                return Handled::Done;
             }
         };
         // A button acts only on a request of the chat it is pressed in
@@ -733,11 +759,11 @@ impl<E: Engine> Intake<E> {
         }) = events.first().map(|r| &r.event)
         else {
             self.answer(query, words::unknown_button(lang)).await;
-            return;
+            return Handled::Done;
         };
         if origin.chat_id.0 != chat {
             self.answer(query, words::unknown_button(lang)).await;
-            return;
+            return Handled::Done;
         }
         match button {
             Button::Again(_) => {
@@ -767,6 +793,9 @@ impl<E: Engine> Intake<E> {
                         turn,
                     )
                     .await;
+                let Some(told) = told else {
+                    return Handled::Redeliver;
+                };
                 self.answer(query, told).await;
             }
             Button::Original(_) => {
@@ -779,7 +808,7 @@ impl<E: Engine> Intake<E> {
                     .and_then(|i| self.images.load(i).ok().flatten());
                 let (Some(image), Some(bytes)) = (image, bytes) else {
                     self.answer(query, words::original_expired(lang)).await;
-                    return;
+                    return Handled::Done;
                 };
                 self.answer(query, words::original_sending(lang)).await;
                 let to = Reply {
@@ -799,6 +828,7 @@ impl<E: Engine> Intake<E> {
                 }
             }
         }
+        Handled::Done
     }
 }
 

@@ -21,6 +21,7 @@ use teloxide::types::{AllowedUpdate, Update};
 use tokio_util::sync::CancellationToken;
 
 use super::api::{Policy, TelegramApi, TgError};
+use super::intake::Handled;
 use super::turn::Turn;
 use crate::engine::Engine;
 
@@ -199,7 +200,11 @@ async fn receive<E: Engine>(
     };
     let handled = tokio::spawn(async move { intake.handle(update, Turn::alone()).await });
     match handled.await {
-        Ok(()) => (StatusCode::OK, "ok\n"),
+        Ok(Handled::Done) => (StatusCode::OK, "ok\n"),
+        Ok(Handled::Redeliver) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the update could not be committed; deliver it again\n",
+        ),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "the update could not be handled\n",
