@@ -24,14 +24,7 @@ use serde_json::Value;
 
 #[path = "common/binary.rs"]
 mod binary;
-use binary::{KEY, TOKEN, bot_command, cli, fakes, free_addr, terminate, wait_ready};
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use binary::{KEY, TOKEN, bot_command, cli, env_num, fakes, free_addr, terminate, wait_ready};
 
 struct Rng(u64);
 
