@@ -236,14 +236,6 @@ fn main() -> ExitCode {
     easel::store::disk::private_umask();
     let cli = Cli::parse();
     let result = match cli.command {
-        // A replica takes updates by webhook only: polling needs an
-        // elected poller, not built yet (docs/scale-out.md). Said rather
-        // than silently serving from the data dir.
-        Command::Run { webhook: false } if cli.database_url.is_some() => Err(Failure::Config(
-            easel::config::ConfigError(vec![
-                "EASEL_DATABASE_URL is set: a replica on PostgreSQL takes updates by webhook — run `easel run --webhook` (long polling by an elected replica is not built yet, docs/scale-out.md), or unset EASEL_DATABASE_URL to run on the data dir.".into(),
-            ]),
-        )),
         Command::Run { webhook } => run(cli.data_dir, webhook, cli.database_url),
         Command::Webhook(w) => webhook(w),
         Command::Migrate { to } => migrate(cli.data_dir, cli.database_url, &to),
@@ -395,7 +387,9 @@ fn run(data_dir: Option<PathBuf>, webhook: bool, database: Option<String>) -> Re
             signal.cancel();
         });
         match database {
-            Some(url) => app::replica::run(settings, secrecy::SecretString::from(url), stop).await,
+            Some(url) => {
+                app::replica::run(settings, secrecy::SecretString::from(url), webhook, stop).await
+            }
             None => app::run_with(settings, stop, webhook).await,
         }
     })?;

@@ -1226,9 +1226,8 @@ async fn migrate_copies_a_sled_log_into_an_empty_database_exactly() {
             "{args:?}"
         );
     }
-    // What does not read the database says so (and `run` does not quietly
-    // serve from the data dir).
-    for args in [&["run"][..], &["compact"][..]] {
+    // What does not read the database says so.
+    for args in [&["compact"][..]] {
         let (code, out) = easel_cli(dir.path(), Some(&url), args).await;
         assert_eq!(code, 2, "{args:?}: {out}");
         assert!(out.contains("EASEL_DATABASE_URL"), "{out}");
@@ -1304,10 +1303,20 @@ fn start_replica(
     fakes: &(FakeTelegram, FakeWorker, FakeWorker, FakeLlm),
     extra: &[(&str, &str)],
 ) -> Replicant {
+    start_replica_with(url, fakes, extra, &["run", "--webhook"])
+}
+
+/// [`start_replica`] with the command's arguments (`run` alone: polling).
+fn start_replica_with(
+    url: &str,
+    fakes: &(FakeTelegram, FakeWorker, FakeWorker, FakeLlm),
+    extra: &[(&str, &str)],
+    args: &[&str],
+) -> Replicant {
     let dir = tempfile::tempdir().unwrap();
     let (hook, health) = (binary::free_addr(), binary::free_addr());
     let (tg, flux, sdxl, llm) = fakes;
-    let mut command = binary::bot_command(dir.path(), tg, flux, sdxl, llm, &["run", "--webhook"]);
+    let mut command = binary::bot_command(dir.path(), tg, flux, sdxl, llm, args);
     command
         .env("EASEL_DATABASE_URL", url)
         .env("EASEL_WEBHOOK_LISTEN", &hook)
@@ -1688,4 +1697,91 @@ async fn killed_replicas_and_a_database_restart_lose_nothing_acknowledged() {
         "an update made two requests, or none"
     );
     assert_eq!(count("delivered"), users);
+}
+
+/// Photos sent to `chat` so far.
+fn photos_to(tg: &FakeTelegram, chat: i64) -> usize {
+    tg.calls()
+        .iter()
+        .filter(|c| c.method == "sendPhoto" && c.chat_id == Some(chat))
+        .count()
+}
+
+/// Waits (`secs` at most) until every chat in `chats` got a photo.
+async fn until_photos(tg: &FakeTelegram, chats: std::ops::RangeInclusive<i64>, secs: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let missing: Vec<i64> = chats.clone().filter(|c| photos_to(tg, *c) == 0).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no photo in {secs} s for users {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// §9 long polling with replicas, on the built binary: two `easel run`
+/// replicas on one database without a webhook elect one poller (the
+/// holder of the poller's lease); requests sent meanwhile are each
+/// admitted once and delivered; the poller is `kill -9`ed, and the other
+/// replica takes over polling from the offset saved in the database once
+/// the lease runs out — every later request is delivered too, no update
+/// makes two requests, and `replay --verify` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_elect_one_poller_and_another_takes_over_when_it_dies() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let fakes = binary::fakes(Duration::from_millis(10)).await;
+    let client = reqwest::Client::new();
+    let lease = [("EASEL_LEASE_SECS", "3")];
+    let mut replicas: Vec<Replicant> = (0..2)
+        .map(|_| start_replica_with(&url, &fakes, &lease, &["run"]))
+        .collect();
+    for r in &replicas {
+        binary::wait_ready(&client, &r.health).await;
+    }
+    let tg = &fakes.0;
+    for user in 1..=6i64 {
+        tg.user_sends(user, user, &format!("/image=flux=picture {user}"));
+    }
+    until_photos(tg, 1..=6, 30).await;
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let holder: String = admin
+        .query_one(
+            "SELECT holder FROM easel_leases WHERE model = '@telegram-poller' \
+             AND lease_until > clock_timestamp()",
+            &[],
+        )
+        .await
+        .expect("one replica holds the poller's lease")
+        .get(0);
+    let pid = holder_pid(&holder).unwrap();
+    let at = replicas.iter().position(|r| r.child.id() == pid).unwrap();
+    replicas[at].child.kill().unwrap();
+    replicas[at].child.wait().unwrap();
+    for user in 7..=12i64 {
+        tg.user_sends(user, user, &format!("/image=flux=picture {user}"));
+    }
+    until_photos(tg, 7..=12, 30).await;
+    let survivor = 1 - at;
+    binary::terminate(&mut replicas[survivor].child);
+    let photos: usize = (1..=12).map(|c| photos_to(tg, c)).sum();
+    assert!(photos <= 13, "{photos} photos for 12 requests");
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = easel_cli(dir.path(), Some(&url), &["export"]).await;
+    assert_eq!(code, 0, "{out}");
+    let queued = out
+        .lines()
+        .filter(|l| l.contains("\"type\":\"queued\""))
+        .count();
+    assert_eq!(queued, 12, "an update made two requests, or none");
+    let (code, out) = easel_cli(dir.path(), Some(&url), &["replay", "--verify"]).await;
+    assert_eq!(code, 0, "{out}");
 }

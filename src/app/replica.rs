@@ -4,7 +4,8 @@
 //! copy of the log and its projection follow it (`engine::mirror`), one
 //! `ReplicaRunner` per model competes for the model's lease, and updates
 //! arrive by Telegram's webhook (any replica may get any update; the
-//! database admits each once). Nothing here is kept on local disk but the
+//! database admits each once) or by long polling from the one replica
+//! holding the poller's lease. Nothing here is kept on local disk but the
 //! images this replica makes.
 
 use std::sync::Arc;
@@ -18,10 +19,12 @@ use tokio_util::sync::CancellationToken;
 use super::{ABORT_WAIT, DRAIN, StartError, Watch, set_commands, who_am_i};
 use crate::config::Settings;
 use crate::engine::mirror::ReplicaEngine;
-use crate::engine::replica::{LeaseTimes, Replica, ReplicaRunner};
+use crate::engine::replica::{LeaseTimes, Replica, ReplicaRunner, keep};
 use crate::engine::{ImageStore, Retries, Stages, SystemClock};
 use crate::services::{ImageWorkers, LlmEnhancer, MAX_CONNECTIONS, http_client};
+use crate::store::pg::Claimed;
 use crate::telegram::intake::Refused;
+use crate::telegram::poll;
 use crate::telegram::{Intake, StatusBoard, TelegramApi, TelegramDeliverer};
 
 /// This replica's name in the leases it takes: unique per process, and
@@ -43,6 +46,7 @@ fn holder_name() -> String {
 pub async fn run(
     settings: Settings,
     url: SecretString,
+    webhook: bool,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let token = settings.telegram_token.clone().ok_or_else(|| {
@@ -53,11 +57,18 @@ pub async fn run(
             "No image model is configured: set FLUX_WORKER_URL or SDXL_WORKER_URL, or add a [[models]] entry with a url to easel.toml.".into(),
         ));
     }
-    let (Some(addr), Some(secret)) = (settings.webhook.listen, settings.webhook.secret.clone())
-    else {
-        return Err(StartError::Config(
-            "with EASEL_DATABASE_URL, `easel run --webhook` takes updates by Telegram's webhook: set EASEL_WEBHOOK_LISTEN (where to listen) and EASEL_WEBHOOK_SECRET (the secret token `easel webhook set` registered). Long polling by an elected replica is not built yet (docs/scale-out.md).".into(),
-        ));
+    let hook = match (
+        webhook,
+        settings.webhook.listen,
+        settings.webhook.secret.clone(),
+    ) {
+        (false, ..) => None,
+        (true, Some(addr), Some(secret)) => Some((addr, secret)),
+        (true, ..) => {
+            return Err(StartError::Config(
+                "`easel run --webhook` needs EASEL_WEBHOOK_LISTEN (where to listen) and EASEL_WEBHOOK_SECRET (the secret token `easel webhook set` registered).".into(),
+            ));
+        }
     };
     let settings = Arc::new(settings);
     tracing::info!("starting easel as a replica on PostgreSQL\n{settings}");
@@ -132,6 +143,10 @@ pub async fn run(
     set_commands(&api, &settings).await;
 
     let engine = Arc::new(engine);
+    let times = LeaseTimes {
+        ttl: settings.lease,
+        renew_every: settings.lease / 3,
+    };
     let (board, board_task) = StatusBoard::new(
         Arc::clone(&engine),
         Arc::clone(&api),
@@ -149,10 +164,6 @@ pub async fn run(
             Arc::clone(&deliverer),
             Arc::clone(&images),
         );
-        let times = LeaseTimes {
-            ttl: settings.lease,
-            renew_every: settings.lease / 3,
-        };
         let runner = ReplicaRunner::new(Arc::clone(&replica), stages, times);
         let stop = shutdown.clone();
         tasks.spawn(async move { runner.run(stop).await });
@@ -168,16 +179,28 @@ pub async fn run(
         metrics: Some(Arc::clone(&metrics)),
     });
     let slot = crate::telegram::webhook::Slot::default();
-    crate::telegram::webhook::serve(addr, Arc::clone(&slot), secret, shutdown.clone())
-        .await
-        .map_err(|e| {
-            StartError::Other(anyhow::anyhow!(
-                "cannot listen on {addr} (EASEL_WEBHOOK_LISTEN): {e}"
-            ))
-        })?;
-    *slot
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(intake);
+    match hook {
+        Some((addr, secret)) => {
+            crate::telegram::webhook::serve(addr, Arc::clone(&slot), secret, shutdown.clone())
+                .await
+                .map_err(|e| {
+                    StartError::Other(anyhow::anyhow!(
+                        "cannot listen on {addr} (EASEL_WEBHOOK_LISTEN): {e}"
+                    ))
+                })?;
+            *slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(intake);
+        }
+        None => {
+            tasks.spawn(elected_poller(
+                Arc::clone(&replica),
+                intake,
+                times,
+                shutdown.clone(),
+            ));
+        }
+    }
     health.set(crate::health::Part::Engine, None);
     health.set(crate::health::Part::Log, None);
     tracing::info!("replica running");
@@ -202,4 +225,54 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The poller's lease, among the models' (no model name starts with `@`).
+const POLLER: &str = "@telegram-poller";
+
+/// Long polling from exactly one replica (§9): the replica holding the
+/// poller's lease polls, with the offset kept in the database, renewing
+/// the lease as a generation does; when it loses the lease (it hung, or
+/// lost the database) it stops polling, and when it dies the lease runs
+/// out and another replica, trying every half lease, takes over from the
+/// saved offset. Updates a dying poller handled after its last saved
+/// offset come again to the next one and are found by their update id.
+async fn elected_poller(
+    replica: Arc<Replica>,
+    intake: Arc<Intake<Arc<ReplicaEngine>>>,
+    times: LeaseTimes,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let claimed = tokio::select! {
+            c = replica.log().claim(POLLER, replica.holder(), times.ttl, Vec::new()) => c,
+            () = shutdown.cancelled() => return,
+        };
+        match claimed {
+            Ok(Claimed::Won { mut lease, .. }) => {
+                tracing::info!(epoch = lease.epoch, "elected to poll Telegram");
+                let polling = shutdown.child_token();
+                let poller = tokio::spawn(poll::poll(Arc::clone(&intake), polling.clone()));
+                tokio::select! {
+                    () = keep(&replica, &mut lease, times) => {
+                        tracing::warn!("lost the poller's lease: stopped polling");
+                    }
+                    () = shutdown.cancelled() => {}
+                }
+                polling.cancel();
+                let _ = poller.await;
+                // Free at once for another replica (a stop, or a lease
+                // already lost: then this changes nothing).
+                if let Err(e) = replica.release(&lease).await {
+                    tracing::warn!(error = %e, "could not release the poller's lease; it runs out");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not ask for the poller's lease"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(times.ttl / 2) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }

@@ -223,6 +223,25 @@ impl Engine for Arc<ReplicaEngine> {
         Ok(())
     }
 
+    /// In the database: the poller elected next goes on from it.
+    async fn saved_offset(&self) -> Option<u32> {
+        let bytes = self
+            .replica
+            .log()
+            .get_meta(crate::telegram::poll::OFFSET_KEY)
+            .await
+            .ok()
+            .flatten()?;
+        Some(u32::from_be_bytes(bytes.as_slice().try_into().ok()?))
+    }
+
+    async fn save_offset(&self, update_id: u32) -> Result<(), StoreError> {
+        self.replica
+            .log()
+            .put_meta(crate::telegram::poll::OFFSET_KEY, &update_id.to_be_bytes())
+            .await
+    }
+
     async fn cancel_queued(
         &self,
         user: UserId,

@@ -58,6 +58,12 @@ pub trait Engine: Send + Sync + 'static {
         model: ModelName,
     ) -> impl Future<Output = Result<(), CoreError>> + Send;
 
+    /// The last Telegram update long polling handled, if any.
+    fn saved_offset(&self) -> impl Future<Output = Option<u32>> + Send;
+
+    /// Saves the last Telegram update long polling handled.
+    fn save_offset(&self, update_id: u32) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Cancels `user`'s queued requests of updates before `issued_by`:
     /// all, or the one whose id starts with `prefix`.
     fn cancel_queued(
@@ -101,6 +107,15 @@ impl<S: EventStore> Engine for Core<S> {
 
     async fn choose_model(&self, user: UserId, model: ModelName) -> Result<(), CoreError> {
         Core::choose_model(self, user, model).await.map(drop)
+    }
+
+    async fn saved_offset(&self) -> Option<u32> {
+        crate::telegram::poll::saved_offset(self.store())
+    }
+
+    async fn save_offset(&self, update_id: u32) -> Result<(), StoreError> {
+        self.store()
+            .put_meta(crate::telegram::poll::OFFSET_KEY, &update_id.to_be_bytes())
     }
 
     async fn cancel_queued(

@@ -547,7 +547,7 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
 /// refused (expired, or taken over), or not renewable and at most one
 /// renewal period from its local deadline — so a replica cut off from
 /// the database stops before another can take the lease over.
-async fn keep(replica: &Replica, lease: &mut Lease, times: LeaseTimes) {
+pub async fn keep(replica: &Replica, lease: &mut Lease, times: LeaseTimes) {
     loop {
         let wake = (tokio::time::Instant::now() + times.renew_every).min(
             lease

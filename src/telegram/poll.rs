@@ -19,7 +19,8 @@ use crate::engine::Engine;
 use crate::store::EventStore;
 use tokio_util::sync::CancellationToken;
 
-const OFFSET_KEY: &str = "telegram/offset";
+/// Where the last handled update id is kept (a meta value).
+pub(crate) const OFFSET_KEY: &str = "telegram/offset";
 /// Updates of one batch handled at once.
 const CONCURRENCY: usize = 16;
 
@@ -32,7 +33,11 @@ pub fn saved_offset(store: &impl EventStore) -> Option<u32> {
 /// Polls until `shutdown`; returns after the batch in hand is handled,
 /// with the offset the next `getUpdates` would pass.
 pub async fn poll<E: Engine>(intake: Arc<Intake<E>>, shutdown: CancellationToken) -> i32 {
-    let offset: i32 = saved_offset(intake.core.store()).map_or(0, |u| (u as i32).wrapping_add(1));
+    let offset: i32 = intake
+        .core
+        .saved_offset()
+        .await
+        .map_or(0, |u| (u as i32).wrapping_add(1));
     let semaphore = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let api = Arc::clone(&intake.api);
     updates_loop(&api, offset, &shutdown, |updates| {
@@ -43,21 +48,24 @@ pub async fn poll<E: Engine>(intake: Arc<Intake<E>>, shutdown: CancellationToken
     .await
 }
 
-/// A batch handler's work, owned so the loop stays `Send`.
-pub(crate) type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// A batch handler's work, owned so the loop stays `Send`: the first
+/// update of the batch to fetch again (one whose request could not be
+/// committed and nobody was told: [`super::intake::Handled::Redeliver`]),
+/// or None when the whole batch is done.
+pub(crate) type BoxFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<u32>> + Send>>;
 
 /// Handles one batch (at most [`CONCURRENCY`] at once), then saves its
-/// offset. Updates record in `update_id` order (see [`Turn`]); their
-/// replies and durability waits overlap.
+/// offset — only up to before an update to fetch again, which it returns.
+/// Updates record in `update_id` order (see [`Turn`]); their replies and
+/// durability waits overlap.
 async fn handle_batch<E: Engine>(
     intake: Arc<Intake<E>>,
     semaphore: Arc<tokio::sync::Semaphore>,
     mut updates: Vec<Update>,
-) {
+) -> Option<u32> {
     updates.sort_by_key(|u| u.id.0);
-    let Some(last) = updates.last().map(|u| u.id.0) else {
-        return;
-    };
+    let last = updates.last().map(|u| u.id.0)?;
     let mut tasks = tokio::task::JoinSet::new();
     let turns = Turn::batch(updates.len());
     for (update, turn) in updates.into_iter().zip(turns) {
@@ -67,19 +75,31 @@ async fn handle_batch<E: Engine>(
         let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
             break;
         };
+        let id = update.id.0;
         tasks.spawn(async move {
-            intake.handle(update, turn).await;
+            let handled = intake.handle(update, turn).await;
             drop(permit);
+            (id, handled)
         });
     }
-    while tasks.join_next().await.is_some() {}
-    if let Err(e) = intake
-        .core
-        .store()
-        .put_meta(OFFSET_KEY, &last.to_be_bytes())
+    let mut again: Option<u32> = None;
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((id, super::intake::Handled::Redeliver)) = joined {
+            again = Some(again.map_or(id, |a| a.min(id)));
+        }
+    }
+    // Updates after one to fetch again come again too: their requests are
+    // found by update id.
+    let done = match again {
+        Some(id) => id.checked_sub(1),
+        None => Some(last),
+    };
+    if let Some(done) = done
+        && let Err(e) = intake.core.save_offset(done).await
     {
         tracing::warn!(error = %e, "could not save the Telegram offset");
     }
+    again
 }
 
 /// The `getUpdates` loop shared by the engine's poller and the stand-in
@@ -143,8 +163,15 @@ pub(crate) async fn updates_loop(
         let Some(last) = updates.last().map(|u| u.id.0) else {
             continue;
         };
-        batch(updates).await;
-        offset = (last as i32).wrapping_add(1);
+        offset = match batch(updates).await {
+            // Fetched again after a pause (Telegram keeps it: nothing
+            // before it was confirmed past it).
+            Some(again) => {
+                sleep_or_stop(Duration::from_secs(1), shutdown).await;
+                again as i32
+            }
+            None => (last as i32).wrapping_add(1),
+        };
     }
 }
 

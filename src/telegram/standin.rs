@@ -29,12 +29,16 @@ pub async fn answer_while_down(
     until: CancellationToken,
 ) -> i32 {
     let next = updates_loop(&api, offset, &until, |updates| {
-        Box::pin(answer_batch(
+        let answered = answer_batch(
             Arc::clone(&api),
             Arc::clone(&settings),
             username.clone(),
             updates,
-        ))
+        );
+        Box::pin(async move {
+            answered.await;
+            None
+        })
     })
     .await;
     if next != offset {
