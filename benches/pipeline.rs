@@ -11,6 +11,17 @@
 //! same disk and the same durability; "on" is what `easel run` does with
 //! `EASEL_METRICS_ADDR` set: the log-following projection, the flush
 //! observer, the lane gauges, and a scrape (render) every second.
+//!
+//! `cargo bench --bench pipeline -- replicas [REQUESTS]`: the same
+//! pipeline (two models) on PostgreSQL (§9, issue 17) with one replica and
+//! with three (separate `Replica`s, each with its own committer, pool and
+//! a `ReplicaRunner` per model, competing for the models' leases), beside
+//! sled in the same run; the database on a throwaway cluster with
+//! `fsync=on` and `synchronous_commit=on` (skipped, saying so, where no
+//! PostgreSQL binaries exist).
+
+#[path = "../tests/common/pg.rs"]
+mod pg;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -197,6 +208,10 @@ fn main() {
         rt.block_on(metrics_overhead(requests));
         return;
     }
+    if std::env::args().any(|a| a == "replicas") {
+        rt.block_on(replicas(requests));
+        return;
+    }
     rt.block_on(async {
         let (one, ..) = run(&["flux"], requests, false, false).await;
         let (two, ..) = run(&["flux", "sdxl"], requests, false, false).await;
@@ -252,4 +267,106 @@ async fn metrics_overhead(requests: u64) {
         100.0 * (b - a) / a,
         100.0 * (cb - ca) / ca
     );
+}
+
+/// Sled, one replica and three replicas on PostgreSQL, the same requests
+/// and instant steps, in one run.
+async fn replicas(requests: u64) {
+    let (sled, ..) = run(&["flux", "sdxl"], requests, false, false).await;
+    println!("sled, two models, {requests} requests: {sled:.0} requests/s");
+    let cluster = match pg::start_durable() {
+        Ok(c) => c,
+        Err(why) => {
+            println!("*** PostgreSQL SKIPPED: {why}");
+            return;
+        }
+    };
+    for n in [1usize, 3] {
+        let url = cluster.fresh_database().await;
+        let rate = on_replicas(&url, n, requests).await;
+        println!(
+            "PostgreSQL, {n} replica(s), two models, {requests} requests: {rate:.0} requests/s ({:.2}x sled)",
+            rate / sled
+        );
+    }
+    cluster.stop();
+}
+
+/// Requests carried from `Queued` to `Done` per second by `replicas`
+/// replicas of one database: queued first (through the replicas in
+/// turn), then timed from the runners' start until every request's
+/// `delivered` is committed.
+async fn on_replicas(url: &str, replicas: usize, requests: u64) -> f64 {
+    use easel::engine::Stages;
+    use easel::engine::replica::{LeaseTimes, Replica, ReplicaRunner};
+    let mut all = Vec::new();
+    for i in 0..replicas {
+        let r = Replica::connect(
+            &secrecy::SecretString::from(url.to_owned()),
+            format!("bench-{i}"),
+            Arc::new(SystemClock),
+        )
+        .await
+        .expect("replica");
+        all.push(Arc::new(r));
+    }
+    let limits = Limits {
+        max_pending: u32::MAX,
+        rate: RateLimit {
+            count: u32::MAX,
+            window_secs: 1,
+        },
+    };
+    let models = ["flux", "sdxl"];
+    for n in 0..requests {
+        let req = NewRequest {
+            model: ModelName::parse(models[(n % 2) as usize]).expect("model"),
+            prompt: Prompt::parse("a red fox").expect("prompt"),
+            origin: Origin {
+                user_id: UserId(n as i64),
+                chat_id: ChatId(n as i64),
+                message_id: None,
+                update_id: None,
+                language: None,
+            },
+            preset: None,
+            remembered: false,
+            input: None,
+            images: 1,
+        };
+        all[(n as usize) % replicas]
+            .admit(req, &limits)
+            .await
+            .expect("admit");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut committed = all[0].log().subscribe();
+    let started = Instant::now();
+    for (i, r) in all.iter().enumerate() {
+        let images =
+            Arc::new(ImageStore::open(&dir.path().join(format!("images-{i}"))).expect("images"));
+        for m in models {
+            let stages = Stages::new(
+                ModelName::parse(m).expect("model"),
+                Arc::new(Instant_),
+                Arc::new(Worker { stuck: false }),
+                Arc::new(Sink),
+                Arc::clone(&images),
+            );
+            let runner = ReplicaRunner::new(Arc::clone(r), stages, LeaseTimes::default());
+            let rx = stop.clone();
+            tokio::spawn(async move { runner.run(rx).await });
+        }
+    }
+    // Queued, started, enhanced, generated, delivered: five per request.
+    let _ = committed.wait_for(|p| *p >= 5 * requests).await;
+    let rate = requests as f64 / started.elapsed().as_secs_f64();
+    let commits: u64 = all.iter().map(|r| r.log().commit_count()).sum();
+    println!(
+        "  {replicas} replica(s): {commits} transactions committed through the committers ({:.1} per request)",
+        commits as f64 / requests as f64
+    );
+    stop.cancel();
+    rate
 }

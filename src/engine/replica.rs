@@ -279,6 +279,10 @@ impl Replica {
         model: &ModelName,
         ttl: Duration,
     ) -> Result<Option<Begun>, ReplicaError> {
+        // Held by another replica: no transaction needed to hear "held".
+        if self.log.held_by_other(model.as_str(), &self.holder).await? {
+            return Ok(None);
+        }
         let now = self.clock.now();
         let wanted = model.clone();
         let decision = Box::new(move |state: &LiveState| {

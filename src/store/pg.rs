@@ -476,6 +476,27 @@ impl<F: Follow> PgLog<F> {
         }
     }
 
+    /// Whether `model`'s lease is held, unexpired, by another holder than
+    /// `holder` — a plain read, without the head lock: a runner that sees
+    /// it held skips its claim (which would take the head lock only to be
+    /// refused), and a lease freed a moment later is claimed at its next
+    /// wake-up.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`].
+    pub async fn held_by_other(&self, model: &str, holder: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT 1 FROM easel_leases WHERE model = $1 AND holder <> $2 \
+                 AND lease_until >= clock_timestamp()",
+                &[&model, &holder],
+            )
+            .await
+            .map_err(|e| StoreError::Read(db("reading a lease", &e)))?;
+        Ok(row.is_some())
+    }
+
     /// Extends `lease` by `ttl` if it is still current; false when it
     /// expired or was taken over (then the generation must stop).
     ///
