@@ -905,6 +905,81 @@ async fn migrate(pool: &Pool) -> Result<(), StoreError> {
         .map_err(|e| open("committing the migration", &e))
 }
 
+/// Events applied between two base copies of the followed state.
+const REBASE_EVERY: usize = 4096;
+
+/// One thing applied to the followed state.
+#[derive(Clone)]
+enum Applied {
+    Record(Recorded),
+    Skipped(u64),
+}
+
+/// The followed state, and how to give it back as it was before a failed
+/// transaction without copying it for every transaction: a base copy
+/// taken every [`REBASE_EVERY`] events, and what was applied since.
+#[derive(Clone)]
+struct Tracked<F> {
+    state: F,
+    base: F,
+    since: Vec<Applied>,
+    /// Where the transaction under way began in `since`.
+    mark: usize,
+}
+
+impl<F: Follow> Tracked<F> {
+    fn new(state: F) -> Self {
+        Tracked {
+            base: state.clone(),
+            state,
+            since: Vec::new(),
+            mark: 0,
+        }
+    }
+
+    fn begin(&mut self) {
+        self.mark = self.since.len();
+    }
+
+    fn committed(&mut self) {
+        if self.since.len() >= REBASE_EVERY {
+            self.base = self.state.clone();
+            self.since.clear();
+        }
+    }
+
+    /// Back to before the transaction under way.
+    fn roll_back(&mut self) {
+        self.since.truncate(self.mark);
+        self.state = self.base.clone();
+        for a in &self.since {
+            match a {
+                Applied::Record(rec) => self.state.apply(rec),
+                Applied::Skipped(p) => self.state.skip(*p),
+            }
+        }
+    }
+}
+
+/// Applying through the tracker records what was applied.
+impl<F: Follow> Follow for Tracked<F> {
+    fn position(&self) -> u64 {
+        self.state.position()
+    }
+
+    fn apply(&mut self, rec: &Recorded) {
+        self.state.apply(rec);
+        if self.state.position() != u64::MAX {
+            self.since.push(Applied::Record(rec.clone()));
+        }
+    }
+
+    fn skip(&mut self, position: u64) {
+        self.state.skip(position);
+        self.since.push(Applied::Skipped(position));
+    }
+}
+
 /// Takes every append waiting (up to [`MAX_GROUP`]) and commits them in
 /// one transaction, until every sender is gone. `state` is the followed
 /// state: a failed transaction gives it back as it was before.
@@ -913,8 +988,9 @@ async fn commit_loop<F: Follow>(
     mut rx: mpsc::Receiver<Pending<F>>,
     committed: watch::Sender<u64>,
     commits: Arc<AtomicU64>,
-    mut state: F,
+    state: F,
 ) {
+    let mut state = Tracked::new(state);
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -927,9 +1003,10 @@ async fn commit_loop<F: Follow>(
             .into_iter()
             .map(|p| ((p.op, p.asked_at), p.reply))
             .unzip();
-        let before = state.clone();
+        state.begin();
         match commit_group(&pool, &mut state, ops).await {
             Ok((results, last)) => {
+                state.committed();
                 commits.fetch_add(1, Ordering::Relaxed);
                 advance(&committed, last);
                 for (reply, r) in replies.into_iter().zip(results) {
@@ -937,7 +1014,7 @@ async fn commit_loop<F: Follow>(
                 }
             }
             Err(e) => {
-                state = before;
+                state.roll_back();
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
@@ -1293,7 +1370,7 @@ fn resolve<F: Follow>(events: Events<F>, state: &F) -> Option<Vec<NewEvent>> {
 /// caller restores it.
 async fn commit_group<F: Follow>(
     pool: &Pool,
-    state: &mut F,
+    state: &mut Tracked<F>,
     ops: Vec<(Op<F>, tokio::time::Instant)>,
 ) -> Result<(Vec<Done>, u64), StoreError> {
     let mut client = pool
@@ -1327,7 +1404,7 @@ async fn commit_group<F: Follow>(
                 } else if let Some(id) = w.duplicate_of(&events) {
                     Done::Appended(Appended::Duplicate(id))
                 } else {
-                    match resolve(events, state) {
+                    match resolve(events, &state.state) {
                         None => Done::Appended(Appended::Declined),
                         Some(events) => Done::Appended(Appended::Written(w.write(&events, state)?)),
                     }
@@ -1340,7 +1417,7 @@ async fn commit_group<F: Follow>(
                 events,
             } => {
                 let decided = matches!(events, Events::Decided { .. });
-                match resolve(events, state) {
+                match resolve(events, &state.state) {
                     Some(events) if !(decided && events.is_empty()) => {
                         match w.take(&model, &holder, ttl).await? {
                             None => Done::Claimed(Claimed::Held),
@@ -1446,5 +1523,76 @@ async fn listen(
             }
         }
         drop(client);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Follow, REBASE_EVERY, Tracked};
+    use crate::domain::{Event, RequestId};
+    use crate::store::Recorded;
+
+    /// A followed state that remembers every position it saw.
+    #[derive(Clone, Default, Debug, PartialEq)]
+    struct Seen(Vec<u64>);
+
+    impl Follow for Seen {
+        fn position(&self) -> u64 {
+            self.0.last().copied().unwrap_or(0)
+        }
+        fn apply(&mut self, rec: &Recorded) {
+            self.0.push(rec.seq);
+        }
+        fn skip(&mut self, position: u64) {
+            self.0.push(position);
+        }
+    }
+
+    fn rec(seq: u64) -> Recorded {
+        Recorded {
+            seq,
+            request_id: RequestId::random(),
+            at: chrono::Utc::now(),
+            event: Event::Started,
+        }
+    }
+
+    /// A failed transaction is undone exactly — before the first base copy,
+    /// right after one, and with skipped positions among the applied —
+    /// and what committed before it stays.
+    #[test]
+    fn a_rolled_back_transaction_leaves_the_state_as_it_was_before_it() {
+        let mut t = Tracked::new(Seen::default());
+        let mut next = 1;
+        let mut step = |t: &mut Tracked<Seen>, n: u64, fail: bool| {
+            t.begin();
+            let before = t.state.clone();
+            for _ in 0..n {
+                if next % 97 == 0 {
+                    t.skip(next);
+                } else {
+                    t.apply(&rec(next));
+                }
+                next += 1;
+            }
+            if fail {
+                t.roll_back();
+                assert_eq!(t.state, before);
+                next -= n;
+            } else {
+                t.committed();
+            }
+        };
+        step(&mut t, 10, false);
+        step(&mut t, 5, true);
+        // Across a base copy: the state is rebased after REBASE_EVERY events.
+        for _ in 0..(REBASE_EVERY / 100 + 2) {
+            step(&mut t, 100, false);
+        }
+        assert!(t.since.len() < REBASE_EVERY, "never rebased");
+        step(&mut t, 7, true);
+        step(&mut t, 3, false);
+        let expected: Vec<u64> = (1..next).collect();
+        assert_eq!(t.state.0, expected);
     }
 }
