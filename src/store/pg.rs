@@ -911,7 +911,7 @@ const REBASE_EVERY: usize = 4096;
 /// One thing applied to the followed state.
 #[derive(Clone)]
 enum Applied {
-    Record(Recorded),
+    Record(Box<Recorded>),
     Skipped(u64),
 }
 
@@ -970,7 +970,7 @@ impl<F: Follow> Follow for Tracked<F> {
     fn apply(&mut self, rec: &Recorded) {
         self.state.apply(rec);
         if self.state.position() != u64::MAX {
-            self.since.push(Applied::Record(rec.clone()));
+            self.since.push(Applied::Record(Box::new(rec.clone())));
         }
     }
 
