@@ -2,11 +2,13 @@
 //! 1, 8 and 64 concurrent acceptances, through `Core::accept` (intake
 //! lookups, limits, append, group-committed fsync) — against SQLite (WAL,
 //! synchronous=FULL, one transaction per acceptance) in the same run — and
-//! the PostgreSQL log (`store::pg::PgLog::append`: intake check under the
-//! head lock, group commit; `fsync=on`, `synchronous_commit=on`) with one
-//! replica, and three replicas together (each with that many concurrent
-//! acceptances), on a throwaway cluster started from the system's
-//! binaries (issue 17; skipped, saying so, where there are none).
+//! PostgreSQL through `engine::replica::Replica::admit`, the admission
+//! replicas run (intake keys, the limits and the `Queued` event decided
+//! in the append transaction after the head lock, group commit;
+//! `fsync=on`, `synchronous_commit=on`) with one replica, and three
+//! replicas together (each with that many concurrent acceptances), on a
+//! throwaway cluster started from the system's binaries (issue 17;
+//! skipped, saying so, where there are none).
 //! `cargo bench --bench acceptance [-- SECONDS]`; `EASEL_BENCH_ONLY=easel`
 //! (or `sqlite`, `postgres`) and `EASEL_BENCH_CONCURRENCY=1,64` narrow a
 //! run, e.g. to count its system calls under `strace -f -c`.
@@ -155,7 +157,7 @@ fn postgres_run(
     concurrency: u64,
     secs: u64,
 ) -> (f64, f64, f64) {
-    use easel::store::pg::{Appended, PgLog};
+    use easel::engine::replica::Replica;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -164,9 +166,19 @@ fn postgres_run(
     rt.block_on(async move {
         let url = secrecy::SecretString::from(cluster.fresh_database().await);
         let mut logs = Vec::new();
-        for _ in 0..replicas {
-            logs.push(Arc::new(PgLog::connect(&url).await.expect("connect")));
+        for r in 0..replicas {
+            let replica = Replica::connect(&url, format!("bench-{r}"), Arc::new(SystemClock))
+                .await
+                .expect("connect");
+            logs.push(Arc::new(replica));
         }
+        let limits = Limits {
+            rate: RateLimit {
+                count: u32::MAX,
+                window_secs: 60,
+            },
+            max_pending: u32::MAX,
+        };
         let until = Instant::now() + Duration::from_secs(secs);
         let mut tasks = Vec::new();
         for (r, log) in logs.iter().enumerate() {
@@ -177,13 +189,11 @@ fn postgres_run(
                     let mut lat = Vec::new();
                     while Instant::now() < until {
                         let start = Instant::now();
-                        let event = easel::store::NewEvent {
-                            request_id: easel::domain::RequestId::random(),
-                            at: chrono::Utc::now(),
-                            event: request(n).into_queued(),
-                        };
-                        let done = log.append(vec![event]).await.expect("append");
-                        assert!(matches!(done, Appended::Written(_)), "{done:?}");
+                        let done = log.admit(request(n), &limits).await.expect("admit");
+                        assert!(
+                            matches!(done, easel::engine::Admitted::Queued { .. }),
+                            "{done:?}"
+                        );
                         lat.push(start.elapsed());
                         n += 1;
                     }
@@ -195,7 +205,7 @@ fn postgres_run(
         for t in tasks {
             all.extend(t.await.expect("task"));
         }
-        let commits: u64 = logs.iter().map(|l| l.commit_count()).sum();
+        let commits: u64 = logs.iter().map(|l| l.log().commit_count()).sum();
         let per_commit = all.len() as f64 / commits.max(1) as f64;
         (all.len() as f64 / secs as f64, p99(all), per_commit)
     })
@@ -223,7 +233,7 @@ fn main() {
         None
     };
     println!(
-        "durable acceptances per second, {secs} s per run (easel: Core::accept on sled, flush + fdatasync per group commit; PostgreSQL: PgLog::append, fsync=on, synchronous_commit=on, one replica and three together, each with that many concurrent; SQLite: WAL + synchronous=FULL, one transaction each)"
+        "durable acceptances per second, {secs} s per run (easel: Core::accept on sled, flush + fdatasync per group commit; PostgreSQL: Replica::admit, fsync=on, synchronous_commit=on, one replica and three together, each with that many concurrent; SQLite: WAL + synchronous=FULL, one transaction each)"
     );
     println!(
         "| concurrent | easel (sled) /s | PostgreSQL 1 replica /s | PostgreSQL 3 replicas /s | SQLite /s | sled ÷ SQLite | PostgreSQL ÷ SQLite | 3 replicas ÷ 1 | p99 ms sled / PG 1 / PG 3 / SQLite | sled flushes per acceptance | PG events per commit (1 / 3) |"
