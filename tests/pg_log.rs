@@ -1785,3 +1785,79 @@ async fn replicas_elect_one_poller_and_another_takes_over_when_it_dies() {
     let (code, out) = easel_cli(dir.path(), Some(&url), &["replay", "--verify"]).await;
     assert_eq!(code, 0, "{out}");
 }
+
+/// A replica stopped mid-generation (SIGTERM: its runner's token
+/// cancelled) records nothing for the cut stage and gives the model's
+/// lease up, which wakes the other replica's idle runner at once (a
+/// notification, not its half-lease timer of 15 s here): the request is
+/// resumed there and delivered, well before the lease would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replica_gives_its_lease_up_and_another_resumes_at_once() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Arc::new(replica(&url, "a").await),
+        Arc::new(replica(&url, "b").await),
+    );
+    let (worker, sent) = (Arc::new(Worker::default()), Arc::new(Sent::default()));
+    let times = LeaseTimes::default();
+    let stopping = replica_runner(&a, "flux", &worker, &sent, &dir.path().join("a"), times);
+    let stop_a = tokio_util::sync::CancellationToken::new();
+    let task_a = {
+        let (runner, stop) = (Arc::clone(&stopping), stop_a.clone());
+        tokio::spawn(async move { runner.run(stop).await })
+    };
+    let Admitted::Queued { id, .. } = a
+        .admit(request(1, 800, "hang on"), &limits(10, 10))
+        .await
+        .unwrap()
+    else {
+        panic!("not queued");
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !worker.hung.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the generation never began"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // b idles: nothing it can start while a holds the lease.
+    let waiting = replica_runner(&b, "flux", &worker, &sent, &dir.path().join("b"), times);
+    let stop_b = tokio_util::sync::CancellationToken::new();
+    let task_b = {
+        let (runner, stop) = (Arc::clone(&waiting), stop_b.clone());
+        tokio::spawn(async move { runner.run(stop).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(sent.0.lock().unwrap().is_empty());
+    stop_a.cancel();
+    task_a.await.unwrap();
+    // Resumed and delivered by b long before a's 30 s lease or b's 15 s
+    // idle timer (5 s at most: only the release's notice wakes it so soon).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while sent.0.lock().unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the other replica did not resume the request within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = until_delivered(&b, 1).await;
+    assert_eq!(done, vec![id]);
+    stop_b.cancel();
+    task_b.await.unwrap();
+    assert_eq!(stopping.lost_leases(), 0);
+    let resumed = b
+        .log()
+        .events_of(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .filter(|r| matches!(r.event, Event::Resumed { .. }))
+        .count();
+    assert_eq!(resumed, 1);
+}

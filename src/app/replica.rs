@@ -243,10 +243,21 @@ async fn elected_poller(
     times: LeaseTimes,
     shutdown: CancellationToken,
 ) {
+    let mut released = replica.log().subscribe_releases();
     loop {
-        let claimed = tokio::select! {
-            c = replica.log().claim(POLLER, replica.holder(), times.ttl, Vec::new()) => c,
-            () = shutdown.cancelled() => return,
+        released.borrow_and_update();
+        // Another poller holds it (a plain read: no head lock for a "no").
+        let held = matches!(
+            replica.log().held_by_other(POLLER, replica.holder()).await,
+            Ok(true)
+        );
+        let claimed = if held {
+            Ok(Claimed::Held)
+        } else {
+            tokio::select! {
+                c = replica.log().claim(POLLER, replica.holder(), times.ttl, Vec::new()) => c,
+                () = shutdown.cancelled() => return,
+            }
         };
         match claimed {
             Ok(Claimed::Won { mut lease, .. }) => {
@@ -270,7 +281,10 @@ async fn elected_poller(
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not ask for the poller's lease"),
         }
+        // Until the lease may be free: released (a poller that stopped)
+        // or, for one that died, half a lease.
         tokio::select! {
+            _ = released.changed() => {}
             () = tokio::time::sleep(times.ttl / 2) => {}
             () = shutdown.cancelled() => return,
         }

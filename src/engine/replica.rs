@@ -451,13 +451,16 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
     }
 
     /// Runs generations until `shutdown`. Idle, it waits for the log to
-    /// grow — or half a time to live, since a dead holder's lease runs out
-    /// without any commit to wake anyone.
+    /// grow or a lease to be released (both notified by the database) —
+    /// or half a time to live, since a dead holder's lease runs out
+    /// without anything to wake anyone.
     pub async fn run(&self, shutdown: CancellationToken) {
         let mut appended = self.replica.log().subscribe();
+        let mut released = self.replica.log().subscribe_releases();
         let model = self.stages.model().clone();
         loop {
             appended.borrow_and_update();
+            released.borrow_and_update();
             let next = tokio::select! {
                 r = self.replica.start_next(&model, self.times.ttl) => r,
                 () = shutdown.cancelled() => return,
@@ -471,6 +474,7 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
                 Ok(None) => {
                     tokio::select! {
                         r = appended.changed() => if r.is_err() { return },
+                        r = released.changed() => if r.is_err() { return },
                         () = tokio::time::sleep(self.times.ttl / 2) => {}
                         () = shutdown.cancelled() => return,
                     }
@@ -487,8 +491,8 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
     }
 
     /// Carries one request through its stages under `begun.lease`; false
-    /// when the shutdown cut it short (the lease then runs out and the
-    /// request is resumed, here or on another replica).
+    /// when the shutdown cut it short (the lease is released, and the
+    /// request resumed by another replica, or here at the next start).
     async fn generation(&self, begun: Begun, shutdown: &CancellationToken) -> bool {
         let id = begun.record.request_id;
         let mut lease = begun.lease;
@@ -517,9 +521,15 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
                     tracing::warn!(request_id = %id, model = %lease.model, "the lease was lost mid-stage: stopped; another replica resumes the request");
                     return true;
                 }
-                () = shutdown.cancelled() => return false,
+                () = shutdown.cancelled() => None,
             };
             let Some(command) = command else {
+                // Stopped mid-stage (SIGTERM): nothing recorded; the lease
+                // is given up so another replica resumes the request now
+                // rather than after the lease runs out.
+                if let Err(e) = self.replica.release(&lease).await {
+                    tracing::warn!(error = %e, "could not release a lease; it runs out on its own");
+                }
                 return false;
             };
             match self.replica.step(&lease, id, command).await {

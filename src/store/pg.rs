@@ -68,6 +68,9 @@ const MIGRATION_LOCK: i64 = 0x0065_6173_656c;
 /// The channel a commit notifies with its last position.
 const CHANNEL: &str = "easel_events";
 
+/// The payload a lease's release notifies with (a commit's is a number).
+const RELEASED: &str = "released";
+
 /// Appends one commit takes at most (more wait for the next).
 const MAX_GROUP: usize = 256;
 
@@ -239,6 +242,9 @@ pub struct PgLog<F: Follow = ()> {
     /// The highest position known committed (by anyone), from this
     /// process's commits and the notifications of the others.
     committed: watch::Sender<u64>,
+    /// Bumped when any replica releases a lease (a notification, so
+    /// runners waiting for a model wake at once instead of polling).
+    released: watch::Sender<u64>,
     commits: Arc<AtomicU64>,
     stop: CancellationToken,
 }
@@ -341,9 +347,11 @@ impl<F: Follow> PgLog<F> {
             Arc::clone(&commits),
             state,
         ));
+        let (released, _) = watch::channel(0);
         tokio::spawn(listen(
             config,
             committed.clone(),
+            released.clone(),
             pool.clone(),
             stop.clone(),
         ));
@@ -351,6 +359,7 @@ impl<F: Follow> PgLog<F> {
             pool,
             appends,
             committed,
+            released,
             commits,
             stop,
         })
@@ -527,10 +536,19 @@ impl<F: Follow> PgLog<F> {
     /// [`StoreError::Write`]; the lease then simply expires.
     pub async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         let client = self.client().await?;
+        // One statement (one transaction): the release and the notice
+        // that wakes the replicas waiting for this model.
         client
-            .execute(
-                "UPDATE easel_leases SET lease_until = '-infinity' WHERE model = $1 AND holder = $2 AND epoch = $3",
-                &[&lease.model, &lease.holder, &lease.epoch],
+            .query(
+                "WITH freed AS (UPDATE easel_leases SET lease_until = '-infinity' \
+                 WHERE model = $1 AND holder = $2 AND epoch = $3) SELECT pg_notify($4, $5)",
+                &[
+                    &lease.model,
+                    &lease.holder,
+                    &lease.epoch,
+                    &CHANNEL,
+                    &RELEASED,
+                ],
             )
             .await
             .map_err(|e| StoreError::Write(db("releasing a lease", &e)))?;
@@ -772,6 +790,12 @@ impl<F: Follow> PgLog<F> {
     /// notifications sent meanwhile are lost).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.committed.subscribe()
+    }
+
+    /// Changes whenever a replica releases a lease (its generation ended,
+    /// or it stopped).
+    pub fn subscribe_releases(&self) -> watch::Receiver<u64> {
+        self.released.subscribe()
     }
 
     /// The highest position known committed.
@@ -1454,6 +1478,7 @@ async fn commit_group<F: Follow>(
 async fn listen(
     config: tokio_postgres::Config,
     committed: watch::Sender<u64>,
+    released: watch::Sender<u64>,
     pool: Pool,
     stop: CancellationToken,
 ) {
@@ -1515,6 +1540,8 @@ async fn listen(
                     Some(payload) => {
                         if let Ok(p) = payload.parse::<u64>() {
                             advance(&committed, p);
+                        } else if payload == RELEASED {
+                            released.send_modify(|n| *n += 1);
                         }
                     }
                     // The connection ended: connect again and re-read.
