@@ -91,6 +91,25 @@ impl Deliverer for Sink {
     }
 }
 
+/// Request `n` of the run: its own user, no intake keys.
+fn request(n: u64, model: &str) -> NewRequest {
+    NewRequest {
+        model: ModelName::parse(model).expect("model"),
+        prompt: Prompt::parse("a red fox").expect("prompt"),
+        origin: Origin {
+            user_id: UserId(n as i64),
+            chat_id: ChatId(n as i64),
+            message_id: None,
+            update_id: None,
+            language: None,
+        },
+        preset: None,
+        remembered: false,
+        input: None,
+        images: 1,
+    }
+}
+
 fn cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let f: Vec<&str> = stat
@@ -152,23 +171,10 @@ async fn run(
     };
     let rx = stop.clone();
     for n in 0..requests {
-        let model = ModelName::parse(models[(n % models.len() as u64) as usize]).expect("model");
-        let req = NewRequest {
-            model,
-            prompt: Prompt::parse("a red fox").expect("prompt"),
-            origin: Origin {
-                user_id: UserId(n as i64),
-                chat_id: ChatId(n as i64),
-                message_id: None,
-                update_id: None,
-                language: None,
-            },
-            preset: None,
-            remembered: false,
-            input: None,
-            images: 1,
-        };
-        core.accept(req, &limits).await.expect("accept");
+        let model = models[(n % models.len() as u64) as usize];
+        core.accept(request(n, model), &limits)
+            .await
+            .expect("accept");
     }
     let started = Instant::now();
     for m in models {
@@ -319,23 +325,8 @@ async fn on_replicas(url: &str, replicas: usize, requests: u64) -> f64 {
     };
     let models = ["flux", "sdxl"];
     for n in 0..requests {
-        let req = NewRequest {
-            model: ModelName::parse(models[(n % 2) as usize]).expect("model"),
-            prompt: Prompt::parse("a red fox").expect("prompt"),
-            origin: Origin {
-                user_id: UserId(n as i64),
-                chat_id: ChatId(n as i64),
-                message_id: None,
-                update_id: None,
-                language: None,
-            },
-            preset: None,
-            remembered: false,
-            input: None,
-            images: 1,
-        };
         all[(n as usize) % replicas]
-            .admit(req, &limits)
+            .admit(request(n, models[(n % 2) as usize]), &limits)
             .await
             .expect("admit");
     }

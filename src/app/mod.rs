@@ -114,9 +114,7 @@ async fn start_with(
     webhook: Option<crate::telegram::webhook::Slot<Core<SledStore>>>,
 ) -> Result<App, StartError> {
     let Watch {
-        health,
-        metrics,
-        alerts,
+        metrics, alerts, ..
     } = watch.clone();
     let token = settings.telegram_token.clone().ok_or_else(|| {
         StartError::Config("TELEGRAM_BOT_TOKEN is not set; `easel run` needs the bot token.".into())
@@ -165,35 +163,14 @@ async fn start_with(
         tracing::info!(request_id = %r.request_id, event = ?r.event, "resuming");
     }
 
-    let images = Arc::new(
-        ImageStore::open(&settings.data_dir.images()).context("opening the image folder")?,
-    );
-    let client = http_client(&settings).context("building the HTTP client")?;
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let retries = Retries::default();
-    let generator = Arc::new(
-        ImageWorkers::new(client.clone(), &settings, Arc::clone(&permits))
-            .with_retries(retries.clone())
-            .with_watchers(Arc::clone(&metrics), Arc::clone(&alerts)),
-    );
-    let enhancer =
-        Arc::new(LlmEnhancer::new(client, &settings, permits).with_metrics(Arc::clone(&metrics)));
-
-    let api = Arc::new(
-        TelegramApi::new(
-            token,
-            settings.telegram_api_url.expose().clone(),
-            shutdown.clone(),
-        )
-        .context("building the Telegram client")?
-        .with_health(Arc::clone(&health))
-        .with_watchers(Arc::clone(&metrics), Arc::clone(&alerts)),
-    );
-    alerts.send_with(&api);
-    let username = who_am_i(&api, shutdown.clone()).await?;
-    health.set(crate::health::Part::Telegram, None);
-    tracing::info!(%username, "connected to Telegram");
-    set_commands(&api, &settings).await;
+    let Outside {
+        images,
+        generator,
+        enhancer,
+        api,
+        retries,
+        username,
+    } = connect_outside(&settings, token, watch, 1, &shutdown).await?;
 
     let (board, board_task) = StatusBoard::new(
         Arc::clone(&core),
@@ -588,6 +565,72 @@ async fn pause_answering(pause: Duration, h: &mut Handover, shutdown: &Cancellat
         h.offset = offset;
     }
     shutdown.is_cancelled()
+}
+
+/// What an engine talks to outside the log: the image folder, the
+/// workers, the LLM, and Telegram — answered (`getMe`) and the command
+/// menu set.
+struct Outside {
+    images: Arc<ImageStore>,
+    generator: Arc<ImageWorkers>,
+    enhancer: Arc<LlmEnhancer>,
+    api: Arc<TelegramApi>,
+    retries: Retries,
+    /// The bot's @username, as Telegram told us.
+    username: String,
+}
+
+/// Builds [`Outside`], watched by `watch`, with Telegram calls paced at
+/// `1/share` of the overall budget (replicas, §9).
+async fn connect_outside(
+    settings: &Settings,
+    token: secrecy::SecretString,
+    watch: &Watch,
+    share: u32,
+    shutdown: &CancellationToken,
+) -> Result<Outside, StartError> {
+    let Watch {
+        health,
+        metrics,
+        alerts,
+    } = watch;
+    let images = Arc::new(
+        ImageStore::open(&settings.data_dir.images()).context("opening the image folder")?,
+    );
+    let client = http_client(settings).context("building the HTTP client")?;
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let retries = Retries::default();
+    let generator = Arc::new(
+        ImageWorkers::new(client.clone(), settings, Arc::clone(&permits))
+            .with_retries(retries.clone())
+            .with_watchers(Arc::clone(metrics), Arc::clone(alerts)),
+    );
+    let enhancer =
+        Arc::new(LlmEnhancer::new(client, settings, permits).with_metrics(Arc::clone(metrics)));
+    let api = Arc::new(
+        TelegramApi::new(
+            token,
+            settings.telegram_api_url.expose().clone(),
+            shutdown.clone(),
+        )
+        .context("building the Telegram client")?
+        .with_share(share)
+        .with_health(Arc::clone(health))
+        .with_watchers(Arc::clone(metrics), Arc::clone(alerts)),
+    );
+    alerts.send_with(&api);
+    let username = who_am_i(&api, shutdown.clone()).await?;
+    health.set(crate::health::Part::Telegram, None);
+    tracing::info!(%username, "connected to Telegram");
+    set_commands(&api, settings).await;
+    Ok(Outside {
+        images,
+        generator,
+        enhancer,
+        api,
+        retries,
+        username,
+    })
 }
 
 /// The command menu in every language easel speaks: English as the

@@ -12,20 +12,18 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use secrecy::SecretString;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{ABORT_WAIT, DRAIN, StartError, Watch, set_commands, who_am_i};
+use super::{ABORT_WAIT, DRAIN, Outside, StartError, Watch, connect_outside};
 use crate::config::Settings;
 use crate::engine::mirror::ReplicaEngine;
 use crate::engine::replica::{LeaseTimes, Replica, ReplicaRunner, keep};
-use crate::engine::{ImageStore, Retries, Stages, SystemClock};
-use crate::services::{ImageWorkers, LlmEnhancer, MAX_CONNECTIONS, http_client};
+use crate::engine::{Stages, SystemClock};
 use crate::store::pg::Claimed;
 use crate::telegram::intake::Refused;
 use crate::telegram::poll;
-use crate::telegram::{Intake, StatusBoard, TelegramApi, TelegramDeliverer};
+use crate::telegram::{Intake, StatusBoard, TelegramDeliverer};
 
 /// This replica's name in the leases it takes: unique per process, and
 /// telling an operator which machine and process held a lease.
@@ -72,11 +70,12 @@ pub async fn run(
     };
     let settings = Arc::new(settings);
     tracing::info!("starting easel as a replica on PostgreSQL\n{settings}");
+    let watch = Watch::new(&settings);
     let Watch {
         health,
         metrics,
         alerts,
-    } = Watch::new(&settings);
+    } = watch.clone();
     health.set(
         crate::health::Part::Engine,
         Some("starting: connecting to the database".into()),
@@ -112,35 +111,14 @@ pub async fn run(
     crate::store::disk::private_umask();
     crate::store::disk::create_data_dir(settings.data_dir.root())
         .with_context(|| format!("could not create the data dir {}", settings.data_dir))?;
-    let images = Arc::new(
-        ImageStore::open(&settings.data_dir.images()).context("opening the image folder")?,
-    );
-    let client = http_client(&settings).context("building the HTTP client")?;
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let retries = Retries::default();
-    let generator = Arc::new(
-        ImageWorkers::new(client.clone(), &settings, Arc::clone(&permits))
-            .with_retries(retries.clone())
-            .with_watchers(Arc::clone(&metrics), Arc::clone(&alerts)),
-    );
-    let enhancer =
-        Arc::new(LlmEnhancer::new(client, &settings, permits).with_metrics(Arc::clone(&metrics)));
-    let api = Arc::new(
-        TelegramApi::new(
-            token,
-            settings.telegram_api_url.expose().clone(),
-            shutdown.clone(),
-        )
-        .context("building the Telegram client")?
-        .with_share(settings.replicas)
-        .with_health(Arc::clone(&health))
-        .with_watchers(Arc::clone(&metrics), Arc::clone(&alerts)),
-    );
-    alerts.send_with(&api);
-    let username = who_am_i(&api, shutdown.clone()).await?;
-    health.set(crate::health::Part::Telegram, None);
-    tracing::info!(%username, "connected to Telegram");
-    set_commands(&api, &settings).await;
+    let Outside {
+        images,
+        generator,
+        enhancer,
+        api,
+        retries,
+        username,
+    } = connect_outside(&settings, token, &watch, settings.replicas, &shutdown).await?;
 
     let engine = Arc::new(engine);
     let times = LeaseTimes {
