@@ -399,35 +399,10 @@ pub async fn run_with(
     // Readiness, metrics and alerts (§7), for the whole process.
     let watch = Watch::new(&settings);
     let health = Arc::clone(&watch.health);
-    if let Some(addr) = settings.metrics_addr {
-        crate::health::serve(
-            addr,
-            Arc::clone(&health),
-            Arc::clone(&watch.metrics),
-            shutdown.clone(),
-        )
-        .await
-        .map_err(|e| {
-            StartError::Other(anyhow::anyhow!(
-                "cannot listen on {addr} (EASEL_METRICS_ADDR): {e}"
-            ))
-        })?;
-    }
+    serve_watch(&settings, &watch, &shutdown).await?;
     let slot = if webhook {
-        let (Some(addr), Some(secret)) = (settings.webhook.listen, settings.webhook.secret.clone())
-        else {
-            return Err(StartError::Config(
-                "`easel run --webhook` needs EASEL_WEBHOOK_LISTEN (where to listen) and EASEL_WEBHOOK_SECRET (the secret token `easel webhook set` registered).".into(),
-            ));
-        };
         let slot = crate::telegram::webhook::Slot::<Core<SledStore>>::default();
-        crate::telegram::webhook::serve(addr, Arc::clone(&slot), secret, shutdown.clone())
-            .await
-            .map_err(|e| {
-                StartError::Other(anyhow::anyhow!(
-                    "cannot listen on {addr} (EASEL_WEBHOOK_LISTEN): {e}"
-                ))
-            })?;
+        serve_webhook(&settings, &slot, &shutdown).await?;
         Some(slot)
     } else {
         None
@@ -565,6 +540,70 @@ async fn pause_answering(pause: Duration, h: &mut Handover, shutdown: &Cancellat
         h.offset = offset;
     }
     shutdown.is_cancelled()
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` where `EASEL_METRICS_ADDR`
+/// says, if it says.
+///
+/// # Errors
+/// When the address cannot be bound.
+async fn serve_watch(
+    settings: &Settings,
+    watch: &Watch,
+    shutdown: &CancellationToken,
+) -> Result<(), StartError> {
+    if let Some(addr) = settings.metrics_addr {
+        crate::health::serve(
+            addr,
+            Arc::clone(&watch.health),
+            Arc::clone(&watch.metrics),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| {
+            StartError::Other(anyhow::anyhow!(
+                "cannot listen on {addr} (EASEL_METRICS_ADDR): {e}"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Where `--webhook` listens and the secret it checks.
+///
+/// # Errors
+/// A configuration error when either is missing.
+fn webhook_settings(
+    settings: &Settings,
+) -> Result<(std::net::SocketAddr, secrecy::SecretString), StartError> {
+    match (settings.webhook.listen, settings.webhook.secret.clone()) {
+        (Some(addr), Some(secret)) => Ok((addr, secret)),
+        _ => Err(StartError::Config(
+            "`easel run --webhook` needs EASEL_WEBHOOK_LISTEN (where to listen) and EASEL_WEBHOOK_SECRET (the secret token `easel webhook set` registered).".into(),
+        )),
+    }
+}
+
+/// Serves the webhook route (`--webhook`) on `EASEL_WEBHOOK_LISTEN`,
+/// handing updates to whatever intake `slot` holds.
+///
+/// # Errors
+/// A configuration error without the listen address or the secret; the
+/// address cannot be bound.
+async fn serve_webhook<E: crate::engine::Engine>(
+    settings: &Settings,
+    slot: &crate::telegram::webhook::Slot<E>,
+    shutdown: &CancellationToken,
+) -> Result<(), StartError> {
+    let (addr, secret) = webhook_settings(settings)?;
+    crate::telegram::webhook::serve(addr, Arc::clone(slot), secret, shutdown.clone())
+        .await
+        .map_err(|e| {
+            StartError::Other(anyhow::anyhow!(
+                "cannot listen on {addr} (EASEL_WEBHOOK_LISTEN): {e}"
+            ))
+        })?;
+    Ok(())
 }
 
 /// What an engine talks to outside the log: the image folder, the

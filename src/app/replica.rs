@@ -15,7 +15,10 @@ use secrecy::SecretString;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{ABORT_WAIT, DRAIN, Outside, StartError, Watch, connect_outside};
+use super::{
+    ABORT_WAIT, DRAIN, Outside, StartError, Watch, connect_outside, serve_watch, serve_webhook,
+    webhook_settings,
+};
 use crate::config::Settings;
 use crate::engine::mirror::ReplicaEngine;
 use crate::engine::replica::{LeaseTimes, Replica, ReplicaRunner, keep};
@@ -55,19 +58,10 @@ pub async fn run(
             "No image model is configured: set FLUX_WORKER_URL or SDXL_WORKER_URL, or add a [[models]] entry with a url to easel.toml.".into(),
         ));
     }
-    let hook = match (
-        webhook,
-        settings.webhook.listen,
-        settings.webhook.secret.clone(),
-    ) {
-        (false, ..) => None,
-        (true, Some(addr), Some(secret)) => Some((addr, secret)),
-        (true, ..) => {
-            return Err(StartError::Config(
-                "`easel run --webhook` needs EASEL_WEBHOOK_LISTEN (where to listen) and EASEL_WEBHOOK_SECRET (the secret token `easel webhook set` registered).".into(),
-            ));
-        }
-    };
+    if webhook {
+        // Said before anything is connected.
+        webhook_settings(&settings)?;
+    }
     let settings = Arc::new(settings);
     tracing::info!("starting easel as a replica on PostgreSQL\n{settings}");
     let watch = Watch::new(&settings);
@@ -80,20 +74,7 @@ pub async fn run(
         crate::health::Part::Engine,
         Some("starting: connecting to the database".into()),
     );
-    if let Some(addr) = settings.metrics_addr {
-        crate::health::serve(
-            addr,
-            Arc::clone(&health),
-            Arc::clone(&metrics),
-            shutdown.clone(),
-        )
-        .await
-        .map_err(|e| {
-            StartError::Other(anyhow::anyhow!(
-                "cannot listen on {addr} (EASEL_METRICS_ADDR): {e}"
-            ))
-        })?;
-    }
+    serve_watch(&settings, &watch, &shutdown).await?;
 
     let holder = holder_name();
     let replica = Arc::new(
@@ -157,27 +138,18 @@ pub async fn run(
         metrics: Some(Arc::clone(&metrics)),
     });
     let slot = crate::telegram::webhook::Slot::default();
-    match hook {
-        Some((addr, secret)) => {
-            crate::telegram::webhook::serve(addr, Arc::clone(&slot), secret, shutdown.clone())
-                .await
-                .map_err(|e| {
-                    StartError::Other(anyhow::anyhow!(
-                        "cannot listen on {addr} (EASEL_WEBHOOK_LISTEN): {e}"
-                    ))
-                })?;
-            *slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(intake);
-        }
-        None => {
-            tasks.spawn(elected_poller(
-                Arc::clone(&replica),
-                intake,
-                times,
-                shutdown.clone(),
-            ));
-        }
+    if webhook {
+        serve_webhook(&settings, &slot, &shutdown).await?;
+        *slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(intake);
+    } else {
+        tasks.spawn(elected_poller(
+            Arc::clone(&replica),
+            intake,
+            times,
+            shutdown.clone(),
+        ));
     }
     health.set(crate::health::Part::Engine, None);
     health.set(crate::health::Part::Log, None);
