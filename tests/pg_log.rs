@@ -1529,8 +1529,8 @@ async fn killed_replicas_and_a_database_restart_lose_nothing_acknowledged() {
         return;
     };
     let kills = binary::env_num("EASEL_CAMPAIGN_KILLS", 1);
-    let users = 18i64;
-    let fakes = binary::fakes(Duration::from_millis(100)).await;
+    let users = 12i64;
+    let fakes = binary::fakes(Duration::from_millis(60)).await;
     let client = reqwest::Client::new();
     let lease = [("EASEL_LEASE_SECS", "3")];
     let mut replicas: Vec<Replicant> = (0..3)
