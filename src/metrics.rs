@@ -32,7 +32,6 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Event, FailureKind, ModelName, RequestId};
-use crate::engine::Core;
 use crate::store::{EventStore, Recorded};
 
 /// The content type of [`Metrics::render`]'s text.
@@ -413,7 +412,7 @@ impl Metrics {
 /// The lanes of `core`'s projection, for [`Metrics::read_lanes_with`].
 /// Holds the core weakly: the store's flush observer holds the metrics, so
 /// a strong handle would keep the log (and its lock) alive for ever.
-pub fn lanes_of<S: EventStore + 'static>(core: &Arc<Core<S>>) -> LaneReader {
+pub fn lanes_of<E: crate::engine::Engine>(core: &Arc<E>) -> LaneReader {
     let core = Arc::downgrade(core);
     Box::new(move || {
         let Some(core) = core.upgrade() else {
@@ -454,8 +453,8 @@ struct Tracked {
 /// never polling) and counts it. Also tells `on_outcome` whether each
 /// generation worked (`generated`: Ok) or its request failed (Err), for
 /// the operator alerts ("a model failing N requests in a row").
-pub async fn follow<S: EventStore + 'static>(
-    core: Arc<Core<S>>,
+pub async fn follow<E: crate::engine::Engine>(
+    core: Arc<E>,
     metrics: Arc<Metrics>,
     mut on_outcome: impl FnMut(&ModelName, Result<(), FailureKind>) + Send,
     shutdown: CancellationToken,

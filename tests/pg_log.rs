@@ -1369,6 +1369,7 @@ async fn queued_prompts(url: &str, model: &str) -> Vec<String> {
 /// queue order, and `easel replay --verify` against the database passes.
 /// An update whose commit the database refuses is answered `503` with
 /// nobody told anything, and goes in once when Telegram delivers it again.
+/// Either replica's `/metrics` counts every request of the bot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replica_processes_share_one_database_by_webhook() {
     let Some(url) = pg::database().await else {
@@ -1451,6 +1452,38 @@ async fn two_replica_processes_share_one_database_by_webhook() {
             .any(|c| c.method == "sendPhoto" && c.chat_id == Some(20)))
             .await
     );
+    // Each replica's request series count the whole bot's requests (every
+    // replica follows the same log): 17 done, on either.
+    for r in &replicas {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = client
+                .get(format!("http://{}/metrics", r.health))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let done: f64 = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("easel_requests_finished_total{")
+                        && l.contains("outcome=\"done\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if done == 17.0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{done} requests done on /metrics of {}",
+                r.health
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     for r in &mut replicas {
         binary::terminate(&mut r.child);
     }

@@ -102,6 +102,21 @@ pub async fn run(
     } = connect_outside(&settings, token, &watch, settings.replicas, &shutdown).await?;
 
     let engine = Arc::new(engine);
+    metrics.engine_starts.inc();
+    // The request series and the queue gauges read this replica's copy of
+    // the log, which holds every replica's events: each replica reports
+    // the whole bot's requests (aggregate across replicas with max, not
+    // sum; docs/scale-out.md). The "failing in a row" alert is left to
+    // the workers' own alerts here: every replica would send it.
+    metrics.read_lanes_with(crate::metrics::lanes_of(&engine));
+    if settings.metrics_addr.is_some() {
+        tasks.spawn(crate::metrics::follow(
+            Arc::clone(&engine),
+            Arc::clone(&metrics),
+            |_, _| {},
+            shutdown.clone(),
+        ));
+    }
     let times = LeaseTimes {
         ttl: settings.lease,
         renew_every: settings.lease / 3,

@@ -167,6 +167,10 @@ impl Engine for Arc<ReplicaEngine> {
         &self.mirror
     }
 
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.replica.now()
+    }
+
     fn read<R>(&self, f: impl FnOnce(&LiveState) -> R) -> R {
         f(&self.view())
     }

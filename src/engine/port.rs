@@ -26,6 +26,9 @@ pub trait Engine: Send + Sync + 'static {
 
     fn store(&self) -> &Self::Store;
 
+    /// The engine's clock (waits are measured against it).
+    fn now(&self) -> chrono::DateTime<chrono::Utc>;
+
     /// Reads the live projection.
     fn read<R>(&self, f: impl FnOnce(&LiveState) -> R) -> R;
 
@@ -80,6 +83,10 @@ impl<S: EventStore> Engine for Core<S> {
 
     fn store(&self) -> &S {
         Core::store(self)
+    }
+
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        Core::now(self)
     }
 
     fn read<R>(&self, f: impl FnOnce(&LiveState) -> R) -> R {

@@ -132,6 +132,11 @@ impl Replica {
         &self.holder
     }
 
+    /// The replica's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
+    }
+
     /// Admits a new request: a duplicate of an update or message admitted
     /// before (by any replica) comes back as such; otherwise the user's
     /// limits are checked against every replica's commits, and the
