@@ -47,12 +47,15 @@ pub async fn fail_unconfigured<S: EventStore>(
     Ok(orphans.len())
 }
 
-/// Sweeps at start and then every [`JANITOR_EVERY`] until `shutdown`.
-pub async fn janitor<S: EventStore>(
-    core: Arc<Core<S>>,
+/// Sweeps at start and then every [`JANITOR_EVERY`] until `shutdown`:
+/// expired kept images, and with `archive` (the log is this process's
+/// own, not a replica's copy) the retention window.
+pub async fn janitor<E: crate::engine::Engine>(
+    core: Arc<E>,
     images: Arc<ImageStore>,
     settings: Arc<Settings>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    archive: bool,
     shutdown: CancellationToken,
 ) {
     let count = |result: &'static str, archived: usize| {
@@ -64,13 +67,16 @@ pub async fn janitor<S: EventStore>(
         }
     };
     loop {
-        match sweep_images(&core, &images, settings.originals_ttl) {
+        match sweep_images(&*core, &images, settings.originals_ttl) {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "expired originals removed"),
             Err(e) => tracing::warn!(error = %e, "could not sweep kept images"),
         }
+        // Retention rewrites the log: only where the log is this
+        // process's own (a replica's copy is not the log).
         let cutoff = settings
             .retention
+            .filter(|_| archive)
             .and_then(|w| chrono::Duration::from_std(w).ok())
             .and_then(|w| chrono::Utc::now().checked_sub_signed(w));
         if let Some(cutoff) = cutoff {
@@ -117,8 +123,8 @@ pub async fn janitor<S: EventStore>(
 ///
 /// # Errors
 /// When the folder cannot be read.
-pub fn sweep_images<S: EventStore>(
-    core: &Core<S>,
+pub fn sweep_images<E: crate::engine::Engine>(
+    core: &E,
     images: &ImageStore,
     ttl: Duration,
 ) -> std::io::Result<usize> {

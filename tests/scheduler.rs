@@ -513,12 +513,12 @@ async fn the_janitor_removes_expired_images_but_never_those_of_an_unfinished_req
 
     // Younger than the lifetime: nothing goes.
     assert_eq!(
-        sweep_images(&rig.core, &rig.images, Duration::from_secs(3600)).unwrap(),
+        sweep_images(&*rig.core, &rig.images, Duration::from_secs(3600)).unwrap(),
         0
     );
     // Past it: all but the unfinished requests' image and input.
     assert_eq!(
-        sweep_images(&rig.core, &rig.images, Duration::ZERO).unwrap(),
+        sweep_images(&*rig.core, &rig.images, Duration::ZERO).unwrap(),
         3
     );
     assert!(rig.images.load(&kept).unwrap().is_some());

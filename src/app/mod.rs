@@ -210,6 +210,7 @@ async fn start_with(
         Arc::clone(&images),
         Arc::clone(&settings),
         Some(Arc::clone(&metrics)),
+        true,
         shutdown.clone(),
     ));
 

@@ -142,6 +142,16 @@ pub async fn run(
         let stop = shutdown.clone();
         tasks.spawn(async move { runner.run(stop).await });
     }
+    // Expired kept images on this replica's disk (retention of the log
+    // itself is not built on the database yet: docs/scale-out.md).
+    tasks.spawn(crate::maintenance::janitor(
+        Arc::clone(&engine),
+        Arc::clone(&images),
+        Arc::clone(&settings),
+        Some(Arc::clone(&metrics)),
+        false,
+        shutdown.clone(),
+    ));
     let intake = Arc::new(Intake {
         core: Arc::clone(&engine),
         api: Arc::clone(&api),
