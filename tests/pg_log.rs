@@ -1877,3 +1877,242 @@ async fn a_stopped_replica_gives_its_lease_up_and_another_resumes_at_once() {
         .count();
     assert_eq!(resumed, 1);
 }
+
+/// One operation of the replicas' property test.
+#[derive(Clone, Debug)]
+enum ROp {
+    Admit { on: usize, user: i64, model: usize },
+    Start { on: usize, model: usize },
+    Fail { model: usize },
+    Cancel { on: usize, user: i64 },
+    Expire { model: usize },
+}
+
+fn rop() -> impl proptest::strategy::Strategy<Value = ROp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0..2usize, 0..3i64, 0..2usize).prop_map(|(on, user, model)| ROp::Admit { on, user, model }),
+        3 => (0..2usize, 0..2usize).prop_map(|(on, model)| ROp::Start { on, model }),
+        2 => (0..2usize).prop_map(|model| ROp::Fail { model }),
+        1 => (0..2usize, 0..3i64).prop_map(|(on, user)| ROp::Cancel { on, user }),
+        1 => (0..2usize).prop_map(|model| ROp::Expire { model }),
+    ]
+}
+
+/// Two replicas on one database, shared by every case (each case uses
+/// models and users of its own), and the runtime they live on.
+struct Shared {
+    rt: tokio::runtime::Runtime,
+    url: String,
+    replicas: [Replica; 2],
+    cases: std::sync::atomic::AtomicU64,
+    updates: std::sync::atomic::AtomicU32,
+}
+
+fn shared() -> Option<&'static Shared> {
+    static SHARED: std::sync::OnceLock<Option<Shared>> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let url = rt.block_on(pg::database())?;
+            let replicas =
+                rt.block_on(async { [replica(&url, "p").await, replica(&url, "q").await] });
+            Some(Shared {
+                rt,
+                url,
+                replicas,
+                cases: std::sync::atomic::AtomicU64::new(0),
+                updates: std::sync::atomic::AtomicU32::new(1),
+            })
+        })
+        .as_ref()
+}
+
+/// A case against the reference: per model the queue and the one in
+/// flight (with its lease, the replica holding it, and whether the lease
+/// was made to run out), per user the pending count. Then the database's
+/// log replays without a broken rule, each model's starts follow its
+/// queue, and no model ever had two generations at once.
+async fn replicas_case(
+    s: &Shared,
+    ops: Vec<ROp>,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    use proptest::prelude::*;
+    use std::collections::{HashMap, VecDeque};
+    let case = s.cases.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let models: Vec<ModelName> = (0..2)
+        .map(|m| ModelName::parse(&format!("c{case}m{m}")).unwrap())
+        .collect();
+    let user_of = |u: i64| i64::try_from(case).unwrap() * 10 + u + 1;
+    let ttl = Duration::from_secs(30);
+    let cap = limits(1000, 2);
+    let mut waiting: Vec<VecDeque<(RequestId, i64)>> = vec![VecDeque::new(), VecDeque::new()];
+    let mut flying: Vec<Option<(RequestId, i64, easel::store::pg::Lease, usize, bool)>> =
+        vec![None, None];
+    let mut pending: HashMap<i64, u32> = HashMap::new();
+    for op in ops {
+        match op {
+            ROp::Admit { on, user, model } => {
+                let user = user_of(user);
+                let update = s.updates.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut req = request(user, update, "a red fox");
+                req.model = models[model].clone();
+                let room = pending.get(&user).copied().unwrap_or(0) < 2;
+                match s.replicas[on].admit(req, &cap).await {
+                    Ok(Admitted::Queued { id, position, .. }) => {
+                        prop_assert!(room, "admitted past the cap");
+                        waiting[model].push_back((id, user));
+                        prop_assert_eq!(position, waiting[model].len());
+                        *pending.entry(user).or_default() += 1;
+                    }
+                    Err(AcceptError::Rejected(Rejection::TooManyPending { .. })) => {
+                        prop_assert!(!room, "refused under the cap");
+                    }
+                    other => prop_assert!(false, "admit: {:?}", other),
+                }
+            }
+            ROp::Start { on, model } => {
+                let begun = s.replicas[on]
+                    .start_next(&models[model], ttl)
+                    .await
+                    .unwrap();
+                match (&flying[model], begun) {
+                    (Some((_, _, _, _, false)), None) => {}
+                    (Some((id, user, _, _, true)), Some(b)) => {
+                        prop_assert_eq!(b.record.request_id, *id);
+                        let resumed = matches!(b.record.event, Event::Resumed { .. });
+                        prop_assert!(resumed, "not resumed: {:?}", b.record.event);
+                        let (id, user) = (*id, *user);
+                        flying[model] = Some((id, user, b.lease, on, false));
+                    }
+                    (None, Some(b)) => {
+                        let head = waiting[model].pop_front();
+                        prop_assert_eq!(
+                            Some(b.record.request_id),
+                            head.map(|h| h.0),
+                            "not the head"
+                        );
+                        prop_assert_eq!(&b.record.event, &Event::Started);
+                        let user = head.map_or(0, |h| h.1);
+                        flying[model] = Some((b.record.request_id, user, b.lease, on, false));
+                    }
+                    (None, None) => {
+                        prop_assert!(waiting[model].is_empty(), "the head was not started")
+                    }
+                    (f, b) => prop_assert!(false, "start: in flight {:?}, began {:?}", f, b),
+                }
+            }
+            ROp::Fail { model } => {
+                let Some((id, user, lease, on, expired)) = flying[model].clone() else {
+                    continue;
+                };
+                let done = s.replicas[on].step(&lease, id, fail()).await;
+                if expired {
+                    prop_assert!(matches!(done, Err(ReplicaError::Fenced(_))), "{:?}", done);
+                } else {
+                    prop_assert!(done.is_ok(), "{:?}", done);
+                    s.replicas[on].release(&lease).await.unwrap();
+                    flying[model] = None;
+                    *pending.entry(user).or_default() -= 1;
+                }
+            }
+            ROp::Cancel { on, user } => {
+                let user = user_of(user);
+                let Some((m, at)) = (0..2).find_map(|m| {
+                    waiting[m]
+                        .iter()
+                        .position(|w| w.1 == user)
+                        .map(|at| (m, at))
+                }) else {
+                    continue;
+                };
+                let (id, _) = waiting[m][at];
+                prop_assert!(s.replicas[on].cancel(id).await.is_ok());
+                waiting[m].remove(at);
+                *pending.entry(user).or_default() -= 1;
+            }
+            ROp::Expire { model } => {
+                expire(&s.url, models[model].as_str()).await;
+                if let Some(f) = flying[model].as_mut() {
+                    f.4 = true;
+                }
+            }
+        }
+    }
+    // The whole log: no broken rule, and per model of this case the starts
+    // in queue order with never two at once.
+    let items = s.replicas[0].log().read_all().await.unwrap();
+    let mut state = easel::projection::LiveState::default();
+    let report = easel::projection::replay_into(&mut state, items.clone().into_iter()).unwrap();
+    prop_assert!(
+        report.violations.is_empty() && report.corrupt.is_empty(),
+        "{:?}",
+        report
+    );
+    for model in &models {
+        let mut queued = VecDeque::new();
+        let mut model_of = HashMap::new();
+        let mut running: Option<RequestId> = None;
+        for r in items.iter().flatten() {
+            match &r.event {
+                Event::Queued { model: m, .. } if m == model => {
+                    queued.push_back(r.request_id);
+                    model_of.insert(r.request_id, ());
+                }
+                Event::Cancelled if model_of.contains_key(&r.request_id) => {
+                    queued.retain(|q| *q != r.request_id);
+                }
+                Event::Started if model_of.contains_key(&r.request_id) => {
+                    prop_assert!(running.is_none(), "two generations of {} at once", model);
+                    prop_assert_eq!(
+                        queued.pop_front(),
+                        Some(r.request_id),
+                        "{} out of order",
+                        model
+                    );
+                    running = Some(r.request_id);
+                }
+                Event::Failed { .. } | Event::Delivered { .. } if running == Some(r.request_id) => {
+                    running = None;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The engine's invariants on PostgreSQL under random interleavings across
+/// two replicas (admissions against a pending cap, starts, failures,
+/// cancels, leases run out and taken over): see [`replicas_case`].
+/// `PROPTEST_CASES` raises the case count (default 12).
+#[test]
+fn replicas_keep_every_invariant_under_random_interleavings() {
+    let Some(s) = shared() else {
+        return;
+    };
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(12);
+    let config = proptest::test_runner::Config {
+        cases,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::Direct(
+                "proptest-regressions/pg_replicas.txt",
+            ),
+        )),
+        ..proptest::test_runner::Config::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let result = runner.run(&proptest::collection::vec(rop(), 1..40), |ops| {
+        s.rt.block_on(replicas_case(s, ops))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
