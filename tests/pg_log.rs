@@ -1899,6 +1899,11 @@ fn rop() -> impl proptest::strategy::Strategy<Value = ROp> {
     ]
 }
 
+/// A model's generation in the reference: the request, its user, the
+/// lease, the replica holding it, and whether the lease was made to run
+/// out.
+type Flying = (RequestId, i64, easel::store::pg::Lease, usize, bool);
+
 /// Two replicas on one database, shared by every case (each case uses
 /// models and users of its own), and the runtime they live on.
 struct Shared {
@@ -1951,8 +1956,7 @@ async fn replicas_case(
     let ttl = Duration::from_secs(30);
     let cap = limits(1000, 2);
     let mut waiting: Vec<VecDeque<(RequestId, i64)>> = vec![VecDeque::new(), VecDeque::new()];
-    let mut flying: Vec<Option<(RequestId, i64, easel::store::pg::Lease, usize, bool)>> =
-        vec![None, None];
+    let mut flying: Vec<Option<Flying>> = vec![None, None];
     let mut pending: HashMap<i64, u32> = HashMap::new();
     for op in ops {
         match op {
