@@ -1548,19 +1548,19 @@ async fn deliver_until_taken(
 /// stream of requests (each update redelivered to another replica until
 /// one answers 200, as Telegram does), and meanwhile: `kill -9` of the
 /// replica holding a model's lease mid-generation (by the pid in its
-/// lease), then every database connection of the replicas cut and new
-/// ones refused for a second (what a database restart looks like from
-/// the replicas; the test cluster itself is shared by this binary's
-/// tests), then the killed replica started again. Afterwards: every
+/// lease), at once the database server restarted (a cluster of the
+/// test's own), then the killed replica started again. Afterwards: every
 /// request the webhook acknowledged was delivered, the workers never ran
 /// two generations of one model at once, duplicate generations and
 /// photos are at most one per disruption, and `easel replay --verify`
 /// passes. `EASEL_CAMPAIGN_KILLS=<n>` (default 1) kills more holders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_replicas_and_a_database_restart_lose_nothing_acknowledged() {
-    let Some(url) = pg::database().await else {
+    // A server of its own: it is restarted below.
+    let Some(cluster) = pg::private() else {
         return;
     };
+    let url = cluster.0.fresh_database().await;
     let kills = binary::env_num("EASEL_CAMPAIGN_KILLS", 1);
     let users = 12i64;
     let fakes = binary::fakes(Duration::from_millis(60)).await;
@@ -1586,16 +1586,17 @@ async fn killed_replicas_and_a_database_restart_lose_nothing_acknowledged() {
         tokio::spawn(async move {
             for (i, update) in updates.iter().enumerate() {
                 deliver_until_taken(&client, &hooks, update, i).await;
-                tokio::time::sleep(Duration::from_millis(40)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
     };
-    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
     let mut killed = 0;
     for _ in 0..kills {
+        // Connected anew each time: the server restarts after the first.
+        let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
         // The holder of a model's lease, mid-generation.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let pid = loop {
@@ -1623,6 +1624,13 @@ async fn killed_replicas_and_a_database_restart_lose_nothing_acknowledged() {
         replicas[at].child.kill().unwrap();
         replicas[at].child.wait().unwrap();
         killed += 1;
+        if killed == 1 {
+            // The database server restarts (`pg_ctl restart -m fast`)
+            // while updates still arrive and the holder's lease has not
+            // run out: every connection of the replicas ends, and new
+            // ones fail until it is back.
+            tokio::task::block_in_place(|| cluster.0.restart());
+        }
         // Telegram has only the live replicas' address (a load balancer
         // stops sending to a dead one).
         let dead = replicas[at].hook.clone();
@@ -1633,39 +1641,6 @@ async fn killed_replicas_and_a_database_restart_lose_nothing_acknowledged() {
         hooks.lock().unwrap().push(fresh.hook.clone());
         replicas[at] = fresh;
     }
-    // The database "restarts": every connection of the replicas is cut,
-    // and new ones are refused for a second.
-    let db = url
-        .split('/')
-        .nth(3)
-        .and_then(|rest| rest.split('?').next())
-        .unwrap()
-        .to_owned();
-    // From another database: one cannot refuse connections to one's own.
-    let (server, conn) = tokio_postgres::connect(
-        &url.replace(&format!("/{db}?"), "/postgres?"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    server
-        .batch_execute(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
-        .await
-        .unwrap();
-    server
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = $1 AND pid <> pg_backend_pid()",
-            &[&db],
-        )
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    server
-        .batch_execute(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
-        .await
-        .unwrap();
     let disruptions = killed + 1;
     tokio::time::timeout(Duration::from_secs(90), posting)
         .await

@@ -75,7 +75,35 @@ fn run(c: &Cluster, program: &str, args: &[&str]) -> Result<(), String> {
 }
 
 fn start() -> Result<Cluster, String> {
-    start_with(false)
+    let c = start_with(false)?;
+    // SAFETY: registering a plain extern "C" function; it runs once at exit.
+    unsafe {
+        libc::atexit(stop_at_exit);
+    }
+    Ok(c)
+}
+
+/// A cluster of one test's own (`fsync=off`), for what would disturb the
+/// binary's other tests — restarting the server; stopped and removed when
+/// dropped. None (after saying so loudly) where no PostgreSQL can be
+/// started, a failure under `CI=true`.
+pub fn private() -> Option<Private> {
+    match start_with(false) {
+        Ok(c) => Some(Private(c)),
+        Err(why) => {
+            skipped(&why);
+            None
+        }
+    }
+}
+
+/// See [`private`].
+pub struct Private(pub Cluster);
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 /// A cluster of its own, durable (`fsync=on`, `synchronous_commit=on`,
@@ -151,12 +179,6 @@ fn start_with(durable: bool) -> Result<Cluster, String> {
             "start",
         ],
     )?;
-    if !durable {
-        // SAFETY: registering a plain extern "C" function; it runs once at exit.
-        unsafe {
-            libc::atexit(stop_at_exit);
-        }
-    }
     Ok(c)
 }
 
@@ -172,19 +194,50 @@ pub fn cluster() -> Option<&'static Cluster> {
     match CLUSTER.get_or_init(start) {
         Ok(c) => Some(c),
         Err(why) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true: the PostgreSQL tests must run, but: {why}"
-            );
-            eprintln!(
-                "\n*** PostgreSQL tests SKIPPED: {why}. Install PostgreSQL's server (Debian: postgresql) or set EASEL_PG_BIN. ***\n"
-            );
+            skipped(why);
             None
         }
     }
 }
 
+/// Says loudly that the PostgreSQL tests are skipped, and why; under
+/// `CI=true` fails instead.
+fn skipped(why: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true: the PostgreSQL tests must run, but: {why}"
+    );
+    eprintln!(
+        "\n*** PostgreSQL tests SKIPPED: {why}. Install PostgreSQL's server (Debian: postgresql) or set EASEL_PG_BIN. ***\n"
+    );
+}
+
 impl Cluster {
+    /// Restarts the server (`pg_ctl restart -m fast`: every session
+    /// ended, a shutdown checkpoint, started again with the same options).
+    ///
+    /// # Panics
+    /// When it does not come back.
+    pub fn restart(&self) {
+        let data = self.dir.join("data");
+        let log = self.dir.join("server.log");
+        run(
+            self,
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-l",
+                &log.to_string_lossy(),
+                "-m",
+                "fast",
+                "-w",
+                "restart",
+            ],
+        )
+        .expect("restart the test cluster");
+    }
+
     /// Stops the server and removes its folder.
     pub fn stop(&self) {
         let data = self.dir.join("data");
