@@ -81,7 +81,7 @@ pub(super) const REPLICAS: Knob = Knob {
 pub(super) const LEASE_SECS: Knob = Knob {
     var: "EASEL_LEASE_SECS",
     default: 30,
-    min: 3,
+    min: 2,
     max: 600,
 };
 const DEFAULT_RATE: RateLimit = RateLimit {
