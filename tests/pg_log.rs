@@ -804,6 +804,15 @@ impl Generator for Worker {
             let mut most = self.most_at_once.lock().unwrap();
             *most = (*most).max(*n);
         }
+        if prompt.contains("forbidden") {
+            *self.running.lock().unwrap().entry(m).or_default() -= 1;
+            return Err(GenerationFailure {
+                kind: FailureKind::Rejected,
+                reason: "the content filter refused it".into(),
+                attempts: 1,
+                statuses: vec!["400".into()],
+            });
+        }
         let mut guard = GivenUp(Some(Arc::clone(&self.dropped)));
         if prompt.contains("hang") && !self.hung.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::future::pending::<()>().await;
@@ -2094,4 +2103,66 @@ fn replicas_keep_every_invariant_under_random_interleavings() {
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+/// The runner tells its outcome callback (the operator's "failing in a
+/// row" alert on replicas) about each generation it records: worked, or
+/// failed and why — once each, from the runner that ran it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_runner_reports_each_generations_outcome_once() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = Arc::new(replica(&url, "a").await);
+    let (worker, sent) = (Arc::new(Worker::default()), Arc::new(Sent::default()));
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let runner = {
+        let stages = Stages::new(
+            ModelName::parse("flux").unwrap(),
+            Arc::new(SamePrompt),
+            Arc::clone(&worker),
+            Arc::clone(&sent),
+            Arc::new(ImageStore::open(&dir.path().join("a")).unwrap()),
+        );
+        let heard = Arc::clone(&heard);
+        Arc::new(
+            ReplicaRunner::new(Arc::clone(&a), stages, LeaseTimes::default()).with_outcomes(
+                Box::new(move |model, outcome| {
+                    heard.lock().unwrap().push((model.to_string(), outcome));
+                }),
+            ),
+        )
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = {
+        let (runner, stop) = (Arc::clone(&runner), stop.clone());
+        tokio::spawn(async move { runner.run(stop).await })
+    };
+    for (i, prompt) in ["a red fox", "something forbidden"].iter().enumerate() {
+        a.admit(
+            request(1, 900 + u32::try_from(i).unwrap(), prompt),
+            &limits(10, 10),
+        )
+        .await
+        .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while heard.lock().unwrap().len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            heard.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        *heard.lock().unwrap(),
+        vec![
+            ("flux".to_owned(), Ok(())),
+            ("flux".to_owned(), Err(FailureKind::Rejected)),
+        ]
+    );
 }

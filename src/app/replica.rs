@@ -106,8 +106,8 @@ pub async fn run(
     // The request series and the queue gauges read this replica's copy of
     // the log, which holds every replica's events: each replica reports
     // the whole bot's requests (aggregate across replicas with max, not
-    // sum; docs/scale-out.md). The "failing in a row" alert is left to
-    // the workers' own alerts here: every replica would send it.
+    // sum; docs/scale-out.md). The "failing in a row" alert is fed by
+    // each replica's own runners instead (every replica would send it).
     metrics.read_lanes_with(crate::metrics::lanes_of(&engine));
     if settings.metrics_addr.is_some() {
         tasks.spawn(crate::metrics::follow(
@@ -138,7 +138,10 @@ pub async fn run(
             Arc::clone(&deliverer),
             Arc::clone(&images),
         );
-        let runner = ReplicaRunner::new(Arc::clone(&replica), stages, times);
+        let alerts = Arc::clone(&alerts);
+        let runner = ReplicaRunner::new(Arc::clone(&replica), stages, times).with_outcomes(
+            Box::new(move |model, outcome| alerts.generation(model, outcome)),
+        );
         let stop = shutdown.clone();
         tasks.spawn(async move { runner.run(stop).await });
     }

@@ -437,7 +437,12 @@ pub struct ReplicaRunner<E, G, D> {
     stages: Stages<E, G, D>,
     times: LeaseTimes,
     lost: std::sync::atomic::AtomicU64,
+    /// Told whether each generation this runner recorded worked.
+    outcomes: Option<Outcomes>,
 }
+
+/// Told whether a generation worked (`generated`) or failed, and why.
+pub type Outcomes = Box<dyn Fn(&ModelName, Result<(), crate::domain::FailureKind>) + Send + Sync>;
 
 impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
     pub fn new(replica: Arc<Replica>, stages: Stages<E, G, D>, times: LeaseTimes) -> Self {
@@ -446,7 +451,18 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
             stages,
             times,
             lost: std::sync::atomic::AtomicU64::new(0),
+            outcomes: None,
         }
+    }
+
+    /// Tells `outcomes` whether each generation this runner records worked
+    /// (the operator's "failing in a row" alert, §7). Counted where it
+    /// happens rather than from the log, which every replica follows and
+    /// which would make every replica send the alert.
+    #[must_use]
+    pub fn with_outcomes(mut self, outcomes: Outcomes) -> Self {
+        self.outcomes = Some(outcomes);
+        self
     }
 
     /// Generations this runner stopped because its lease was lost (the
@@ -540,6 +556,17 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
             match self.replica.step(&lease, id, command).await {
                 Ok(rec) => {
                     tracing::info!(request_id = %id, event = rec.event.name(), seq = rec.seq, "step recorded");
+                    if let Some(tell) = &self.outcomes {
+                        match &rec.event {
+                            crate::domain::Event::Generated { .. } => {
+                                tell(self.stages.model(), Ok(()))
+                            }
+                            crate::domain::Event::Failed { kind, .. } => {
+                                tell(self.stages.model(), Err(*kind));
+                            }
+                            _ => {}
+                        }
+                    }
                     Follow::apply(&mut view, &rec);
                 }
                 Err(ReplicaError::Fenced(_)) => {
