@@ -65,6 +65,41 @@ fn spawn_with(
     command.spawn().expect("start easel")
 }
 
+/// [`spawn`] with `/metrics`, `/healthz` and `/readyz` on a free address;
+/// the process and that address.
+fn spawn_watched(
+    dir: &std::path::Path,
+    tg: &FakeTelegram,
+    flux: &FakeWorker,
+    sdxl: &FakeWorker,
+    llm: &FakeLlm,
+) -> (Child, String) {
+    let addr = free_addr();
+    let child = spawn_with(
+        dir,
+        tg,
+        flux,
+        sdxl,
+        llm,
+        &[("EASEL_METRICS_ADDR", &addr)],
+        Stdio::null(),
+    );
+    (child, addr)
+}
+
+/// Registers a webhook with the FAKE Telegram, as `easel webhook set` does.
+async fn register_webhook(tg: &FakeTelegram, secret: &str) {
+    let set = reqwest::Client::new()
+        .post(format!("{}/bot{TOKEN}/setWebhook", tg.url))
+        .json(
+            &serde_json::json!({"url": "https://bot.example.com/telegram", "secret_token": secret}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_no_acknowledged_request() {
     let kills = env_num("EASEL_CAMPAIGN_KILLS", 4);
@@ -389,21 +424,7 @@ async fn json_logs_carry_the_request_id_and_no_secret() {
 async fn healthz_and_readyz_answer_on_the_metrics_address() {
     let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(10)).await;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = spawn_with(
-        dir.path(),
-        &tg,
-        &flux,
-        &sdxl,
-        &llm,
-        &[("EASEL_METRICS_ADDR", &addr)],
-        Stdio::null(),
-    );
+    let (mut child, addr) = spawn_watched(dir.path(), &tg, &flux, &sdxl, &llm);
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = (None, None);
@@ -486,16 +507,7 @@ fn sample(
 async fn metrics_move_with_the_requests_and_parse_as_openmetrics() {
     let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(10)).await;
     let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let mut child = spawn_with(
-        dir.path(),
-        &tg,
-        &flux,
-        &sdxl,
-        &llm,
-        &[("EASEL_METRICS_ADDR", &addr)],
-        Stdio::null(),
-    );
+    let (mut child, addr) = spawn_watched(dir.path(), &tg, &flux, &sdxl, &llm);
     let client = reqwest::Client::new();
     let scrape = || async {
         let r = client
@@ -630,26 +642,9 @@ async fn metrics_move_with_the_requests_and_parse_as_openmetrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_while_a_webhook_is_registered_is_not_ready_and_says_why() {
     let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(10)).await;
-    let set = reqwest::Client::new()
-        .post(format!("{}/bot{TOKEN}/setWebhook", tg.url))
-        .json(
-            &serde_json::json!({"url": "https://bot.example.com/telegram", "secret_token": "abc"}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(set.status(), 200);
+    register_webhook(&tg, "abc").await;
     let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let mut child = spawn_with(
-        dir.path(),
-        &tg,
-        &flux,
-        &sdxl,
-        &llm,
-        &[("EASEL_METRICS_ADDR", &addr)],
-        Stdio::null(),
-    );
+    let (mut child, addr) = spawn_watched(dir.path(), &tg, &flux, &sdxl, &llm);
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let said = loop {
@@ -679,15 +674,7 @@ async fn the_webhook_takes_updates_with_the_right_secret_only_and_once() {
     const SECRET: &str = "hook-secret_42";
     let (tg, flux, sdxl, llm) = fakes(Duration::from_millis(10)).await;
     let client = reqwest::Client::new();
-    let set = client
-        .post(format!("{}/bot{TOKEN}/setWebhook", tg.url))
-        .json(
-            &serde_json::json!({"url": "https://bot.example.com/telegram", "secret_token": SECRET}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(set.status(), 200);
+    register_webhook(&tg, SECRET).await;
     let dir = tempfile::tempdir().unwrap();
     let (hook, health) = (free_addr(), free_addr());
     let mut command = bot_command(dir.path(), &tg, &flux, &sdxl, &llm, &["run", "--webhook"]);

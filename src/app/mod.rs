@@ -163,25 +163,27 @@ async fn start_with(
         tracing::info!(request_id = %r.request_id, event = ?r.event, "resuming");
     }
 
+    let outside = connect_outside(&settings, token, watch, 1, &shutdown).await?;
+    let mut tasks = JoinSet::new();
+    let intake = telegram_side(
+        &core,
+        &outside,
+        &settings,
+        watch,
+        refused.clone(),
+        true,
+        &shutdown,
+        &mut tasks,
+    );
     let Outside {
         images,
         generator,
         enhancer,
         api,
-        retries,
         username,
-    } = connect_outside(&settings, token, watch, 1, &shutdown).await?;
-
-    let (board, board_task) = StatusBoard::new(
-        Arc::clone(&core),
-        Arc::clone(&api),
-        retries,
-        Some(Arc::clone(&alerts)),
-        shutdown.clone(),
-    );
+        ..
+    } = outside;
     let deliverer = Arc::new(TelegramDeliverer::new(Arc::clone(&api)));
-    let mut tasks = JoinSet::new();
-    tasks.spawn(board_task);
     // The request series and the "failing in a row" alert read the log;
     // nobody needs them when neither is asked for.
     if settings.metrics_addr.is_some() || settings.operator_chat.is_some() {
@@ -205,25 +207,6 @@ async fn start_with(
         let stop = shutdown.clone();
         tasks.spawn(async move { runner.run(stop).await });
     }
-    tasks.spawn(crate::maintenance::janitor(
-        Arc::clone(&core),
-        Arc::clone(&images),
-        Arc::clone(&settings),
-        Some(Arc::clone(&metrics)),
-        true,
-        shutdown.clone(),
-    ));
-
-    let intake = Arc::new(Intake {
-        core: Arc::clone(&core),
-        api: Arc::clone(&api),
-        settings: Arc::clone(&settings),
-        board,
-        images,
-        username: username.clone(),
-        refused: refused.clone(),
-        metrics: Some(Arc::clone(&metrics)),
-    });
     // Operators' read-only queries, while this process holds the log.
     match crate::ops::server::bind(&intake.settings.data_dir.socket()) {
         Ok(listener) => {
@@ -298,36 +281,9 @@ impl App {
             offset,
             webhook: self.webhook.is_some(),
         };
-        let drained = tokio::time::timeout_at(deadline, async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            // Aborted, so their handles on the log are gone too and the
-            // log can be reopened (see `run`).
-            tracing::warn!(
-                left = self.tasks.len(),
-                "tasks did not stop within {} s; their requests resume at the next start",
-                DRAIN.as_secs()
-            );
-            self.tasks.abort_all();
-            // A task inside blocking code (a flush of a log whose disk
-            // just filled may never return) cannot be aborted: wait a
-            // moment, then go on without it, so the stand-in answers users
-            // meanwhile (the log cannot be reopened until it ends; `run`
-            // keeps retrying).
-            let gone = tokio::time::timeout(ABORT_WAIT, async {
-                while self.tasks.join_next().await.is_some() {}
-            })
-            .await;
-            if gone.is_err() {
-                tracing::error!(
-                    left = self.tasks.len(),
-                    "tasks are stuck in blocking code; going on without them"
-                );
-                self.tasks.detach_all();
-            }
-        }
+        // Aborted tasks' handles on the log are gone too, so the log can
+        // be reopened (see `run`).
+        drain(&mut self.tasks, deadline).await;
         // A log that refused a write takes no checkpoint (sled refuses every
         // later write of the handle, and may not answer at all).
         let broken = self.core.store().write_failure().borrow().clone();
@@ -344,6 +300,38 @@ impl App {
             tracing::info!("stopped");
         }
         (handover, result)
+    }
+}
+
+/// Waits until `deadline` for `tasks` to end; then aborts what is left
+/// (its requests resume at the next start), and goes on without a task
+/// still stuck after [`ABORT_WAIT`]: one inside blocking code (a flush of
+/// a log whose disk just filled may never return) cannot be aborted, and
+/// users must be answered meanwhile.
+async fn drain(tasks: &mut JoinSet<()>, deadline: tokio::time::Instant) {
+    let drained = tokio::time::timeout_at(deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_ok() {
+        return;
+    }
+    tracing::warn!(
+        left = tasks.len(),
+        "tasks did not stop within {} s; their requests resume at the next start",
+        DRAIN.as_secs()
+    );
+    tasks.abort_all();
+    let gone = tokio::time::timeout(ABORT_WAIT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if gone.is_err() {
+        tracing::error!(
+            left = tasks.len(),
+            "tasks are stuck in blocking code; going on without them"
+        );
+        tasks.detach_all();
     }
 }
 
@@ -670,6 +658,48 @@ async fn connect_outside(
         api,
         retries,
         username,
+    })
+}
+
+/// The Telegram side of an engine: its status board and its janitor
+/// (with `archive`, the retention step too: only where the log is the
+/// process's own) spawned into `tasks`, and the intake updates go to.
+#[allow(clippy::too_many_arguments)]
+fn telegram_side<E: crate::engine::Engine>(
+    core: &Arc<E>,
+    outside: &Outside,
+    settings: &Arc<Settings>,
+    watch: &Watch,
+    refused: Refused,
+    archive: bool,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Arc<Intake<E>> {
+    let (board, board_task) = StatusBoard::new(
+        Arc::clone(core),
+        Arc::clone(&outside.api),
+        outside.retries.clone(),
+        Some(Arc::clone(&watch.alerts)),
+        shutdown.clone(),
+    );
+    tasks.spawn(board_task);
+    tasks.spawn(crate::maintenance::janitor(
+        Arc::clone(core),
+        Arc::clone(&outside.images),
+        Arc::clone(settings),
+        Some(Arc::clone(&watch.metrics)),
+        archive,
+        shutdown.clone(),
+    ));
+    Arc::new(Intake {
+        core: Arc::clone(core),
+        api: Arc::clone(&outside.api),
+        settings: Arc::clone(settings),
+        board,
+        images: Arc::clone(&outside.images),
+        username: outside.username.clone(),
+        refused,
+        metrics: Some(Arc::clone(&watch.metrics)),
     })
 }
 

@@ -16,8 +16,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ABORT_WAIT, DRAIN, Outside, StartError, Watch, connect_outside, serve_watch, serve_webhook,
-    webhook_settings,
+    DRAIN, Outside, StartError, Watch, connect_outside, drain, serve_watch, serve_webhook,
+    telegram_side, webhook_settings,
 };
 use crate::config::Settings;
 use crate::engine::mirror::ReplicaEngine;
@@ -26,7 +26,7 @@ use crate::engine::{Stages, SystemClock};
 use crate::store::pg::Claimed;
 use crate::telegram::intake::Refused;
 use crate::telegram::poll;
-use crate::telegram::{Intake, StatusBoard, TelegramDeliverer};
+use crate::telegram::{Intake, TelegramDeliverer};
 
 /// This replica's name in the leases it takes: unique per process, and
 /// telling an operator which machine and process held a lease.
@@ -92,14 +92,7 @@ pub async fn run(
     crate::store::disk::private_umask();
     crate::store::disk::create_data_dir(settings.data_dir.root())
         .with_context(|| format!("could not create the data dir {}", settings.data_dir))?;
-    let Outside {
-        images,
-        generator,
-        enhancer,
-        api,
-        retries,
-        username,
-    } = connect_outside(&settings, token, &watch, settings.replicas, &shutdown).await?;
+    let outside = connect_outside(&settings, token, &watch, settings.replicas, &shutdown).await?;
 
     let engine = Arc::new(engine);
     metrics.engine_starts.inc();
@@ -121,14 +114,25 @@ pub async fn run(
         ttl: settings.lease,
         renew_every: settings.lease / 3,
     };
-    let (board, board_task) = StatusBoard::new(
-        Arc::clone(&engine),
-        Arc::clone(&api),
-        retries,
-        Some(Arc::clone(&alerts)),
-        shutdown.clone(),
+    // Retention of the log itself is not built on the database yet
+    // (docs/scale-out.md): the janitor sweeps only this replica's images.
+    let intake = telegram_side(
+        &engine,
+        &outside,
+        &settings,
+        &watch,
+        Refused::default(),
+        false,
+        &shutdown,
+        &mut tasks,
     );
-    tasks.spawn(board_task);
+    let Outside {
+        images,
+        generator,
+        enhancer,
+        api,
+        ..
+    } = outside;
     let deliverer = Arc::new(TelegramDeliverer::new(Arc::clone(&api)));
     for model in &settings.models {
         let stages = Stages::new(
@@ -145,26 +149,6 @@ pub async fn run(
         let stop = shutdown.clone();
         tasks.spawn(async move { runner.run(stop).await });
     }
-    // Expired kept images on this replica's disk (retention of the log
-    // itself is not built on the database yet: docs/scale-out.md).
-    tasks.spawn(crate::maintenance::janitor(
-        Arc::clone(&engine),
-        Arc::clone(&images),
-        Arc::clone(&settings),
-        Some(Arc::clone(&metrics)),
-        false,
-        shutdown.clone(),
-    ));
-    let intake = Arc::new(Intake {
-        core: Arc::clone(&engine),
-        api: Arc::clone(&api),
-        settings: Arc::clone(&settings),
-        board,
-        images,
-        username,
-        refused: Refused::default(),
-        metrics: Some(Arc::clone(&metrics)),
-    });
     let slot = crate::telegram::webhook::Slot::default();
     if webhook {
         serve_webhook(&settings, &slot, &shutdown).await?;
@@ -189,18 +173,10 @@ pub async fn run(
     *slot
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-    let drained =
-        tokio::time::timeout(DRAIN, async { while tasks.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        // Their generations' leases run out; the requests are resumed,
-        // here at the next start or on another replica.
-        tracing::warn!(left = tasks.len(), "tasks did not stop in time");
-        tasks.abort_all();
-        let _ = tokio::time::timeout(ABORT_WAIT, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-    }
+    // A generation aborted here keeps its lease until it runs out; the
+    // request is then resumed, here at the next start or on another
+    // replica.
+    drain(&mut tasks, tokio::time::Instant::now() + DRAIN).await;
     tracing::info!("stopped");
     Ok(())
 }

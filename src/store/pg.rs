@@ -211,6 +211,25 @@ enum Done {
     Claimed(Claimed),
 }
 
+impl Done {
+    /// An append's answer (a claim's answer to an append would be a bug:
+    /// reported as a closed log rather than a panic).
+    fn appended(self) -> Result<Appended, StoreError> {
+        match self {
+            Done::Appended(a) => Ok(a),
+            Done::Claimed(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// A claim's answer (as [`Done::appended`]).
+    fn claimed(self) -> Result<Claimed, StoreError> {
+        match self {
+            Done::Claimed(c) => Ok(c),
+            Done::Appended(_) => Err(StoreError::Closed),
+        }
+    }
+}
+
 /// The answer to [`PgLog::decide_now`], once its transaction ended.
 pub struct Answer(oneshot::Receiver<Result<Done, StoreError>>);
 
@@ -220,10 +239,7 @@ impl Answer {
     /// # Errors
     /// As [`PgLog::append`].
     pub async fn appended(self) -> Result<Appended, StoreError> {
-        match self.0.await.map_err(|_| StoreError::Closed)?? {
-            Done::Appended(a) => Ok(a),
-            Done::Claimed(_) => Err(StoreError::Closed),
-        }
+        self.0.await.map_err(|_| StoreError::Closed)??.appended()
     }
 }
 
@@ -232,6 +248,19 @@ struct Pending<F> {
     op: Op<F>,
     asked_at: tokio::time::Instant,
     reply: oneshot::Sender<Result<Done, StoreError>>,
+}
+
+impl<F> Pending<F> {
+    /// `op`, asked now, and where its answer will come.
+    fn new(op: Op<F>) -> (Self, oneshot::Receiver<Result<Done, StoreError>>) {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            op,
+            asked_at: tokio::time::Instant::now(),
+            reply,
+        };
+        (pending, answer)
+    }
 }
 
 /// The PostgreSQL event log of one process (a replica); `F` is the state
@@ -372,16 +401,12 @@ impl<F: Follow> PgLog<F> {
     /// [`StoreError::Write`] when the database refused; nothing of this
     /// append is written then.
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Appended, StoreError> {
-        match self
-            .submit(Op::Append {
-                events: Events::Given(events),
-                fence: None,
-            })
-            .await?
-        {
-            Done::Appended(a) => Ok(a),
-            Done::Claimed(_) => Err(StoreError::Closed),
-        }
+        self.submit(Op::Append {
+            events: Events::Given(events),
+            fence: None,
+        })
+        .await?
+        .appended()
     }
 
     /// As [`PgLog::append`], only while `lease` is the model's current
@@ -399,10 +424,7 @@ impl<F: Follow> PgLog<F> {
             events: Events::Given(events),
             fence: Some(lease.clone()),
         };
-        match self.submit(op).await? {
-            Done::Appended(a) => Ok(a),
-            Done::Claimed(_) => Err(StoreError::Closed),
-        }
+        self.submit(op).await?.appended()
     }
 
     /// Claims `model`'s lease for `holder` for `ttl` — when it is free or
@@ -425,10 +447,7 @@ impl<F: Follow> PgLog<F> {
             ttl,
             events: Events::Given(events),
         };
-        match self.submit(op).await? {
-            Done::Claimed(c) => Ok(c),
-            Done::Appended(_) => Err(StoreError::Closed),
-        }
+        self.submit(op).await?.claimed()
     }
 
     /// Writes what `decide` decides against the state caught up under the
@@ -449,10 +468,7 @@ impl<F: Follow> PgLog<F> {
             events: Events::Decided { keys, decide },
             fence,
         };
-        match self.submit(op).await? {
-            Done::Appended(a) => Ok(a),
-            Done::Claimed(_) => Err(StoreError::Closed),
-        }
+        self.submit(op).await?.appended()
     }
 
     /// Asks `decide` what `model` should run next (against the state
@@ -479,10 +495,7 @@ impl<F: Follow> PgLog<F> {
                 decide,
             },
         };
-        match self.submit(op).await? {
-            Done::Claimed(c) => Ok(c),
-            Done::Appended(_) => Err(StoreError::Closed),
-        }
+        self.submit(op).await?.claimed()
     }
 
     /// Whether `model`'s lease is held, unexpired, by another holder than
@@ -620,22 +633,16 @@ impl<F: Follow> PgLog<F> {
         fence: Option<Lease>,
         decide: Decide<F>,
     ) -> Result<Answer, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.appends
-            .try_send(Pending {
-                op: Op::Append {
-                    events: Events::Decided { keys, decide },
-                    fence,
-                },
-                asked_at: tokio::time::Instant::now(),
-                reply,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    StoreError::Write(Cause::from("too many appends are waiting for the database"))
-                }
-                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
-            })?;
+        let (pending, answer) = Pending::new(Op::Append {
+            events: Events::Decided { keys, decide },
+            fence,
+        });
+        self.appends.try_send(pending).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                StoreError::Write(Cause::from("too many appends are waiting for the database"))
+            }
+            mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+        })?;
         Ok(Answer(answer))
     }
 
@@ -671,13 +678,9 @@ impl<F: Follow> PgLog<F> {
     }
 
     async fn submit(&self, op: Op<F>) -> Result<Done, StoreError> {
-        let (reply, answer) = oneshot::channel();
+        let (pending, answer) = Pending::new(op);
         self.appends
-            .send(Pending {
-                op,
-                asked_at: tokio::time::Instant::now(),
-                reply,
-            })
+            .send(pending)
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
