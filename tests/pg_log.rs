@@ -1528,6 +1528,43 @@ fn holder_pid(holder: &str) -> Option<u32> {
     holder.split('/').nth(1)?.parse().ok()
 }
 
+/// `kill -9`s the replica holding an unexpired lease of a model `LIKE`
+/// `model` (found by the pid in the holder's name; waited for, 30 s at
+/// most) and reaps it; its place in `replicas`.
+async fn kill_holder(url: &str, replicas: &mut [Replicant], model: &str) -> usize {
+    // Connected anew each time: the server may have restarted meanwhile.
+    let (admin, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let at = loop {
+        let rows = admin
+            .query(
+                "SELECT holder FROM easel_leases WHERE model LIKE $1 \
+                 AND lease_until > clock_timestamp()",
+                &[&model],
+            )
+            .await
+            .unwrap();
+        let at = rows
+            .iter()
+            .filter_map(|r| holder_pid(r.get(0)))
+            .find_map(|pid| replicas.iter().position(|r| r.child.id() == pid));
+        if let Some(at) = at {
+            break at;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no lease of {model} was ever held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    replicas[at].child.kill().unwrap();
+    replicas[at].child.wait().unwrap();
+    at
+}
+
 /// Posts `update` as Telegram does: to some replica, and again (to the
 /// next one) after anything but `200`, until one takes it (60 s at most).
 async fn deliver_until_taken(
@@ -1601,37 +1638,8 @@ async fn killed_replicas_and_a_database_restart_lose_nothing_acknowledged() {
     };
     let mut killed = 0;
     for _ in 0..kills {
-        // Connected anew each time: the server restarts after the first.
-        let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
         // The holder of a model's lease, mid-generation.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let pid = loop {
-            let rows = admin
-                .query(
-                    "SELECT holder FROM easel_leases WHERE lease_until > clock_timestamp()",
-                    &[],
-                )
-                .await
-                .unwrap();
-            let pid = rows
-                .iter()
-                .filter_map(|r| holder_pid(r.get(0)))
-                .find(|pid| replicas.iter().any(|r| r.child.id() == *pid));
-            if let Some(pid) = pid {
-                break pid;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no lease was ever held"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let at = replicas.iter().position(|r| r.child.id() == pid).unwrap();
-        replicas[at].child.kill().unwrap();
-        replicas[at].child.wait().unwrap();
+        let at = kill_holder(&url, &mut replicas, "%").await;
         killed += 1;
         if killed == 1 {
             // The database server restarts (`pg_ctl restart -m fast`)
@@ -1756,23 +1764,7 @@ async fn replicas_elect_one_poller_and_another_takes_over_when_it_dies() {
         tg.user_sends(user, user, &format!("/image=flux=picture {user}"));
     }
     until_photos(tg, 1..=4, 30).await;
-    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let holder: String = admin
-        .query_one(
-            "SELECT holder FROM easel_leases WHERE model = '@telegram-poller' \
-             AND lease_until > clock_timestamp()",
-            &[],
-        )
-        .await
-        .expect("one replica holds the poller's lease")
-        .get(0);
-    let pid = holder_pid(&holder).unwrap();
-    let at = replicas.iter().position(|r| r.child.id() == pid).unwrap();
-    replicas[at].child.kill().unwrap();
-    replicas[at].child.wait().unwrap();
+    let at = kill_holder(&url, &mut replicas, "@telegram-poller").await;
     for user in 5..=8i64 {
         tg.user_sends(user, user, &format!("/image=flux=picture {user}"));
     }

@@ -134,26 +134,32 @@ impl ReplicaEngine {
     fn settle_later(self: &Arc<Self>, keys: crate::store::pg::IntakeKeys, id: RequestId) {
         let engine = Arc::clone(self);
         tokio::spawn(async move {
-            let mut pause = Duration::from_secs(1);
-            for _ in 0..40 {
-                tokio::time::sleep(pause).await;
-                match engine.replica.log().settle(keys).await {
-                    Ok(Some(found)) if found == id => {
-                        match engine.replica.cancel(id).await {
-                            Ok(_) => {
-                                tracing::warn!(request_id = %id, "cancelled a request its user was told could not be taken (it had committed after all)")
-                            }
-                            Err(e) => {
-                                tracing::error!(request_id = %id, error = %e, "a request its user was told could not be taken had committed, and could not be cancelled")
-                            }
-                        }
-                        return;
+            use backon::Retryable as _;
+            // The database just failed: ask again in a second, then back
+            // off to 30 s between tries, 40 tries in all.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let backoff = backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_secs(2))
+                .with_max_delay(Duration::from_secs(30))
+                .with_max_times(39);
+            let settled = (|| engine.replica.log().settle(keys))
+                .retry(backoff)
+                .sleep(tokio::time::sleep)
+                .await;
+            match settled {
+                Ok(Some(found)) if found == id => match engine.replica.cancel(id).await {
+                    Ok(_) => {
+                        tracing::warn!(request_id = %id, "cancelled a request its user was told could not be taken (it had committed after all)")
                     }
-                    Ok(_) => return,
-                    Err(_) => pause = (pause * 2).min(Duration::from_secs(30)),
+                    Err(e) => {
+                        tracing::error!(request_id = %id, error = %e, "a request its user was told could not be taken had committed, and could not be cancelled")
+                    }
+                },
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::error!(request_id = %id, "could not learn whether a refused request committed");
                 }
             }
-            tracing::error!(request_id = %id, "could not learn whether a refused request committed");
         });
     }
 }

@@ -134,10 +134,9 @@ pub(crate) async fn updates_loop(
         api.count_call("getUpdates", &result);
         api.note_reachable(!matches!(&result, Err(e) if super::api::transient(e)));
         let updates = match result {
-            Ok(updates) => {
-                backoff = policy.build();
-                updates
-            }
+            // The backoff starts over once a batch is done (below), not
+            // on every answer: a batch fetched again keeps it growing.
+            Ok(updates) => updates,
             Err(teloxide::RequestError::RetryAfter(secs)) => {
                 tracing::warn!(retry_after = secs.seconds(), "getUpdates rate limited");
                 sleep_or_stop(secs.duration(), shutdown).await;
@@ -161,16 +160,26 @@ pub(crate) async fn updates_loop(
             }
         };
         let Some(last) = updates.last().map(|u| u.id.0) else {
+            backoff = policy.build();
             continue;
         };
         offset = match batch(updates).await {
-            // Fetched again after a pause (Telegram keeps it: nothing
-            // before it was confirmed past it).
+            // Fetched again after the same backoff as a failed getUpdates
+            // (Telegram keeps it: nothing was confirmed past it).
             Some(again) => {
-                sleep_or_stop(Duration::from_secs(1), shutdown).await;
+                let wait = backoff.next().unwrap_or(Duration::from_secs(32));
+                tracing::warn!(
+                    update_id = again,
+                    ?wait,
+                    "an update could not be committed; fetching it again"
+                );
+                sleep_or_stop(wait, shutdown).await;
                 again as i32
             }
-            None => (last as i32).wrapping_add(1),
+            None => {
+                backoff = policy.build();
+                (last as i32).wrapping_add(1)
+            }
         };
     }
 }
