@@ -19,7 +19,7 @@ struct Cli {
     /// Data directory (event log, kept images). Default: EASEL_DATA_DIR, then ./data.
     #[arg(long, global = true, env = "EASEL_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// A PostgreSQL log (postgres://…) for `export` and `replay` to read instead of the data dir.
+    /// The log in PostgreSQL (postgres://…): `run` serves as one replica on it; `audit`, `export` and `replay` read it instead of the data dir; `migrate --to <dir>` copies it.
     #[arg(
         long,
         global = true,
