@@ -147,10 +147,15 @@ async fn two_replicas_appending_at_once_leave_no_gap_a_reader_could_miss() {
     const EACH: usize = 40;
     let total = (2 * APPENDERS * EACH * 2) as u64;
     let mut tasks = Vec::new();
+    // All appenders start together, so appends are waiting at once from
+    // the first commit on (without it, a loaded machine can schedule them
+    // one at a time: seen once in a full `cargo test`).
+    let start = Arc::new(tokio::sync::Barrier::new(2 * APPENDERS));
     for log in [&a, &b] {
         for _ in 0..APPENDERS {
-            let log = Arc::clone(log);
+            let (log, start) = (Arc::clone(log), Arc::clone(&start));
             tasks.push(tokio::spawn(async move {
+                start.wait().await;
                 for _ in 0..EACH {
                     let id = RequestId::random();
                     written(log.append(vec![queued(id, None, None)]).await.unwrap());
