@@ -8,6 +8,8 @@
 
 #[path = "common/binary.rs"]
 mod binary;
+#[path = "common/contract.rs"]
+mod contract;
 #[path = "common/pg.rs"]
 mod pg;
 
@@ -21,15 +23,17 @@ use easel::domain::{
     ChatId, Command, Event, FailureKind, Limits, ModelName, Origin, Prompt, RateLimit, Rejection,
     RequestId, UserId,
 };
+use easel::engine::mirror::ReplicaEngine;
 use easel::engine::replica::{LeaseTimes, Replica, ReplicaError, ReplicaRunner};
 use easel::engine::{
     AcceptError, Admitted, Deliverer, Delivery, DeliveryFailure, Enhancement, Enhancer,
     GeneratedImage, GenerationFailure, Generator, ImageStore, KeptImage, NewRequest, Stages,
     SystemClock,
 };
-use easel::projection::ActiveRequest;
-use easel::store::pg::{Appended, PgLog};
-use easel::store::{NewEvent, StoreError};
+use easel::engine::{Engine, ManualClock};
+use easel::projection::{ActiveRequest, LiveState};
+use easel::store::pg::{Appended, Follow, PgLog, Restored};
+use easel::store::{EventStore, NewEvent, StoreError};
 use secrecy::SecretString;
 use std::path::Path;
 
@@ -2161,5 +2165,183 @@ async fn a_replicas_runner_reports_each_generations_outcome_once() {
             ("flux".to_owned(), Ok(())),
             ("flux".to_owned(), Err(FailureKind::Rejected)),
         ]
+    );
+}
+
+/// The event log's contract (`common/contract.rs`, which sled and the
+/// in-memory store pass in `tests/backends.rs`) against the database:
+/// positions, reads, intake keys, the request index, checkpoints, named
+/// values, and retention's removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_log_keeps_every_promise_of_the_contract() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    contract::conforms(&connect(&url).await).await;
+}
+
+/// The live projection as a full replay of the database log builds it.
+async fn replayed(log: &Replica) -> LiveState {
+    let mut state = LiveState::default();
+    for rec in log.log().read_all().await.unwrap() {
+        Follow::apply(&mut state, &rec.unwrap());
+    }
+    // Up to the head, whose last records retention may have removed.
+    Follow::skip(&mut state, log.log().last_position());
+    state
+}
+
+/// A replica's engine started and stopped (its follower writes a
+/// checkpoint as it stops).
+async fn start_and_stop(replica: &Arc<Replica>) -> Arc<ReplicaEngine> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (engine, follower) = ReplicaEngine::start(Arc::clone(replica), stop.clone())
+        .await
+        .unwrap();
+    let follower = tokio::spawn(follower);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), follower)
+        .await
+        .expect("the follower stops")
+        .unwrap();
+    engine
+}
+
+/// §9 projections checkpointed: a replica that stops leaves a checkpoint
+/// in the database, and the next one starts its committer's state and its
+/// view from it — equal to a full replay. From an old checkpoint after a
+/// retention sweep: a request the checkpoint holds as unfinished finished
+/// and was removed since; the next replica must not take that checkpoint
+/// (the request would run again) and reads the whole log instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_start_from_the_checkpoint_and_an_old_one_never_resurrects_a_removed_request() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let flux = ModelName::parse("flux").unwrap();
+    let a = Arc::new(replica(&url, "a").await);
+    assert_eq!(a.log().restored(), &Restored::default(), "an empty log");
+    let mut line = Vec::new();
+    for i in 0..3u32 {
+        match a
+            .admit(request(i64::from(i) + 1, 700 + i, "a fox"), &limits(10, 10))
+            .await
+            .unwrap()
+        {
+            Admitted::Queued { id, .. } => line.push(id),
+            other => panic!("{other:?}"),
+        }
+    }
+    let first = start_and_stop(&a).await;
+    assert_eq!(first.restored().checkpoint, None);
+    let stored = a.log().load_checkpoint().await.unwrap().map(|(p, _)| p);
+    assert_eq!(stored, Some(3), "a stopping replica checkpoints");
+
+    let b = Arc::new(replica(&url, "b").await);
+    assert_eq!(b.log().restored().checkpoint, Some(3));
+    let engine = start_and_stop(&b).await;
+    assert_eq!(engine.restored().checkpoint, Some(3));
+    let full = replayed(&b).await;
+    assert_eq!(engine.read(Clone::clone), full, "view from the checkpoint");
+    // The committer's state too: the head of the line starts.
+    let begun = b.start_next(&flux, Duration::from_secs(30)).await.unwrap();
+    let begun = begun.expect("the head starts");
+    assert_eq!(begun.record.request_id, line[0]);
+    b.step(&begun.lease, line[0], fail()).await.unwrap();
+    b.release(&begun.lease).await.unwrap();
+    assert!(
+        b.log()
+            .save_checkpoint(2, b"older")
+            .await
+            .is_ok_and(|saved| !saved),
+        "an older checkpoint never replaces a newer one"
+    );
+
+    // Retention removes the finished request; the checkpoint at 3 still
+    // holds it as queued (the replicas were not stopped since).
+    assert_eq!(
+        b.log()
+            .forget_requests(&line[..1], "retention/files", &[1])
+            .await
+            .unwrap(),
+        3
+    );
+    let c = Arc::new(replica(&url, "c").await);
+    let restored = c.log().restored();
+    assert_eq!(restored.checkpoint, None, "{restored:?}");
+    assert!(
+        restored
+            .problem
+            .as_deref()
+            .is_some_and(|p| p.contains(&line[0].to_string())),
+        "{restored:?}"
+    );
+    let engine = start_and_stop(&c).await;
+    assert_eq!(engine.restored().checkpoint, None);
+    assert!(
+        engine.read(|s| s.request(line[0]).is_none()),
+        "a removed request is live again"
+    );
+    assert_eq!(engine.read(Clone::clone), replayed(&c).await);
+    // It checkpointed as it stopped: the next start uses that one.
+    let d = replica(&url, "d").await;
+    assert_eq!(d.log().restored().checkpoint, Some(c.log().last_position()));
+    let next = d.start_next(&flux, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(next.expect("the next starts").record.request_id, line[1]);
+}
+
+/// A replica's copy keeps the unfinished requests and the recently
+/// finished ones: a finished request older than the window is forgotten
+/// from memory, and a button naming it is still answered (from the
+/// database); an old request still waiting is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_copy_forgets_old_finished_requests_but_can_still_read_them() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let log = Replica::connect(&SecretString::from(url.clone()), "a", clock.clone())
+        .await
+        .unwrap();
+    let log = Arc::new(log);
+    let flux = ModelName::parse("flux").unwrap();
+    let mut ids = Vec::new();
+    for i in 0..2u32 {
+        match log
+            .admit(request(1, 800 + i, "a fox"), &limits(10, 10))
+            .await
+            .unwrap()
+        {
+            Admitted::Queued { id, .. } => ids.push(id),
+            other => panic!("{other:?}"),
+        }
+    }
+    let begun = log
+        .start_next(&flux, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    log.step(&begun.lease, ids[0], fail()).await.unwrap();
+    log.release(&begun.lease).await.unwrap();
+    let engine = start_and_stop(&log).await;
+    assert_eq!(engine.store().events_of(ids[0]).unwrap().len(), 3);
+    assert_eq!(engine.prune(), 0, "recent: kept");
+    clock.advance(chrono::Duration::hours(2));
+    assert_eq!(engine.prune(), 1, "the finished one goes");
+    assert!(engine.store().events_of(ids[0]).unwrap().is_empty());
+    assert_eq!(
+        engine.store().events_of(ids[1]).unwrap().len(),
+        1,
+        "a waiting request stays"
+    );
+    let read = engine.request_events(ids[0]).await.unwrap();
+    let names: Vec<&str> = read
+        .iter()
+        .map(|r| r.as_ref().unwrap().event.name())
+        .collect();
+    assert_eq!(
+        names,
+        ["queued", "started", "failed"],
+        "read from the database"
     );
 }

@@ -1,11 +1,19 @@
 //! A replica's read side and the engine its Telegram side uses (§9): a
-//! copy of the PostgreSQL log in memory (a `MemoryStore`, which the status
-//! board and the buttons read as they read sled) and the live projection,
-//! both following the database — woken by the log's `LISTEN`
+//! copy of the recent PostgreSQL log in memory (a `MemoryStore`, which the
+//! status board and the metrics read as they read sled) and the live
+//! projection, both following the database — woken by the log's `LISTEN`
 //! subscription, and re-reading every few seconds besides, since a
 //! notification sent while the listener reconnects is lost — and the
 //! [`Engine`] over [`Replica`] that admits, remembers models and cancels
 //! through the database's transaction.
+//!
+//! **Bounded by time, not by history.** The projection starts from the
+//! database's checkpoint and reads only the log after it; the copy holds
+//! the unfinished requests and those with an event in the last
+//! [`KEEP_FINISHED`], and forgets older finished ones as it runs. What it
+//! no longer holds (a button under an old image) is read from the
+//! database. The follower writes a checkpoint every
+//! [`DEFAULT_CHECKPOINT_EVERY`] events and when it stops.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -14,11 +22,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::replica::{Admission, Replica, ReplicaError};
-use super::{AcceptError, Admitted, Cancel, CoreError, Engine, NewRequest, to_cancel};
+use super::{
+    AcceptError, Admitted, Cancel, CoreError, DEFAULT_CHECKPOINT_EVERY, Engine, NewRequest,
+    encode_checkpoint, to_cancel,
+};
 use crate::domain::{Limits, ModelName, RequestId, UserId};
 use crate::projection::LiveState;
-use crate::store::pg::Follow;
-use crate::store::{EventStore, MemoryStore, ReadError, StoreError};
+use crate::store::pg::{Follow, Restored};
+use crate::store::{EventStore, MemoryStore, ReadError, ReadItem, StoreError};
 
 /// Records read from the database at a time.
 const PAGE: u32 = 5_000;
@@ -29,6 +40,12 @@ const REPOLL: Duration = Duration::from_secs(5);
 /// How long an answer waits for the copy to show what it just committed.
 const SHOW_WITHIN: Duration = Duration::from_secs(10);
 
+/// How long the copy keeps a finished request after its last event.
+pub const KEEP_FINISHED: Duration = Duration::from_secs(3600);
+
+/// How often the copy forgets what it no longer keeps.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 /// See the module doc.
 pub struct ReplicaEngine {
     replica: Arc<Replica>,
@@ -36,11 +53,15 @@ pub struct ReplicaEngine {
     view: Mutex<LiveState>,
     /// The last position the view and the copy hold.
     shown: watch::Sender<u64>,
+    /// Where the view started from.
+    restored: Restored,
 }
 
 impl ReplicaEngine {
-    /// Reads the whole log into the copy and the view, then follows the
-    /// database until `shutdown` (the returned future: spawn it).
+    /// Builds the view from the database's checkpoint and the copy from
+    /// the requests it keeps (module doc), reads the log after the
+    /// checkpoint, then follows the database until `shutdown` (the
+    /// returned future: spawn it).
     ///
     /// # Errors
     /// [`StoreError::Read`] when the log cannot be read at start.
@@ -48,15 +69,45 @@ impl ReplicaEngine {
         replica: Arc<Replica>,
         shutdown: CancellationToken,
     ) -> Result<(Arc<Self>, impl Future<Output = ()> + Send), StoreError> {
+        let (view, restored) = replica.log().restore::<LiveState>().await?;
+        let mirror = MemoryStore::new();
+        let position = view.last_seq;
+        if position > 0 {
+            let since =
+                replica.now() - chrono::Duration::from_std(KEEP_FINISHED).unwrap_or_default();
+            let held = view.unfinished();
+            for item in replica
+                .log()
+                .records_of_recent(position, &held, since)
+                .await?
+            {
+                match item {
+                    Ok(rec) => {
+                        mirror.insert(rec);
+                    }
+                    Err(ReadError::Corrupt(c)) => {
+                        tracing::error!(position = c.seq, reason = %c.reason, "skipping an unreadable event");
+                    }
+                    Err(ReadError::Store(e)) => return Err(e),
+                }
+            }
+        }
         let engine = Arc::new(ReplicaEngine {
             replica,
-            mirror: MemoryStore::new(),
-            view: Mutex::new(LiveState::default()),
-            shown: watch::channel(0).0,
+            mirror,
+            view: Mutex::new(view),
+            shown: watch::channel(position).0,
+            restored,
         });
         engine.catch_up().await?;
         let follower = Arc::clone(&engine).follow(shutdown);
         Ok((engine, follower))
+    }
+
+    /// Where the view started from: the checkpoint used, or why a stored
+    /// one was not.
+    pub fn restored(&self) -> &Restored {
+        &self.restored
     }
 
     pub fn replica(&self) -> &Arc<Replica> {
@@ -67,8 +118,10 @@ impl ReplicaEngine {
         self.view.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reads everything after the copy's last position, a page at a time.
+    /// Reads everything after the copy's last position, a page at a time,
+    /// up to at least the position known committed when it began.
     async fn catch_up(&self) -> Result<(), StoreError> {
+        let head = self.replica.log().last_position();
         loop {
             let from = self.shown.borrow().saturating_add(1);
             let page = self.replica.log().read_from(from, PAGE).await?;
@@ -94,23 +147,93 @@ impl ReplicaEngine {
                 self.shown.send_replace(last);
             }
             if !full {
+                // Everything committed up to `head` is read, though
+                // retention may have removed the last records.
+                if *self.shown.borrow() < head {
+                    self.view().skip(head);
+                    self.shown.send_replace(head);
+                }
                 return Ok(());
             }
         }
     }
 
-    /// Follows the database until `shutdown`.
+    /// Follows the database until `shutdown`, checkpointing and forgetting
+    /// as it goes (module doc), and checkpointing once more at the end.
     async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
         let mut committed = self.replica.log().subscribe();
+        let mut saved = self.restored.checkpoint.unwrap_or(0);
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             committed.borrow_and_update();
             if let Err(e) = self.catch_up().await {
                 tracing::warn!(error = %e, "could not read the log; trying again");
             }
+            if *self.shown.borrow() >= saved.saturating_add(DEFAULT_CHECKPOINT_EVERY) {
+                saved = self.checkpoint(saved).await;
+            }
             tokio::select! {
-                r = committed.changed() => if r.is_err() { return },
+                r = committed.changed() => if r.is_err() { break },
                 () = tokio::time::sleep(REPOLL) => {}
-                () = shutdown.cancelled() => return,
+                _ = prune.tick() => { self.prune(); }
+                () = shutdown.cancelled() => break,
+            }
+        }
+        if *self.shown.borrow() > saved {
+            self.checkpoint(saved).await;
+        }
+    }
+
+    /// Writes a checkpoint of the view to the database; returns the
+    /// position the last one written covers (`saved` when this one failed).
+    async fn checkpoint(&self, saved: u64) -> u64 {
+        let (position, bytes) = {
+            let view = self.view();
+            (view.last_seq, encode_checkpoint(&view))
+        };
+        let written = match bytes {
+            Ok(bytes) => self.replica.log().save_checkpoint(position, &bytes).await,
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(_) => position,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not write a checkpoint");
+                saved
+            }
+        }
+    }
+
+    /// Forgets from the copy the finished requests whose last event is
+    /// older than [`KEEP_FINISHED`]. Returns how many.
+    pub fn prune(&self) -> usize {
+        let Ok(keep) = chrono::Duration::from_std(KEEP_FINISHED) else {
+            return 0;
+        };
+        let cutoff = self.replica.now() - keep;
+        let old: Vec<RequestId> = self
+            .mirror
+            .request_ids(None, None, Some(cutoff), false)
+            .filter_map(Result::ok)
+            .filter(|&id| self.view().request(id).is_none())
+            .filter(|&id| {
+                self.mirror.events_of(id).is_ok_and(|events| {
+                    events
+                        .last()
+                        .and_then(|e| e.as_ref().ok())
+                        .is_some_and(|last| last.at < cutoff)
+                })
+            })
+            .collect();
+        if old.is_empty() {
+            return 0;
+        }
+        match self.mirror.forget_requests(&old, "mirror/pruned", &[]) {
+            Ok(_) => old.len(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not forget old requests from the copy");
+                0
             }
         }
     }
@@ -179,6 +302,16 @@ impl Engine for Arc<ReplicaEngine> {
 
     fn read<R>(&self, f: impl FnOnce(&LiveState) -> R) -> R {
         f(&self.view())
+    }
+
+    /// From the copy, or the database for a request it no longer keeps.
+    async fn request_events(&self, id: RequestId) -> Result<Vec<ReadItem>, StoreError> {
+        let kept = self.mirror.events_of(id)?;
+        if kept.is_empty() {
+            self.replica.log().events_of(id).await
+        } else {
+            Ok(kept)
+        }
     }
 
     fn admit(&self, req: NewRequest, limits: &Limits) -> Result<Admission, AcceptError> {

@@ -157,6 +157,32 @@ struct CheckpointOwned {
     state: LiveState,
 }
 
+/// A checkpoint's stored form: the live state with its format version
+/// (sled's log and the PostgreSQL log keep the same bytes).
+///
+/// # Errors
+/// Only if serde cannot serialize the state, which our types never cause.
+pub(crate) fn encode_checkpoint(state: &LiveState) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(&CheckpointRef {
+        v: CHECKPOINT_VERSION,
+        state,
+    })
+    .map_err(|e| StoreError::Write(crate::store::Cause::from(e.to_string())))
+}
+
+/// The state a checkpoint stored at `seq` holds, or why it cannot be used
+/// (unreadable, another format version, or not the state at `seq`).
+pub(crate) fn decode_checkpoint(seq: u64, bytes: &[u8]) -> Result<LiveState, String> {
+    match serde_json::from_slice::<CheckpointOwned>(bytes) {
+        Ok(cp) if cp.v == CHECKPOINT_VERSION && seq == cp.state.last_seq => Ok(cp.state),
+        Ok(cp) => Err(format!(
+            "checkpoint v{} at seq {seq} does not fit the log",
+            cp.v
+        )),
+        Err(e) => Err(format!("checkpoint unreadable: {e}")),
+    }
+}
+
 /// The request core over an [`EventStore`].
 pub struct Core<S: EventStore> {
     store: S,
@@ -499,12 +525,7 @@ impl<S: EventStore> Core<S> {
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         let (seq, bytes) = {
             let state = self.lock();
-            let bytes = serde_json::to_vec(&CheckpointRef {
-                v: CHECKPOINT_VERSION,
-                state: &state,
-            })
-            .map_err(|e| StoreError::Write(crate::store::Cause::from(e.to_string())))?;
-            (state.last_seq, bytes)
+            (state.last_seq, encode_checkpoint(&state)?)
         };
         self.store.save_checkpoint(seq, &bytes)?;
         self.last_checkpoint.fetch_max(seq, Ordering::AcqRel);
@@ -558,6 +579,13 @@ fn removed_since<S: EventStore>(
         }
     }
     Ok(None)
+}
+
+/// Why a checkpoint holding `id` as unfinished is not used.
+pub(crate) fn removed_problem(seq: u64, id: RequestId) -> String {
+    format!(
+        "checkpoint at seq {seq} holds request {id} as unfinished, but the log no longer has it (removed by retention after the checkpoint)"
+    )
 }
 
 /// What a `/cancel` matches (see [`Core::cancel_queued`]): `user`'s
@@ -619,31 +647,19 @@ fn load_state<S: EventStore>(store: &S) -> Result<(LiveState, OpenReport), Store
     let mut report = OpenReport::default();
     let mut state = LiveState::default();
     match store.load_checkpoint() {
-        Ok(Some((seq, bytes))) => match serde_json::from_slice::<CheckpointOwned>(&bytes) {
-            Ok(cp)
-                if cp.v == CHECKPOINT_VERSION
-                    && seq == cp.state.last_seq
-                    && seq <= store.last_seq() =>
-            {
-                match removed_since(store, &cp.state)? {
-                    None => {
-                        state = cp.state;
-                        report.checkpoint_seq = Some(seq);
-                    }
-                    Some(id) => {
-                        report.checkpoint_problem = Some(format!(
-                            "checkpoint at seq {seq} holds request {id} as unfinished, but the log no longer has it (removed by retention after the checkpoint)"
-                        ));
-                    }
+        Ok(Some((seq, bytes))) => match decode_checkpoint(seq, &bytes) {
+            Ok(_) if seq > store.last_seq() => {
+                report.checkpoint_problem =
+                    Some(format!("checkpoint at seq {seq} does not fit the log"));
+            }
+            Ok(cp) => match removed_since(store, &cp)? {
+                None => {
+                    state = cp;
+                    report.checkpoint_seq = Some(seq);
                 }
-            }
-            Ok(cp) => {
-                report.checkpoint_problem = Some(format!(
-                    "checkpoint v{} at seq {seq} does not fit the log",
-                    cp.v
-                ));
-            }
-            Err(e) => report.checkpoint_problem = Some(format!("checkpoint unreadable: {e}")),
+                Some(id) => report.checkpoint_problem = Some(removed_problem(seq, id)),
+            },
+            Err(problem) => report.checkpoint_problem = Some(problem),
         },
         Ok(None) => {}
         Err(e) => report.checkpoint_problem = Some(e.to_string()),

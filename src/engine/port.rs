@@ -8,7 +8,7 @@ use std::future::Future;
 use super::{AcceptError, Admitted, Cancel, Core, CoreError, NewRequest};
 use crate::domain::{Limits, ModelName, RequestId, UserId};
 use crate::projection::LiveState;
-use crate::store::{EventStore, StoreError};
+use crate::store::{EventStore, ReadItem, StoreError};
 
 /// See the module doc.
 pub trait Engine: Send + Sync + 'static {
@@ -31,6 +31,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Reads the live projection.
     fn read<R>(&self, f: impl FnOnce(&LiveState) -> R) -> R;
+
+    /// Every record of one request, oldest first, finished long ago or not
+    /// (a button under an old image names it).
+    fn request_events(
+        &self,
+        id: RequestId,
+    ) -> impl Future<Output = Result<Vec<ReadItem>, StoreError>> + Send;
 
     /// Admits a new request in the order of the calls (intake admits a
     /// batch one update after the other), without waiting for the commit.
@@ -91,6 +98,10 @@ impl<S: EventStore> Engine for Core<S> {
 
     fn read<R>(&self, f: impl FnOnce(&LiveState) -> R) -> R {
         Core::read(self, f)
+    }
+
+    async fn request_events(&self, id: RequestId) -> Result<Vec<ReadItem>, StoreError> {
+        self.store().events_of(id)
     }
 
     fn admit(&self, req: NewRequest, limits: &Limits) -> Result<Admitted, AcceptError> {

@@ -44,6 +44,15 @@ impl Follow for LiveState {
     fn skip(&mut self, position: u64) {
         self.last_seq = self.last_seq.max(position);
     }
+
+    /// The checkpoint sled's log keeps too (`engine::encode_checkpoint`).
+    fn restore(position: u64, bytes: &[u8]) -> Option<Result<Self, String>> {
+        Some(super::decode_checkpoint(position, bytes))
+    }
+
+    fn unfinished(&self) -> Vec<RequestId> {
+        self.requests().map(|r| r.id).collect()
+    }
 }
 
 /// Why a replica could not do what was asked.
@@ -105,7 +114,9 @@ pub struct Replica {
 
 impl Replica {
     /// Connects (migrating the schema), builds the live projection from
-    /// the whole log, and keeps it caught up in the committer. `holder`
+    /// the checkpoint in the database and the log after it (the whole log
+    /// when there is none, or it does not fit), and keeps it caught up in
+    /// the committer. `holder`
     /// names this replica in the leases it takes (unique per process).
     ///
     /// # Errors

@@ -50,16 +50,20 @@ use tokio_util::sync::CancellationToken;
 use super::{Cause, NewEvent, ReadItem, Recorded, StoreError, codec};
 use crate::domain::{ChatId, Event, RequestId};
 
+mod history;
+pub use history::Restored;
+
 /// The schema this build writes and reads. A database with a newer one is
 /// refused at connect (a newer easel migrated it).
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The migrations, in order; the first is version 1. Applied at connect,
 /// each in its own transaction, under a transaction-scoped advisory lock so
 /// replicas starting together apply each once.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     include_str!("pg/0001_events.sql"),
     include_str!("pg/0002_leases.sql"),
+    include_str!("pg/0003_history.sql"),
 ];
 
 /// Key of the advisory lock taken while migrating ("easel" in ASCII).
@@ -100,6 +104,20 @@ pub trait Follow: Clone + Send + 'static {
     fn apply(&mut self, rec: &Recorded);
     /// Moves past an unreadable record (reported, never applied).
     fn skip(&mut self, position: u64);
+    /// The state a checkpoint stored at `position` holds, or why it cannot
+    /// be used; `None` for a kind of state that keeps no checkpoint.
+    fn restore(position: u64, bytes: &[u8]) -> Option<Result<Self, String>>
+    where
+        Self: Sized,
+    {
+        let _ = (position, bytes);
+        None
+    }
+    /// The requests this state holds as unfinished (a checkpoint holding
+    /// one the log no longer has is not used: `history`).
+    fn unfinished(&self) -> Vec<RequestId> {
+        Vec::new()
+    }
 }
 
 /// A log without decisions follows nothing.
@@ -276,6 +294,8 @@ pub struct PgLog<F: Follow = ()> {
     released: watch::Sender<u64>,
     commits: Arc<AtomicU64>,
     stop: CancellationToken,
+    /// Where the committer's state started from.
+    restored: Restored,
 }
 
 impl<F: Follow> Drop for PgLog<F> {
@@ -349,6 +369,15 @@ impl<F: Follow> PgLog<F> {
                 .map_err(|e| StoreError::Open(db("reading the head", &e)))?;
             u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)
         };
+        // A state to be built from the log starts from the checkpoint.
+        let mut restored = Restored::default();
+        if state.position() == 0 {
+            let client = pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Open(pool_err(&e)))?;
+            (state, restored) = history::restore(&client, head, state).await?;
+        }
         while state.position() < head {
             let client = pool
                 .get()
@@ -364,6 +393,11 @@ impl<F: Follow> PgLog<F> {
             for r in &rows {
                 follow(&mut state, decode_row(r.get(0), r.get(1)));
             }
+        }
+        // Everything up to the head is applied, though retention may
+        // have removed the last records: the state covers the head.
+        if state.position() < head {
+            state.skip(head);
         }
         let (committed, _) = watch::channel(head);
         let (appends, rx) = mpsc::channel(4096);
@@ -391,7 +425,14 @@ impl<F: Follow> PgLog<F> {
             released,
             commits,
             stop,
+            restored,
         })
+    }
+
+    /// Where the state kept for decisions started from: the checkpoint
+    /// used, or why a stored one was not.
+    pub fn restored(&self) -> &Restored {
+        &self.restored
     }
 
     /// Appends `events` (one request's, or several) in one go: all get

@@ -19,7 +19,6 @@ use crate::domain::{
     ChatId, Event, ModelName, Origin, PresetUse, Prompt, Rejection, RequestId, UserId,
 };
 use crate::engine::{AcceptError, Admitted, Cancel, Engine, ImageStore, NewRequest};
-use crate::store::EventStore;
 
 pub struct Intake<E: Engine> {
     pub core: Arc<E>,
@@ -737,7 +736,7 @@ impl<E: Engine> Intake<E> {
             return Handled::Done;
         };
         let id = button.request();
-        let events: Vec<_> = match self.core.store().events_of(id) {
+        let events: Vec<_> = match self.core.request_events(id).await {
             Ok(events) => events.into_iter().filter_map(Result::ok).collect(),
             Err(e) => {
                 tracing::error!(error = %e, "could not read a request for a button");
