@@ -470,10 +470,12 @@ fn webhook(command: Webhook) -> Result<u8, Failure> {
 }
 
 /// The operator commands on the PostgreSQL log at `url`: its records are
-/// read once into memory and queried as the data dir's log is.
+/// read once into memory and queried as the data dir's log is. The
+/// archive table (retention's) is read with them where a data dir's
+/// archive files would be: `--with-archive`, and `audit show`.
 fn from_database(flag: Option<PathBuf>, url: &str, command: Command) -> Result<u8, Failure> {
     use easel::ops::OpsError;
-    if matches!(
+    let with_archive = matches!(
         command,
         Command::Export {
             with_archive: true,
@@ -481,19 +483,20 @@ fn from_database(flag: Option<PathBuf>, url: &str, command: Command) -> Result<u
         } | Command::Replay {
             with_archive: true,
             ..
-        }
-    ) {
-        return Err(OpsError::usage(
-            "the database holds no archive: --with-archive is for data dirs",
-        )
-        .into());
-    }
+        } | Command::Audit(Audit::Show { .. })
+    );
     init_tracing("error", easel::telemetry::LogFormat::Text);
     let url = secrecy::SecretString::from(url.to_owned());
     let items = runtime()?
         .block_on(async move {
             let db = easel::store::pg::PgLog::connect(&url).await?;
-            db.read_all().await
+            let mut items = if with_archive {
+                db.read_archive().await?
+            } else {
+                Vec::new()
+            };
+            items.extend(db.read_all().await?);
+            Ok::<_, easel::store::StoreError>(items)
         })
         .map_err(OpsError::from)?;
     let mut records = Vec::with_capacity(items.len());
@@ -504,8 +507,31 @@ fn from_database(flag: Option<PathBuf>, url: &str, command: Command) -> Result<u
             Err(e) => eprintln!("easel: skipping: {e}"),
         }
     }
+    // Archived and live requests interleave in position order.
+    records.sort_by_key(|r| r.seq);
     let loaded =
         easel::ops::source::Source::Loaded(Box::new(easel::store::MemoryStore::load(records)));
+    // The archive is in the records: none from a data dir besides.
+    let command = match command {
+        Command::Export { since, .. } => Command::Export {
+            since,
+            with_archive: false,
+        },
+        Command::Replay {
+            from,
+            until_seq,
+            verify,
+            json,
+            ..
+        } => Command::Replay {
+            from,
+            until_seq,
+            verify,
+            json,
+            with_archive: false,
+        },
+        other => other,
+    };
     operate(flag, command, Some(loaded))
 }
 

@@ -48,14 +48,13 @@ pub async fn fail_unconfigured<S: EventStore>(
 }
 
 /// Sweeps at start and then every [`JANITOR_EVERY`] until `shutdown`:
-/// expired kept images, and with `archive` (the log is this process's
-/// own, not a replica's copy) the retention window.
+/// expired kept images, and the retention window (the engine's log into
+/// its archive: files beside sled's log, the database's archive table).
 pub async fn janitor<E: crate::engine::Engine>(
     core: Arc<E>,
     images: Arc<ImageStore>,
     settings: Arc<Settings>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
-    archive: bool,
     shutdown: CancellationToken,
 ) {
     let count = |result: &'static str, archived: usize| {
@@ -72,27 +71,16 @@ pub async fn janitor<E: crate::engine::Engine>(
             Ok(n) => tracing::info!(removed = n, "expired originals removed"),
             Err(e) => tracing::warn!(error = %e, "could not sweep kept images"),
         }
-        // Retention rewrites the log: only where the log is this
-        // process's own (a replica's copy is not the log).
         let cutoff = settings
             .retention
-            .filter(|_| archive)
             .and_then(|w| chrono::Duration::from_std(w).ok())
             .and_then(|w| chrono::Utc::now().checked_sub_signed(w));
         if let Some(cutoff) = cutoff {
-            let core = Arc::clone(&core);
             let dir = settings.data_dir.archive();
-            let stopping = shutdown.clone();
-            // Reads and rewrites many keys: off the async workers.
-            let swept = tokio::task::spawn_blocking(move || {
-                crate::ops::retention::sweep(core.store(), &dir, cutoff, &|| {
-                    stopping.is_cancelled()
-                })
-            })
-            .await;
+            let swept = E::sweep_log(&core, cutoff, dir, shutdown.clone()).await;
             match swept {
-                Ok(Ok(r)) if r.requests == 0 => count("ok", 0),
-                Ok(Ok(r)) => {
+                Ok(r) if r.requests == 0 => count("ok", 0),
+                Ok(r) => {
                     count("ok", r.requests);
                     tracing::info!(
                         requests = r.requests,
@@ -101,13 +89,9 @@ pub async fn janitor<E: crate::engine::Engine>(
                         "finished requests past the retention window moved to the archive"
                     );
                 }
-                Ok(Err(e)) => {
-                    count("error", 0);
-                    tracing::warn!(error = %e, "could not archive old requests");
-                }
                 Err(e) => {
                     count("error", 0);
-                    tracing::warn!(error = %e, "the archive sweep stopped");
+                    tracing::warn!(error = %e, "could not archive old requests");
                 }
             }
         }

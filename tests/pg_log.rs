@@ -2345,3 +2345,92 @@ async fn a_replicas_copy_forgets_old_finished_requests_but_can_still_read_them()
         "read from the database"
     );
 }
+
+/// Retention on the database: two replicas sweeping at once move each
+/// finished request past the cutoff — every event, its intake keys gone —
+/// to the archive table once; an unfinished one stays however old; a
+/// second sweep moves nothing. The operator's tools read the archive as
+/// they read a data dir's (`replay --verify --with-archive`, `audit show`
+/// of an archived request), and the log alone still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_moves_finished_requests_to_the_archive_table_once() {
+    use easel::ops::retention::sweep_database;
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let (a, b) = (replica(&url, "a").await, replica(&url, "b").await);
+    let flux = ModelName::parse("flux").unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3u32 {
+        match a
+            .admit(request(1, 900 + i, "a fox"), &limits(10, 10))
+            .await
+            .unwrap()
+        {
+            Admitted::Queued { id, .. } => ids.push(id),
+            other => panic!("{other:?}"),
+        }
+    }
+    let begun = a
+        .start_next(&flux, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    a.step(&begun.lease, ids[0], fail()).await.unwrap();
+    a.release(&begun.lease).await.unwrap();
+    b.cancel(ids[1]).await.unwrap();
+    let cutoff = Utc::now() + chrono::Duration::seconds(1);
+    let never = || false;
+    let (x, y) = tokio::join!(
+        sweep_database(a.log(), cutoff, &never),
+        sweep_database(b.log(), cutoff, &never)
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.events + y.events, 5, "{x:?} {y:?}: each event moved once");
+    assert_eq!(x.requests + y.requests, 2, "{x:?} {y:?}");
+    let archived: Vec<u64> = a
+        .log()
+        .read_archive()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap().seq)
+        .collect();
+    assert_eq!(archived.len(), 5);
+    for id in &ids[..2] {
+        assert!(a.log().events_of(*id).await.unwrap().is_empty());
+    }
+    assert_eq!(
+        a.log().find_update(900).await.unwrap(),
+        None,
+        "its intake key went"
+    );
+    assert_eq!(
+        a.log().events_of(ids[2]).await.unwrap().len(),
+        1,
+        "a waiting request stays"
+    );
+    let again = sweep_database(a.log(), cutoff, &never).await.unwrap();
+    assert_eq!((again.requests, again.events), (0, 0), "run twice");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = easel_cli(
+        dir.path(),
+        Some(&url),
+        &["replay", "--verify", "--with-archive"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = easel_cli(dir.path(), Some(&url), &["replay", "--verify"]).await;
+    assert_eq!(code, 0, "the log alone verifies: {out}");
+    let (code, out) = easel_cli(
+        dir.path(),
+        Some(&url),
+        &["audit", "show", &ids[0].to_string()],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("failed"), "{out}");
+    let (code, out) = easel_cli(dir.path(), Some(&url), &["export", "--with-archive"]).await;
+    assert_eq!((code, out.lines().count()), (0, 6), "{out}");
+}

@@ -171,7 +171,6 @@ async fn start_with(
         &settings,
         watch,
         refused.clone(),
-        true,
         &shutdown,
         &mut tasks,
     );
@@ -662,8 +661,7 @@ async fn connect_outside(
 }
 
 /// The Telegram side of an engine: its status board and its janitor
-/// (with `archive`, the retention step too: only where the log is the
-/// process's own) spawned into `tasks`, and the intake updates go to.
+/// spawned into `tasks`, and the intake updates go to.
 #[allow(clippy::too_many_arguments)]
 fn telegram_side<E: crate::engine::Engine>(
     core: &Arc<E>,
@@ -671,7 +669,6 @@ fn telegram_side<E: crate::engine::Engine>(
     settings: &Arc<Settings>,
     watch: &Watch,
     refused: Refused,
-    archive: bool,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> Arc<Intake<E>> {
@@ -688,7 +685,6 @@ fn telegram_side<E: crate::engine::Engine>(
         Arc::clone(&outside.images),
         Arc::clone(settings),
         Some(Arc::clone(&watch.metrics)),
-        archive,
         shutdown.clone(),
     ));
     Arc::new(Intake {

@@ -114,15 +114,14 @@ pub async fn run(
         ttl: settings.lease,
         renew_every: settings.lease / 3,
     };
-    // Retention of the log itself is not built on the database yet
-    // (docs/scale-out.md): the janitor sweeps only this replica's images.
+    // The janitor sweeps this replica's kept images, and moves finished
+    // requests past the retention window to the database's archive table.
     let intake = telegram_side(
         &engine,
         &outside,
         &settings,
         &watch,
         Refused::default(),
-        false,
         &shutdown,
         &mut tasks,
     );

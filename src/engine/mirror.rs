@@ -360,6 +360,18 @@ impl Engine for Arc<ReplicaEngine> {
         Ok(())
     }
 
+    /// Into the database's archive table (`easel_archive`); `archive_dir`
+    /// is not used: the archive is shared by every replica.
+    async fn sweep_log(
+        this: &Arc<Self>,
+        cutoff: chrono::DateTime<chrono::Utc>,
+        _archive_dir: std::path::PathBuf,
+        stop: CancellationToken,
+    ) -> Result<crate::ops::retention::SweepReport, crate::ops::retention::RetentionError> {
+        let log = this.replica.log();
+        crate::ops::retention::sweep_database(log, cutoff, &|| stop.is_cancelled()).await
+    }
+
     async fn choose_model(&self, user: UserId, model: ModelName) -> Result<(), CoreError> {
         let rec = self.replica.choose_model(user, model).await?;
         self.shown(rec.seq).await?;

@@ -4,9 +4,15 @@
 //! (`replica::ReplicaEngine`).
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
 
 use super::{AcceptError, Admitted, Cancel, Core, CoreError, NewRequest};
 use crate::domain::{Limits, ModelName, RequestId, UserId};
+use crate::ops::retention::{RetentionError, SweepReport};
 use crate::projection::LiveState;
 use crate::store::{EventStore, ReadItem, StoreError};
 
@@ -60,6 +66,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Waits until everything up to `seq` is durable.
     fn durable(&self, seq: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Retention: moves the finished requests whose last event is before
+    /// `cutoff` out of the log into its archive — files in `archive_dir`
+    /// beside sled's log, the database's archive table for a replica —
+    /// until done or `stop`.
+    fn sweep_log(
+        this: &Arc<Self>,
+        cutoff: DateTime<Utc>,
+        archive_dir: PathBuf,
+        stop: CancellationToken,
+    ) -> impl Future<Output = Result<SweepReport, RetentionError>> + Send;
 
     /// Remembers `model` as `user`'s (durably before it returns).
     fn choose_model(
@@ -121,6 +138,23 @@ impl<S: EventStore> Engine for Core<S> {
 
     async fn durable(&self, seq: u64) -> Result<(), StoreError> {
         Core::durable(self, seq).await
+    }
+
+    async fn sweep_log(
+        this: &Arc<Self>,
+        cutoff: DateTime<Utc>,
+        archive_dir: PathBuf,
+        stop: CancellationToken,
+    ) -> Result<SweepReport, RetentionError> {
+        let core = Arc::clone(this);
+        // Reads and rewrites many keys: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            crate::ops::retention::sweep(core.store(), &archive_dir, cutoff, &|| {
+                stop.is_cancelled()
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(RetentionError::Stopped(e.to_string())))
     }
 
     async fn choose_model(&self, user: UserId, model: ModelName) -> Result<(), CoreError> {

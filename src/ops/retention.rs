@@ -42,6 +42,10 @@ pub enum RetentionError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The sweep's task ended without an answer (it panicked or was
+    /// cancelled); what it did before stays done.
+    #[error("the retention sweep stopped: {0}")]
+    Stopped(String),
 }
 
 /// Archives, then removes from the log, every finished request whose last
@@ -95,6 +99,98 @@ pub fn sweep(
         }
     }
     Ok(report)
+}
+
+/// Meta name of the cutoff of the last retention sweep on the database.
+pub const DATABASE_META: &str = "retention/swept_until";
+
+/// Requests whose events one query of the database sweep reads.
+const BATCH: usize = 500;
+
+/// Retention on the PostgreSQL log (§9): as [`sweep`], but the archive is
+/// the database's own `easel_archive` table — each [`CHUNK`] of requests
+/// moves there whole, with its intake keys gone, in one transaction
+/// (`PgLog::forget_requests`), so there is no file to write first and no
+/// crash window between the archive and the removal. Any replica may run
+/// it; two at once move each request once (the second finds its rows
+/// gone). `stop` is asked before each chunk.
+///
+/// # Errors
+/// When the database cannot be read or written; what was done before
+/// stays done.
+pub async fn sweep_database<F: crate::store::pg::Follow>(
+    log: &crate::store::pg::PgLog<F>,
+    cutoff: DateTime<Utc>,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<SweepReport, RetentionError> {
+    let mut report = SweepReport::default();
+    // Only requests created before the cutoff can have finished before it.
+    let created = log.request_ids(None, None, Some(cutoff), false).await?;
+    let mut chunk: Vec<(RequestId, usize)> = Vec::new();
+    for batch in created.chunks(BATCH) {
+        if stop() {
+            break;
+        }
+        let mut of: std::collections::HashMap<RequestId, (Vec<Recorded>, bool)> =
+            std::collections::HashMap::new();
+        for item in log.events_of_each(batch).await? {
+            match item {
+                Ok(rec) => of.entry(rec.request_id).or_default().0.push(rec),
+                // Unreadable: it stays in the log, where the tools report it.
+                Err(crate::store::ReadError::Corrupt(c)) => {
+                    tracing::warn!(
+                        position = c.seq,
+                        "an unreadable event keeps its request in the log"
+                    );
+                    if let Some(id) = log.request_at(c.seq).await? {
+                        of.entry(id).or_default().1 = true;
+                    }
+                }
+                Err(crate::store::ReadError::Store(e)) => return Err(e.into()),
+            }
+        }
+        for &id in batch {
+            let Some((events, damaged)) = of.get(&id) else {
+                continue;
+            };
+            let finished =
+                RequestRecord::from_events(events).is_some_and(|r| r.status.is_terminal());
+            let last = events.iter().map(|e| e.at).max();
+            if !damaged && finished && last.is_some_and(|t| t < cutoff) {
+                chunk.push((id, events.len()));
+            }
+            if chunk.len() == CHUNK {
+                move_chunk(log, &mut chunk, cutoff, &mut report).await?;
+                if stop() {
+                    return Ok(report);
+                }
+            }
+        }
+    }
+    if !chunk.is_empty() && !stop() {
+        move_chunk(log, &mut chunk, cutoff, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// Moves `chunk`'s requests to the archive table and empties it.
+async fn move_chunk<F: crate::store::pg::Follow>(
+    log: &crate::store::pg::PgLog<F>,
+    chunk: &mut Vec<(RequestId, usize)>,
+    cutoff: DateTime<Utc>,
+    report: &mut SweepReport,
+) -> Result<(), RetentionError> {
+    let ids: Vec<RequestId> = chunk.iter().map(|(id, _)| *id).collect();
+    let moved = log
+        .forget_requests(&ids, DATABASE_META, cutoff.to_rfc3339().as_bytes())
+        .await?;
+    report.events += moved;
+    // Another replica's sweep may have moved some first.
+    if moved > 0 {
+        report.requests += ids.len();
+    }
+    chunk.clear();
+    Ok(())
 }
 
 /// Up to `max` finished requests whose last event is before `cutoff`, with

@@ -157,6 +157,36 @@ impl<F: Follow> PgLog<F> {
         .await
     }
 
+    /// Every record of the requests in `ids`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Read`].
+    pub async fn events_of_each(&self, ids: &[RequestId]) -> Result<Vec<ReadItem>, StoreError> {
+        let ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
+        self.records(
+            "SELECT position, record::text FROM easel_events WHERE request_id = ANY($1) ORDER BY position",
+            &[&ids],
+            "reading requests",
+        )
+        .await
+    }
+
+    /// The request the record at `position` belongs to (readable or not).
+    ///
+    /// # Errors
+    /// [`StoreError::Read`].
+    pub async fn request_at(&self, position: u64) -> Result<Option<RequestId>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT request_id FROM easel_events WHERE position = $1",
+                &[&to_i64(position)],
+            )
+            .await
+            .map_err(|e| StoreError::Read(db("reading an event", &e)))?;
+        Ok(row.map(|r| RequestId(r.get(0))))
+    }
+
     /// Request ids in creation order (the time of their `queued`, then
     /// position), newest first when `newest_first`, created within
     /// `[since, until]` when given, only `user`'s when given.
