@@ -304,6 +304,7 @@ async fn replicas(requests: u64) {
 /// `delivered` is committed.
 async fn on_replicas(url: &str, replicas: usize, requests: u64) -> f64 {
     use easel::engine::Stages;
+    use easel::engine::mirror::ReplicaEngine;
     use easel::engine::replica::{LeaseTimes, Replica, ReplicaRunner};
     let mut all = Vec::new();
     for i in 0..replicas {
@@ -332,6 +333,16 @@ async fn on_replicas(url: &str, replicas: usize, requests: u64) -> f64 {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let stop = tokio_util::sync::CancellationToken::new();
+    // Each replica's view of the log, as `easel run` has: its runners
+    // look there before asking the database for work.
+    let mut views = Vec::new();
+    for r in &all {
+        let (view, follower) = ReplicaEngine::start(Arc::clone(r), stop.clone())
+            .await
+            .expect("view");
+        tokio::spawn(follower);
+        views.push(view);
+    }
     let mut committed = all[0].log().subscribe();
     let started = Instant::now();
     for (i, r) in all.iter().enumerate() {
@@ -345,7 +356,8 @@ async fn on_replicas(url: &str, replicas: usize, requests: u64) -> f64 {
                 Arc::new(Sink),
                 Arc::clone(&images),
             );
-            let runner = ReplicaRunner::new(Arc::clone(r), stages, LeaseTimes::default());
+            let runner = ReplicaRunner::new(Arc::clone(r), stages, LeaseTimes::default())
+                .with_hint(views[i].work_hint());
             let rx = stop.clone();
             tokio::spawn(async move { runner.run(rx).await });
         }

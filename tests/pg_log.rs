@@ -2434,3 +2434,75 @@ async fn retention_moves_finished_requests_to_the_archive_table_once() {
     let (code, out) = easel_cli(dir.path(), Some(&url), &["export", "--with-archive"]).await;
     assert_eq!((code, out.lines().count()), (0, 6), "{out}");
 }
+
+/// Idle runners ask their replica's view, not the database: a replica
+/// with an sdxl runner takes no transaction for it while ten flux
+/// requests are admitted (its commits are exactly the ten admissions),
+/// and when an sdxl request comes the view wakes the runner and it is
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_runner_takes_no_transaction_while_other_models_work() {
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = Arc::new(replica(&url, "a").await);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (view, follower) = ReplicaEngine::start(Arc::clone(&a), stop.clone())
+        .await
+        .unwrap();
+    let follower = tokio::spawn(follower);
+    let (worker, sent) = (Arc::new(Worker::default()), Arc::new(Sent::default()));
+    let stages = Stages::new(
+        ModelName::parse("sdxl").unwrap(),
+        Arc::new(SamePrompt),
+        Arc::clone(&worker),
+        Arc::clone(&sent),
+        Arc::new(ImageStore::open(dir.path()).unwrap()),
+    );
+    let runner = ReplicaRunner::new(Arc::clone(&a), stages, LeaseTimes::default())
+        .with_hint(view.work_hint());
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { runner.run(stop).await }
+    });
+    let before = a.log().commit_count();
+    for i in 0..10u32 {
+        let admitted = a
+            .admit(request(1, 1000 + i, "a fox"), &limits(20, 20))
+            .await;
+        let Ok(Admitted::Queued { seq, .. }) = admitted else {
+            panic!("{admitted:?}")
+        };
+        // The view shows it (and the runner had its chance to look).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while view.position() < seq {
+            assert!(tokio::time::Instant::now() < deadline, "not shown in 5 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(
+        a.log().commit_count() - before,
+        10,
+        "the idle sdxl runner took transactions"
+    );
+    let mut req = request(2, 1100, "a hen");
+    req.model = ModelName::parse("sdxl").unwrap();
+    let Admitted::Queued { id, .. } = a.admit(req, &limits(20, 20)).await.unwrap() else {
+        panic!("not queued")
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !sent.0.lock().unwrap().contains(&id) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not delivered in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    run.await.unwrap();
+    follower.await.unwrap();
+}

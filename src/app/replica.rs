@@ -142,9 +142,11 @@ pub async fn run(
             Arc::clone(&images),
         );
         let alerts = Arc::clone(&alerts);
-        let runner = ReplicaRunner::new(Arc::clone(&replica), stages, times).with_outcomes(
-            Box::new(move |model, outcome| alerts.generation(model, outcome)),
-        );
+        let runner = ReplicaRunner::new(Arc::clone(&replica), stages, times)
+            .with_outcomes(Box::new(move |model, outcome| {
+                alerts.generation(model, outcome)
+            }))
+            .with_hint(engine.work_hint());
         let stop = shutdown.clone();
         tasks.spawn(async move { runner.run(stop).await });
     }

@@ -104,6 +104,19 @@ impl ReplicaEngine {
         Ok((engine, follower))
     }
 
+    /// What a runner looks at before asking the database for work
+    /// ([`super::replica::ReplicaRunner::with_hint`]).
+    pub fn work_hint(self: &Arc<Self>) -> super::replica::WorkHint {
+        let engine = Arc::clone(self);
+        super::replica::WorkHint {
+            shown: self.shown.subscribe(),
+            has_work: Box::new(move |model| {
+                let view = engine.view();
+                view.in_flight(model).is_some() || view.head(model).is_some()
+            }),
+        }
+    }
+
     /// Where the view started from: the checkpoint used, or why a stored
     /// one was not.
     pub fn restored(&self) -> &Restored {

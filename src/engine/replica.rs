@@ -450,6 +450,18 @@ pub struct ReplicaRunner<E, G, D> {
     lost: std::sync::atomic::AtomicU64,
     /// Told whether each generation this runner recorded worked.
     outcomes: Option<Outcomes>,
+    /// Where to look before asking the database whether there is work.
+    hint: Option<WorkHint>,
+}
+
+/// A replica's own view of the log, followed by [`ReplicaRunner::run`]
+/// to skip the transaction that would only learn there is nothing to run
+/// (with R replicas and M models, R×M of them per commit otherwise).
+pub struct WorkHint {
+    /// The view's position; changes whenever it shows more of the log.
+    pub shown: tokio::sync::watch::Receiver<u64>,
+    /// Whether the view has a request of the model queued or in flight.
+    pub has_work: Box<dyn Fn(&ModelName) -> bool + Send + Sync>,
 }
 
 /// Told whether a generation worked (`generated`) or failed, and why.
@@ -463,7 +475,18 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
             times,
             lost: std::sync::atomic::AtomicU64::new(0),
             outcomes: None,
+            hint: None,
         }
+    }
+
+    /// Asks `hint` first, and the database only when the view has work
+    /// for the model. The view follows every commit, so when work
+    /// appears it shows it and wakes the runner; a request orphaned by a
+    /// dead holder stays in flight in the view, so it is resumed too.
+    #[must_use]
+    pub fn with_hint(mut self, hint: WorkHint) -> Self {
+        self.hint = Some(hint);
+        self
     }
 
     /// Tells `outcomes` whether each generation this runner records worked
@@ -490,9 +513,21 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
         let mut appended = self.replica.log().subscribe();
         let mut released = self.replica.log().subscribe_releases();
         let model = self.stages.model().clone();
+        let mut hint = self.hint.as_ref().map(|h| (h.shown.clone(), &h.has_work));
         loop {
             appended.borrow_and_update();
             released.borrow_and_update();
+            if let Some((shown, has_work)) = &mut hint {
+                shown.borrow_and_update();
+                if !has_work(&model) {
+                    tokio::select! {
+                        r = shown.changed() => if r.is_err() { return },
+                        () = tokio::time::sleep(self.times.ttl / 2) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    continue;
+                }
+            }
             let next = tokio::select! {
                 r = self.replica.start_next(&model, self.times.ttl) => r,
                 () = shutdown.cancelled() => return,
