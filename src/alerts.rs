@@ -108,6 +108,11 @@ pub struct Alerts {
     api: Mutex<Weak<TelegramApi>>,
     state: Mutex<State>,
     metrics: Arc<Metrics>,
+    /// Whether this process tells the alerts that are about the whole bot
+    /// (a model failing in a row, counted from the log every replica
+    /// follows): always for one process; on replicas, only the one
+    /// holding the alerter's lease, so the operator is told once.
+    for_the_bot: std::sync::atomic::AtomicBool,
 }
 
 impl Alerts {
@@ -119,7 +124,16 @@ impl Alerts {
             api: Mutex::new(Weak::new()),
             state: Mutex::default(),
             metrics,
+            for_the_bot: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// Whether this process tells the alerts about the whole bot (see
+    /// the field); replicas turn it on while elected. The count goes on
+    /// either way, so the replica elected next knows the streak.
+    pub fn speak_for_the_bot(&self, on: bool) {
+        self.for_the_bot
+            .store(on, std::sync::atomic::Ordering::Release);
     }
 
     /// The client alerts go through; set at every engine start.
@@ -274,7 +288,8 @@ impl Alerts {
                         .episodes
                         .get(&Cause::WorkerKey(model.clone()))
                         .is_some_and(|e| e.on);
-                    (n >= FAILING_IN_A_ROW && !key_refused).then_some((n, kind))
+                    let speaks = self.for_the_bot.load(std::sync::atomic::Ordering::Acquire);
+                    (n >= FAILING_IN_A_ROW && !key_refused && speaks).then_some((n, kind))
                 }
                 Err(_) => None,
             }

@@ -2106,68 +2106,6 @@ fn replicas_keep_every_invariant_under_random_interleavings() {
     }
 }
 
-/// The runner tells its outcome callback (the operator's "failing in a
-/// row" alert on replicas) about each generation it records: worked, or
-/// failed and why — once each, from the runner that ran it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replicas_runner_reports_each_generations_outcome_once() {
-    let Some(url) = pg::database().await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let a = Arc::new(replica(&url, "a").await);
-    let (worker, sent) = (Arc::new(Worker::default()), Arc::new(Sent::default()));
-    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let runner = {
-        let stages = Stages::new(
-            ModelName::parse("flux").unwrap(),
-            Arc::new(SamePrompt),
-            Arc::clone(&worker),
-            Arc::clone(&sent),
-            Arc::new(ImageStore::open(&dir.path().join("a")).unwrap()),
-        );
-        let heard = Arc::clone(&heard);
-        Arc::new(
-            ReplicaRunner::new(Arc::clone(&a), stages, LeaseTimes::default()).with_outcomes(
-                Box::new(move |model, outcome| {
-                    heard.lock().unwrap().push((model.to_string(), outcome));
-                }),
-            ),
-        )
-    };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = {
-        let (runner, stop) = (Arc::clone(&runner), stop.clone());
-        tokio::spawn(async move { runner.run(stop).await })
-    };
-    for (i, prompt) in ["a red fox", "something forbidden"].iter().enumerate() {
-        a.admit(
-            request(1, 900 + u32::try_from(i).unwrap(), prompt),
-            &limits(10, 10),
-        )
-        .await
-        .unwrap();
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while heard.lock().unwrap().len() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            heard.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    task.await.unwrap();
-    assert_eq!(
-        *heard.lock().unwrap(),
-        vec![
-            ("flux".to_owned(), Ok(())),
-            ("flux".to_owned(), Err(FailureKind::Rejected)),
-        ]
-    );
-}
-
 /// The event log's contract (`common/contract.rs`, which sled and the
 /// in-memory store pass in `tests/backends.rs`) against the database:
 /// positions, reads, intake keys, the request index, checkpoints, named
@@ -2505,4 +2443,91 @@ async fn an_idle_runner_takes_no_transaction_while_other_models_work() {
     stop.cancel();
     run.await.unwrap();
     follower.await.unwrap();
+}
+
+/// §7 on replicas: the "failing in a row" count is the whole bot's (each
+/// replica counts it from the log they all follow), and one replica — the
+/// holder of the alerter's lease — tells the operator: three failing
+/// requests sent alternately to two replica processes bring exactly one
+/// alert, whichever replicas ran them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_alert_the_operator_once_for_a_model_failing_in_a_row() {
+    const OPERATOR: i64 = 777_000;
+    let Some(url) = pg::database().await else {
+        return;
+    };
+    let fakes = binary::fakes(Duration::from_millis(5)).await;
+    let client = reqwest::Client::new();
+    let chat = [("EASEL_OPERATOR_CHAT_ID", "777000")];
+    let mut replicas = [
+        start_replica(&url, &fakes, &chat),
+        start_replica(&url, &fakes, &chat),
+    ];
+    for r in &replicas {
+        binary::wait_ready(&client, &r.health).await;
+    }
+    let tg = &fakes.0;
+    for user in 1..=3i64 {
+        tg.user_sends(
+            user,
+            user,
+            &format!("/image=flux=a storm that will explode {user}"),
+        );
+    }
+    for (i, update) in tg.take_updates().iter().enumerate() {
+        assert_eq!(deliver(&client, &replicas[i % 2].hook, update).await, 200);
+    }
+    let alerted = |c: &[easel::demo::fake_telegram::Call]| {
+        c.iter()
+            .filter(|c| c.chat_id == Some(OPERATOR))
+            .filter(|c| {
+                c.text
+                    .as_deref()
+                    .is_some_and(|t| t.contains("requests in a row"))
+            })
+            .count()
+    };
+    assert!(
+        tg.wait_for(Duration::from_secs(30), |c| alerted(c) >= 1)
+            .await,
+        "no alert: {:?}",
+        tg.texts_to(OPERATOR)
+    );
+    // Both replicas have seen the third failure (their /metrics count
+    // three failed), and still one alert.
+    for r in &replicas {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = client
+                .get(format!("http://{}/metrics", r.health))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let failed: f64 = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("easel_requests_finished_total{")
+                        && l.contains("outcome=\"failed\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if failed >= 3.0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{failed} failed on {}",
+                r.health
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(alerted(&tg.calls()), 1, "{:?}", tg.texts_to(OPERATOR));
+    for r in &mut replicas {
+        binary::terminate(&mut r.child);
+    }
 }

@@ -24,9 +24,9 @@ use crate::engine::mirror::ReplicaEngine;
 use crate::engine::replica::{LeaseTimes, Replica, ReplicaRunner, keep};
 use crate::engine::{Stages, SystemClock};
 use crate::store::pg::Claimed;
+use crate::telegram::TelegramDeliverer;
 use crate::telegram::intake::Refused;
 use crate::telegram::poll;
-use crate::telegram::{Intake, TelegramDeliverer};
 
 /// This replica's name in the leases it takes: unique per process, and
 /// telling an operator which machine and process held a lease.
@@ -99,14 +99,17 @@ pub async fn run(
     // The request series and the queue gauges read this replica's copy of
     // the log, which holds every replica's events: each replica reports
     // the whole bot's requests (aggregate across replicas with max, not
-    // sum; docs/scale-out.md). The "failing in a row" alert is fed by
-    // each replica's own runners instead (every replica would send it).
+    // sum; docs/scale-out.md). The "failing in a row" count comes from
+    // the same log, so it is the whole bot's on every replica; only the
+    // replica holding the alerter's lease tells the operator.
     metrics.read_lanes_with(crate::metrics::lanes_of(&engine));
-    if settings.metrics_addr.is_some() {
+    alerts.speak_for_the_bot(false);
+    if settings.metrics_addr.is_some() || settings.operator_chat.is_some() {
+        let alerts = Arc::clone(&alerts);
         tasks.spawn(crate::metrics::follow(
             Arc::clone(&engine),
             Arc::clone(&metrics),
-            |_, _| {},
+            move |model, outcome| alerts.generation(model, outcome),
             shutdown.clone(),
         ));
     }
@@ -141,12 +144,8 @@ pub async fn run(
             Arc::clone(&deliverer),
             Arc::clone(&images),
         );
-        let alerts = Arc::clone(&alerts);
-        let runner = ReplicaRunner::new(Arc::clone(&replica), stages, times)
-            .with_outcomes(Box::new(move |model, outcome| {
-                alerts.generation(model, outcome)
-            }))
-            .with_hint(engine.work_hint());
+        let runner =
+            ReplicaRunner::new(Arc::clone(&replica), stages, times).with_hint(engine.work_hint());
         let stop = shutdown.clone();
         tasks.spawn(async move { runner.run(stop).await });
     }
@@ -157,11 +156,39 @@ pub async fn run(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(intake);
     } else {
-        tasks.spawn(elected_poller(
+        // Long polling from exactly one replica (§9), from the offset
+        // kept in the database: updates a dying poller handled after its
+        // last saved offset come again to the next one and are found by
+        // their update id.
+        tasks.spawn(elected(
             Arc::clone(&replica),
-            intake,
+            POLLER,
             times,
             shutdown.clone(),
+            move |stop| {
+                let intake = Arc::clone(&intake);
+                async move {
+                    poll::poll(intake, stop).await;
+                }
+            },
+        ));
+    }
+    if settings.operator_chat.is_some() {
+        // The operator is told about the whole bot by one replica.
+        let alerts = Arc::clone(&alerts);
+        tasks.spawn(elected(
+            Arc::clone(&replica),
+            ALERTER,
+            times,
+            shutdown.clone(),
+            move |stop| {
+                let alerts = Arc::clone(&alerts);
+                alerts.speak_for_the_bot(true);
+                async move {
+                    stop.cancelled().await;
+                    alerts.speak_for_the_bot(false);
+                }
+            },
         ));
     }
     health.set(crate::health::Part::Engine, None);
@@ -185,58 +212,63 @@ pub async fn run(
 /// The poller's lease, among the models' (no model name starts with `@`).
 const POLLER: &str = "@telegram-poller";
 
-/// Long polling from exactly one replica (§9): the replica holding the
-/// poller's lease polls, with the offset kept in the database, renewing
-/// the lease as a generation does; when it loses the lease (it hung, or
-/// lost the database) it stops polling, and when it dies the lease runs
-/// out and another replica, trying every half lease, takes over from the
-/// saved offset. Updates a dying poller handled after its last saved
-/// offset come again to the next one and are found by their update id.
-async fn elected_poller(
+/// The lease of the replica that tells the operator about the whole bot.
+const ALERTER: &str = "@operator-alerts";
+
+/// A role exactly one replica plays at a time (§9): the replica holding
+/// lease `name` runs `role` (until the token it is given is cancelled),
+/// renewing the lease as a generation does; when it loses the lease (it
+/// hung, or lost the database) the role stops, and when it dies the lease
+/// runs out and another replica, trying every half lease, takes over.
+async fn elected<F, R>(
     replica: Arc<Replica>,
-    intake: Arc<Intake<Arc<ReplicaEngine>>>,
+    name: &'static str,
     times: LeaseTimes,
     shutdown: CancellationToken,
-) {
+    mut role: F,
+) where
+    F: FnMut(CancellationToken) -> R + Send,
+    R: Future<Output = ()> + Send + 'static,
+{
     let mut released = replica.log().subscribe_releases();
     loop {
         released.borrow_and_update();
-        // Another poller holds it (a plain read: no head lock for a "no").
+        // Another replica holds it (a plain read: no head lock for a "no").
         let held = matches!(
-            replica.log().held_by_other(POLLER, replica.holder()).await,
+            replica.log().held_by_other(name, replica.holder()).await,
             Ok(true)
         );
         let claimed = if held {
             Ok(Claimed::Held)
         } else {
             tokio::select! {
-                c = replica.log().claim(POLLER, replica.holder(), times.ttl, Vec::new()) => c,
+                c = replica.log().claim(name, replica.holder(), times.ttl, Vec::new()) => c,
                 () = shutdown.cancelled() => return,
             }
         };
         match claimed {
             Ok(Claimed::Won { mut lease, .. }) => {
-                tracing::info!(epoch = lease.epoch, "elected to poll Telegram");
-                let polling = shutdown.child_token();
-                let poller = tokio::spawn(poll::poll(Arc::clone(&intake), polling.clone()));
+                tracing::info!(role = name, epoch = lease.epoch, "elected");
+                let playing = shutdown.child_token();
+                let task = tokio::spawn(role(playing.clone()));
                 tokio::select! {
                     () = keep(&replica, &mut lease, times) => {
-                        tracing::warn!("lost the poller's lease: stopped polling");
+                        tracing::warn!(role = name, "lost the lease: stopped");
                     }
                     () = shutdown.cancelled() => {}
                 }
-                polling.cancel();
-                let _ = poller.await;
+                playing.cancel();
+                let _ = task.await;
                 // Free at once for another replica (a stop, or a lease
                 // already lost: then this changes nothing).
                 if let Err(e) = replica.release(&lease).await {
-                    tracing::warn!(error = %e, "could not release the poller's lease; it runs out");
+                    tracing::warn!(role = name, error = %e, "could not release the lease; it runs out");
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not ask for the poller's lease"),
+            Err(e) => tracing::warn!(role = name, error = %e, "could not ask for the lease"),
         }
-        // Until the lease may be free: released (a poller that stopped)
+        // Until the lease may be free: released (a holder that stopped)
         // or, for one that died, half a lease.
         tokio::select! {
             _ = released.changed() => {}

@@ -448,8 +448,6 @@ pub struct ReplicaRunner<E, G, D> {
     stages: Stages<E, G, D>,
     times: LeaseTimes,
     lost: std::sync::atomic::AtomicU64,
-    /// Told whether each generation this runner recorded worked.
-    outcomes: Option<Outcomes>,
     /// Where to look before asking the database whether there is work.
     hint: Option<WorkHint>,
 }
@@ -464,9 +462,6 @@ pub struct WorkHint {
     pub has_work: Box<dyn Fn(&ModelName) -> bool + Send + Sync>,
 }
 
-/// Told whether a generation worked (`generated`) or failed, and why.
-pub type Outcomes = Box<dyn Fn(&ModelName, Result<(), crate::domain::FailureKind>) + Send + Sync>;
-
 impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
     pub fn new(replica: Arc<Replica>, stages: Stages<E, G, D>, times: LeaseTimes) -> Self {
         ReplicaRunner {
@@ -474,7 +469,6 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
             stages,
             times,
             lost: std::sync::atomic::AtomicU64::new(0),
-            outcomes: None,
             hint: None,
         }
     }
@@ -486,16 +480,6 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
     #[must_use]
     pub fn with_hint(mut self, hint: WorkHint) -> Self {
         self.hint = Some(hint);
-        self
-    }
-
-    /// Tells `outcomes` whether each generation this runner records worked
-    /// (the operator's "failing in a row" alert, §7). Counted where it
-    /// happens rather than from the log, which every replica follows and
-    /// which would make every replica send the alert.
-    #[must_use]
-    pub fn with_outcomes(mut self, outcomes: Outcomes) -> Self {
-        self.outcomes = Some(outcomes);
         self
     }
 
@@ -602,17 +586,6 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
             match self.replica.step(&lease, id, command).await {
                 Ok(rec) => {
                     tracing::info!(request_id = %id, event = rec.event.name(), seq = rec.seq, "step recorded");
-                    if let Some(tell) = &self.outcomes {
-                        match &rec.event {
-                            crate::domain::Event::Generated { .. } => {
-                                tell(self.stages.model(), Ok(()))
-                            }
-                            crate::domain::Event::Failed { kind, .. } => {
-                                tell(self.stages.model(), Err(*kind));
-                            }
-                            _ => {}
-                        }
-                    }
                     Follow::apply(&mut view, &rec);
                 }
                 Err(ReplicaError::Fenced(_)) => {
