@@ -8,16 +8,17 @@
 //!   checkpoints. Only it knows sled; everything above is generic over the
 //!   trait (an in-memory store, `MemoryStore`). Also the event log on
 //!   PostgreSQL (`store::pg`, §9): decisions in the append transaction,
-//!   leases with fencing, LISTEN/NOTIFY.
+//!   leases with fencing, LISTEN/NOTIFY, checkpoints, the request index,
+//!   retention into the archive table.
 //! - [`projection`]: live state (FIFO queues with O(log n) positions,
 //!   in-flight per model, per-user load) and audit records, from events only.
 //! - [`engine`]: the core (decide → append → apply under one lock), start-up
 //!   from checkpoint + tail, the recovery rule, and the per-model scheduler
 //!   with its one-step function and the step traits adapters implement;
 //!   for replicas on PostgreSQL the same decisions inside the database's
-//!   transaction (`engine::replica`), a replica's copy of the log
-//!   (`engine::mirror`), and `Engine`, what the Telegram side needs of
-//!   either.
+//!   transaction (`engine::replica`), a replica's view and recent copy of
+//!   the log, started from the database's checkpoint (`engine::mirror`),
+//!   and `Engine`, what the Telegram side needs of either.
 //! - [`config`]: settings from the environment, `.env` and `easel.toml`,
 //!   and `DataDir`, the data dir's layout.
 //! - [`services`]: the image workers and the LLM over HTTP (reqwest, backon).
@@ -32,7 +33,8 @@
 //!   failed at start, expired images deleted, retention to the archive.
 //! - [`app`]: the composition root of `easel run` (the only module that
 //!   depends on all the others) and its self-heal after refused writes;
-//!   `app::replica`, one replica on PostgreSQL.
+//!   `app::replica`, one replica on PostgreSQL, and the roles one replica
+//!   plays at a time (the poller, the alerter).
 //! - [`demo`]: the FAKE Telegram, workers and LLM, and `easel demo`.
 //! - [`telemetry`]: the tracing filter every subscriber is built with.
 //! - [`health`], [`metrics`], [`alerts`]: what an operator watches from
