@@ -24,7 +24,7 @@ use crate::domain::{
     Command, Limits, ModelName, Refusal, Rejection, RequestId, SchedulingFacts, decide,
 };
 use crate::projection::LiveState;
-use crate::store::pg::{Answer, Appended, Claimed, Follow, IntakeKeys, Lease, PgLog};
+use crate::store::pg::{Answer, Appended, Claimed, Decide, Follow, IntakeKeys, Lease, PgLog};
 use crate::store::{NewEvent, Recorded, StoreError};
 
 /// The committer's copy of the live projection follows the log.
@@ -299,28 +299,7 @@ impl Replica {
         if self.log.held_by_other(model.as_str(), &self.holder).await? {
             return Ok(None);
         }
-        let now = self.clock.now();
-        let wanted = model.clone();
-        let decision = Box::new(move |state: &LiveState| {
-            let (id, command) = match (state.in_flight(&wanted), state.head(&wanted)) {
-                (Some(id), _) => (id, Command::Resume),
-                (None, Some(id)) => (
-                    id,
-                    Command::Start(SchedulingFacts {
-                        at_head: true,
-                        model_idle: true,
-                    }),
-                ),
-                (None, None) => return None,
-            };
-            let req = state.request(id)?;
-            let event = decide(req.stage, command).ok()?;
-            Some(vec![NewEvent {
-                request_id: id,
-                at: now,
-                event,
-            }])
-        });
+        let decision = next_of(model.clone(), self.clock.now());
         match self
             .log
             .claim_decided(model.as_str(), &self.holder, ttl, decision)
@@ -331,6 +310,31 @@ impl Replica {
                 .next()
                 .map(|record| Begun { lease, record })),
             Claimed::Held | Claimed::Idle => Ok(None),
+        }
+    }
+
+    /// As [`Replica::start_next`], under `lease`, which this replica still
+    /// holds from the generation it just finished: the model's next
+    /// generation begins without the lease changing hands — one
+    /// transaction, fenced by the lease, and no race with the other
+    /// replicas' runners (they see the lease held and ask nothing of the
+    /// head lock). `None` when there is nothing to run.
+    ///
+    /// # Errors
+    /// [`ReplicaError::Fenced`] when the lease was lost meanwhile (nothing
+    /// written), or a store error.
+    pub async fn continue_next(&self, lease: &Lease) -> Result<Option<Recorded>, ReplicaError> {
+        let model = ModelName::parse(&lease.model)
+            .map_err(|_| ReplicaError::Fenced(lease.model.clone()))?;
+        let decision = next_of(model, self.clock.now());
+        match self
+            .log
+            .decide(IntakeKeys::default(), Some(lease.clone()), decision)
+            .await?
+        {
+            Appended::Written(mut recs) => Ok(recs.pop()),
+            Appended::Fenced => Err(ReplicaError::Fenced(lease.model.clone())),
+            Appended::Declined | Appended::Duplicate(_) => Ok(None),
         }
     }
 
@@ -438,6 +442,42 @@ impl Default for LeaseTimes {
     }
 }
 
+/// The decision that begins `model`'s next generation: its in-flight
+/// request resumed (its holder's lease ran out), else its head started.
+fn next_of(model: ModelName, now: chrono::DateTime<chrono::Utc>) -> Decide<LiveState> {
+    Box::new(move |state: &LiveState| {
+        let (id, command) = match (state.in_flight(&model), state.head(&model)) {
+            (Some(id), _) => (id, Command::Resume),
+            (None, Some(id)) => (
+                id,
+                Command::Start(SchedulingFacts {
+                    at_head: true,
+                    model_idle: true,
+                }),
+            ),
+            (None, None) => return None,
+        };
+        let req = state.request(id)?;
+        let event = decide(req.stage, command).ok()?;
+        Some(vec![NewEvent {
+            request_id: id,
+            at: now,
+            event,
+        }])
+    })
+}
+
+/// How a generation ended for its runner.
+enum Ended {
+    /// Its last step recorded; the lease is still held (for the next).
+    Finished(Lease),
+    /// The lease was lost, or a step's outcome is unknown: the request is
+    /// resumed once the lease runs out, here or elsewhere.
+    Lost,
+    /// Shutdown cut it short (the lease was released).
+    Stopped,
+}
+
 /// One model's runner on a replica: starts (or resumes) the model's next
 /// generation under its lease, does each stage with the shared stage work
 /// ([`Stages`]), renews the lease while a stage runs and stops the stage
@@ -518,7 +558,7 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
             };
             match next {
                 Ok(Some(begun)) => {
-                    if !self.generation(begun, &shutdown).await {
+                    if !self.generations(begun, &shutdown).await {
                         return;
                     }
                 }
@@ -541,10 +581,42 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
         }
     }
 
-    /// Carries one request through its stages under `begun.lease`; false
-    /// when the shutdown cut it short (the lease is released, and the
-    /// request resumed by another replica, or here at the next start).
-    async fn generation(&self, begun: Begun, shutdown: &CancellationToken) -> bool {
+    /// Runs `begun` and then, keeping the lease, the model's next requests
+    /// while there are any (`Replica::continue_next`); releases the lease
+    /// when the queue is empty. False when the shutdown cut it short.
+    async fn generations(&self, mut begun: Begun, shutdown: &CancellationToken) -> bool {
+        loop {
+            let lease = match self.generation(begun, shutdown).await {
+                Ended::Finished(lease) => lease,
+                Ended::Lost => return true,
+                Ended::Stopped => return false,
+            };
+            let next = tokio::select! {
+                r = self.replica.continue_next(&lease) => r,
+                () = shutdown.cancelled() => Ok(None),
+            };
+            match next {
+                Ok(Some(record)) => begun = Begun { lease, record },
+                Ok(None) => {
+                    if let Err(e) = self.replica.release(&lease).await {
+                        tracing::warn!(error = %e, "could not release a lease; it runs out on its own");
+                    }
+                    return !shutdown.is_cancelled();
+                }
+                Err(ReplicaError::Fenced(_)) => return true,
+                Err(e) => {
+                    // Whether it committed is not known: a `started` that
+                    // did is resumed by the recovery rule once the lease
+                    // runs out.
+                    tracing::error!(error = %e, "could not begin the next generation under the lease; it resumes after the lease runs out");
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Carries one request through its stages under `begun.lease`.
+    async fn generation(&self, begun: Begun, shutdown: &CancellationToken) -> Ended {
         let id = begun.record.request_id;
         let mut lease = begun.lease;
         // The request as the log has it: its own events, replayed.
@@ -557,7 +629,7 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
             }
             Err(e) => {
                 tracing::error!(request_id = %id, error = %e, "could not read the request; its lease will run out and it resumes");
-                return true;
+                return Ended::Lost;
             }
         }
         while let Some(req) = view.request(id).cloned() {
@@ -570,7 +642,7 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
                 () = keep(&self.replica, &mut lease, self.times) => {
                     self.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(request_id = %id, model = %lease.model, "the lease was lost mid-stage: stopped; another replica resumes the request");
-                    return true;
+                    return Ended::Lost;
                 }
                 () = shutdown.cancelled() => None,
             };
@@ -581,7 +653,7 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
                 if let Err(e) = self.replica.release(&lease).await {
                     tracing::warn!(error = %e, "could not release a lease; it runs out on its own");
                 }
-                return false;
+                return Ended::Stopped;
             };
             match self.replica.step(&lease, id, command).await {
                 Ok(rec) => {
@@ -591,20 +663,17 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
                 Err(ReplicaError::Fenced(_)) => {
                     self.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(request_id = %id, "the lease was lost: the step was not recorded; another replica resumes the request");
-                    return true;
+                    return Ended::Lost;
                 }
                 Err(e) => {
                     // Whether it committed is not known: leave it to the
                     // recovery rule once the lease runs out.
                     tracing::error!(request_id = %id, error = %e, "could not record a step; the request resumes after its lease runs out");
-                    return true;
+                    return Ended::Lost;
                 }
             }
         }
-        if let Err(e) = self.replica.release(&lease).await {
-            tracing::warn!(error = %e, "could not release a lease; it runs out on its own");
-        }
-        true
+        Ended::Finished(lease)
     }
 }
 
