@@ -2392,8 +2392,9 @@ async fn retention_moves_finished_requests_to_the_archive_table_once() {
 /// Idle runners ask their replica's view, not the database: a replica
 /// with an sdxl runner takes no transaction for it while ten flux
 /// requests are admitted (its commits are exactly the ten admissions),
-/// and when an sdxl request comes the view wakes the runner and it is
-/// delivered.
+/// and when sdxl requests come the view wakes the runners. With two
+/// replicas, the one that won the model's lease keeps it while the queue
+/// has work, so nobody takes a transaction racing for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_runner_takes_no_transaction_while_other_models_work() {
     let Some(url) = pg::database().await else {
@@ -2443,22 +2444,69 @@ async fn an_idle_runner_takes_no_transaction_while_other_models_work() {
         10,
         "the idle sdxl runner took transactions"
     );
-    let mut req = request(2, 1100, "a hen");
-    req.model = ModelName::parse("sdxl").unwrap();
-    let Admitted::Queued { id, .. } = a.admit(req, &limits(20, 20)).await.unwrap() else {
-        panic!("not queued")
-    };
+    // A second replica with its own sdxl runner: four sdxl requests are
+    // run one after the other by whichever replica won the lease first,
+    // which keeps it from one to the next (`continue_next`), so the other
+    // replica's runner sees it held and races for nothing. (A gap
+    // between two admissions may empty the queue for a moment: then the
+    // lease is released and claimed again, so the four are admitted at
+    // once.)
+    let b = Arc::new(replica(&url, "b").await);
+    let (view_b, follower_b) = ReplicaEngine::start(Arc::clone(&b), stop.clone())
+        .await
+        .unwrap();
+    let follower_b = tokio::spawn(follower_b);
+    let stages = Stages::new(
+        ModelName::parse("sdxl").unwrap(),
+        Arc::new(SamePrompt),
+        Arc::clone(&worker),
+        Arc::clone(&sent),
+        Arc::new(ImageStore::open(&dir.path().join("b")).unwrap()),
+    );
+    let runner_b = ReplicaRunner::new(Arc::clone(&b), stages, LeaseTimes::default())
+        .with_hint(view_b.work_hint());
+    let run_b = tokio::spawn({
+        let stop = stop.clone();
+        async move { runner_b.run(stop).await }
+    });
+    let admissions = (0..4u32).map(|i| {
+        let mut req = request(2, 1100 + i, "a hen");
+        req.model = ModelName::parse("sdxl").unwrap();
+        a.admit_now(req, &limits(20, 20)).unwrap()
+    });
+    let admissions: Vec<_> = admissions.collect();
+    let mut line = Vec::new();
+    for admission in admissions {
+        let Admitted::Queued { id, .. } = a.admitted(admission).await.unwrap() else {
+            panic!("not queued")
+        };
+        line.push(id);
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !sent.0.lock().unwrap().contains(&id) {
+    while sent.0.lock().unwrap().len() < 4 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "not delivered in 10 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(*sent.0.lock().unwrap(), line, "in queue order, once each");
+    // One claim for the four: the lease never changed hands.
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let epoch: i64 = admin
+        .query_one("SELECT epoch FROM easel_leases WHERE model = 'sdxl'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(epoch, 1, "the lease was claimed again between requests");
     stop.cancel();
     run.await.unwrap();
+    run_b.await.unwrap();
     follower.await.unwrap();
+    follower_b.await.unwrap();
 }
 
 /// §7 on replicas (part of the two-process test, on its replicas): the
