@@ -174,6 +174,9 @@ pub struct Settings {
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`EASEL_METRICS_ADDR`);
     /// None: nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The operator dashboard's token (`EASEL_DASHBOARD_TOKEN`): the
+    /// dashboard is served at `/` of `metrics_addr` when set.
+    pub dashboard_token: Option<SecretString>,
     /// The Telegram chat that gets operator alerts
     /// (`EASEL_OPERATOR_CHAT_ID`); None: no alerts.
     pub operator_chat: Option<i64>,
@@ -340,6 +343,22 @@ impl Settings {
                 ));
             }).ok()
         });
+        let dashboard_token = vars.non_empty("EASEL_DASHBOARD_TOKEN").and_then(|raw| {
+            let token = raw.trim();
+            if metrics_addr.is_none() && vars.non_empty("EASEL_METRICS_ADDR").is_none() {
+                vars.problem(
+                    "EASEL_DASHBOARD_TOKEN needs EASEL_METRICS_ADDR: the dashboard is served there (e.g. 127.0.0.1:9090).".into(),
+                );
+                None
+            } else if token.len() < 16 || !token.chars().all(|c| c.is_ascii_graphic()) {
+                vars.problem(
+                    "EASEL_DASHBOARD_TOKEN must be at least 16 characters, printable and without spaces (e.g. the output of `openssl rand -hex 16`).".into(),
+                );
+                None
+            } else {
+                Some(SecretString::from(token.to_owned()))
+            }
+        });
         let operator_chat = vars.non_empty("EASEL_OPERATOR_CHAT_ID").and_then(|raw| {
             raw.trim().parse::<i64>().ok().filter(|&id| id != 0).or_else(|| {
                 vars.problem(format!(
@@ -401,6 +420,7 @@ impl Settings {
                 log_filter,
                 log_format,
                 metrics_addr,
+                dashboard_token,
                 operator_chat,
                 webhook,
                 presets,
@@ -524,6 +544,10 @@ impl fmt::Display for Settings {
                 "metrics and health: http://{a}/metrics, /healthz, /readyz"
             )?,
             None => writeln!(f, "metrics and health: off")?,
+        }
+        match (self.metrics_addr, &self.dashboard_token) {
+            (Some(a), Some(_)) => writeln!(f, "operator dashboard: http://{a}/")?,
+            _ => writeln!(f, "operator dashboard: off")?,
         }
         writeln!(
             f,

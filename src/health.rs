@@ -103,7 +103,8 @@ pub fn router(health: Arc<Health>, metrics: Arc<crate::metrics::Metrics>) -> Rou
 }
 
 /// Binds `addr` (before the bot starts, so a bad address stops the start
-/// with one sentence) and serves [`router`] until `shutdown`.
+/// with one sentence) and serves [`router`] — and the operator dashboard
+/// when given — until `shutdown`.
 ///
 /// # Errors
 /// When `addr` cannot be bound.
@@ -111,12 +112,17 @@ pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: Arc<crate::metrics::Metrics>,
+    dashboard: Option<Router>,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "health and metrics endpoints listening");
+    let routes = match dashboard {
+        Some(d) => router(health, metrics).merge(d),
+        None => router(health, metrics),
+    };
     Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, router(health, metrics))
+        let served = axum::serve(listener, routes)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
         if let Err(e) = served {

@@ -44,6 +44,7 @@
 pub mod alerts;
 pub mod app;
 pub mod config;
+pub mod dashboard;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod domain;

@@ -46,7 +46,11 @@ enum Command {
     ///
     /// Example: easel demo
     #[cfg(feature = "demo")]
-    Demo,
+    Demo {
+        /// Keep the bot and its dashboard running after the script, until Ctrl-C.
+        #[arg(long)]
+        hold: bool,
+    },
     /// Request history: list, show one request, statistics.
     #[command(subcommand)]
     Audit(Audit),
@@ -240,7 +244,7 @@ fn main() -> ExitCode {
         Command::Webhook(w) => webhook(w),
         Command::Migrate { to } => migrate(cli.data_dir, cli.database_url, &to),
         #[cfg(feature = "demo")]
-        Command::Demo => demo(cli.data_dir),
+        Command::Demo { hold } => demo(cli.data_dir, hold),
         command @ (Command::Export { .. }
         | Command::Replay { from: None, .. }
         | Command::Audit(_))
@@ -363,7 +367,7 @@ fn operate(
         Command::Compact => cli::compact(&dir.log(), &mut out),
         Command::Run { .. } | Command::Webhook(_) | Command::Migrate { .. } => Ok(0),
         #[cfg(feature = "demo")]
-        Command::Demo => Ok(0),
+        Command::Demo { .. } => Ok(0),
     })()?;
     match std::io::Write::flush(&mut out) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OpsError::ReaderGone.into()),
@@ -590,10 +594,11 @@ async fn wait_for_signal() {
 }
 
 #[cfg(feature = "demo")]
-fn demo(data_dir: Option<PathBuf>) -> Result<u8, Failure> {
+fn demo(data_dir: Option<PathBuf>, hold: bool) -> Result<u8, Failure> {
     // The demo prints its own story; only errors are logged beside it.
     init_tracing("error", easel::telemetry::LogFormat::Text);
-    match runtime()?.block_on(easel::demo::run(data_dir)) {
+    let hold = hold.then(|| Box::pin(wait_for_signal()) as easel::demo::Hold);
+    match runtime()?.block_on(easel::demo::run(data_dir, hold)) {
         Ok(true) => Ok(0),
         Ok(false) => Err(Failure::CheckFailed),
         Err(e) => Err(Failure::Demo(e)),

@@ -72,12 +72,16 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 /// How long aborted tasks get to end after [`DRAIN`].
 const ABORT_WAIT: Duration = Duration::from_secs(2);
 
-/// Starts everything; the bot then runs until `shutdown` is cancelled.
+/// Starts everything — with the health, metrics and dashboard listener
+/// on `EASEL_METRICS_ADDR` — and the bot then runs until `shutdown` is
+/// cancelled (one engine: no restart after refused writes; that is
+/// [`run`]).
 ///
 /// # Errors
 /// [`StartError::Config`] for a missing or refused token, else what failed.
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<App, StartError> {
     let watch = Watch::new(&settings);
+    serve_watch(&settings, &watch, &shutdown).await?;
     start_with(settings, shutdown, Refused::default(), &watch, None).await
 }
 
@@ -88,6 +92,8 @@ struct Watch {
     health: Arc<crate::health::Health>,
     metrics: Arc<crate::metrics::Metrics>,
     alerts: Arc<crate::alerts::Alerts>,
+    /// The running engine's projections, for the dashboard.
+    board: crate::dashboard::BoardSlot,
 }
 
 impl Watch {
@@ -100,7 +106,18 @@ impl Watch {
                 Arc::clone(&metrics),
             )),
             metrics,
+            board: Arc::default(),
         }
+    }
+
+    /// Shows `engine` on the dashboard (at every engine start).
+    fn show<E: crate::engine::Engine>(&self, engine: &Arc<E>, settings: &Settings) {
+        let models = settings.models.iter().map(|m| m.name.clone()).collect();
+        let board = crate::dashboard::EngineBoard::new(Arc::clone(engine), models);
+        *self
+            .board
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(board));
     }
 }
 
@@ -142,6 +159,7 @@ async fn start_with(
     let core = Arc::new(core);
     metrics.engine_starts.inc();
     metrics.read_lanes_with(crate::metrics::lanes_of(&core));
+    watch.show(&core, &settings);
     crate::maintenance::fail_unconfigured(&core, &settings)
         .await
         .context("failing the requests of unconfigured models")?;
@@ -541,10 +559,15 @@ async fn serve_watch(
     shutdown: &CancellationToken,
 ) -> Result<(), StartError> {
     if let Some(addr) = settings.metrics_addr {
+        let dashboard = settings
+            .dashboard_token
+            .clone()
+            .map(|token| crate::dashboard::router(token, Arc::clone(&watch.board)));
         crate::health::serve(
             addr,
             Arc::clone(&watch.health),
             Arc::clone(&watch.metrics),
+            dashboard,
             shutdown.clone(),
         )
         .await
@@ -620,6 +643,7 @@ async fn connect_outside(
         health,
         metrics,
         alerts,
+        ..
     } = watch;
     let images = Arc::new(
         ImageStore::open(&settings.data_dir.images()).context("opening the image folder")?,

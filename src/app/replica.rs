@@ -69,6 +69,7 @@ pub async fn run(
         health,
         metrics,
         alerts,
+        ..
     } = watch.clone();
     health.set(
         crate::health::Part::Engine,
@@ -103,6 +104,7 @@ pub async fn run(
     // the same log, so it is the whole bot's on every replica; only the
     // replica holding the alerter's lease tells the operator.
     metrics.read_lanes_with(crate::metrics::lanes_of(&engine));
+    watch.show(&engine, &settings);
     alerts.speak_for_the_bot(false);
     if settings.metrics_addr.is_some() || settings.operator_chat.is_some() {
         let alerts = Arc::clone(&alerts);

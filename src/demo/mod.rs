@@ -68,11 +68,17 @@ fn name_of(id: i64) -> &'static str {
     USERS.iter().find(|u| u.id == id).map_or("?", |u| u.name)
 }
 
-/// Runs the demo; true when everything happened as scripted and the log verifies.
+/// What `easel demo --hold` waits for before stopping the bot (Ctrl-C).
+pub type Hold = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs the demo; true when everything happened as scripted and the log
+/// verifies. The operator dashboard is served on a loopback port while it
+/// runs (its address and token printed); with `hold`, the bot and the
+/// dashboard keep running after the script until `hold` resolves.
 ///
 /// # Errors
 /// When a fake cannot start or the bot does not start.
-pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
+pub async fn run(data_dir: Option<PathBuf>, hold: Option<Hold>) -> anyhow::Result<bool> {
     let started = tokio::time::Instant::now();
     let tg = FakeTelegram::start(TOKEN).await?;
     let flux = FakeWorker::flux(Duration::from_millis(400)).await?;
@@ -84,7 +90,20 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         "easel demo: FAKE Telegram at {}, FAKE flux at {}, FAKE sdxl at {}, FAKE LLM at {}",
         tg.url, flux.url, sdxl.url, llm.url
     );
-    println!("data dir: {}\n", data_dir.display());
+    println!("data dir: {}", data_dir.display());
+    // The dashboard on a free loopback port, with a token of this run's.
+    let dashboard_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free loopback port for the dashboard")?;
+    let dashboard_token = uuid::Uuid::new_v4().simple().to_string();
+    println!(
+        "operator dashboard: http://{dashboard_addr}/  (token {dashboard_token}){}\n",
+        if hold.is_some() {
+            ""
+        } else {
+            " — open while the demo runs; `easel demo --hold` keeps it up"
+        }
+    );
 
     let env: HashMap<&str, String> = HashMap::from([
         ("TELEGRAM_BOT_TOKEN", TOKEN.to_owned()),
@@ -98,6 +117,8 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
         ("EASEL_MAX_PENDING_PER_USER", "3".to_owned()),
         ("EASEL_RETRY_BASE_MS", "20".to_owned()),
         ("EASEL_WORKER_TIMEOUT_SECS", "10".to_owned()),
+        ("EASEL_METRICS_ADDR", dashboard_addr.to_string()),
+        ("EASEL_DASHBOARD_TOKEN", dashboard_token.clone()),
     ]);
     // A prompt preset, as an operator would put it in easel.toml.
     let toml = "[presets.oil]\ntemplate = \"{prompt}, oil painting, thick brush strokes\"\n";
@@ -214,6 +235,12 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<bool> {
     }
     // Let the status board show the final texts.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    if let Some(hold) = hold {
+        println!(
+            "\nThe demo's script is done; the bot and its dashboard (http://{dashboard_addr}/) keep running. Ctrl-C stops them."
+        );
+        hold.await;
+    }
     stop.cancel();
     app_task.await.context("the bot task")??;
     printer.abort();

@@ -1,6 +1,7 @@
 //! End to end: the real bot (app::start) against a FAKE Telegram Bot API
 //! server, FAKE flux and sdxl workers and a FAKE LLM, all on loopback.
 
+mod dashboard;
 mod helpers;
 
 use helpers::spawn_app;
@@ -1621,9 +1622,15 @@ async fn readyz_says_why_it_is_not_ready() {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let metrics = std::sync::Arc::new(easel::metrics::Metrics::new());
-    let served = easel::health::serve(addr, std::sync::Arc::clone(&health), metrics, stop.clone())
-        .await
-        .unwrap();
+    let served = easel::health::serve(
+        addr,
+        std::sync::Arc::clone(&health),
+        metrics,
+        None,
+        stop.clone(),
+    )
+    .await
+    .unwrap();
     let get = |path: &str| reqwest::get(format!("http://{addr}{path}"));
     let r = get("/readyz").await.unwrap();
     assert_eq!(r.status(), 503);

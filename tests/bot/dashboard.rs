@@ -1,0 +1,204 @@
+//! §7 the operator dashboard, end to end on the real bot with the fakes:
+//! access (401 without or with a wrong token, the form, the cookie, a
+//! bearer token), the page's requests and states, escaping, the timeline
+//! of one request, the live queue panel over server-sent events, and the
+//! headers that keep the page to its own resources.
+
+use std::time::Duration;
+
+use easel::store::EventStore;
+
+use super::helpers::spawn_app;
+
+const TOKEN: &str = "dashboard-token-0123456789";
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// GET `path` with `auth` as a bearer token (or none): status and body.
+async fn get(
+    client: &reqwest::Client,
+    addr: &str,
+    path: &str,
+    auth: Option<&str>,
+) -> (u16, String) {
+    let mut r = client.get(format!("http://{addr}{path}"));
+    if let Some(t) = auth {
+        r = r.bearer_auth(t);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_requests_live_and_only_to_its_token() {
+    let addr = free_addr();
+    let mut app = spawn_app(&[
+        ("EASEL_METRICS_ADDR", addr.as_str()),
+        ("EASEL_DASHBOARD_TOKEN", TOKEN),
+    ])
+    .await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    // Access: 401 and the form without a token, or with a wrong one.
+    let (status, body) = get(&client, &addr, "/", None).await;
+    assert_eq!(status, 401);
+    assert!(
+        body.contains(r#"<form method="post" action="/login">"#),
+        "{body}"
+    );
+    assert_eq!(
+        get(&client, &addr, "/", Some("wrong-token-0123456789"))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(get(&client, &addr, "/live", None).await.0, 401);
+    assert_eq!(get(&client, &addr, "/requests/0", None).await.0, 401);
+    let wrong = client
+        .post(format!("http://{addr}/login"))
+        .form(&[("token", "not-it")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+    // The form's answer: the cookie, HttpOnly and SameSite=Strict.
+    let login = client
+        .post(format!("http://{addr}/login"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status().as_u16(), 303);
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let page = client
+        .get(format!("http://{addr}/"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    // /metrics stays open, as it was.
+    assert_eq!(get(&client, &addr, "/metrics", None).await.0, 200);
+
+    // A few requests, one failing (the content filter), one whose prompt
+    // is markup.
+    app.tg.user_sends(8101, 8101, "/image=flux=a calm lake");
+    app.tg.user_sends(8102, 8102, "/image=flux=something nsfw");
+    app.tg
+        .user_sends(8103, 8103, "/image=sdxl=<script>alert(1)</script> a fox");
+    assert!(app.images_to(8101, 1).await);
+    assert!(app.images_to(8103, 1).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (status, body) = get(&client, &addr, "/", Some(TOKEN)).await;
+        assert_eq!(status, 200);
+        let states = |s: &str| body.matches(&format!(r#"data-state="{s}""#)).count();
+        if states("done") == 2 && states("failed") == 1 {
+            break body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.contains("a calm lake"), "{body}");
+    assert!(
+        body.contains("the content filter refused"),
+        "the failure's reason: {body}"
+    );
+    assert!(
+        body.contains("&lt;script&gt;alert(1)&lt;/script&gt; a fox"),
+        "{body}"
+    );
+    assert!(!body.contains("<script>alert"), "unescaped: {body}");
+    assert!(body.contains(r#"<svg id="depth""#) && body.contains(r#"<svg id="latency""#));
+    assert!(!body.contains(TOKEN), "the token in the page");
+
+    // One request's timeline, by its short id.
+    let short = body
+        .split(r#"href="/requests/"#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let (status, timeline) = get(&client, &addr, &format!("/requests/{short}"), Some(TOKEN)).await;
+    assert_eq!(status, 200, "{timeline}");
+    for event in ["queued", "started", "enhanced"] {
+        assert!(
+            timeline.contains(&format!("<td>{event}</td>")),
+            "{timeline}"
+        );
+    }
+    assert_eq!(
+        get(&client, &addr, "/requests/fffffffff", Some(TOKEN))
+            .await
+            .0,
+        404
+    );
+
+    // Live: the queue panel comes at once on the event stream, and again
+    // within a second of a request being queued.
+    let mut live = client
+        .get(format!("http://{addr}/live"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+    let mut seen = String::new();
+    while !seen.contains("event: lanes") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), live.chunk())
+            .await
+            .expect("the first push")
+            .unwrap()
+            .expect("the stream goes on");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // A prompt with `held` waits at the fake worker until released, so
+    // the panel shows it running.
+    let before = app.core().store().last_seq();
+    app.tg
+        .user_sends(8104, 8104, "/image=flux=held for the dashboard");
+    let mut committed = app.core().store().subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        committed.wait_for(|seq| *seq > before),
+    )
+    .await
+    .expect("the request is queued")
+    .unwrap();
+    // From the commit: pushed within a second.
+    tokio::time::timeout(Duration::from_secs(1), async {
+        let mut more = String::new();
+        loop {
+            if more.contains("flux") && (more.contains("running") || more.contains("queued: 1")) {
+                return;
+            }
+            let chunk = live.chunk().await.unwrap().expect("the stream goes on");
+            more.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .expect("the queue panel was pushed within a second");
+    app.flux.release();
+    assert!(app.images_to(8104, 1).await);
+    app.stop().await;
+}
