@@ -37,9 +37,10 @@
 //!   plays at a time (the poller, the alerter).
 //! - [`demo`]: the FAKE Telegram, workers and LLM, and `easel demo`.
 //! - [`telemetry`]: the tracing filter every subscriber is built with.
-//! - [`health`], [`metrics`], [`alerts`]: what an operator watches from
-//!   outside: `/healthz`, `/readyz`, `/metrics` on `EASEL_METRICS_ADDR`,
-//!   and alerts in the operator's Telegram chat.
+//! - [`health`], [`metrics`], [`alerts`], [`dashboard`]: what an operator
+//!   watches from outside: `/healthz`, `/readyz`, `/metrics` on
+//!   `EASEL_METRICS_ADDR`, alerts in the operator's Telegram chat, and the
+//!   read-only dashboard at `/` of the same listener.
 
 pub mod alerts;
 pub mod app;

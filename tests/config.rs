@@ -465,3 +465,43 @@ fn the_metrics_address_is_an_address_and_port() {
         "{err}"
     );
 }
+
+/// §3 `EASEL_DASHBOARD_TOKEN`: needs the listener it is served on, and a
+/// token worth the name; never printed.
+#[test]
+fn the_dashboard_token_needs_the_metrics_address_and_sixteen_characters() {
+    let token = "a-dashboard-token-0123";
+    let err = settings(&[("EASEL_DASHBOARD_TOKEN", token)], None).unwrap_err();
+    assert!(
+        err.contains("EASEL_DASHBOARD_TOKEN needs EASEL_METRICS_ADDR"),
+        "{err}"
+    );
+    let short = settings(
+        &[
+            ("EASEL_METRICS_ADDR", "127.0.0.1:9090"),
+            ("EASEL_DASHBOARD_TOKEN", "short"),
+        ],
+        None,
+    )
+    .unwrap_err();
+    assert!(short.contains("at least 16 characters"), "{short}");
+    assert!(
+        !short.contains("short\""),
+        "the refused token echoed: {short}"
+    );
+    let s = settings(
+        &[
+            ("EASEL_METRICS_ADDR", "127.0.0.1:9090"),
+            ("EASEL_DASHBOARD_TOKEN", token),
+        ],
+        None,
+    )
+    .unwrap();
+    assert!(s.dashboard_token.is_some());
+    let shown = s.to_string();
+    assert!(
+        shown.contains("operator dashboard: http://127.0.0.1:9090/"),
+        "{shown}"
+    );
+    assert!(!shown.contains(token), "the token printed: {shown}");
+}

@@ -202,3 +202,221 @@ async fn the_dashboard_shows_the_requests_live_and_only_to_its_token() {
     assert!(app.images_to(8104, 1).await);
     app.stop().await;
 }
+
+/// Headless Chromium and its WebDriver (Debian's `chromium` and
+/// `chromium-driver`), installed here when missing and this test may
+/// (root, with apt-get); else None, after saying loudly why the browser
+/// test is skipped.
+fn browser() -> Option<(&'static str, &'static str)> {
+    const CHROMIUM: &str = "/usr/bin/chromium";
+    const DRIVER: &str = "/usr/bin/chromedriver";
+    let present =
+        || std::path::Path::new(CHROMIUM).exists() && std::path::Path::new(DRIVER).exists();
+    if !present() {
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if root && std::path::Path::new("/usr/bin/apt-get").exists() {
+            eprintln!("installing Debian's chromium and chromium-driver for the browser test…");
+            let installed = std::process::Command::new("sh")
+                .args([
+                    "-c",
+                    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver",
+                ])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !installed {
+                eprintln!("apt-get could not install them");
+            }
+        }
+    }
+    if present() {
+        Some((CHROMIUM, DRIVER))
+    } else {
+        eprintln!(
+            "\n*** The dashboard's BROWSER TEST is SKIPPED: no {CHROMIUM} and {DRIVER}, and they could not be installed (Debian: apt-get install chromium chromium-driver). ***\n"
+        );
+        None
+    }
+}
+
+/// A WebDriver session: `POST`/`GET` a path of it, the JSON `value`.
+struct Session<'a> {
+    client: &'a reqwest::Client,
+    base: String,
+}
+
+impl Session<'_> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let mut r = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let answer: serde_json::Value = r.send().await.unwrap().json().await.unwrap();
+        answer["value"].clone()
+    }
+
+    async fn element(&self, css: &str) -> String {
+        let found = self
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                Some(serde_json::json!({"using": "css selector", "value": css})),
+            )
+            .await;
+        found["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {css}: {found}"))
+            .to_owned()
+    }
+
+    async fn script(&self, script: &str) -> serde_json::Value {
+        self.call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(serde_json::json!({"script": script, "args": []})),
+        )
+        .await
+    }
+}
+
+/// §7 in a real browser: headless Chromium (driven over WebDriver) opens
+/// the dashboard, is asked for the token, signs in through the form, and
+/// — with no reload (a value set on the page survives) — sees the queue
+/// panel change when a request is sent; a screenshot is written to
+/// `target/tmp/dashboard.png` for a person to look at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_updates_its_queues_live_in_a_real_browser() {
+    use base64::Engine as _;
+    let Some((chromium, driver)) = tokio::task::spawn_blocking(browser).await.unwrap() else {
+        return;
+    };
+    let addr = free_addr();
+    let mut app = spawn_app(&[
+        ("EASEL_METRICS_ADDR", addr.as_str()),
+        ("EASEL_DASHBOARD_TOKEN", TOKEN),
+    ])
+    .await;
+    let port = free_addr().rsplit(':').next().unwrap().to_owned();
+    let mut chromedriver = std::process::Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while client.get(format!("{base}/status")).send().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chromedriver did not answer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let created: serde_json::Value = client
+        .post(format!("{base}/session"))
+        .json(&serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": chromium, "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--disable-quic", "--window-size=1280,1100",
+                format!("--user-data-dir={}", profile.path().display()),
+            ]}
+        }}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["value"]["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no session: {created}"))
+        .to_owned();
+    let s = Session {
+        client: &client,
+        base: format!("{base}/session/{id}"),
+    };
+    // A few requests first, one failing, so the page has something.
+    app.tg
+        .user_sends(8201, 8201, "/image=flux=a calm lake at dawn");
+    app.tg.user_sends(8202, 8202, "/image=sdxl=something nsfw");
+    assert!(app.images_to(8201, 1).await);
+
+    s.call(
+        reqwest::Method::POST,
+        "/url",
+        Some(serde_json::json!({"url": format!("http://{addr}/")})),
+    )
+    .await;
+    let field = s.element("input[name=token]").await;
+    s.call(
+        reqwest::Method::POST,
+        &format!("/element/{field}/value"),
+        Some(serde_json::json!({"text": TOKEN})),
+    )
+    .await;
+    let button = s.element("button[type=submit]").await;
+    s.call(
+        reqwest::Method::POST,
+        &format!("/element/{button}/click"),
+        Some(serde_json::json!({})),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = s
+            .script("return document.getElementById('lanes') !== null && document.getElementById('recent') !== null")
+            .await;
+        if ready == serde_json::json!(true) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dashboard did not open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.script("window.easelMarker = 42; return true").await;
+    // A held request: the panel shows it running, pushed, not reloaded.
+    app.tg
+        .user_sends(8203, 8203, "/image=flux=held for the browser");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = s
+            .script("return [window.easelMarker || 0, document.getElementById('lanes').innerText]")
+            .await;
+        assert_eq!(seen[0], serde_json::json!(42), "the page was reloaded");
+        if seen[1].as_str().is_some_and(|t| t.contains("running")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue panel did not change: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shot = s.call(reqwest::Method::GET, "/screenshot", None).await;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot.as_str().unwrap_or_default())
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    std::fs::write(&path, &png).unwrap();
+    eprintln!("dashboard screenshot: {}", path.display());
+    s.call(reqwest::Method::DELETE, "", None).await;
+    let _ = chromedriver.kill();
+    let _ = chromedriver.wait();
+    app.flux.release();
+    assert!(app.images_to(8203, 1).await);
+    app.stop().await;
+}
