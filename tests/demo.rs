@@ -29,6 +29,8 @@ fn easel_demo_runs_and_verifies_its_log() {
         "too fast",
         "Cancelled 1 queued request.",
         "max 1 at once",
+        "operator dashboard: http://127.0.0.1:",
+        "easel demo --hold",
     ] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }

@@ -2175,17 +2175,7 @@ async fn replicas_start_from_the_checkpoint_and_an_old_one_never_resurrects_a_re
     let flux = ModelName::parse("flux").unwrap();
     let a = Arc::new(replica(&url, "a").await);
     assert_eq!(a.log().restored(), &Restored::default(), "an empty log");
-    let mut line = Vec::new();
-    for i in 0..3u32 {
-        match a
-            .admit(request(i64::from(i) + 1, 700 + i, "a fox"), &limits(10, 10))
-            .await
-            .unwrap()
-        {
-            Admitted::Queued { id, .. } => line.push(id),
-            other => panic!("{other:?}"),
-        }
-    }
+    let line = admit_n(&a, 3, 700).await;
     let first = start_and_stop(&a).await;
     assert_eq!(first.restored().checkpoint, None);
     let stored = a.log().load_checkpoint().await.unwrap().map(|(p, _)| p);
@@ -2198,11 +2188,7 @@ async fn replicas_start_from_the_checkpoint_and_an_old_one_never_resurrects_a_re
     let full = replayed(&b).await;
     assert_eq!(engine.read(Clone::clone), full, "view from the checkpoint");
     // The committer's state too: the head of the line starts.
-    let begun = b.start_next(&flux, Duration::from_secs(30)).await.unwrap();
-    let begun = begun.expect("the head starts");
-    assert_eq!(begun.record.request_id, line[0]);
-    b.step(&begun.lease, line[0], fail()).await.unwrap();
-    b.release(&begun.lease).await.unwrap();
+    assert_eq!(fail_the_head(&b).await, line[0]);
     assert!(
         b.log()
             .save_checkpoint(2, b"older")
@@ -2244,6 +2230,37 @@ async fn replicas_start_from_the_checkpoint_and_an_old_one_never_resurrects_a_re
     assert_eq!(next.expect("the next starts").record.request_id, line[1]);
 }
 
+/// `n` requests of user 1 for flux admitted through `log`, updates from
+/// `first_update` on; their ids in queue order.
+async fn admit_n(log: &Replica, n: u32, first_update: u32) -> Vec<RequestId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        match log
+            .admit(request(1, first_update + i, "a fox"), &limits(10, 10))
+            .await
+            .unwrap()
+        {
+            Admitted::Queued { id, .. } => ids.push(id),
+            other => panic!("{other:?}"),
+        }
+    }
+    ids
+}
+
+/// Starts flux's head on `log`, fails it and releases the lease; its id.
+async fn fail_the_head(log: &Replica) -> RequestId {
+    let flux = ModelName::parse("flux").unwrap();
+    let begun = log
+        .start_next(&flux, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("the head starts");
+    let id = begun.record.request_id;
+    log.step(&begun.lease, id, fail()).await.unwrap();
+    log.release(&begun.lease).await.unwrap();
+    id
+}
+
 /// A replica's copy keeps the unfinished requests and the recently
 /// finished ones: a finished request older than the window is forgotten
 /// from memory, and a button naming it is still answered (from the
@@ -2258,25 +2275,8 @@ async fn a_replicas_copy_forgets_old_finished_requests_but_can_still_read_them()
         .await
         .unwrap();
     let log = Arc::new(log);
-    let flux = ModelName::parse("flux").unwrap();
-    let mut ids = Vec::new();
-    for i in 0..2u32 {
-        match log
-            .admit(request(1, 800 + i, "a fox"), &limits(10, 10))
-            .await
-            .unwrap()
-        {
-            Admitted::Queued { id, .. } => ids.push(id),
-            other => panic!("{other:?}"),
-        }
-    }
-    let begun = log
-        .start_next(&flux, Duration::from_secs(30))
-        .await
-        .unwrap()
-        .unwrap();
-    log.step(&begun.lease, ids[0], fail()).await.unwrap();
-    log.release(&begun.lease).await.unwrap();
+    let ids = admit_n(&log, 2, 800).await;
+    assert_eq!(fail_the_head(&log).await, ids[0]);
     let engine = start_and_stop(&log).await;
     assert_eq!(engine.store().events_of(ids[0]).unwrap().len(), 3);
     assert_eq!(engine.prune(), 0, "recent: kept");
@@ -2313,25 +2313,8 @@ async fn retention_moves_finished_requests_to_the_archive_table_once() {
         return;
     };
     let (a, b) = (replica(&url, "a").await, replica(&url, "b").await);
-    let flux = ModelName::parse("flux").unwrap();
-    let mut ids = Vec::new();
-    for i in 0..3u32 {
-        match a
-            .admit(request(1, 900 + i, "a fox"), &limits(10, 10))
-            .await
-            .unwrap()
-        {
-            Admitted::Queued { id, .. } => ids.push(id),
-            other => panic!("{other:?}"),
-        }
-    }
-    let begun = a
-        .start_next(&flux, Duration::from_secs(30))
-        .await
-        .unwrap()
-        .unwrap();
-    a.step(&begun.lease, ids[0], fail()).await.unwrap();
-    a.release(&begun.lease).await.unwrap();
+    let ids = admit_n(&a, 3, 900).await;
+    assert_eq!(fail_the_head(&a).await, ids[0]);
     b.cancel(ids[1]).await.unwrap();
     let cutoff = Utc::now() + chrono::Duration::seconds(1);
     let never = || false;
