@@ -113,7 +113,7 @@ impl Watch {
     /// Shows `engine` on the dashboard (at every engine start).
     fn show<E: crate::engine::Engine>(&self, engine: &Arc<E>, settings: &Settings) {
         let models = settings.models.iter().map(|m| m.name.clone()).collect();
-        let board = crate::dashboard::EngineBoard::new(Arc::clone(engine), models);
+        let board = crate::dashboard::EngineBoard::new(engine, models);
         *self
             .board
             .write()

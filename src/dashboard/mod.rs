@@ -72,25 +72,34 @@ pub trait Board: Send + Sync {
     fn changes(&self) -> watch::Receiver<u64>;
 }
 
-/// A [`Board`] over an engine.
+/// A [`Board`] over an engine, held weakly: an engine that stopped (the
+/// self-heal after refused writes drops it to reopen the log, whose lock
+/// it holds) is not kept alive by the dashboard; its board then shows
+/// nothing until the next engine's is set.
 pub struct EngineBoard<E> {
-    engine: Arc<E>,
+    engine: std::sync::Weak<E>,
     models: Vec<ModelName>,
 }
 
 impl<E: Engine> EngineBoard<E> {
-    pub fn new(engine: Arc<E>, models: Vec<ModelName>) -> Self {
-        EngineBoard { engine, models }
+    pub fn new(engine: &Arc<E>, models: Vec<ModelName>) -> Self {
+        EngineBoard {
+            engine: Arc::downgrade(engine),
+            models,
+        }
     }
 }
 
 impl<E: Engine> Board for EngineBoard<E> {
     fn now(&self) -> DateTime<Utc> {
-        self.engine.now()
+        self.engine.upgrade().map_or_else(Utc::now, |e| e.now())
     }
 
     fn lanes(&self) -> Vec<LaneView> {
-        self.engine.read(|s| {
+        let Some(engine) = self.engine.upgrade() else {
+            return Vec::new();
+        };
+        engine.read(|s| {
             let mut names: Vec<ModelName> = self.models.clone();
             for (m, _) in s.lanes() {
                 if !names.contains(m) {
@@ -122,7 +131,10 @@ impl<E: Engine> Board for EngineBoard<E> {
     }
 
     fn recent(&self, since: DateTime<Utc>, limit: usize) -> Vec<RequestRecord> {
-        let store = self.engine.store();
+        let Some(engine) = self.engine.upgrade() else {
+            return Vec::new();
+        };
+        let store = engine.store();
         store
             .request_ids(None, Some(since), None, true)
             .filter_map(Result::ok)
@@ -133,15 +145,20 @@ impl<E: Engine> Board for EngineBoard<E> {
     }
 
     fn request(&self, prefix: &str) -> Option<(RequestRecord, Vec<Recorded>)> {
-        let store = self.engine.store();
+        let engine = self.engine.upgrade()?;
+        let store = engine.store();
         match crate::ops::query::find(store, prefix).ok()?.as_slice() {
             [id] => crate::ops::query::record_of(store, *id).ok().flatten(),
             _ => None,
         }
     }
 
+    /// Ends (its sender gone) when the engine has stopped.
     fn changes(&self) -> watch::Receiver<u64> {
-        self.engine.store().subscribe()
+        match self.engine.upgrade() {
+            Some(engine) => engine.store().subscribe(),
+            None => watch::channel(0).1,
+        }
     }
 }
 
