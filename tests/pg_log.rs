@@ -1387,8 +1387,9 @@ async fn queued_prompts(url: &str, model: &str) -> Vec<String> {
 /// queue order, and `easel replay --verify` against the database passes.
 /// An update whose commit the database refuses is answered `503` with
 /// nobody told anything, and goes in once when Telegram delivers it again.
-/// Either replica's `/metrics` counts every request of the bot. One alert
-/// for a model failing in a row ([`replicas_alert_the_operator_once`]).
+/// Either replica's `/metrics` counts every request of the bot, and its
+/// dashboard lists them. One alert for a model failing in a row
+/// ([`replicas_alert_the_operator_once`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replica_processes_share_one_database_by_webhook() {
     let Some(url) = pg::database().await else {
@@ -1396,10 +1397,13 @@ async fn two_replica_processes_share_one_database_by_webhook() {
     };
     let fakes = binary::fakes(Duration::from_millis(20)).await;
     let client = reqwest::Client::new();
-    let chat = [("EASEL_OPERATOR_CHAT_ID", "777000")];
+    let extra = [
+        ("EASEL_OPERATOR_CHAT_ID", "777000"),
+        ("EASEL_DASHBOARD_TOKEN", "replica-dashboard-token-0123"),
+    ];
     let mut replicas = [
-        start_replica(&url, &fakes, &chat),
-        start_replica(&url, &fakes, &chat),
+        start_replica(&url, &fakes, &extra),
+        start_replica(&url, &fakes, &extra),
     ];
     for r in &replicas {
         binary::wait_ready(&client, &r.health).await;
@@ -1503,6 +1507,19 @@ async fn two_replica_processes_share_one_database_by_webhook() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+    // Either replica's dashboard shows the whole bot's requests.
+    for r in &replicas {
+        let page = client
+            .get(format!("http://{}/", r.health))
+            .bearer_auth("replica-dashboard-token-0123")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(page.matches(r#"data-state="done""#).count(), 17, "{page}");
     }
     replicas_alert_the_operator_once(&client, &replicas, tg).await;
     for r in &mut replicas {
