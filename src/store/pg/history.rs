@@ -15,9 +15,9 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Follow, PgLog, db, decode_row, to_i64};
+use super::{Follow, PgLog, db, decode_row, pool_err, to_i64};
 use crate::domain::{RequestId, UserId};
-use crate::store::{Cause, ReadItem, StoreError};
+use crate::store::{ReadItem, StoreError};
 
 /// Where a followed state started from.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -286,9 +286,11 @@ impl<F: Follow> PgLog<F> {
     ) -> Result<usize, StoreError> {
         let ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
         let write = |e: tokio_postgres::Error| StoreError::Write(db("removing requests", &e));
-        let mut client = self.pool.get().await.map_err(|e| {
-            StoreError::Write(Cause::from(format!("the database is not reachable: {e}")))
-        })?;
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Write(pool_err(&e)))?;
         let tx = client.transaction().await.map_err(write)?;
         let moved = tx
             .execute(
