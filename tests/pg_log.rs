@@ -1478,36 +1478,7 @@ async fn two_replica_processes_share_one_database_by_webhook() {
     );
     // Each replica's request series count the whole bot's requests (every
     // replica follows the same log): 17 done, on either.
-    for r in &replicas {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = client
-                .get(format!("http://{}/metrics", r.health))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let done: f64 = text
-                .lines()
-                .filter(|l| {
-                    l.starts_with("easel_requests_finished_total{")
-                        && l.contains("outcome=\"done\"")
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
-            if done == 17.0 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{done} requests done on /metrics of {}",
-                r.health
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    until_finished(&client, &replicas, "done", |n| n == 17.0).await;
     // Either replica's dashboard shows the whole bot's requests.
     for r in &replicas {
         let page = client
@@ -1563,6 +1534,46 @@ async fn two_replica_processes_share_one_database_by_webhook() {
     let dir = tempfile::tempdir().unwrap();
     let (code, out) = easel_cli(dir.path(), Some(&url), &["replay", "--verify"]).await;
     assert_eq!(code, 0, "{out}");
+}
+
+/// Waits (10 s at most) until every replica's `/metrics` counts requests
+/// finished with `outcome` as `wanted` says.
+async fn until_finished(
+    client: &reqwest::Client,
+    replicas: &[Replicant],
+    outcome: &str,
+    wanted: impl Fn(f64) -> bool,
+) {
+    for r in replicas {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = client
+                .get(format!("http://{}/metrics", r.health))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let n: f64 = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("easel_requests_finished_total{")
+                        && l.contains(&format!("outcome=\"{outcome}\""))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if wanted(n) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} requests {outcome} on /metrics of {}",
+                r.health
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// The pid in a lease holder's name (`host/pid/tag`).
@@ -2549,36 +2560,7 @@ async fn replicas_alert_the_operator_once(
     );
     // Both replicas have seen the third failure (their /metrics count
     // three failed), and still one alert.
-    for r in replicas {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = client
-                .get(format!("http://{}/metrics", r.health))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let failed: f64 = text
-                .lines()
-                .filter(|l| {
-                    l.starts_with("easel_requests_finished_total{")
-                        && l.contains("outcome=\"failed\"")
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
-            if failed >= 3.0 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{failed} failed on {}",
-                r.health
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    until_finished(client, replicas, "failed", |n| n >= 3.0).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(alerted(&tg.calls()), 1, "{:?}", tg.texts_to(OPERATOR));
 }
