@@ -361,17 +361,12 @@ async fn style() -> Response {
     )
 }
 
-/// Whether `r` is finished (for the charts' intervals).
-fn finished(r: &RequestRecord) -> bool {
-    r.status.is_terminal()
-}
-
 /// When `r` waited in its queue: from its creation to its start (or its
 /// end, if it ended waiting), or until `now` while it still waits.
 fn waited(r: &RequestRecord, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
     let end = match r.stage_ms.iter().find(|(k, _)| *k == "queue_wait") {
         Some((_, ms)) => r.created_at + chrono::Duration::milliseconds(*ms),
-        None if finished(r) => r.updated_at,
+        None if r.status.is_terminal() => r.updated_at,
         None if r.status == Stage::Queued => now,
         // Started, but the wait was not timed (an old record): none.
         None => r.created_at,

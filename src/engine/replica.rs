@@ -313,7 +313,7 @@ impl Replica {
         }
     }
 
-    /// As [`Replica::start_next`], under `lease`, which this replica still
+    /// As [`Replica::start_next`], under `lease` (the model's), which this replica still
     /// holds from the generation it just finished: the model's next
     /// generation begins without the lease changing hands — one
     /// transaction, fenced by the lease, and no race with the other
@@ -323,10 +323,12 @@ impl Replica {
     /// # Errors
     /// [`ReplicaError::Fenced`] when the lease was lost meanwhile (nothing
     /// written), or a store error.
-    pub async fn continue_next(&self, lease: &Lease) -> Result<Option<Recorded>, ReplicaError> {
-        let model = ModelName::parse(&lease.model)
-            .map_err(|_| ReplicaError::Fenced(lease.model.clone()))?;
-        let decision = next_of(model, self.clock.now());
+    pub async fn continue_next(
+        &self,
+        model: &ModelName,
+        lease: &Lease,
+    ) -> Result<Option<Recorded>, ReplicaError> {
+        let decision = next_of(model.clone(), self.clock.now());
         match self
             .log
             .decide(IntakeKeys::default(), Some(lease.clone()), decision)
@@ -592,7 +594,7 @@ impl<E: Enhancer, G: Generator, D: Deliverer> ReplicaRunner<E, G, D> {
                 Ended::Stopped => return false,
             };
             let next = tokio::select! {
-                r = self.replica.continue_next(&lease) => r,
+                r = self.replica.continue_next(self.stages.model(), &lease) => r,
                 () = shutdown.cancelled() => Ok(None),
             };
             match next {

@@ -126,7 +126,7 @@ pub async fn sweep_database<F: crate::store::pg::Follow>(
     let mut report = SweepReport::default();
     // Only requests created before the cutoff can have finished before it.
     let created = log.request_ids(None, None, Some(cutoff), false).await?;
-    let mut chunk: Vec<(RequestId, usize)> = Vec::new();
+    let mut chunk: Vec<RequestId> = Vec::new();
     for batch in created.chunks(BATCH) {
         if stop() {
             break;
@@ -153,11 +153,8 @@ pub async fn sweep_database<F: crate::store::pg::Follow>(
             let Some((events, damaged)) = of.get(&id) else {
                 continue;
             };
-            let finished =
-                RequestRecord::from_events(events).is_some_and(|r| r.status.is_terminal());
-            let last = events.iter().map(|e| e.at).max();
-            if !damaged && finished && last.is_some_and(|t| t < cutoff) {
-                chunk.push((id, events.len()));
+            if !damaged && finished_before(events, cutoff) {
+                chunk.push(id);
             }
             if chunk.len() == CHUNK {
                 move_chunk(log, &mut chunk, cutoff, &mut report).await?;
@@ -176,18 +173,17 @@ pub async fn sweep_database<F: crate::store::pg::Follow>(
 /// Moves `chunk`'s requests to the archive table and empties it.
 async fn move_chunk<F: crate::store::pg::Follow>(
     log: &crate::store::pg::PgLog<F>,
-    chunk: &mut Vec<(RequestId, usize)>,
+    chunk: &mut Vec<RequestId>,
     cutoff: DateTime<Utc>,
     report: &mut SweepReport,
 ) -> Result<(), RetentionError> {
-    let ids: Vec<RequestId> = chunk.iter().map(|(id, _)| *id).collect();
     let moved = log
-        .forget_requests(&ids, DATABASE_META, cutoff.to_rfc3339().as_bytes())
+        .forget_requests(chunk, DATABASE_META, cutoff.to_rfc3339().as_bytes())
         .await?;
     report.events += moved;
     // Another replica's sweep may have moved some first.
     if moved > 0 {
-        report.requests += ids.len();
+        report.requests += chunk.len();
     }
     chunk.clear();
     Ok(())
@@ -214,9 +210,7 @@ fn due(
                 Err(_) => readable = false,
             }
         }
-        let finished = RequestRecord::from_events(&events).is_some_and(|r| r.status.is_terminal());
-        let last = events.iter().map(|e| e.at).max();
-        if readable && finished && last.is_some_and(|t| t < cutoff) {
+        if readable && finished_before(&events, cutoff) {
             out.push((id, events));
             if out.len() == max {
                 break;
@@ -224,6 +218,15 @@ fn due(
         }
     }
     Ok(out)
+}
+
+/// Whether a request with these events (all of them) is finished and its
+/// last event is before `cutoff`: what retention moves, on sled and on
+/// PostgreSQL alike.
+fn finished_before(events: &[Recorded], cutoff: DateTime<Utc>) -> bool {
+    let finished = RequestRecord::from_events(events).is_some_and(|r| r.status.is_terminal());
+    let last = events.iter().map(|e| e.at).max();
+    finished && last.is_some_and(|t| t < cutoff)
 }
 
 /// Writes `events` as export lines to `path` durably; returns its size.

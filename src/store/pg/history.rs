@@ -15,7 +15,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Follow, PgLog, db, decode_row, pool_err, to_i64};
+use super::{Follow, PgLog, db, pool_err, to_i64};
 use crate::domain::{RequestId, UserId};
 use crate::store::{ReadItem, StoreError};
 
@@ -322,18 +322,12 @@ impl<F: Follow> PgLog<F> {
     /// # Errors
     /// [`StoreError::Read`].
     pub async fn read_archive(&self) -> Result<Vec<ReadItem>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT position, record::text FROM easel_archive ORDER BY position",
-                &[],
-            )
-            .await
-            .map_err(|e| StoreError::Read(db("reading the archive", &e)))?;
-        Ok(rows
-            .iter()
-            .map(|r| decode_row(r.get(0), r.get(1)))
-            .collect())
+        self.records(
+            "SELECT position, record::text FROM easel_archive ORDER BY position",
+            &[],
+            "reading the archive",
+        )
+        .await
     }
 }
 
