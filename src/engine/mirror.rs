@@ -58,10 +58,11 @@ pub struct ReplicaEngine {
 }
 
 impl ReplicaEngine {
-    /// Builds the view from the database's checkpoint and the copy from
-    /// the requests it keeps (module doc), reads the log after the
-    /// checkpoint, then follows the database until `shutdown` (the
-    /// returned future: spawn it).
+    /// Builds the view from the database's checkpoint (as the replica's
+    /// committer did at connect, whose state it takes when it can) and the
+    /// copy from the requests it keeps (module doc), reads the log after
+    /// the view's position, then follows the database until `shutdown`
+    /// (the returned future: spawn it).
     ///
     /// # Errors
     /// [`StoreError::Read`] when the log cannot be read at start.
@@ -69,7 +70,12 @@ impl ReplicaEngine {
         replica: Arc<Replica>,
         shutdown: CancellationToken,
     ) -> Result<(Arc<Self>, impl Future<Output = ()> + Send), StoreError> {
-        let (view, restored) = replica.log().restore::<LiveState>().await?;
+        // The committer's start, when this is the replica's first view:
+        // the checkpoint and the log are then read once, not twice.
+        let (view, restored) = match replica.log().take_started() {
+            Some(view) => (view, replica.log().restored().clone()),
+            None => replica.log().restore::<LiveState>().await?,
+        };
         let mirror = MemoryStore::new();
         let position = view.last_seq;
         if position > 0 {

@@ -296,6 +296,10 @@ pub struct PgLog<F: Follow = ()> {
     stop: CancellationToken,
     /// Where the committer's state started from.
     restored: Restored,
+    /// A copy of that state as it stood at connect (caught up to the
+    /// head then), for the replica's own view to start from instead of
+    /// reading the checkpoint and the log a second time; taken once.
+    started: std::sync::Mutex<Option<F>>,
 }
 
 impl<F: Follow> Drop for PgLog<F> {
@@ -403,6 +407,7 @@ impl<F: Follow> PgLog<F> {
         let (appends, rx) = mpsc::channel(4096);
         let commits = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
+        let started = std::sync::Mutex::new(Some(state.clone()));
         tokio::spawn(commit_loop(
             pool.clone(),
             rx,
@@ -426,6 +431,7 @@ impl<F: Follow> PgLog<F> {
             commits,
             stop,
             restored,
+            started,
         })
     }
 
@@ -433,6 +439,16 @@ impl<F: Follow> PgLog<F> {
     /// used, or why a stored one was not.
     pub fn restored(&self) -> &Restored {
         &self.restored
+    }
+
+    /// The state kept for decisions as it stood at connect — built from
+    /// the checkpoint and the log up to the head then — the first time
+    /// it is asked for; `None` after.
+    pub fn take_started(&self) -> Option<F> {
+        self.started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Appends `events` (one request's, or several) in one go: all get
